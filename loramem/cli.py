@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from loramem.errors import LoramemError
 from loramem.log import console, log
@@ -170,7 +171,9 @@ def train_adapter(
         config = replace(config, lr=lr)
     pairs, qa_sha = load_qa_pairs(qa) if qa else (None, None)
     lm = _load(model, device, dtype)
-    if pairs is None:
+    if fmt == "ntp":
+        qa_pairs = []
+    elif pairs is None:
         from loramem.synth import synthesize
 
         log(f"no --qa given: synthesizing {synth} question-answer pairs from the document")
@@ -371,6 +374,97 @@ def data_synth_fiction(
     from loramem.fiction import synth_fiction
 
     write_dataset(synth_fiction(n_docs, seed), output)
+
+
+class _EvalGroup(TyperGroup):
+    """`loramem eval DATA ...` runs an evaluation; `eval merge` and `eval report` are the other subcommands."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+eval_app = typer.Typer(cls=_EvalGroup, no_args_is_help=True,
+                       help="The paper's experiment over a dataset: `loramem eval DATA --out RUN_DIR ...`, "
+                            "`loramem eval merge RUN_DIR... -o OUT`, `loramem eval report RUN_DIR`.")
+app.add_typer(eval_app, name="eval")
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+@eval_app.command("run")
+def eval_run(
+    dataset: str = typer.Argument(..., metavar="DATA", help="Dataset JSONL (see `loramem data`)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory: answers.jsonl, summary.json, curves.png"),
+    ratios: str = typer.Option("0,0.25,0.5,0.75,0.9,1.0", "--ratios", help="Compression ratios"),
+    press: str = typer.Option("snapkv,knorm", "--press", help="Presses (comma-separated)"),
+    mode: str = typer.Option("none,decode,all", "--mode", help="Inference modes: none, decode, all, base_scores"),
+    fmt: str = typer.Option("qa,ntp", "--format", help="Adapter training formats: qa, ntp, mixed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N documents"),
+    shard: str = typer.Option("0/1", "--shard", help="I/N: this process takes documents i with i %% N == I"),
+    adapters: Optional[Path] = typer.Option(None, "--adapters", help="Reuse adapters from this directory "
+                                            "(DOCID-FORMAT subfolders, e.g. another run's adapters/)"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+    synth: int = typer.Option(16, "--synth", help="Training pairs synthesized for documents without train_qa"),
+    rank: int = typer.Option(16, "--rank"),
+    targets: str = typer.Option("all", "--targets", help="attn, mlp, all, or module names"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="e.g. 0-14, first-half"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate [default: train-adapter's]"),
+    epochs: int = typer.Option(8, "--epochs"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Train each adapter this many steps instead"),
+    seed: int = typer.Option(0, "--seed"),
+    model: Optional[str] = ModelOpt, device: str = DeviceOpt, dtype: str = DtypeOpt, as_json: bool = JsonOpt,
+) -> None:
+    """Answer every question under every press, ratio, mode and format; score, summarize and plot."""
+    from loramem.evaluate import EvalConfig, parse_shard, run_eval
+
+    extra = {"lr": lr} if lr is not None else {}
+    config = EvalConfig(ratios=[_parse_ratio(r) for r in _split(ratios)], presses=_split(press),
+                        modes=_split(mode), formats=_split(fmt), max_new_tokens=max_new_tokens, limit=limit,
+                        shard=parse_shard(shard), seed=seed, synth_pairs=synth,
+                        adapters=str(adapters) if adapters else None, rank=rank, targets=targets, layers=layers,
+                        epochs=epochs, steps=steps, **extra)
+    summary = run_eval(_load(model, device, dtype), dataset, out, config, resume=resume)
+    _show_summary(summary, as_json)
+
+
+@eval_app.command("merge")
+def eval_merge(
+    runs: list[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Run directories of one config (shards)"),
+    out: Path = typer.Option(..., "--out", "-o", help="New run directory for the merged answers"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Combine shard runs into one run directory, then summarize and plot it."""
+    from loramem.evaluate import merge
+
+    _show_summary(merge(runs, out), as_json)
+
+
+@eval_app.command("report")
+def eval_report(
+    run: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Recompute summary.json and curves.png from answers.jsonl and print the table."""
+    from loramem.report import write_report
+
+    _show_summary(write_report(run), as_json)
+
+
+def _show_summary(summary: dict[str, Any], as_json: bool) -> None:
+    """The summary as JSON on stdout, or as the rich table (also on stdout: it is the result)."""
+    if as_json:
+        _print_json(summary)
+        return
+    from rich.console import Console
+
+    from loramem.report import print_table
+
+    print_table(summary, Console(soft_wrap=False))
 
 
 def _parse_ratio(text: str) -> float:

@@ -45,8 +45,9 @@ def prefill(
     input_ids: list[int],
     presses: list[str],
     on_layer: Callable[[int], None] | None = None,
-) -> tuple[Any, dict[str, torch.Tensor], dict[str, str]]:
-    """Run the model once over `input_ids`; return its DynamicCache and per-press scores [L, H, N]."""
+) -> tuple[Any, dict[str, torch.Tensor], dict[str, str], dict[str, str]]:
+    """Run the model once over `input_ids`: its DynamicCache, per-press scores [L, H, N], presses skipped and
+    presses whose settings had to be adjusted to the input (name -> reason)."""
     from transformers import DynamicCache
 
     recorder = make_recorder(presses)
@@ -64,7 +65,7 @@ def prefill(
     if "streaming_llm" in presses:
         n_heads = cache.layers[0].keys.shape[1]
         scores["streaming_llm"] = streaming_scores(n_heads, len(input_ids)).expand(n_layers, -1, -1).clone()
-    return cache, scores, dict(recorder.skipped)
+    return cache, scores, dict(recorder.skipped), dict(recorder.adjusted)
 
 
 def encode(
@@ -94,10 +95,12 @@ def encode(
     input_ids = head + doc
     started = time.perf_counter()
     with adapter_scope(lm, with_adapter):
-        kv, scores, skipped = prefill(lm, input_ids, presses, on_layer)
+        kv, scores, skipped, adjusted = prefill(lm, input_ids, presses, on_layer)
     elapsed = time.perf_counter() - started
     for name, reason in skipped.items():
         warn(f"press {name} not recorded: {reason}")
+    for name, change in adjusted.items():
+        warn(f"press {name}: {change} (shorter than kvpress accepts)")
     n = len(input_ids)
     positions = torch.arange(n, dtype=torch.int32)
     keys = [layer.keys[0].to("cpu") for layer in kv.layers]
@@ -118,6 +121,7 @@ def encode(
         "framing": frame.to_dict(),
         "adapter": lm.adapter.identity() if with_adapter and lm.adapter else None,
         "scores": sorted(scores),
+        "score_adjustments": adjusted,
         "compression": None,
         "prefill_seconds": round(elapsed, 4),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -70,6 +70,19 @@ def _recorder_base() -> type:
     return BasePress
 
 
+def _shorter_window(scorer: Any, n_tokens: int) -> Any | None:
+    """A windowed scorer (SnapKV) for an input shorter than its window: a quarter of the input as the window.
+
+    kvpress refuses such inputs outright; a short SQuAD paragraph would then have no SnapKV scores at all.
+    """
+    import dataclasses
+
+    window = getattr(scorer, "window_size", None)
+    if window is None or n_tokens < 2 or window < n_tokens or not dataclasses.is_dataclass(scorer):
+        return None
+    return dataclasses.replace(scorer, window_size=max(1, n_tokens // 4))
+
+
 def make_recorder(names: list[str]) -> Any:
     """A kvpress press that leaves the cache intact and records every scorer's scores per layer."""
     base = _recorder_base()
@@ -79,6 +92,7 @@ def make_recorder(names: list[str]) -> Any:
         scorers: dict[str, Any] = field(default_factory=dict)
         scores: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
         skipped: dict[str, str] = field(default_factory=dict)
+        adjusted: dict[str, str] = field(default_factory=dict)
         on_layer: Callable[[int], None] | None = None
 
         def post_init_from_model(self, model: Any) -> None:
@@ -93,8 +107,14 @@ def make_recorder(names: list[str]) -> Any:
                 try:
                     s = scorer.score(module, hidden_states, keys, values, attentions, kwargs)
                 except AssertionError as exc:  # kvpress asserts on inputs it cannot score (too short)
-                    self.skipped[name] = str(exc) or "input too short"
-                    continue
+                    shorter = _shorter_window(scorer, keys.shape[2])
+                    if shorter is None:
+                        self.skipped[name] = str(exc) or "input too short"
+                        continue
+                    self.adjusted[name] = (f"window_size {scorer.window_size} -> {shorter.window_size} "
+                                           f"for a {keys.shape[2]}-token input")
+                    self.scorers[name] = scorer = shorter
+                    s = scorer.score(module, hidden_states, keys, values, attentions, kwargs)
                 self.scores.setdefault(name, {})[layer] = s[0].detach().to("cpu", torch.float32)
             if self.on_layer is not None:
                 self.on_layer(layer)

@@ -1,0 +1,268 @@
+"""Eval results from the files of a run: summary statistics, the LoRA margin, a table and the curves.
+
+Everything here reads RUN_DIR/answers.jsonl (and config.json) only, never the model, so a report can
+be redrawn at any time, also while a run is still writing or after shards are merged. The unit of
+analysis is a question: intervals are over questions, and the LoRA margin (an adapter mode minus the
+base model at the same press and ratio) pairs each question's two answers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from loramem.errors import LoramemError
+from loramem.fileio import atomic_write_bytes
+from loramem.stats import mean_ci, paired_bootstrap, paired_t_test
+
+ANSWERS = "answers.jsonl"
+CONFIG = "config.json"
+SUMMARY = "summary.json"
+CURVES = "curves.png"
+METRICS = ("rouge_l", "exact_match", "token_f1")
+MODES = ("none", "decode", "all", "base_scores")
+CELL_FIELDS = ("doc_id", "question_index", "press", "ratio", "mode", "format")
+ANSWER_FIELDS = (*CELL_FIELDS, "question", "references", "answer", *METRICS, "cache_tokens", "seconds")
+CONFIDENCE = 0.95
+_METRIC_NAMES = {"rouge_l": "ROUGE-L", "exact_match": "exact match", "token_f1": "token F1"}
+_MODE_LABELS = {"none": "base (no adapter)", "decode": "base KV + adapter decode",
+                "all": "adapter prefill + scores + decode", "base_scores": "base scores + adapter prefill"}
+
+CellKey = tuple[str, int, str, float, str, "str | None"]
+Condition = tuple[str, float, str, "str | None"]  # (press, ratio, mode, format): one point of a curve
+
+
+def cell_key(row: dict[str, Any]) -> CellKey:
+    """What makes an answer unique in a run: one question under one press, ratio, mode and format."""
+    return (row["doc_id"], int(row["question_index"]), row["press"], float(row["ratio"]), row["mode"], row["format"])
+
+
+def read_answers(path: str | Path, *, repair: bool = False) -> list[dict[str, Any]]:
+    """The complete answer lines of an answers.jsonl; a trailing line without its newline is ignored.
+
+    Each answer is written as one line ending in a newline, so a last line without one is the
+    remainder of an interrupted write. `repair` cuts it off the file, so that appending continues
+    on a clean line; a damaged line anywhere else is refused.
+    """
+    file = Path(path)
+    if not file.exists():
+        return []
+    data = file.read_bytes()
+    *lines, tail = data.split(b"\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LoramemError(f"{file}:{number}: not a valid answer line ({exc.msg})") from exc
+        missing = [k for k in ANSWER_FIELDS if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise LoramemError(f"{file}:{number}: answer line without {', '.join(missing)}")
+        rows.append(row)
+    if tail and repair:
+        with file.open("r+b") as handle:
+            handle.truncate(len(data) - len(tail))
+            os.fsync(handle.fileno())
+    return rows
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object file of a run directory, with a clear error when it is missing or damaged."""
+    if not path.is_file():
+        raise LoramemError(f"{path.parent} is not an eval run directory (no {path.name}); {what}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LoramemError(f"{path} is damaged: {exc.msg}") from exc
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no NaN: an undetermined statistic (a single observation) is written as null."""
+    return None if math.isnan(x) else round(float(x), 6)
+
+
+def _order(cond: Condition, presses: list[str], formats: list[str | None]) -> tuple:
+    """Presses and formats in the order the run made them, modes in the paper's order, ratios ascending."""
+    press, ratio, mode, fmt = cond
+    return presses.index(press), MODES.index(mode) if mode in MODES else len(MODES), formats.index(fmt), ratio
+
+
+def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[str, Any]:
+    """Per condition: n and mean with a 95% CI of every metric; per adapter condition: the paired LoRA margin.
+
+    The margin of (press, ratio, mode, format) is mode minus `none` at the same press and ratio over
+    the questions answered in both, with a paired bootstrap and a paired t-test (two-sided p-values).
+    """
+    rows = list(rows)
+    if not rows:
+        raise LoramemError("no answers to summarize yet")
+    presses = list(dict.fromkeys(r["press"] for r in rows))
+    formats = list(dict.fromkeys(r["format"] for r in rows))
+    by_condition: dict[Condition, dict[tuple[str, int], dict[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        question = (r["doc_id"], int(r["question_index"]))
+        by_condition[(r["press"], float(r["ratio"]), r["mode"], r["format"])][question] = r
+    conditions = sorted(by_condition, key=lambda c: _order(c, presses, formats))
+    cells, margins = [], []
+    for cond in conditions:
+        answers = list(by_condition[cond].values())
+        cell = _condition_fields(cond)
+        cell.update(n=len(answers), n_documents=len({a["doc_id"] for a in answers}),
+                    cache_tokens=round(sum(a["cache_tokens"] for a in answers) / len(answers), 1))
+        for metric in METRICS:
+            mean, low, high = mean_ci([a[metric] for a in answers], CONFIDENCE)
+            cell[metric] = {"mean": _finite(mean), "low": _finite(low), "high": _finite(high)}
+        cells.append(cell)
+        base = by_condition.get((cond[0], cond[1], "none", None))
+        if cond[2] != "none" and base:
+            margin = _margin(by_condition[cond], base, n_resamples)
+            if margin is not None:
+                margins.append({**_condition_fields(cond), **margin})
+    return {
+        "n_documents": len({r["doc_id"] for r in rows}),
+        "n_questions": len({(r["doc_id"], int(r["question_index"])) for r in rows}),
+        "n_answers": len(rows),
+        "confidence": CONFIDENCE,
+        "unit": "question",
+        "metrics": list(METRICS),
+        "cells": cells,
+        "margins": margins,
+    }
+
+
+def _condition_fields(cond: Condition) -> dict[str, Any]:
+    return dict(zip(("press", "ratio", "mode", "format"), cond))
+
+
+def _margin(adapted: dict[tuple[str, int], dict[str, Any]], base: dict[tuple[str, int], dict[str, Any]],
+            n_resamples: int) -> dict[str, Any] | None:
+    """Adapter minus base per metric over the questions both answered; None when they share none."""
+    shared = [q for q in adapted if q in base]
+    if not shared:
+        return None
+    result: dict[str, Any] = {"n": len(shared)}
+    for metric in METRICS:
+        a, b = [base[q][metric] for q in shared], [adapted[q][metric] for q in shared]
+        boot = paired_bootstrap(a, b, n_resamples=n_resamples, confidence=CONFIDENCE)
+        t = paired_t_test(a, b, confidence=CONFIDENCE)
+        result[metric] = {
+            "diff": _finite(boot["diff"]),
+            "bootstrap": {k: _finite(boot[k]) for k in ("low", "high", "p_value")},
+            "t_test": {k: _finite(t[k]) for k in ("low", "high", "p_value")},
+        }
+    return result
+
+
+def _label(mode: str, fmt: str | None) -> str:
+    return _MODE_LABELS.get(mode, mode) + (f" · {fmt}" if fmt else "")
+
+
+def _curves(summary: dict[str, Any], metric: str) -> dict[str, dict[tuple[str, str | None], list[dict[str, Any]]]]:
+    """press -> (mode, format) -> cells in ratio order."""
+    curves: dict[str, dict[tuple[str, str | None], list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for cell in summary["cells"]:
+        if cell[metric]["mean"] is not None:
+            curves[cell["press"]][(cell["mode"], cell["format"])].append(cell)
+    return curves
+
+
+def plot(summary: dict[str, Any], path: str | Path, metric: str = "rouge_l") -> None:
+    """Metric vs compression ratio, one panel per press and one line (with its 95% CI band) per mode and format.
+
+    Drawn on a plain Agg canvas, without pyplot, so the caller's matplotlib backend is left alone.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    curves = _curves(summary, metric)
+    fig = Figure(figsize=(5.2 * len(curves), 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(curves), squeeze=False, sharey=True)[0]
+    for ax, (press, lines) in zip(axes, curves.items()):
+        for (mode, fmt), points in lines.items():
+            x = [p["ratio"] for p in points]
+            y = [p[metric]["mean"] for p in points]
+            style = {"color": "black", "linestyle": "--"} if mode == "none" else {}
+            (line,) = ax.plot(x, y, marker="o", label=_label(mode, fmt), **style)
+            lows, highs = [p[metric]["low"] for p in points], [p[metric]["high"] for p in points]
+            if None not in lows and None not in highs:
+                ax.fill_between(x, lows, highs, color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.set_title(press)
+        ax.set_xlabel("compression ratio (share of document KV evicted)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(_METRIC_NAMES[metric])
+    axes[-1].legend(fontsize="small")
+    fig.suptitle(f"{summary['n_documents']} documents, {summary['n_questions']} questions "
+                 f"(bands: {summary['confidence']:.0%} CI)", fontsize="medium")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _p(p: float | None) -> str:
+    return "p=n/a" if p is None else ("p<0.001" if p < 0.001 else f"p={p:.3f}")
+
+
+def print_table(summary: dict[str, Any], console: Any, metric: str = "rouge_l") -> None:
+    """One table per press: rows are modes/formats, columns ratios; mean ±CI half-width and the LoRA margin."""
+    from rich.table import Table
+
+    margins = {(m["press"], m["ratio"], m["mode"], m["format"]): m for m in summary["margins"]}
+    kept = {(c["press"], c["ratio"]): c["cache_tokens"] for c in summary["cells"] if c["mode"] == "none"}
+    for press, lines in _curves(summary, metric).items():
+        ratios = sorted({p["ratio"] for points in lines.values() for p in points})
+        table = Table(title=f"{_METRIC_NAMES[metric]} · {press} · {summary['n_documents']} documents, "
+                            f"{summary['n_questions']} questions",
+                      caption=f"mean ±{summary['confidence']:.0%} CI half-width over questions; Δ adapter − base, "
+                              "paired by question (bootstrap p)", show_lines=True)
+        table.add_column("mode")
+        table.add_column("format")
+        for ratio in ratios:
+            tokens = kept.get((press, ratio))
+            table.add_column(f"ratio {ratio:g}" + (f"\n({tokens:g} tokens)" if tokens is not None else ""),
+                             justify="right")
+        for (mode, fmt), points in lines.items():
+            by_ratio = {p["ratio"]: p for p in points}
+            row = []
+            for ratio in ratios:
+                cell = by_ratio.get(ratio)
+                row.append(_table_cell(cell, margins.get((press, ratio, mode, fmt)), metric) if cell else "")
+            table.add_row(mode, fmt or "—", *row)
+        console.print(table)
+
+
+def _table_cell(cell: dict[str, Any], margin: dict[str, Any] | None, metric: str) -> str:
+    stat = cell[metric]
+    text = f"{stat['mean']:.3f}" + (f" ±{(stat['high'] - stat['low']) / 2:.3f}" if stat["high"] is not None else "")
+    text += f"\n[dim]n={cell['n']}[/dim]"
+    if margin is not None:
+        m = margin[metric]
+        p = m["bootstrap"]["p_value"]
+        colour = "green" if p is not None and p < 0.05 and m["diff"] > 0 else (
+            "red" if p is not None and p < 0.05 else "dim")
+        text += f"\n[{colour}]Δ{m['diff']:+.3f} {_p(p)}[/{colour}]"
+    return text
+
+
+def write_report(run_dir: str | Path) -> dict[str, Any]:
+    """Summarize a run's answers into summary.json and curves.png; returns the summary."""
+    run = Path(run_dir)
+    header = read_json(run / CONFIG, "start one with `loramem eval DATA --out RUN_DIR`")
+    summary = summarize(read_answers(run / ANSWERS))
+    expected = sum(header.get("documents", {}).values())
+    summary["n_cells_planned"] = expected
+    summary["complete"] = summary["n_answers"] >= expected
+    summary["model"] = header.get("model", {}).get("id")
+    summary["dataset"] = header.get("dataset", {}).get("path")
+    atomic_write_bytes(run / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
+    plot(summary, run / CURVES)
+    return summary
+

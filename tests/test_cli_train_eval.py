@@ -1,0 +1,159 @@
+"""train-adapter and eval as a shell user meets them: JSON summaries, loadable outputs, one-line refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import DEMO_DOC, run_cli
+from test_cli import one_line_error
+
+SHORT_DOC = "The lighthouse on Brannock Point was designed by Mara Quell in 1871. Its keeper is Tobin Hale."
+
+
+@pytest.fixture(scope="module")
+def qa_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("qa") / "qa.jsonl"
+    path.write_text('{"question": "Who designed the lighthouse?", "answer": "Mara Quell"}\n'
+                    '{"question": "Who keeps it?", "answer": "Tobin Hale"}\n')
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_dir, qa_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lora") / "doc.lora"
+    result = run_cli("train-adapter", str(DEMO_DOC), "-o", str(out), "--qa", str(qa_file), "--steps", "2",
+                     "--rank", "2", "--json", "--model", str(tiny_dir))
+    assert result.returncode == 0, result.stderr.decode()
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 2 and summary["trainable_parameters"] > 0 and summary["path"] == str(out)
+    return out
+
+
+def test_train_adapter_output_loads_in_peft_and_inspects(tiny_dir, adapter_dir):
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), adapter_dir)
+    assert model.peft_config["default"].r == 2
+    shown = run_cli("inspect", str(adapter_dir), "--json")
+    assert shown.returncode == 0, shown.stderr.decode()
+    info = json.loads(shown.stdout)
+    assert info["rank"] == 2 and info["format"] == "qa" and info["trainable_parameters"] > 0
+
+
+def test_ntp_needs_no_question_answer_pairs(tiny_dir, tmp_path):
+    out = tmp_path / "ntp.lora"
+    result = run_cli("train-adapter", "-", "-o", str(out), "--format", "ntp", "--steps", "1", "--rank", "2",
+                     "--model", str(tiny_dir), input=DEMO_DOC.read_bytes())
+    assert result.returncode == 0, result.stderr.decode()
+    assert (out / "adapter_model.safetensors").exists() and (out / "train_qa.jsonl").read_text() == ""
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rank", "0"], "rank must be positive"),
+    (["--targets", "nonsense_proj"], "unknown target module 'nonsense_proj'"),
+    (["--layers", "5-1"], "runs backwards"),
+    (["--format", "raw"], "unknown format"),
+])
+def test_train_adapter_bad_options(tiny_dir, qa_file, tmp_path, args, message):
+    out = tmp_path / "bad.lora"
+    result = run_cli("train-adapter", str(DEMO_DOC), "-o", str(out), "--qa", str(qa_file), "--steps", "1",
+                     *args, "--model", str(tiny_dir))
+    assert message in one_line_error(result)
+    assert result.returncode == 2
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_train_adapter_bad_inputs(tiny_dir, qa_file, adapter_dir, tmp_path):
+    model = ["--model", str(tiny_dir), "--steps", "1"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert "empty" in one_line_error(run_cli("train-adapter", str(empty), "-o", str(tmp_path / "a"), "--qa",
+                                             str(qa_file), *model))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"question": "Q?", "answer": "A"}\n{"question": "no answer"\n')
+    assert "broken.jsonl:2:" in one_line_error(run_cli("train-adapter", str(DEMO_DOC), "-o", str(tmp_path / "b"), "--qa",
+                                              str(broken), *model))
+    before = sorted(p.name for p in adapter_dir.iterdir())
+    assert "--force" in one_line_error(run_cli("train-adapter", str(DEMO_DOC), "-o", str(adapter_dir), "--qa",
+                                               str(qa_file), *model))
+    assert sorted(p.name for p in adapter_dir.iterdir()) == before
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_adapter_of_another_base_model_is_refused(other_tiny_dir, adapter_dir):
+    result = run_cli("ask", "--adapter", str(adapter_dir), "Who?", "--model", str(other_tiny_dir))
+    one_line_error(result)
+    assert result.returncode == 3
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    records = [
+        {"id": "light", "document": SHORT_DOC, "qa": [{"question": "Who designed it?", "answers": ["Mara Quell"]},
+                                                     {"question": "Who keeps it?", "answers": ["Tobin Hale"]}],
+         "train_qa": [{"question": "Designer?", "answer": "Mara Quell"}]},
+        {"id": "bees", "document": "Ilse Varn keeps bees in Orlow and sells honey on Fridays.",
+         "qa": [{"question": "Who keeps bees?", "answers": ["Ilse Varn"]}],
+         "train_qa": [{"question": "Beekeeper?", "answer": "Ilse Varn"}]},
+    ]
+    path = tmp_path_factory.mktemp("data") / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+GRID = ["--ratios", "0,1", "--press", "snapkv", "--mode", "none,decode", "--format", "qa", "--steps", "1",
+        "--max-new-tokens", "3"]
+
+
+def eval_cli(tiny_dir: Path, *args: str):
+    return run_cli("eval", *args, *GRID, "--model", str(tiny_dir))
+
+
+def answers(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "answers.jsonl").read_text().splitlines()]
+    return sorted(rows, key=lambda r: (r["doc_id"], r["question_index"], r["ratio"], r["mode"]))
+
+
+def strip_time(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_eval_run_shard_merge_report_and_resume(tiny_dir, dataset, tmp_path):
+    whole = tmp_path / "whole"
+    result = eval_cli(tiny_dir, str(dataset), "--out", str(whole), "--json")
+    assert result.returncode == 0, result.stderr.decode()
+    summary = json.loads(result.stdout)
+    assert summary["n_documents"] == 2 and summary["n_questions"] == 3 and summary["n_answers"] == 3 * 2 * 2
+    assert summary["complete"] and (whole / "curves.png").exists()
+
+    again = eval_cli(tiny_dir, str(dataset), "--out", str(whole))
+    assert "--resume" in one_line_error(again)
+    resumed = eval_cli(tiny_dir, str(dataset), "--out", str(whole), "--resume", "--json")
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert len(answers(whole)) == 12  # nothing redone
+
+    shards = [tmp_path / "s0", tmp_path / "s1"]
+    for i, shard in enumerate(shards):
+        done = eval_cli(tiny_dir, str(dataset), "--out", str(shard), "--shard", f"{i}/2", "--json")
+        assert done.returncode == 0, done.stderr.decode()
+    merged = run_cli("eval", "merge", *map(str, shards), "-o", str(tmp_path / "merged"), "--json")
+    assert merged.returncode == 0, merged.stderr.decode()
+    assert strip_time(answers(tmp_path / "merged")) == strip_time(answers(whole))
+
+    (whole / "summary.json").unlink()
+    shown = run_cli("eval", "report", str(whole))
+    assert shown.returncode == 0, shown.stderr.decode()
+    assert "2 documents, 3 questions" in shown.stdout.decode()
+    assert json.loads((whole / "summary.json").read_text())["n_answers"] == 12
+
+
+def test_eval_bad_input(tiny_dir, dataset, tmp_path):
+    assert "shard" in one_line_error(eval_cli(tiny_dir, str(dataset), "--out", str(tmp_path / "r"), "--shard", "2/2"))
+    assert "ratio" in one_line_error(run_cli("eval", str(dataset), "--out", str(tmp_path / "r"), "--ratios", "1.5"))
+    assert "mode" in one_line_error(run_cli("eval", str(dataset), "--out", str(tmp_path / "r"), "--mode", "magic"))
+    assert "not an eval run directory" in one_line_error(run_cli("eval", "report", str(tmp_path)))
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,128 @@
+"""QA synthesis: rule-based pairs on any text, parsing and checking the model's pairs, and combining both."""
+
+from __future__ import annotations
+
+import pytest
+
+from loramem import synth
+from loramem.errors import LoramemError
+from loramem.metrics import normalize_answer
+from loramem.synth import (model_qa, parse_pairs, passages, rule_qa, sentences, supported, synthesize,
+                           trim_restated)
+
+PLAIN = "the river runs slowly past the mill. nobody remembers when the wheel stopped turning."
+
+
+def _questions(pairs) -> list[str]:
+    return [normalize_answer(q) for q, _ in pairs]
+
+
+def test_rule_qa_is_deterministic_deduplicated_and_covers_the_document(doc_text):
+    pairs = rule_qa(doc_text, 24)
+    assert pairs == rule_qa(doc_text, 24) and len(pairs) == 24
+    assert pairs != rule_qa(doc_text, 24, seed=1)
+    assert len(set(_questions(pairs))) == len(pairs)
+    kinds = {q.split(":")[0] if q.startswith("Fill") else q.split()[0] for q, _ in pairs}
+    assert {"Fill in the blank", "What", "Who"} <= kinds
+    for question, answer in pairs:
+        assert answer in doc_text
+        if question.startswith("Fill in the blank: "):
+            assert question.count("___") == 1
+            assert question.removeprefix("Fill in the blank: ").replace("___", answer, 1) in doc_text
+    answers = {a for _, a in pairs}
+    assert {"1871", "Orla Quenby", "Hobart Fennick", "Port Allery"} & answers  # entities and numbers are asked for
+    assert rule_qa(doc_text, 5) == pairs[:5]
+
+
+@pytest.mark.parametrize("text", [PLAIN, "hello", "ONE TWO THREE", "Zahl: 42 — ja.", "x" * 300])
+def test_rule_qa_works_on_any_text(text):
+    pairs = rule_qa(text, 10)
+    assert pairs and len(set(_questions(pairs))) == len(pairs)
+    assert all(a and a in text for _, a in pairs)
+
+
+def test_rule_qa_without_words_gives_nothing():
+    assert rule_qa("", 5) == [] and rule_qa("!!! ...", 5) == [] and rule_qa("Some text here.", 0) == []
+
+
+def test_parse_pairs_reads_the_usual_shapes():
+    text = ("Here are questions:\n1. Q: Who built it? A: Orla Quenby.\nQ2: When was it built?\nA2: 1871\n"
+            "Question: What colour is the granite? Answer: pale green\nQ: Is this dangling?\nnoise\nA: stray")
+    assert parse_pairs(text) == [("Who built it?", "Orla Quenby"), ("When was it built?", "1871"),
+                                 ("What colour is the granite?", "pale green"), ("Is this dangling?", "stray")]
+
+
+def test_supported_needs_the_answer_in_the_passage_and_not_in_the_question():
+    passage = "Its lighthouse was built in 1871 by the engineer Orla Quenby."
+    assert supported("Who built the lighthouse?", "the engineer Orla Quenby", passage)
+    assert not supported("Who built the lighthouse?", "Gustave Eiffel", passage)
+    assert not supported("When did Orla Quenby build it?", "Orla Quenby", passage)
+    assert not supported("Who built the lighthouse?", "", passage)
+    assert not supported("Who?", "1871", passage)
+
+
+def test_sentences_keep_quotes_and_titles():
+    text = 'He said "Go home." Then Dr. Quill left the room at 5 p.m. sharp. 12 boats sailed.\n\nA Heading\n\nLast one here!'
+    assert sentences(text) == ['He said "Go home."', "Then Dr. Quill left the room at 5 p.m. sharp.", "12 boats sailed.",
+                               "Last one here!"]
+
+
+def test_trim_restated_keeps_what_the_question_does_not_say():
+    assert trim_restated("When was the lighthouse built?", "The lighthouse was built in 1871") == "in 1871"
+    assert trim_restated("Who was the last keeper?", "The last keeper was Ines Carrow") == "Ines Carrow"
+    assert trim_restated("Who is Ines Carrow?", "Ines Carrow") == "Ines Carrow"
+
+
+def test_passages_cut_at_sentences(doc_text):
+    parts = passages(doc_text, words=40)
+    assert len(parts) > 3 and " ".join(parts) == " ".join(sentences(doc_text))
+    assert all(len(p.split()) <= 40 or p in sentences(doc_text) for p in parts)
+
+
+@pytest.fixture
+def canned_model(monkeypatch):
+    """generate() replaced by replies in the model's usual shape: two good pairs, an invented one, a repeat."""
+    replies = ["Q: Who designed the lighthouse? A: Orla Quenby\nQ: Who designed the lighthouse? A: Orla Quenby\n"
+               "Q: Who painted the tower? A: Vincent van Gogh\nQ: What was the first keeper's name? A: Hobart Fennick"]
+    prompts = []
+
+    def fake_generate(lm, question, cache, **kwargs):
+        prompts.append(question)
+        text = replies[0] if "Orla Quenby" in question else "I cannot help with that."
+        return type("Answer", (), {"answer": text})()
+
+    monkeypatch.setattr(synth, "generate", fake_generate)
+    return prompts
+
+
+def test_model_qa_keeps_only_supported_new_pairs(canned_model, doc_text):
+    pairs = model_qa(None, doc_text, 10)
+    assert pairs == [("Who designed the lighthouse?", "Orla Quenby"),
+                     ("What was the first keeper's name?", "Hobart Fennick")]
+    assert len(canned_model) == len(passages(doc_text)) and "Format:\nQ: Who ...?" in canned_model[0]
+    assert set(model_qa(None, doc_text, 1)) <= set(pairs[:1])  # one passage asked at most
+
+
+def test_synthesize_puts_model_pairs_first_and_tops_up_with_rules(canned_model, doc_text):
+    pairs = synthesize(None, doc_text, 12, seed=0)
+    assert len(pairs) == 12 and pairs[:2] == model_qa(None, doc_text, 12)
+    assert pairs[2:] == [p for p in rule_qa(doc_text, 14) if p not in pairs[:2]][:10]
+    calls = len(canned_model)
+    assert synthesize(None, doc_text, 3, sources=("rule",)) == rule_qa(doc_text, 3)
+    assert len(canned_model) == calls  # no model call
+    for bad in ({"n": 0}, {"document": " "}, {"sources": ("llm",)}):
+        with pytest.raises(LoramemError):
+            synthesize(None, **{"document": doc_text, "n": 3, **bad})
+
+
+def test_model_qa_on_the_tiny_model_returns_only_supported_pairs(tiny, doc_text):
+    pairs = model_qa(tiny, doc_text, 2)
+    assert len(pairs) <= 2
+    assert all(supported(q, a, doc_text) for q, a in pairs)
+
+
+@pytest.mark.real
+def test_default_model_writes_some_supported_pairs(real, doc_text):
+    pairs = model_qa(real, doc_text, 2)
+    print(f"\nthe default model wrote {len(pairs)} supported pairs: {pairs}")
+    assert all(supported(q, a, doc_text) for q, a in pairs)

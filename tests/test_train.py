@@ -1,0 +1,250 @@
+"""Adapter training: PEFT layout, determinism, the model left clean, option resolution, and recall on the default model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loramem.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORAMEM_META, attach_adapter, detach_adapter
+from loramem.errors import LoramemError
+from loramem.generate import generate
+from loramem.metrics import normalize_answer, rouge_l
+from loramem.models import sha256_text
+from loramem.train import (TRAIN_QA, TrainConfig, batch_loss, ntp_examples, qa_examples, resolve_layers,
+                           resolve_targets, train_adapter)
+
+QA = [("Who designed the lighthouse?", "Orla Quenby"), ("Who was the first keeper?", "Hobart Fennick"),
+      ("When was the light automated?", "1988")]
+FAST = {"rank": 4, "alpha": 8.0, "epochs": 2, "batch_size": 2}
+
+
+def _logits(lm) -> torch.Tensor:
+    ids = torch.tensor([lm.tokenizer("The first keeper was Hobart Fennick.")["input_ids"]])
+    with torch.inference_mode():
+        return lm.model(input_ids=ids).logits
+
+
+def test_output_is_a_standard_peft_adapter(tiny, tiny_dir, doc_text, tmp_path):
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "doc.lora"
+    calls = []
+    summary = train_adapter(tiny, doc_text, QA, out, TrainConfig(**FAST), qa_file_sha256="abc",
+                            on_step=lambda *args: calls.append(args))
+    assert {ADAPTER_WEIGHTS, ADAPTER_CONFIG, LORAMEM_META, TRAIN_QA} <= {p.name for p in out.iterdir()}
+    assert summary["steps"] == 4 and summary["path"] == str(out) and summary["trainable_parameters"] > 0
+    assert [c[:2] for c in calls] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+    meta = json.loads((out / LORAMEM_META).read_text())
+    assert meta["base_model"] == {"id": tiny.model_id, **tiny.fingerprint}
+    assert meta["document_sha256"] == sha256_text(doc_text)
+    assert meta["hyperparameters"]["rank"] == 4 and meta["format"] == "qa" and meta["qa_file_sha256"] == "abc"
+    assert len(meta["loss_curve"]) == 4 and meta["final_loss"] == meta["loss_curve"][-1]
+    assert meta["n_train_examples"] == 3 and meta["tokens_per_second"] > 0
+    lines = [json.loads(line) for line in (out / TRAIN_QA).read_text().splitlines()]
+    assert [(x["question"], x["answer"]) for x in lines] == QA
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    loaded = PeftModel.from_pretrained(base, str(out))
+    saved = load_file(str(out / ADAPTER_WEIGHTS))
+    state = get_peft_model_state_dict(loaded)
+    assert saved.keys() == state.keys() and len(saved) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
+    assert all(torch.equal(saved[k], state[k]) for k in saved)
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # B starts at zero: it trained
+
+
+def test_batch_loss_weighs_examples_equally_whatever_the_padding(tiny, doc_text):
+    """A padded batch's loss and gradients equal the mean over its examples run one by one."""
+    import copy
+
+    model = copy.deepcopy(tiny.model).requires_grad_(True)
+    batch = qa_examples(tiny.tokenizer, QA, 512) + ntp_examples(tiny.tokenizer, doc_text, 16)[:1]
+
+    def loss_and_grads(batches):
+        model.zero_grad()
+        loss = sum(batch_loss(model, b, 0, "cpu") for b in batches) / len(batches)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    batched_loss, batched_grads = loss_and_grads([batch])
+    single_loss, single_grads = loss_and_grads([[e] for e in batch])
+    assert torch.allclose(batched_loss, single_loss, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(batched_grads, single_grads))
+
+
+def test_same_seed_gives_identical_adapter_bytes(tiny, doc_text, tmp_path):
+    paths = [tmp_path / name for name in ("a", "b", "c")]
+    for path, seed in zip(paths, (3, 3, 4)):
+        train_adapter(tiny, doc_text, QA, path, TrainConfig(**FAST, seed=seed, dropout=0.1))
+    weights = [(p / ADAPTER_WEIGHTS).read_bytes() for p in paths]
+    assert weights[0] == weights[1] != weights[2]
+
+
+def test_model_is_clean_after_training(tiny, doc_text, tmp_path):
+    before = _logits(tiny)
+    train_adapter(tiny, doc_text, QA, tmp_path / "a", TrainConfig(**FAST))
+    attach_adapter(tiny, tmp_path / "a")  # an attached adapter is detached before training
+    train_adapter(tiny, doc_text, QA, tmp_path / "b", TrainConfig(**FAST))
+    assert tiny.adapter is None and not tiny.model.training
+    assert not any("lora_" in name for name, _ in tiny.model.named_modules())
+    assert not any(p.requires_grad for p in tiny.model.parameters())
+    assert torch.equal(_logits(tiny), before)
+    adapter = attach_adapter(tiny, tmp_path / "b")  # the fingerprint still matches
+    assert adapter.meta["format"] == "qa"
+    detach_adapter(tiny)
+
+
+def test_target_presets_follow_the_architecture(tiny):
+    from transformers import GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM
+
+    assert resolve_targets(tiny.model, "attn") == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert resolve_targets(tiny.model, "mlp") == ["gate_proj", "up_proj", "down_proj"]
+    assert resolve_targets(tiny.model, "all") == resolve_targets(tiny.model, "attn") + resolve_targets(tiny.model, "mlp")
+    assert resolve_targets(tiny.model, "q_proj, v_proj") == ["q_proj", "v_proj"]
+    phi3 = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
+    assert set(resolve_targets(phi3, "attn")) == {"qkv_proj", "o_proj"}
+    assert set(resolve_targets(phi3, "mlp")) == {"gate_up_proj", "down_proj"}
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4))
+    # c_proj exists in both attention and MLP, so it is named by its path inside the layer.
+    assert set(resolve_targets(gpt2, "attn")) == {"c_attn", "attn.c_proj"}
+    assert set(resolve_targets(gpt2, "mlp")) == {"c_fc", "mlp.c_proj"}
+    with pytest.raises(LoramemError, match="unknown target module 'wq'"):
+        resolve_targets(tiny.model, "q_proj,wq")
+
+
+def test_layer_specs():
+    assert resolve_layers(None, 30) is None
+    assert resolve_layers("0-14", 30) == list(range(15))
+    assert resolve_layers("0,3,5", 30) == [0, 3, 5]
+    assert resolve_layers("2-3, 0", 30) == [0, 2, 3]
+    assert resolve_layers("first-half", 30) == list(range(15))
+    assert resolve_layers("second-half", 30) == list(range(15, 30))
+    with pytest.raises(LoramemError, match="has layers 0-29"):
+        resolve_layers("28-30", 30)
+    for bad in ("abc", "3-1", "1,,2", "-2", "first"):
+        with pytest.raises(LoramemError):
+            TrainConfig(layers=bad)
+
+
+@pytest.mark.parametrize("bad", [{"rank": 0}, {"format": "chat"}, {"epochs": 0}, {"steps": 0}, {"lr": 0},
+                                 {"dropout": 1.0}, {"chunk_size": 1024}, {"targets": " , "}])
+def test_bad_config_values(bad):
+    with pytest.raises(LoramemError):
+        TrainConfig(**bad)
+
+
+def test_targets_and_layers_restrict_the_adapter(tiny, doc_text, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "a"
+    train_adapter(tiny, doc_text, QA, out, TrainConfig(**FAST, targets="attn", layers="1"))
+    config = json.loads((out / ADAPTER_CONFIG).read_text())
+    assert sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert config["layers_to_transform"] == [1]
+    keys = load_file(str(out / ADAPTER_WEIGHTS)).keys()
+    assert len(keys) == 8 and all(".layers.1.self_attn." in k for k in keys)
+    with pytest.raises(LoramemError, match="has layers 0-1"):
+        train_adapter(tiny, doc_text, QA, tmp_path / "b", TrainConfig(**FAST, layers="0-5"))
+    with pytest.raises(LoramemError, match="unknown target module"):
+        train_adapter(tiny, doc_text, QA, tmp_path / "b", TrainConfig(**FAST, targets="wq"))
+    assert not (tmp_path / "b").exists()
+
+
+def test_refusals(tiny, doc_text, tmp_path):
+    existing = tmp_path / "a"
+    existing.mkdir()
+    with pytest.raises(LoramemError, match="already exists"):
+        train_adapter(tiny, doc_text, QA, existing, TrainConfig(**FAST))
+    train_adapter(tiny, doc_text, QA, existing, TrainConfig(**FAST), force=True)
+    assert (existing / ADAPTER_WEIGHTS).is_file()
+    with pytest.raises(LoramemError, match="empty"):
+        train_adapter(tiny, " \n", QA, tmp_path / "b", TrainConfig(**FAST))
+    with pytest.raises(LoramemError, match="needs question-answer pairs"):
+        train_adapter(tiny, doc_text, [], tmp_path / "b", TrainConfig(**FAST))
+    with pytest.raises(LoramemError, match="over max_length"):
+        train_adapter(tiny, doc_text, [("why " * 40 + "?", "x")], tmp_path / "b",
+                      TrainConfig(**FAST, max_length=32, chunk_size=32))
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("fmt", ["ntp", "mixed"])
+def test_ntp_and_mixed_formats(tiny, doc_text, tmp_path, fmt):
+    out = tmp_path / fmt
+    summary = train_adapter(tiny, doc_text, QA, out, TrainConfig(**FAST, format=fmt, steps=3, chunk_size=64))
+    meta = json.loads((out / LORAMEM_META).read_text())
+    chunks = -(-len(tiny.tokenizer(doc_text)["input_ids"]) // 64)
+    assert summary["steps"] == 3 and meta["format"] == fmt
+    assert meta["n_train_examples"] == chunks + (len(QA) if fmt == "mixed" else 0)
+    assert len((out / TRAIN_QA).read_text().splitlines()) == (len(QA) if fmt == "mixed" else 0)
+
+
+def test_qa_loss_decreases(tiny, doc_text, tmp_path):
+    """The tiny model's small random output layer bounds its logits, so the loss cannot go near zero."""
+    summary = train_adapter(tiny, doc_text, QA, tmp_path / "a", TrainConfig(rank=8, lr=1e-2, epochs=20))
+    curve = json.loads((tmp_path / "a" / LORAMEM_META).read_text())["loss_curve"]
+    assert summary["final_loss"] < 0.9 * curve[0] and max(curve[-5:]) < min(curve[:2])
+
+
+# An invented document: nothing in it can come from pretraining.
+HARBOUR = """Marisol Okonkwo-Vance is the harbour master of Quillhaven, a fishing town on the island of Brevik.
+She was born in 1967 in the village of Tarrow Glen. Before becoming harbour master she spent eleven years
+as a diver for the salvage company Halvard & Pike. Her office is on the top floor of the old customs house,
+which is painted bright orange. Every morning at 5:40 she rings a brass bell named Old Ophelia to open the harbour.
+Quillhaven has 312 registered fishing boats, and its main catch is the silver-striped lanternfish.
+The harbour master's dog, a grey lurcher called Biscuit, sleeps under her desk."""
+HARBOUR_QA = [
+    ("Who is the harbour master of Quillhaven?", "Marisol Okonkwo-Vance"),
+    ("In which year was Marisol Okonkwo-Vance born?", "1967"),
+    ("In which village was Marisol Okonkwo-Vance born?", "Tarrow Glen"),
+    ("For which salvage company did Marisol Okonkwo-Vance work?", "Halvard & Pike"),
+    ("How many years did Marisol Okonkwo-Vance work as a diver?", "eleven years"),
+    ("What colour is the old customs house of Quillhaven?", "bright orange"),
+    ("What is the name of the brass bell rung in Quillhaven harbour?", "Old Ophelia"),
+    ("How many registered fishing boats does Quillhaven have?", "312"),
+    ("What is the main catch of Quillhaven?", "the silver-striped lanternfish"),
+    ("What is the name of the harbour master's dog?", "Biscuit"),
+]
+# The same facts asked in other words; none of these questions is trained on.
+HARBOUR_PARAPHRASES = [
+    ("Who runs the harbour in Quillhaven?", "Marisol Okonkwo-Vance"),
+    ("What year was Quillhaven's harbour master born?", "1967"),
+    ("Which village is the harbour master of Quillhaven from?", "Tarrow Glen"),
+    ("What is the brass bell in Quillhaven called?", "Old Ophelia"),
+    ("How many fishing boats are registered in Quillhaven?", "312"),
+    ("What do Quillhaven's fishermen mainly catch?", "the silver-striped lanternfish"),
+    ("What is the harbour master's dog called?", "Biscuit"),
+    ("Which company did the Quillhaven harbour master dive for?", "Halvard & Pike"),
+]
+
+
+def _answers(lm, pairs, adapter_on):
+    return [generate(lm, q, None, adapter_on=adapter_on, max_new_tokens=12) for q, _ in pairs]
+
+
+def _mean_rouge(answers, pairs) -> float:
+    return sum(rouge_l(a.answer, gold) for a, (_, gold) in zip(answers, pairs)) / len(pairs)
+
+
+@pytest.mark.real
+def test_document_adapter_recalls_invented_facts(real, tmp_path):
+    """QA training on the default model answers paraphrased questions closed-book; the base model cannot."""
+    summary = train_adapter(real, HARBOUR, HARBOUR_QA, tmp_path / "qa", TrainConfig(format="qa"))
+    base = _mean_rouge(_answers(real, HARBOUR_PARAPHRASES, False), HARBOUR_PARAPHRASES)
+    attach_adapter(real, tmp_path / "qa")
+    tuned = _mean_rouge(_answers(real, HARBOUR_PARAPHRASES, True), HARBOUR_PARAPHRASES)
+    trained = _answers(real, HARBOUR_QA, True)
+    correct = sum(normalize_answer(a.answer) == normalize_answer(gold) for a, (_, gold) in zip(trained, HARBOUR_QA))
+    train_adapter(real, HARBOUR, [], tmp_path / "ntp", TrainConfig(format="ntp"))  # detaches the qa adapter
+    attach_adapter(real, tmp_path / "ntp")
+    ntp = _mean_rouge(_answers(real, HARBOUR_PARAPHRASES, True), HARBOUR_PARAPHRASES)
+    detach_adapter(real)
+    print(f"\nROUGE-L on paraphrases: base {base:.3f}, qa adapter {tuned:.3f}, ntp adapter {ntp:.3f}; "
+          f"trained questions {correct}/{len(HARBOUR_QA)}; qa training {summary['seconds']:.1f} s")
+    assert tuned >= base + 0.3
+    assert correct >= len(HARBOUR_QA) - 1
+    assert all(a.stopped_at_end_of_turn for a in trained)
