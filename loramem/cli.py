@@ -1,7 +1,8 @@
 """The `loramem` command line: a thin Typer layer over the library API.
 
 Results go to stdout, progress and logs to stderr. Exit codes: 0 success, 1 internal error,
-2 bad input, 3 incompatible artifact (another model, tokenizer, adapter or format), 130 interrupted.
+2 bad input, 3 incompatible artifact (another model, tokenizer, adapter or format), 4 an eval finished
+with failed cells (the rest is written; rerun with --resume), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ ModelOpt = typer.Option(None, "--model", "-m", help="Hugging Face id, local mode
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on CUDA), float32, float16, bfloat16")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output on stdout")
+PARTIAL_EXIT = 4
 
 
 def _load(model: Optional[str], device: str, dtype: str, adapter: Optional[Path] = None) -> Any:
@@ -89,8 +91,14 @@ def compress(
     groups: int = typer.Option(4, "--groups", help="value-group: groups per value head vector"),
     budget: Optional[float] = typer.Option(None, "--budget", help="value-group: fraction of document value "
                                            "bytes kept, in (0, 1]"),
-    score_groups: str = typer.Option("norm", "--score-groups", help="value-group rule: norm (token score x "
-                                     "group's share of the value norm) or uniform"),
+    score_groups: Optional[str] = typer.Option(None, "--score-groups", help="value-group rule: norm (token "
+                                               "score x group's share of the value norm), uniform, or query "
+                                               "(question attention x group value norm) [default: query with "
+                                               "--query/--questions, else norm]"),
+    query: Optional[list[str]] = typer.Option(None, "--query", help="value-group: score groups by this "
+                                              "question's attention to the document (repeatable; loads --model)"),
+    questions_file: Optional[str] = typer.Option(None, "--questions", help="value-group: as --query, from a "
+                                                 "file of lines or JSONL {\"question\"}; relevance averaged"),
     store_dtype: Optional[str] = typer.Option(None, "--store-dtype", help="Store keys/values as fp16, bf16, "
                                               "int8 or int4 (scales alongside); loaded back dequantized"),
     quant_axis: str = typer.Option("token", "--quant-axis", help="int8/int4 scales per token (groups of "
@@ -98,15 +106,22 @@ def compress(
     quant_group: int = typer.Option(0, "--quant-group", help="Channels per scale for --quant-axis token "
                                     "(0: the whole head)"),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Output .safetensors (- or a pipe: stdout)"),
+    model: Optional[str] = ModelOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
 ) -> None:
-    """Evict KV states by recorded press scores; tensor work on the file, no model is loaded."""
+    """Evict KV states by recorded press scores; tensor work on the file, no model is loaded
+    (except for query-aware value groups: --query/--questions run the model that made the cache)."""
     from loramem.cache import KVCache
     from loramem.compress import compress as compress_cache
     from loramem.fileio import write_output
     from loramem.quantize import make_storage
 
+    asked = bool(query or questions_file)
     if granularity not in ("token", "value-group"):
         raise LoramemError(f"unknown --granularity {granularity!r}; use token or value-group")
+    if asked and granularity != "value-group":
+        raise LoramemError("--query/--questions score value groups; add --granularity value-group --budget B")
+    if cache_file == "-" and questions_file == "-":
+        raise LoramemError("stdin can carry the cache or the questions, not both")
     if granularity == "value-group" and budget is None:
         raise LoramemError("--granularity value-group needs --budget B in (0, 1]")
     if granularity == "token" and ratio is None and keep is None and store_dtype is None:
@@ -117,18 +132,28 @@ def compress(
         raise LoramemError("refusing to write a binary cache to the terminal; give -o FILE or pipe it")
     cache = KVCache.load(cache_file)
     storage = make_storage(store_dtype, quant_axis, quant_group, cache.meta["head_dim"]) if store_dtype else None
-    press = press.replace("-", "_").lower()
+    press = chosen_by = press.replace("-", "_").lower()
     if granularity == "value-group":
+        from loramem.cache import check_compatible
         from loramem.compress import restore
-        from loramem.value_groups import compress_value_groups
+        from loramem.value_groups import check_request, compress_value_groups, query_group_scores
 
-        small = compress_value_groups(cache, press, groups, float(budget), score_groups)
+        rule = score_groups or ("query" if asked else "norm")
+        check_request(cache, press, groups, float(budget), rule, query=asked)
+        scores = None
+        if asked:
+            items = _read_questions(query or [], questions_file, stdin_free=False)
+            lm = _load(model, device, dtype)
+            check_compatible(cache, lm.fingerprint, cache_file)
+            scores = query_group_scores(lm, cache, [item["question"] for item in items], groups)
+            chosen_by = f"{len(items)} question(s)"
+        small = compress_value_groups(cache, press, groups, float(budget), rule, scores)
         small = restore(small, storage) if storage else small
     else:
         base = KVCache.load(scores_from) if scores_from else None
         small = compress_cache(cache, press, ratio=ratio, keep=keep, scores_from=base, storage=storage)
     where = write_output(output, small.to_bytes(), "cache")
-    log(f"kept {max(small.kept_per_layer)} of {cache.n_tokens} tokens per head ({press}) -> {where}")
+    log(f"kept {max(small.kept_per_layer)} of {cache.n_tokens} tokens per head ({chosen_by}) -> {where}")
 
 
 @app.command("train-adapter")
@@ -417,6 +442,11 @@ def eval_run(
     epochs: int = typer.Option(8, "--epochs"),
     steps: Optional[int] = typer.Option(None, "--steps", help="Train each adapter this many steps instead"),
     seed: int = typer.Option(0, "--seed"),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run documents as Ray tasks: local (start Ray here), "
+                                      "auto or HOST:PORT (join a cluster; RUN_DIR must be shared)"),
+    cpus_per_worker: float = typer.Option(1, "--cpus-per-worker", help="--ray: CPUs per task"),
+    gpus_per_worker: float = typer.Option(0, "--gpus-per-worker", help="--ray: GPUs per task"),
+    max_retries: int = typer.Option(2, "--max-retries", help="--ray: retries of a task whose worker died"),
     model: Optional[str] = ModelOpt, device: str = DeviceOpt, dtype: str = DtypeOpt, as_json: bool = JsonOpt,
 ) -> None:
     """Answer every question under every press, ratio, mode and format; score, summarize and plot."""
@@ -428,8 +458,17 @@ def eval_run(
                         shard=parse_shard(shard), seed=seed, synth_pairs=synth,
                         adapters=str(adapters) if adapters else None, rank=rank, targets=targets, layers=layers,
                         epochs=epochs, steps=steps, **extra)
-    summary = run_eval(_load(model, device, dtype), dataset, out, config, resume=resume)
+    if ray is not None:
+        from loramem.ray_eval import run_eval_ray
+
+        summary = run_eval_ray(model, dataset, out, config, address=ray, device=device, dtype=dtype,
+                               resume=resume, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                               max_retries=max_retries)
+    else:
+        summary = run_eval(_load(model, device, dtype), dataset, out, config, resume=resume)
     _show_summary(summary, as_json)
+    if summary.get("n_failed_cells"):
+        raise typer.Exit(PARTIAL_EXIT)
 
 
 @eval_app.command("merge")

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import math
+import struct
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from loramem.adapters import ADAPTER_WEIGHTS, read_adapter_meta
 from loramem.cache import KVCache
+from loramem.errors import LoramemError
+from loramem.models import local_config
 
 
 def _ranges(values: list[int]) -> str:
@@ -34,6 +41,7 @@ def _value_groups(cache: KVCache) -> dict[str, Any] | None:
     heads, dim = cache.keys[0].shape[0], cache.keys[0].shape[-1]
     return {
         "groups": step["groups"], "budget": step["budget"], "score_groups": step["score_groups"],
+        "query": step.get("query"),
         "groups_kept_per_layer": [int(m.sum()) for m in cache.masks],
         "groups_total_per_layer": int(cache.masks[0].shape[0] * cache.n_tokens * step["groups"]),
         "token_level_bytes_at_same_budget": int(cache.n_layers * heads * tokens * dim * 2 * element),
@@ -78,13 +86,61 @@ def describe_cache(cache: KVCache, nbytes: int | None = None) -> dict[str, Any]:
     }
 
 
+def _weights_size(path: Path) -> tuple[int, int]:
+    """(parameters, tensor bytes) of a safetensors file, from its header alone (adapters can be large)."""
+    try:
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        tensors = [t for name, t in header.items() if name != "__metadata__"]
+        return (sum(math.prod(t["shape"]) for t in tensors),
+                sum(t["data_offsets"][1] - t["data_offsets"][0] for t in tensors))
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LoramemError(f"{path} is not a readable safetensors file") from exc
+
+
+def kv_bytes_per_token(config: dict[str, Any]) -> tuple[int, torch.dtype] | None:
+    """(bytes, dtype) of one token's keys and values in a model's KV cache, from its config.json:
+    layers x KV heads x head_dim x 2 (K and V) x bytes of the checkpoint dtype; None when not stated."""
+    config = config.get("text_config", config)  # multimodal configs nest the language model's
+    dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype")), None)
+    heads, layers = config.get("num_attention_heads"), config.get("num_hidden_layers")
+    if not isinstance(dtype, torch.dtype) or not heads or not layers:
+        return None
+    head_dim = config.get("head_dim") or (config.get("hidden_size") or 0) // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    return (layers * kv_heads * head_dim * 2 * dtype.itemsize, dtype) if head_dim else None
+
+
+def _equal_memory(base_model: str | None, parameters: int, tensor_bytes: int) -> dict[str, Any]:
+    """The adapter's size in KV-cache tokens of its base model: the two memories compared at equal bytes.
+
+    Counted as stored and with the parameters at the KV dtype; null when the base model's config is not
+    on this machine (nothing is downloaded).
+    """
+    config = local_config(base_model) if base_model else None
+    kv = kv_bytes_per_token(config) if config else None
+    if kv is None:
+        return {"kv_dtype": None, "kv_bytes_per_token": None, "kv_token_equivalents": None,
+                "kv_token_equivalents_at_kv_dtype": None}
+    per_token, dtype = kv
+    return {
+        "kv_dtype": str(dtype).replace("torch.", ""),
+        "kv_bytes_per_token": per_token,
+        "kv_token_equivalents": round(tensor_bytes / per_token, 2),
+        "kv_token_equivalents_at_kv_dtype": round(parameters * dtype.itemsize / per_token, 2),
+    }
+
+
 def describe_adapter(path: str | Path) -> dict[str, Any]:
     config, meta = read_adapter_meta(path)
     weights = Path(path) / ADAPTER_WEIGHTS
+    base_model = meta.get("base_model", {}).get("id") or config.get("base_model_name_or_path")
+    parameters, tensor_bytes = _weights_size(weights)
     return {
         "kind": "adapter",
         "path": str(path),
-        "base_model": meta.get("base_model", {}).get("id") or config.get("base_model_name_or_path"),
+        "base_model": base_model,
         "base_model_fingerprint": meta.get("base_model", {}).get("model"),
         "document_sha256": meta.get("document_sha256"),
         "format": meta.get("format"),
@@ -94,6 +150,9 @@ def describe_adapter(path: str | Path) -> dict[str, Any]:
         "layers": config.get("layers_to_transform"),
         "trainable_parameters": meta.get("trainable_parameters"),
         "bytes": weights.stat().st_size,
+        "parameters": parameters,
+        "tensor_bytes": tensor_bytes,
+        **_equal_memory(base_model, parameters, tensor_bytes),
         "final_loss": meta.get("final_loss"),
         "hyperparameters": meta.get("hyperparameters"),
     }

@@ -37,12 +37,13 @@ from loramem.log import log, progress_bar, warn
 from loramem.metrics import score_answer
 from loramem.models import LoadedModel, sha256_bytes, sha256_text
 from loramem.presses import parse_presses
-from loramem.report import ANSWERS, CONFIG, MODES, cell_key, read_answers, read_json, write_report
+from loramem.report import ANSWERS, CONFIG, FAILURES, MODES, cell_key, read_answers, read_json, write_report
 from loramem.synth import synthesize
 from loramem.train import FORMATS, TrainConfig, train_adapter
 
 ADAPTER_MODES = ("decode", "all", "base_scores")
 ADAPTERS = "adapters"
+PARTS = "parts"
 SYNTH_QA = "train_qa"
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -157,7 +158,8 @@ def _grid(record: DocRecord, config: EvalConfig) -> list[_Cell]:
             for fmt in ([None] if mode == "none" else config.formats) for q in range(len(record.qa))]
 
 
-def _key(record: DocRecord, cell: _Cell) -> tuple:
+def key_of(record: DocRecord, cell: _Cell) -> tuple:
+    """The cell's key as report.cell_key reads it from an answer line."""
     return (record.id, cell.question_index, cell.press, cell.ratio, cell.mode, cell.format)
 
 
@@ -184,7 +186,7 @@ def _open_run(run: Path, header: dict[str, Any], resume: bool) -> set[tuple]:
         if not resume:
             raise LoramemError(f"{run} is not empty; add --resume to continue that run, or choose another --out")
         _check_same(read_json(run / CONFIG, "cannot resume"), header, run, "resume it")
-        return {cell_key(row) for row in read_answers(run / ANSWERS, repair=True)}
+        return done_cells(run)
     try:
         run.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -193,22 +195,47 @@ def _open_run(run: Path, header: dict[str, Any], resume: bool) -> set[tuple]:
     return set()
 
 
-def _header(lm: LoadedModel, config: EvalConfig, dataset: Path, sha: str,
+def done_cells(run: Path) -> set[tuple]:
+    """Cells answered in RUN_DIR/answers.jsonl or in a worker's part file (PARTS/*.jsonl) not yet folded in."""
+    files = [run / ANSWERS, *sorted((run / PARTS).glob("*.jsonl"))]
+    return {cell_key(row) for file in files for row in read_answers(file, repair=True)}
+
+
+def fold_parts(run: Path) -> None:
+    """Move the answers of workers' part files into RUN_DIR/answers.jsonl (atomically), then drop the parts."""
+    parts = sorted((run / PARTS).glob("*.jsonl"))
+    if not parts:
+        return
+    rows = {cell_key(row): row for row in read_answers(run / ANSWERS)}
+    for part in parts:
+        for row in read_answers(part):
+            rows.setdefault(cell_key(row), row)
+    atomic_write_bytes(run / ANSWERS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows.values()).encode())
+    for part in parts:
+        part.unlink()
+
+
+def model_info(lm: LoadedModel) -> dict[str, Any]:
+    """The model as a run's config.json records it; a resume or merge must match it."""
+    return {"id": lm.model_id, **lm.fingerprint}
+
+
+def _header(model: dict[str, Any], config: EvalConfig, dataset: Path, sha: str,
             plans: list[tuple[DocRecord, list[_Cell]]]) -> dict[str, Any]:
     return {
         "loramem_version": __version__,
         "config": config.to_dict(),
-        "model": {"id": lm.model_id, **lm.fingerprint},
+        "model": model,
         "dataset": {"path": str(dataset.resolve()), "sha256": sha},
         "documents": {record.id: len(cells) for record, cells in plans},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-class _AnswerLog:
+class AnswerLog:
     """Appends answer lines durably (flush + fsync each), so an interruption loses at most the line being written."""
 
-    def __init__(self, path: Path, advance: Callable[..., None]) -> None:
+    def __init__(self, path: Path, advance: Callable[..., None] = lambda n: None) -> None:
         self.handle = path.open("a", encoding="utf-8")
         self.advance = advance
 
@@ -222,18 +249,21 @@ class _AnswerLog:
         self.handle.close()
 
 
-def run_eval(
-    lm: LoadedModel,
-    dataset: str | Path,
-    run_dir: str | Path,
-    config: EvalConfig,
-    *,
-    resume: bool = False,
-) -> dict[str, Any]:
-    """Answer every cell of the grid not yet in RUN_DIR/answers.jsonl, then write the summary and curves.
+@dataclass
+class RunPlan:
+    """What a run has left to do: documents with their unanswered cells, in dataset order."""
 
-    Returns the summary (see `loramem.report.summarize`). `lm` is left without an adapter.
-    """
+    run: Path
+    todo: list[tuple[DocRecord, list[_Cell]]]
+
+    @property
+    def n_cells(self) -> int:
+        return sum(len(cells) for _, cells in self.todo)
+
+
+def prepare_run(model: dict[str, Any], dataset: str | Path, run_dir: str | Path, config: EvalConfig,
+                *, resume: bool = False) -> RunPlan:
+    """Read and check the dataset, open (or resume) RUN_DIR, and list the cells still to answer."""
     if str(dataset) == "-":
         raise LoramemError("eval needs a dataset file, not stdin (resuming and sharding read it again)")
     data, _ = read_input_bytes(dataset, "dataset")
@@ -250,32 +280,65 @@ def run_eval(
                     raise LoramemError(f"--adapters {config.adapters} has no {fmt} adapter for document "
                                        f"{record.id} (expected {path})")
                 _check_adapter(path, record, fmt)
-    done = _open_run(run, _header(lm, config, Path(dataset), sha256_bytes(data), grids), resume)
-    plans = [(record, [c for c in cells if _key(record, c) not in done]) for record, cells in grids]
-    plans = [(record, cells) for record, cells in plans if cells]
-    todo = sum(len(cells) for _, cells in plans)
+    done = _open_run(run, _header(model, config, Path(dataset), sha256_bytes(data), grids), resume)
+    todo = [(record, [c for c in cells if key_of(record, c) not in done]) for record, cells in grids]
+    plan = RunPlan(run, [(record, cells) for record, cells in todo if cells])
     log(f"{len(records)} documents, {sum(len(c) for _, c in grids)} answers in the grid, {len(done)} done, "
-        f"{todo} to do -> {run}")
-    with progress_bar("evaluating", todo) as advance:
-        answers = _AnswerLog(run / ANSWERS, advance)
+        f"{plan.n_cells} to do -> {run}")
+    return plan
+
+
+def run_eval(
+    lm: LoadedModel,
+    dataset: str | Path,
+    run_dir: str | Path,
+    config: EvalConfig,
+    *,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Answer every cell of the grid not yet in RUN_DIR/answers.jsonl, then write the summary and curves.
+
+    Returns the summary (see `loramem.report.summarize`). `lm` is left without an adapter.
+    """
+    plan = prepare_run(model_info(lm), dataset, run_dir, config, resume=resume)
+    with progress_bar("evaluating", plan.n_cells) as advance:
+        answers = AnswerLog(plan.run / ANSWERS, advance)
         try:
-            for number, (record, cells) in enumerate(plans, 1):
-                def status(text: str, prefix: str = f"doc {number}/{len(plans)} {record.id}: ") -> None:
+            for number, (record, cells) in enumerate(plan.todo, 1):
+                def status(text: str, prefix: str = f"doc {number}/{len(plan.todo)} {record.id}: ") -> None:
                     advance(0, status=prefix + text)
 
-                try:
-                    _evaluate_document(lm, record, cells, config, run, answers, status)
-                except LoramemError as exc:
-                    raise type(exc)(f"document {record.id}: {exc}") from exc
+                evaluate_document(lm, record, cells, config, plan.run, answers, status)
         finally:
             answers.close()
             detach_adapter(lm)
-    return write_report(run)
+    fold_parts(plan.run)
+    record_failures(plan.run, [])
+    return write_report(plan.run)
+
+
+def record_failures(run: Path, failures: list[dict[str, Any]]) -> None:
+    """RUN_DIR/failures.json lists documents whose cells could not be answered; none: the file is removed."""
+    if failures:
+        atomic_write_bytes(run / FAILURES, (json.dumps(failures, indent=2) + "\n").encode())
+    else:
+        (run / FAILURES).unlink(missing_ok=True)
+
+
+def evaluate_document(lm: LoadedModel, record: DocRecord, cells: list[_Cell], config: EvalConfig, run: Path,
+                      answers: AnswerLog, status: Callable[[str], None] = lambda text: None) -> None:
+    """All remaining cells of one document: one base prefill, one adapter (and prefill) per format.
+
+    Errors are re-raised with the document's id in front.
+    """
+    try:
+        _evaluate_document(lm, record, cells, config, run, answers, status)
+    except LoramemError as exc:
+        raise type(exc)(f"document {record.id}: {exc}") from exc
 
 
 def _evaluate_document(lm: LoadedModel, record: DocRecord, cells: list[_Cell], config: EvalConfig, run: Path,
-                       answers: _AnswerLog, status: Callable[[str], None]) -> None:
-    """All remaining cells of one document: one base prefill, one adapter (and prefill) per format."""
+                       answers: AnswerLog, status: Callable[[str], None]) -> None:
     base: KVCache | None = None
     if any(c.mode != "all" for c in cells):
         status("base prefill")
@@ -303,7 +366,7 @@ def _evaluate_document(lm: LoadedModel, record: DocRecord, cells: list[_Cell], c
 
 
 def _answer(lm: LoadedModel, record: DocRecord, cells: list[_Cell], cache_for: Callable[[str, float], KVCache],
-            adapter_on: bool, config: EvalConfig, answers: _AnswerLog) -> None:
+            adapter_on: bool, config: EvalConfig, answers: AnswerLog) -> None:
     """Answer cells, compressing once per (press, ratio); `seconds` is the answer's own generation time."""
     groups: dict[tuple[str, float], list[_Cell]] = {}
     for cell in cells:

@@ -107,10 +107,14 @@ def _load_gguf(path: Path, torch_dtype: Any) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def _default_copy(gguf: Path) -> Path:
+    return loramem_home() / "models" / f"{gguf.stem}-{_DEFAULT_PACKAGE_VERSION}"
+
+
 def default_model_dir() -> Path:
     """The safetensors copy of the embedded default model, made on first use."""
     gguf = _default_gguf()
-    target = loramem_home() / "models" / f"{gguf.stem}-{_DEFAULT_PACKAGE_VERSION}"
+    target = _default_copy(gguf)
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     import torch
@@ -201,6 +205,29 @@ def _source(name: str) -> tuple[str, Path | str]:
     if path.exists():
         raise LoramemError(f"{name} is neither a model directory nor a .gguf file")
     return "hub", name
+
+
+def local_config(name: str) -> dict[str, Any] | None:
+    """A model's config.json if it is already on this machine (default copy, directory, Hugging Face cache).
+
+    For `inspect`, which must stay instant and offline: never downloads, never converts the GGUF default.
+    """
+    try:
+        kind, where = _source(name)
+        if kind == "default":
+            path = _default_copy(_default_gguf()) / "config.json"
+        elif kind == "dir":
+            path = Path(where) / "config.json"
+        elif kind == "hub":
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(str(where), "config.json")
+            path = Path(hit) if isinstance(hit, str) else None
+        else:  # a GGUF file keeps its config inside and adapters record only its file name
+            path = None
+        return json.loads(path.read_text()) if path is not None and path.is_file() else None
+    except (LoramemError, OSError, ValueError):
+        return None
 
 
 def load_model(

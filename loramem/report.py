@@ -25,6 +25,7 @@ ANSWERS = "answers.jsonl"
 CONFIG = "config.json"
 SUMMARY = "summary.json"
 CURVES = "curves.png"
+FAILURES = "failures.json"
 METRICS = ("rouge_l", "exact_match", "token_f1")
 MODES = ("none", "decode", "all", "base_scores")
 CELL_FIELDS = ("doc_id", "question_index", "press", "ratio", "mode", "format")
@@ -101,7 +102,9 @@ def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[
     The margin of (press, ratio, mode, format) is mode minus `none` at the same press and ratio over
     the questions answered in both, with a paired bootstrap and a paired t-test (two-sided p-values).
     """
-    rows = list(rows)
+    # Question order fixes the bootstrap's resamples: sorted, the summary is the same however the answers
+    # were interleaved (one process, shards merged, Ray workers); the sort is stable, so presses keep their order.
+    rows = sorted(rows, key=lambda r: (r["doc_id"], int(r["question_index"])))
     if not rows:
         raise LoramemError("no answers to summarize yet")
     presses = list(dict.fromkeys(r["press"] for r in rows))
@@ -237,6 +240,10 @@ def print_table(summary: dict[str, Any], console: Any, metric: str = "rouge_l") 
                 row.append(_table_cell(cell, margins.get((press, ratio, mode, fmt)), metric) if cell else "")
             table.add_row(mode, fmt or "—", *row)
         console.print(table)
+    if summary.get("failed"):
+        docs = ", ".join(f["doc_id"] for f in summary["failed"])
+        console.print(f"[red]{summary['n_failed_cells']} cells failed (documents {docs}); see failures.json, "
+                      "rerun with --resume[/red]")
 
 
 def _table_cell(cell: dict[str, Any], margin: dict[str, Any] | None, metric: str) -> str:
@@ -258,8 +265,11 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     header = read_json(run / CONFIG, "start one with `loramem eval DATA --out RUN_DIR`")
     summary = summarize(read_answers(run / ANSWERS))
     expected = sum(header.get("documents", {}).values())
+    failed = json.loads((run / FAILURES).read_text()) if (run / FAILURES).exists() else []
     summary["n_cells_planned"] = expected
-    summary["complete"] = summary["n_answers"] >= expected
+    summary["complete"] = summary["n_answers"] >= expected and not failed
+    summary["failed"] = failed
+    summary["n_failed_cells"] = sum(f["cells"] for f in failed)
     summary["model"] = header.get("model", {}).get("id")
     summary["dataset"] = header.get("dataset", {}).get("path")
     atomic_write_bytes(run / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())

@@ -198,3 +198,26 @@ def test_value_groups_and_quantized_storage(tiny_dir, cache_file, tmp_path):
         assert message in err
     assert "int3" in one_line_error(run_cli("compress", str(cache_file), "--store-dtype", "int3",
                                             "-o", str(tmp_path / "bad")))
+
+
+def test_query_aware_value_groups(tiny_dir, cache_file, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "Who designed it?"}\nWhen was it built?\n')
+    out = tmp_path / "query.safetensors"
+    result = run_cli("compress", str(cache_file), "--granularity", "value-group", "--budget", "0.3",
+                     "--questions", str(questions), "--query", "Who kept it?", "--model", str(tiny_dir),
+                     "-o", str(out))
+    assert result.returncode == 0, result.stderr.decode()
+    groups = json.loads(run_cli("inspect", str(out), "--json").stdout)["value_groups"]
+    assert groups["score_groups"] == "query" and groups["query"]["n_questions"] == 3
+    asked = run_cli("ask", "--cache", str(out), "Who designed it?", "--max-new-tokens", "3", "--model",
+                    str(tiny_dir))
+    assert asked.returncode == 0, asked.stderr.decode()
+    value_group = ["compress", str(cache_file), "--granularity", "value-group", "--budget", "0.3"]
+    no_query = run_cli(*value_group, "--score-groups", "query", "-o", str(tmp_path / "bad"))
+    assert "needs --query" in one_line_error(no_query) and no_query.returncode == 2
+    assert "does not use a question" in one_line_error(run_cli(*value_group, "--score-groups", "uniform",
+                                                               "--query", "Who?", "-o", str(tmp_path / "bad")))
+    assert "value-group" in one_line_error(run_cli("compress", str(cache_file), "--ratio", "0.5", "--query",
+                                                   "Who?", "-o", str(tmp_path / "bad")))
+    assert not (tmp_path / "bad").exists()

@@ -1,6 +1,8 @@
-"""Value-group eviction: budget accounting, storage, and attention equal to a plain-tensor reference."""
+"""Value-group eviction: budget accounting, storage, attention equal to a plain-tensor reference, query scores."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -8,10 +10,12 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from loramem import KVCache, LoramemError, encode, generate
 from loramem.generate import to_dynamic_cache
+from loramem.models import sha256_text
 from loramem.prompt import Framing, question_ids
-from loramem.value_groups import compress_value_groups, head_masks
+from loramem.value_groups import compress_value_groups, head_masks, query_group_scores
 
 QUESTION = "Who designed the lighthouse?"
+QUESTIONS = [QUESTION, "When was the light automated?"]
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +96,76 @@ def test_attention_equals_plain_tensor_reference(tiny, cache):
 def test_bad_value_group_requests(cache, groups, budget, message):
     with pytest.raises(LoramemError, match=message):
         compress_value_groups(cache, "knorm", groups=groups, budget=budget)
+
+
+
+@pytest.fixture(scope="module")
+def reference_attention(tiny, tiny_dir, cache):
+    """Per layer [kv_heads, doc]: an eager full forward over prefix + document + question, the question rows
+    of its attention weights averaged over each KV head's query heads, the question tokens and the questions."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), attn_implementation="eager")
+    frame = Framing.from_dict(cache.meta["framing"])
+    protected, n = cache.meta["n_protected"], cache.n_tokens
+    kv_heads = model.config.num_key_value_heads
+    rep = model.config.num_attention_heads // kv_heads
+    total = [torch.zeros(kv_heads, n - protected) for _ in range(cache.n_layers)]
+    for question in QUESTIONS:
+        ids = cache.token_ids.tolist() + question_ids(tiny.tokenizer, frame, question, after_document=True)
+        with torch.inference_mode():
+            attentions = model(input_ids=torch.tensor([ids]), output_attentions=True).attentions
+        for layer, weights in enumerate(attentions):
+            rows = weights[0, :, n:, protected:n]  # [heads, question tokens, document tokens]
+            for kv in range(kv_heads):
+                total[layer][kv] += rows[kv * rep:(kv + 1) * rep].mean(dim=(0, 1)) / len(QUESTIONS)
+    return total
+
+
+@pytest.fixture(scope="module")
+def query_scores(tiny, cache):
+    return query_group_scores(tiny, cache, QUESTIONS, groups=4)
+
+
+def _reference_pairs(cache, attention, layer):
+    """attention [H, doc] x L2 norm of each 4-channel value group (head_dim 16, 4 groups)."""
+    v = cache.values[layer][:, cache.meta["n_protected"]:]
+    norms = torch.stack([v[..., g * 4:(g + 1) * 4].norm(dim=-1) for g in range(4)], dim=-1)
+    return attention[layer].unsqueeze(-1) * norms
+
+
+def test_query_scores_are_attention_times_group_norms(tiny, cache, query_scores, reference_attention):
+    assert tiny.config._attn_implementation == "sdpa"  # eager only while scoring
+    assert all(bool(a.gt(0).all()) for a in reference_attention)
+    for layer, pairs in enumerate(query_scores.pairs):
+        assert torch.allclose(pairs, _reference_pairs(cache, reference_attention, layer), atol=1e-6)
+
+
+def test_query_cache_keeps_the_top_pairs_and_answers(tiny, cache, query_scores, reference_attention):
+    small = compress_value_groups(cache, "snapkv", groups=4, budget=0.3, rule="query", scores=query_scores)
+    step = small.meta["compression"]
+    assert step["score_groups"] == "query" and step["press"] is None
+    assert step["query"]["questions_sha256"] == sha256_text(json.dumps(QUESTIONS))
+    assert step["query"]["n_questions"] == 2 and "attention" in step["query"]["rule"]
+    protected = cache.meta["n_protected"]
+    n_pairs = round(0.3 * (cache.n_tokens - protected) * 4)
+    for layer, mask in enumerate(small.masks):
+        full = torch.zeros(mask.shape[0], cache.n_tokens, 4, dtype=torch.bool)
+        full[:, small.positions[layer][0]] = mask
+        kept, reference = full[:, protected:], _reference_pairs(cache, reference_attention, layer)
+        for head in range(mask.shape[0]):
+            assert int(kept[head].sum()) == n_pairs
+            assert reference[head][kept[head]].min() >= reference[head][~kept[head]].max() - 1e-6
+        assert bool(small.keys[layer][~mask.any(-1)].eq(0).all())  # keys only for tokens keeping a group
+    back = KVCache.from_bytes(small.to_bytes())
+    assert back.meta["compression"]["query"] == step["query"]
+    assert generate(tiny, QUESTION, back, max_new_tokens=4).new_tokens > 0
+
+
+def test_query_rule_needs_its_scores(cache, query_scores):
+    with pytest.raises(LoramemError, match="needs --query"):
+        compress_value_groups(cache, "knorm", groups=4, budget=0.3, rule="query")
+    with pytest.raises(LoramemError, match="does not use a question"):
+        compress_value_groups(cache, "knorm", groups=4, budget=0.3, rule="norm", scores=query_scores)
+    with pytest.raises(LoramemError, match="another --groups"):
+        compress_value_groups(cache, "knorm", groups=2, budget=0.3, rule="query", scores=query_scores)

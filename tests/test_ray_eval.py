@@ -1,0 +1,85 @@
+"""eval on Ray: the same answers and summary as a local run, and dead workers retried or reported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loramem.evaluate import EvalConfig, run_eval
+from loramem.report import ANSWERS, FAILURES, read_answers
+
+ray = pytest.importorskip("ray")
+
+FACTS = [("light", "The lighthouse on Brannock Point was designed by Mara Quell.", "Who designed it?", "Mara Quell"),
+         ("bees", "Ilse Varn keeps bees in Orlow and sells honey on Fridays.", "Who keeps bees?", "Ilse Varn"),
+         ("flaky", "The ferry to Skellan leaves at dawn, steered by Odo Brisk.", "Who steers it?", "Odo Brisk"),
+         ("doomed", "The archive of Vell holds four hundred maps drawn by Pia Lune.", "Who drew them?", "Pia Lune")]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray instance with 2 CPUs; its workers die on their first attempt at `flaky`, always at `doomed`."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"LORAMEM_FAULT_DOCS": "flaky:1,doomed:99", "LORAMEM_QUIET": "1"}})
+    yield
+    ray.shutdown()
+
+
+def dataset(folder: Path, ids: list[str]) -> Path:
+    rows = [{"id": i, "document": doc, "qa": [{"question": q, "answers": [a]}, {"question": "Where?", "answers": ["x"]}],
+             "train_qa": [{"question": q.replace("Who", "Whom"), "answer": a}]}
+            for i, doc, q, a in FACTS if i in ids]
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+CONFIG = EvalConfig(ratios=[0.0, 1.0], presses=["knorm"], modes=["none", "decode"], formats=["qa"],
+                    max_new_tokens=3, steps=1, rank=2)
+
+
+def rows(run: Path) -> list[dict]:
+    found = [{k: v for k, v in r.items() if k != "seconds"} for r in read_answers(run / ANSWERS)]
+    return sorted(found, key=lambda r: json.dumps(r, sort_keys=True))
+
+
+@pytest.fixture()
+def local_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each 1-CPU Ray worker runs
+    yield
+    torch.set_num_threads(before)
+
+
+def test_ray_run_equals_local_run(cluster, tiny, tiny_dir, tmp_path, local_threads):
+    from loramem.ray_eval import run_eval_ray
+
+    data = dataset(tmp_path, ["light", "bees", "flaky"])
+    local = run_eval(tiny, data, tmp_path / "local", CONFIG)
+    on_ray = run_eval_ray(str(tiny_dir), data, tmp_path / "ray", CONFIG)
+    assert rows(tmp_path / "ray") == rows(tmp_path / "local")
+    assert on_ray == local and local["complete"] and local["n_answers"] == 3 * 2 * 2 * 2
+    assert not (tmp_path / "ray" / "parts" / "light.jsonl").exists()  # folded into answers.jsonl
+    assert (tmp_path / "ray" / "parts" / "flaky.attempts").read_text() == "2"  # died once, retried
+
+
+def test_dead_worker_reported_others_kept_then_resumed(cluster, tiny, tiny_dir, tmp_path, local_threads):
+    from loramem.ray_eval import run_eval_ray
+
+    data = dataset(tmp_path, ["light", "doomed"])
+    run = tmp_path / "run"
+    summary = run_eval_ray(str(tiny_dir), data, run, CONFIG, max_retries=1)
+    assert not summary["complete"] and summary["n_failed_cells"] == 8
+    (failure,) = json.loads((run / FAILURES).read_text())
+    assert failure["doc_id"] == "doomed" and failure["cells"] == 8 and "died" in failure["error"].lower()
+    assert {r["doc_id"] for r in read_answers(run / ANSWERS)} == {"light"} and summary["n_answers"] == 8
+    assert (run / "parts" / "doomed.attempts").read_text() == "2"
+
+    resumed = run_eval(tiny, data, run, CONFIG, resume=True)  # the failed cells only, here without Ray
+    assert resumed["complete"] and resumed["n_answers"] == 16 and not (run / FAILURES).exists()
+    fresh = run_eval(tiny, data, tmp_path / "fresh", CONFIG)
+    assert rows(run) == rows(tmp_path / "fresh") and resumed == fresh
