@@ -185,7 +185,11 @@ def _open_run(run: Path, header: dict[str, Any], resume: bool) -> set[tuple]:
     if run.exists() and any(run.iterdir()):
         if not resume:
             raise LoramemError(f"{run} is not empty; add --resume to continue that run, or choose another --out")
-        _check_same(read_json(run / CONFIG, "cannot resume"), header, run, "resume it")
+        old = read_json(run / CONFIG, "cannot resume")
+        _check_same(old, header, run, "resume it", ignore=("limit",))
+        if old["config"].get("limit") != header["config"]["limit"]:  # a resume may widen or narrow the run
+            atomic_write_bytes(run / CONFIG, (json.dumps({**header, "created": old["created"]}, indent=2)
+                                              + "\n").encode())
         return done_cells(run)
     try:
         run.mkdir(parents=True, exist_ok=True)

@@ -149,6 +149,16 @@ def test_resume_refuses_another_config_model_or_dataset(tiny, dataset, reference
     assert len(counted_run(tiny, dataset, run, config(), resume=True)["generate"].calls) == 0  # finished: no work
 
 
+def test_resume_with_a_wider_limit_adds_only_the_new_documents(tiny, dataset, reference, tmp_path):
+    small = {"modes": ["none"], "presses": ["knorm"]}
+    run = tmp_path / "run"
+    run_eval(tiny, dataset, run, config(limit=1, **small))
+    counters = counted_run(tiny, dataset, run, config(limit=2, **small), resume=True)
+    assert len(counters["encode"].calls) == 1 and len(counters["generate"].calls) == N_QUESTIONS * 3
+    assert json.loads((run / CONFIG).read_text())["config"]["limit"] == 2
+    assert {key[0] for key in answers_by_cell(run)} == {"doc-a", "doc-b"}
+
+
 def test_shards_merged_equal_the_unsharded_run(tiny, dataset, reference, tmp_path):
     shards = [tmp_path / "s0", tmp_path / "s1"]
     for i, out in enumerate(shards):
