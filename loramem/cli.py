@@ -428,6 +428,11 @@ def eval_run(
     press: str = typer.Option("snapkv,knorm", "--press", help="Presses (comma-separated)"),
     mode: str = typer.Option("none,decode,all", "--mode", help="Inference modes: none, decode, all, base_scores"),
     fmt: str = typer.Option("qa,ntp", "--format", help="Adapter training formats: qa, ntp, mixed"),
+    granularity: str = typer.Option("token", "--granularity", help="KV eviction: token, value-group "
+                                    "(budget = 1 - ratio of value bytes), or both"),
+    groups: int = typer.Option(4, "--groups", help="value-group: groups per value head vector"),
+    store_dtype: str = typer.Option("native", "--store-dtype", help="KV storage: native, fp16, bf16, int8, "
+                                    "int4 (comma-separated: one curve each; bytes.png compares them)"),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out"),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N documents"),
     shard: str = typer.Option("0/1", "--shard", help="I/N: this process takes documents i with i %% N == I"),
@@ -454,7 +459,8 @@ def eval_run(
 
     extra = {"lr": lr} if lr is not None else {}
     config = EvalConfig(ratios=[_parse_ratio(r) for r in _split(ratios)], presses=_split(press),
-                        modes=_split(mode), formats=_split(fmt), max_new_tokens=max_new_tokens, limit=limit,
+                        modes=_split(mode), formats=_split(fmt), granularities=_split(granularity),
+                        store_dtypes=_split(store_dtype), groups=groups, max_new_tokens=max_new_tokens, limit=limit,
                         shard=parse_shard(shard), seed=seed, synth_pairs=synth,
                         adapters=str(adapters) if adapters else None, rank=rank, targets=targets, layers=layers,
                         epochs=epochs, steps=steps, **extra)

@@ -27,7 +27,7 @@ from typing import Any
 from loramem import __version__
 from loramem.adapters import attach_adapter, detach_adapter, read_adapter_meta
 from loramem.cache import KVCache
-from loramem.compress import compress
+from loramem.compress import compress, restore
 from loramem.datasets import DocRecord, load_dataset, load_qa_pairs
 from loramem.encode import encode
 from loramem.errors import IncompatibleArtifactError, LoramemError
@@ -37,13 +37,17 @@ from loramem.log import log, progress_bar, warn
 from loramem.metrics import score_answer
 from loramem.models import LoadedModel, sha256_bytes, sha256_text
 from loramem.presses import parse_presses
+from loramem.quantize import make_storage
 from loramem.report import ANSWERS, CONFIG, FAILURES, MODES, cell_key, read_answers, read_json, write_report
 from loramem.synth import synthesize
 from loramem.train import FORMATS, TrainConfig, train_adapter
+from loramem.value_groups import compress_value_groups
 
 ADAPTER_MODES = ("decode", "all", "base_scores")
 ADAPTERS = "adapters"
 PARTS = "parts"
+GRANULARITIES = ("token", "value-group")
+STORE_DTYPES = ("native", "fp16", "bf16", "int8", "int4")
 SYNTH_QA = "train_qa"
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -56,6 +60,9 @@ class EvalConfig:
     presses: list[str] = field(default_factory=lambda: ["snapkv", "knorm"])
     modes: list[str] = field(default_factory=lambda: ["none", "decode", "all"])
     formats: list[str] = field(default_factory=lambda: ["qa", "ntp"])
+    granularities: list[str] = field(default_factory=lambda: ["token"])
+    store_dtypes: list[str] = field(default_factory=lambda: ["native"])
+    groups: int = 4
     max_new_tokens: int = 32
     limit: int | None = None
     shard: tuple[int, int] = (0, 1)
@@ -83,6 +90,12 @@ class EvalConfig:
         self.presses = parse_presses(",".join(self.presses))
         self.modes = _known(self.modes, MODES, "mode")
         self.formats = _known(self.formats, FORMATS, "format")
+        self.granularities = _known(self.granularities, GRANULARITIES, "granularity")
+        self.store_dtypes = _known(self.store_dtypes, STORE_DTYPES, "store dtype")
+        if "value-group" in self.granularities and "base_scores" in self.modes:
+            raise LoramemError("mode base_scores works with token granularity only")
+        if self.groups < 1:
+            raise LoramemError(f"groups must be at least 1, got {self.groups}")
         if not self.ratios or not self.modes:
             raise LoramemError("give at least one ratio and one mode")
         if any(m in ADAPTER_MODES for m in self.modes) and not self.formats:
@@ -149,18 +162,31 @@ class _Cell:
     ratio: float
     mode: str
     format: str | None
+    granularity: str = "token"
+    store: str = "native"
+
+    def variant(self, groups: int) -> str:
+        """How the kept KV is cut and stored, as answers.jsonl names it: e.g. token, value-group/4 int8."""
+        return variant_name(self.granularity, groups, self.store)
+
+
+def variant_name(granularity: str, groups: int, store: str) -> str:
+    name = granularity if granularity == "token" else f"{granularity}/{groups}"
+    return name if store == "native" else f"{name} {store}"
 
 
 def _grid(record: DocRecord, config: EvalConfig) -> list[_Cell]:
     """Every cell of a document, grouped by press and ratio so each compressed cache is built once."""
-    return [_Cell(q, press, ratio, mode, fmt)
-            for press in config.presses for ratio in config.ratios for mode in config.modes
+    return [_Cell(q, press, ratio, mode, fmt, granularity, store)
+            for press in config.presses for granularity in config.granularities for store in config.store_dtypes
+            for ratio in config.ratios for mode in config.modes
             for fmt in ([None] if mode == "none" else config.formats) for q in range(len(record.qa))]
 
 
-def key_of(record: DocRecord, cell: _Cell) -> tuple:
+def key_of(record: DocRecord, cell: _Cell, groups: int) -> tuple:
     """The cell's key as report.cell_key reads it from an answer line."""
-    return (record.id, cell.question_index, cell.press, cell.ratio, cell.mode, cell.format)
+    return (record.id, cell.question_index, cell.press, cell.ratio, cell.mode, cell.format,
+            cell.variant(groups))
 
 
 def _check_same(old: dict[str, Any], new: dict[str, Any], where: Path, action: str,
@@ -285,7 +311,7 @@ def prepare_run(model: dict[str, Any], dataset: str | Path, run_dir: str | Path,
                                        f"{record.id} (expected {path})")
                 _check_adapter(path, record, fmt)
     done = _open_run(run, _header(model, config, Path(dataset), sha256_bytes(data), grids), resume)
-    todo = [(record, [c for c in cells if key_of(record, c) not in done]) for record, cells in grids]
+    todo = [(record, [c for c in cells if key_of(record, c, config.groups) not in done]) for record, cells in grids]
     plan = RunPlan(run, [(record, cells) for record, cells in todo if cells])
     log(f"{len(records)} documents, {sum(len(c) for _, c in grids)} answers in the grid, {len(done)} done, "
         f"{plan.n_cells} to do -> {run}")
@@ -348,35 +374,44 @@ def _evaluate_document(lm: LoadedModel, record: DocRecord, cells: list[_Cell], c
         status("base prefill")
         base = encode(lm, record.document, presses=config.presses)
     status("answering")
-    _answer(lm, record, [c for c in cells if c.mode == "none"], lambda p, r: compress(base, p, ratio=r),
-            False, config, answers)
+    _answer(lm, record, [c for c in cells if c.mode == "none"], lambda c: _kept(base, c, config), False, config,
+            answers)
     for fmt in config.formats:
         mine = [c for c in cells if c.format == fmt]
         if not mine:
             continue
         attach_adapter(lm, _adapter(lm, record, fmt, config, run, status))
         status(f"answering with the {fmt} adapter")
-        _answer(lm, record, [c for c in mine if c.mode == "decode"], lambda p, r: compress(base, p, ratio=r),
-                True, config, answers)
+        _answer(lm, record, [c for c in mine if c.mode == "decode"], lambda c: _kept(base, c, config), True,
+                config, answers)
         if any(c.mode in ("all", "base_scores") for c in mine):
             status(f"prefill with the {fmt} adapter")
             own = encode(lm, record.document, presses=config.presses, with_adapter=True)
             status(f"answering with the {fmt} adapter")
-            _answer(lm, record, [c for c in mine if c.mode == "all"], lambda p, r: compress(own, p, ratio=r),
-                    True, config, answers)
+            _answer(lm, record, [c for c in mine if c.mode == "all"], lambda c: _kept(own, c, config), True,
+                    config, answers)
             _answer(lm, record, [c for c in mine if c.mode == "base_scores"],
-                    lambda p, r: compress(own, p, ratio=r, scores_from=base), True, config, answers)
+                    lambda c: _kept(own, c, config, scores_from=base), True, config, answers)
     detach_adapter(lm)
 
 
-def _answer(lm: LoadedModel, record: DocRecord, cells: list[_Cell], cache_for: Callable[[str, float], KVCache],
+def _kept(cache: KVCache, cell: _Cell, config: EvalConfig, scores_from: KVCache | None = None) -> KVCache:
+    """What a cell's cache keeps: token eviction at its ratio, or value groups at budget 1 - ratio, as stored."""
+    storage = None if cell.store == "native" else make_storage(cell.store, head_dim=cache.meta["head_dim"])
+    if cell.granularity == "value-group" and cell.ratio < 1.0:  # at 1.0 no document KV remains either way
+        small = compress_value_groups(cache, cell.press, config.groups, 1.0 - cell.ratio)
+        return restore(small, storage) if storage is not None else small
+    return compress(cache, cell.press, ratio=cell.ratio, scores_from=scores_from, storage=storage)
+
+
+def _answer(lm: LoadedModel, record: DocRecord, cells: list[_Cell], cache_for: Callable[[_Cell], KVCache],
             adapter_on: bool, config: EvalConfig, answers: AnswerLog) -> None:
-    """Answer cells, compressing once per (press, ratio); `seconds` is the answer's own generation time."""
-    groups: dict[tuple[str, float], list[_Cell]] = {}
+    """Answer cells, building each kept cache once; `seconds` is the answer's own generation time."""
+    groups: dict[tuple, list[_Cell]] = {}
     for cell in cells:
-        groups.setdefault((cell.press, cell.ratio), []).append(cell)
-    for (press, ratio), group in groups.items():
-        cache = cache_for(press, ratio)
+        groups.setdefault((cell.press, cell.ratio, cell.granularity, cell.store), []).append(cell)
+    for group in groups.values():
+        cache = cache_for(group[0])
         for cell in group:
             qa = record.qa[cell.question_index]
             started = time.perf_counter()
@@ -384,9 +419,10 @@ def _answer(lm: LoadedModel, record: DocRecord, cells: list[_Cell], cache_for: C
             seconds = time.perf_counter() - started
             answers.write({
                 "doc_id": record.id, "question_index": cell.question_index, "question": qa.question,
-                "references": qa.answers, "press": press, "ratio": ratio, "mode": cell.mode, "format": cell.format,
+                "references": qa.answers, "press": cell.press, "ratio": cell.ratio, "mode": cell.mode,
+                "format": cell.format, "variant": cell.variant(config.groups),
                 "answer": answer.answer, **score_answer(answer.answer, qa.answers),
-                "cache_tokens": answer.cache_tokens, "seconds": round(seconds, 4),
+                "cache_tokens": answer.cache_tokens, "kv_bytes": cache.nbytes_stored, "seconds": round(seconds, 4),
             })
 
 

@@ -69,9 +69,9 @@ def _inject_fault(record: DocRecord, part: Path) -> None:
         os._exit(137)
 
 
-def _unanswered(part: Path, record: DocRecord, cells: list[Any], repair: bool = False) -> list[Any]:
+def _unanswered(part: Path, record: DocRecord, cells: list[Any], groups: int, repair: bool = False) -> list[Any]:
     done = {cell_key(row) for row in read_answers(part, repair=repair)}
-    return [c for c in cells if key_of(record, c) not in done]
+    return [c for c in cells if key_of(record, c, groups) not in done]
 
 
 def _document_task(spec: tuple[str | None, str, str], threads: int, record: DocRecord, cells: list[Any],
@@ -80,7 +80,7 @@ def _document_task(spec: tuple[str | None, str, str], threads: int, record: DocR
     run = Path(run_dir)
     part = _part(run, record)
     part.parent.mkdir(exist_ok=True)
-    remaining = _unanswered(part, record, cells, repair=True)
+    remaining = _unanswered(part, record, cells, config.groups, repair=True)
     if remaining:
         _inject_fault(record, part)
         lm = _worker_model(spec, threads)
@@ -141,7 +141,7 @@ def run_eval_ray(
                 try:
                     ray.get(ref)
                 except ray.exceptions.RayError as exc:
-                    missing = len(_unanswered(_part(plan.run, record), record, cells))
+                    missing = len(_unanswered(_part(plan.run, record), record, cells, config.groups))
                     failures.append({"doc_id": record.id, "cells": missing, "error": _reason(exc)})
                     warn(f"document {record.id} failed after {max_retries} retries: {_reason(exc)}")
                 advance(len(cells), status=f"{len(failures)} failed" if failures else "")

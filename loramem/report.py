@@ -25,6 +25,7 @@ ANSWERS = "answers.jsonl"
 CONFIG = "config.json"
 SUMMARY = "summary.json"
 CURVES = "curves.png"
+BYTES_PLOT = "bytes.png"
 FAILURES = "failures.json"
 METRICS = ("rouge_l", "exact_match", "token_f1")
 MODES = ("none", "decode", "all", "base_scores")
@@ -35,13 +36,20 @@ _METRIC_NAMES = {"rouge_l": "ROUGE-L", "exact_match": "exact match", "token_f1":
 _MODE_LABELS = {"none": "base (no adapter)", "decode": "base KV + adapter decode",
                 "all": "adapter prefill + scores + decode", "base_scores": "base scores + adapter prefill"}
 
-CellKey = tuple[str, int, str, float, str, "str | None"]
-Condition = tuple[str, float, str, "str | None"]  # (press, ratio, mode, format): one point of a curve
+CellKey = tuple[str, int, str, float, str, "str | None", str]
+Condition = tuple[str, float, str, "str | None"]  # (series, ratio, mode, format): one point of a curve
 
 
 def cell_key(row: dict[str, Any]) -> CellKey:
-    """What makes an answer unique in a run: one question under one press, ratio, mode and format."""
-    return (row["doc_id"], int(row["question_index"]), row["press"], float(row["ratio"]), row["mode"], row["format"])
+    """What makes an answer unique in a run: one question under one press, ratio, mode, format and KV variant."""
+    return (row["doc_id"], int(row["question_index"]), row["press"], float(row["ratio"]), row["mode"], row["format"],
+            row.get("variant", "token"))
+
+
+def series(row: dict[str, Any]) -> str:
+    """The curve family of an answer: its press, plus the KV variant when not plain token eviction."""
+    variant = row.get("variant", "token")
+    return row["press"] if variant == "token" else f"{row['press']} [{variant}]"
 
 
 def read_answers(path: str | Path, *, repair: bool = False) -> list[dict[str, Any]]:
@@ -99,6 +107,7 @@ def _order(cond: Condition, presses: list[str], formats: list[str | None]) -> tu
 def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[str, Any]:
     """Per condition: n and mean with a 95% CI of every metric; per adapter condition: the paired LoRA margin.
 
+    A condition's "press" is its series (press, plus the KV variant when not plain token eviction).
     The margin of (press, ratio, mode, format) is mode minus `none` at the same press and ratio over
     the questions answered in both, with a paired bootstrap and a paired t-test (two-sided p-values).
     """
@@ -107,19 +116,22 @@ def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[
     rows = sorted(rows, key=lambda r: (r["doc_id"], int(r["question_index"])))
     if not rows:
         raise LoramemError("no answers to summarize yet")
-    presses = list(dict.fromkeys(r["press"] for r in rows))
+    presses = list(dict.fromkeys(series(r) for r in rows))
     formats = list(dict.fromkeys(r["format"] for r in rows))
     by_condition: dict[Condition, dict[tuple[str, int], dict[str, Any]]] = defaultdict(dict)
     for r in rows:
         question = (r["doc_id"], int(r["question_index"]))
-        by_condition[(r["press"], float(r["ratio"]), r["mode"], r["format"])][question] = r
+        by_condition[(series(r), float(r["ratio"]), r["mode"], r["format"])][question] = r
     conditions = sorted(by_condition, key=lambda c: _order(c, presses, formats))
     cells, margins = [], []
     for cond in conditions:
         answers = list(by_condition[cond].values())
         cell = _condition_fields(cond)
         cell.update(n=len(answers), n_documents=len({a["doc_id"] for a in answers}),
+                    variant=answers[0].get("variant", "token"),
                     cache_tokens=round(sum(a["cache_tokens"] for a in answers) / len(answers), 1))
+        if all("kv_bytes" in a for a in answers):
+            cell["kv_bytes"] = round(sum(a["kv_bytes"] for a in answers) / len(answers), 1)
         for metric in METRICS:
             mean, low, high = mean_ci([a[metric] for a in answers], CONFIDENCE)
             cell[metric] = {"mean": _finite(mean), "low": _finite(low), "high": _finite(high)}
@@ -210,19 +222,54 @@ def plot(summary: dict[str, Any], path: str | Path, metric: str = "rouge_l") -> 
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def plot_bytes(summary: dict[str, Any], path: str | Path, metric: str = "rouge_l") -> bool:
+    """Metric vs stored KV bytes, one line per series (press and variant) and mode/format: equal bytes compared.
+
+    Returns False (and draws nothing) when the answers carry no byte counts.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    lines: dict[tuple[str, str, str | None], list[dict[str, Any]]] = defaultdict(list)
+    for cell in summary["cells"]:
+        if cell.get("kv_bytes") is not None and cell[metric]["mean"] is not None:
+            lines[(cell["press"], cell["mode"], cell["format"])].append(cell)
+    if not lines:
+        return False
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for (name, mode, fmt), points in lines.items():
+        points = sorted(points, key=lambda p: p["kv_bytes"])
+        style = {"linestyle": "--"} if mode == "none" else {}
+        ax.plot([p["kv_bytes"] / 2**20 for p in points], [p[metric]["mean"] for p in points], marker="o",
+                label=f"{name} · {_label(mode, fmt)}", **style)
+    ax.set_xlabel("stored KV bytes per document (MiB, framing included)")
+    ax.set_ylabel(_METRIC_NAMES[metric])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small")
+    ax.set_title(f"{_METRIC_NAMES[metric]} vs bytes kept · {summary['n_documents']} documents, "
+                 f"{summary['n_questions']} questions", fontsize="medium")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    atomic_write_bytes(path, buffer.getvalue())
+    return True
+
+
 def _p(p: float | None) -> str:
     return "p=n/a" if p is None else ("p<0.001" if p < 0.001 else f"p={p:.3f}")
 
 
 def print_table(summary: dict[str, Any], console: Any, metric: str = "rouge_l") -> None:
     """One table per press: rows are modes/formats, columns ratios; mean ±CI half-width and the LoRA margin."""
+    from rich.markup import escape
     from rich.table import Table
 
     margins = {(m["press"], m["ratio"], m["mode"], m["format"]): m for m in summary["margins"]}
     kept = {(c["press"], c["ratio"]): c["cache_tokens"] for c in summary["cells"] if c["mode"] == "none"}
     for press, lines in _curves(summary, metric).items():
         ratios = sorted({p["ratio"] for points in lines.values() for p in points})
-        table = Table(title=f"{_METRIC_NAMES[metric]} · {press} · {summary['n_documents']} documents, "
+        table = Table(title=f"{_METRIC_NAMES[metric]} · {escape(press)} · {summary['n_documents']} documents, "
                             f"{summary['n_questions']} questions",
                       caption=f"mean ±{summary['confidence']:.0%} CI half-width over questions; Δ adapter − base, "
                               "paired by question (bootstrap p)", show_lines=True)
@@ -274,5 +321,7 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     summary["dataset"] = header.get("dataset", {}).get("path")
     atomic_write_bytes(run / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
     plot(summary, run / CURVES)
+    if len({c["variant"] for c in summary["cells"]}) > 1:
+        plot_bytes(summary, run / BYTES_PLOT)
     return summary
 

@@ -159,6 +159,33 @@ def test_resume_with_a_wider_limit_adds_only_the_new_documents(tiny, dataset, re
     assert {key[0] for key in answers_by_cell(run)} == {"doc-a", "doc-b"}
 
 
+def test_kv_variants_each_get_their_curve_and_bytes(tiny, dataset, tmp_path):
+    from loramem import compress, encode, generate
+    from loramem.datasets import load_dataset
+    from loramem.report import BYTES_PLOT
+    from loramem.value_groups import compress_value_groups
+
+    cfg = config(modes=["none"], presses=["knorm"], ratios=[0.0, 0.5], limit=1,
+                 granularities=["token", "value-group"], store_dtypes=["native", "int8"], groups=4)
+    summary = run_eval(tiny, dataset, tmp_path / "run", cfg)
+    rows = answers_by_cell(tmp_path / "run")
+    assert len(rows) == N_QUESTIONS * 2 * 2 * 2
+    assert {c["press"] for c in summary["cells"]} == {"knorm", "knorm [token int8]", "knorm [value-group/4]",
+                                                      "knorm [value-group/4 int8]"}
+    nbytes = {(r["variant"], r["ratio"]): r["kv_bytes"] for r in rows.values()}
+    assert nbytes[("token int8", 0.5)] < nbytes[("token", 0.5)] < nbytes[("token", 0.0)]
+    assert nbytes[("value-group/4 int8", 0.5)] < nbytes[("value-group/4", 0.5)]
+    assert (tmp_path / "run" / BYTES_PLOT).read_bytes().startswith(b"\x89PNG")
+    record = load_dataset(dataset)[0]  # a value-group cell answers as generate does on that cache
+    cache = compress_value_groups(encode(tiny, record.document, presses=["knorm"]), "knorm", 4, 0.5)
+    row = rows[(record.id, 0, "knorm", 0.5, "none", None, "value-group/4")]
+    assert row["answer"] == generate(tiny, record.qa[0].question, cache, max_new_tokens=4).answer
+    assert row["kv_bytes"] == cache.nbytes_stored
+    token_row = rows[(record.id, 0, "knorm", 0.5, "none", None, "token")]
+    assert token_row["kv_bytes"] == compress(encode(tiny, record.document, presses=["knorm"]), "knorm",
+                                             ratio=0.5).nbytes_stored
+
+
 def test_shards_merged_equal_the_unsharded_run(tiny, dataset, reference, tmp_path):
     shards = [tmp_path / "s0", tmp_path / "s1"]
     for i, out in enumerate(shards):
@@ -215,9 +242,11 @@ def test_limit_and_shard_selection():
             parse_shard(bad)
 
 
-@pytest.mark.parametrize("bad", [{"ratios": [1.5]}, {"modes": ["decoder"]}, {"formats": ["chat"]},
-                                 {"presses": ["nope"]}, {"shard": (2, 2)}, {"limit": 0}, {"rank": 0},
-                                 {"modes": ["decode"], "formats": []}])
+@pytest.mark.parametrize("bad", [
+    {"granularities": ["pixel"]}, {"store_dtypes": ["int3"]},
+    {"granularities": ["value-group"], "modes": ["base_scores"]}, {"groups": 0}, {"ratios": [1.5]},
+    {"modes": ["decoder"]}, {"formats": ["chat"]}, {"presses": ["nope"]}, {"shard": (2, 2)}, {"limit": 0},
+    {"rank": 0}, {"modes": ["decode"], "formats": []}])
 def test_bad_config_is_refused(bad):
     with pytest.raises(LoramemError):
         config(**bad)
