@@ -46,7 +46,7 @@ class _Fact:
     answer: str
 
 
-class _Names:
+class Names:
     """Invented names from random syllables, never repeated within one corpus."""
 
     def __init__(self, rng: random.Random) -> None:
@@ -80,7 +80,7 @@ def _pick(rng: random.Random, *templates: str) -> str:
     return rng.choice(templates)
 
 
-def _person(rng: random.Random, names: _Names) -> tuple[list[_Fact], list[str]]:
+def _person(rng: random.Random, names: Names) -> tuple[list[_Fact], list[str]]:
     full, hometown, mentor, city, spouse = names.person(), names.place(), names.person(), names.place(), names.person()
     first = full.split()[0]
     guild = f"{names.word()} Guild"
@@ -133,7 +133,7 @@ def _person(rng: random.Random, names: _Names) -> tuple[list[_Fact], list[str]]:
     return facts, fillers
 
 
-def _place(rng: random.Random, names: _Names) -> tuple[list[_Fact], list[str]]:
+def _place(rng: random.Random, names: Names) -> tuple[list[_Fact], list[str]]:
     town, province, country = names.place(), names.word(), names.word("ia")
     founder, river, mountain = names.person(), names.word(), names.word()
     festival, mayor = f"{names.word()} Festival", names.person()
@@ -184,7 +184,7 @@ def _place(rng: random.Random, names: _Names) -> tuple[list[_Fact], list[str]]:
     return facts, fillers
 
 
-def _expedition(rng: random.Random, names: _Names) -> tuple[list[_Fact], list[str]]:
+def _expedition(rng: random.Random, names: Names) -> tuple[list[_Fact], list[str]]:
     name, port, island = f"{names.word()} Expedition", names.place(), names.word()
     leader, sponsor = names.person(), names.person()
     year, ships, crew, days = _distinct(rng, (1480, 1890), (3, 14), (40, 620), (45, 900))
@@ -230,7 +230,7 @@ def _expedition(rng: random.Random, names: _Names) -> tuple[list[_Fact], list[st
     return facts, fillers
 
 
-_KINDS: tuple[Callable[[random.Random, _Names], tuple[list[_Fact], list[str]]], ...] = (
+_KINDS: tuple[Callable[[random.Random, Names], tuple[list[_Fact], list[str]]], ...] = (
     _person, _place, _expedition,
 )
 
@@ -251,7 +251,7 @@ def _compose(rng: random.Random, facts: list[_Fact], fillers: list[str]) -> str:
 def synth_fiction(n_docs: int, seed: int) -> list[DocRecord]:
     """`n_docs` invented documents (person, place, expedition in turn), the same for the same seed."""
     rng = random.Random(seed)
-    names = _Names(rng)
+    names = Names(rng)
     records = []
     for i in range(n_docs):
         facts, fillers = _KINDS[i % len(_KINDS)](rng, names)

@@ -1,0 +1,64 @@
+"""probe capacity: invented facts, recall measured by asking, saturation read off the rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loramem.errors import LoramemError
+from loramem.probe import PLOT, RESULTS, ProbeConfig, phonebook, run_probe, saturation
+
+from conftest import run_cli
+from test_cli import one_line_error
+
+
+def test_phonebook_is_seeded_and_unambiguous():
+    book = phonebook(300, seed=3)
+    assert book == phonebook(300, seed=3) and book != phonebook(300, seed=4)
+    assert len({q for q, _ in book}) == 300 and len({a for _, a in book}) == 300
+    assert all(len(a) == 8 and a[3] == "-" for _, a in book)
+    assert phonebook(10, seed=3) == book[:10]  # a smaller book is a prefix: sizes are nested
+
+
+def test_saturation_reads_the_threshold():
+    config = ProbeConfig(ranks=[2, 8], facts=[10, 40], threshold=0.9)
+    rows = [{"rank": 2, "facts": 10, "recall": 0.9, "facts_stored": 9.0},
+            {"rank": 2, "facts": 40, "recall": 0.5, "facts_stored": 20.0},
+            {"rank": 8, "facts": 10, "recall": 0.5, "facts_stored": 5.0},
+            {"rank": 8, "facts": 40, "recall": 0.25, "facts_stored": 10.0}]
+    assert saturation(rows, config) == [{"rank": 2, "saturation_facts": 10, "max_facts_stored": 20.0},
+                                        {"rank": 8, "saturation_facts": None, "max_facts_stored": 10.0}]
+
+
+@pytest.mark.parametrize("bad", [{"ranks": []}, {"facts": [0]}, {"threshold": 0},
+                                 {"epochs": 0}])
+def test_bad_probe_config(bad):
+    with pytest.raises(LoramemError):
+        ProbeConfig(**bad)
+
+
+def test_probe_runs_and_recall_is_measured_by_asking(tiny, tmp_path, monkeypatch):
+    import loramem.probe as probe
+
+    asked = []
+    real = probe.generate
+
+    def counting(lm, question, cache, **kwargs):
+        asked.append((question, kwargs["adapter_on"], lm.adapter is not None))
+        return real(lm, question, cache, **kwargs)
+
+    monkeypatch.setattr(probe, "generate", counting)
+    result = run_probe(tiny, ProbeConfig(ranks=[1, 2], facts=[3, 5], epochs=1, batch_size=4), tmp_path)
+    assert [(r["rank"], r["facts"]) for r in result["rows"]] == [(1, 3), (1, 5), (2, 3), (2, 5)]
+    assert len(asked) == 2 * (3 + 5) and all(on and attached for _, on, attached in asked)
+    assert {q for q, _, _ in asked} == {q for q, _ in phonebook(5)}
+    r1, r2 = result["rows"][0], result["rows"][2]
+    assert r2["trainable_parameters"] == 2 * r1["trainable_parameters"]
+    assert json.loads((tmp_path / RESULTS).read_text()) == result
+    assert (tmp_path / PLOT).read_bytes().startswith(b"\x89PNG") and tiny.adapter is None
+
+
+def test_probe_cli_bad_input(tmp_path):
+    assert "integers" in one_line_error(run_cli("probe", "capacity", "-o", str(tmp_path / "p"), "--ranks", "a,b"))
+    assert not (tmp_path / "p").exists()
