@@ -401,6 +401,127 @@ def data_synth_fiction(
     write_dataset(synth_fiction(n_docs, seed), output)
 
 
+@app.command("merge")
+def merge_cmd(
+    adapters: list[Path] = typer.Argument(..., metavar="ADAPTER...", help="PEFT LoRA adapter directories (2 or more)"),
+    output: Path = typer.Option(..., "-o", "--output", help="Output adapter directory (PEFT layout)"),
+    method: str = typer.Option("cat", "--method", help="ties, linear, cat, dare_ties or svd (PEFT's "
+                               "add_weighted_adapter; cat keeps every adapter's update exactly, rank = sum)"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="One weight per adapter, e.g. 1,1,0.5 "
+                                          "[default: 1 each]"),
+    density: float = typer.Option(0.5, "--density", help="ties, dare_ties: fraction of entries kept, in (0, 1]"),
+    seed: int = typer.Option(0, "--seed", help="dare_ties: seed of the random drop"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output directory"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model to load the adapters onto "
+                                        "[default: the one the adapters name]"),
+    device: str = DeviceOpt, dtype: str = DtypeOpt, as_json: bool = JsonOpt,
+) -> None:
+    """Combine document adapters into one PEFT LoRA adapter, recording its sources."""
+    from loramem.merge import MergeConfig, base_model_id, check_sources, merge_adapters
+
+    try:
+        parsed = [float(w) for w in _split(weights)] if weights is not None else None
+    except ValueError as exc:
+        raise LoramemError(f"--weights must be numbers separated by commas, got {weights!r}") from exc
+    config = MergeConfig(method=method, weights=parsed, density=density, seed=seed)
+    if output.exists() and not force:
+        raise LoramemError(f"{output} already exists; use --force to replace it")
+    sources = check_sources(adapters, config)
+    lm = _load(model or base_model_id(sources), device, dtype)
+    summary = merge_adapters(lm, adapters, output, config, force=force)
+    if as_json:
+        _print_json(summary)
+    else:
+        log(f"merged {summary['n_sources']} adapters ({method}, rank {summary['rank']}) -> {output}")
+
+
+library_app = typer.Typer(help="Adapter libraries: many documents, each with its adapter (and cache), routed by "
+                          "embeddings.", no_args_is_help=True)
+app.add_typer(library_app, name="library")
+
+
+@library_app.command("add")
+def library_add(
+    lib: Path = typer.Argument(..., metavar="LIB", help="Library folder (created by the first add)"),
+    documents: list[str] = typer.Argument(..., metavar="DOC...", help="Document text files"),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Copy this adapter instead of training one "
+                                           "(one DOC)"),
+    doc_id: Optional[str] = typer.Option(None, "--id", help="Document id (one DOC) [default: the file name]"),
+    with_cache: bool = typer.Option(False, "--with-cache", help="Also store each document's KV cache"),
+    truncate: bool = typer.Option(False, "--truncate", help="--with-cache: cut a document longer than the context"),
+    embedder: Optional[Path] = typer.Option(None, "--embedder", help="Local sentence-embedding model directory "
+                                            "(mean-pooled) [default: all-MiniLM-L6-v2]"),
+    qa: Optional[str] = typer.Option(None, "--qa", help="JSONL of {question, answer} training pairs (one DOC)"),
+    synth: int = typer.Option(16, "--synth", help="Without --qa: synthesize this many pairs per document"),
+    fmt: str = typer.Option("qa", "--format", help="qa (closed-book QA), ntp (raw text) or mixed"),
+    rank: int = typer.Option(16, "--rank"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate [default: train-adapter's]"),
+    epochs: int = typer.Option(8, "--epochs"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Train this many steps instead of --epochs"),
+    seed: int = typer.Option(0, "--seed"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model [default: the library's, else the "
+                                        "embedded SmolLM2-135M-Instruct]"),
+    device: str = DeviceOpt, dtype: str = DtypeOpt, as_json: bool = JsonOpt,
+) -> None:
+    """Add documents to a library: train (or copy) each one's adapter and index its chunks; known ones are skipped."""
+    from dataclasses import replace
+
+    from loramem.library import AddOptions, add_documents, open_library
+    from loramem.train import TrainConfig
+
+    config = TrainConfig(format=fmt, rank=rank, epochs=epochs, steps=steps, seed=seed)
+    if lr is not None:
+        config = replace(config, lr=lr)
+    options = AddOptions(train=config, synth=synth, qa=qa, adapter=str(adapter) if adapter else None, doc_id=doc_id,
+                         with_cache=with_cache, truncate=truncate, embedder=str(embedder) if embedder else None)
+    recorded = open_library(lib).base_model_id if lib.exists() else None
+    added = add_documents(lib, _load(model or recorded, device, dtype), documents, options)
+    if as_json:
+        _print_json(added)
+    else:
+        log(f"added {len(added)} document(s) to {lib}" + (f": {', '.join(d['id'] for d in added)}" if added else ""))
+
+
+@library_app.command("ls")
+def library_ls(
+    lib: Path = typer.Argument(..., metavar="LIB", help="Library folder"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """List a library's documents: id, words, adapter, cache, chunks."""
+    from loramem.library import open_library
+
+    documents = open_library(lib).documents
+    if as_json:
+        _print_json(documents)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "words", "adapter", "cache", "chunks")
+    for doc in documents:
+        adapter = f"rank {doc['adapter']['rank']}, {doc['adapter']['format'] or '-'}"
+        table.add_row(doc["id"], str(doc["words"]), adapter, "yes" if doc["cache"] else "no", str(doc["chunks"]))
+    Console(soft_wrap=False).print(table)
+
+
+@app.command()
+def route(
+    lib: Path = typer.Argument(..., metavar="LIB", help="Library folder"),
+    question: str = typer.Argument(..., help="The question to route"),
+    top_k: int = typer.Option(3, "--top-k", "-k", help="How many documents to return"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Rank a library's documents for a question by their best chunk's cosine similarity."""
+    from loramem.library import route as route_question
+
+    ranked = route_question(lib, question, top_k)
+    if as_json:
+        _print_json({"question": question, "documents": [{"id": i, "score": round(s, 6)} for i, s in ranked]})
+        return
+    sys.stdout.write("".join(f"{doc_id}\t{score:.4f}\n" for doc_id, score in ranked))
+    sys.stdout.flush()
+
+
 class _EvalGroup(TyperGroup):
     """`loramem eval DATA ...` runs an evaluation; `eval merge` and `eval report` are the other subcommands."""
 
@@ -510,6 +631,57 @@ def _show_summary(summary: dict[str, Any], as_json: bool) -> None:
     from loramem.report import print_table
 
     print_table(summary, Console(soft_wrap=False))
+
+
+probe_app = typer.Typer(help="Probes of what adapters can hold.", no_args_is_help=True)
+app.add_typer(probe_app, name="probe")
+
+
+@probe_app.command("capacity")
+def probe_capacity(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for capacity.json, capacity.png and the adapters"),
+    ranks: str = typer.Option("4,16,64", "--ranks", help="LoRA ranks"),
+    facts: str = typer.Option("50,200,800", "--facts", help="Fact-set sizes (invented phone numbers)"),
+    targets: str = typer.Option("all", "--targets", help="attn, mlp, all, or module names"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="e.g. 0-14, first-half, second-half"),
+    epochs: int = typer.Option(10, "--epochs"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate [default: train-adapter's]"),
+    threshold: float = typer.Option(0.9, "--threshold", help="Recall that counts as stored, for saturation"),
+    seed: int = typer.Option(0, "--seed"),
+    model: Optional[str] = ModelOpt, device: str = DeviceOpt, dtype: str = DtypeOpt, as_json: bool = JsonOpt,
+) -> None:
+    """Train one adapter per (rank, number of facts) on invented facts and measure exact-match recall."""
+    from loramem.log import progress_bar
+    from loramem.probe import ProbeConfig, run_probe
+
+    def numbers(text: str, what: str) -> list[int]:
+        try:
+            return [int(x) for x in _split(text)]
+        except ValueError as exc:
+            raise LoramemError(f"{what} must be comma-separated integers, got {text!r}") from exc
+
+    config = ProbeConfig(ranks=numbers(ranks, "--ranks"), facts=numbers(facts, "--facts"), targets=targets,
+                         layers=layers, epochs=epochs, threshold=threshold, seed=seed,
+                         **({"lr": lr} if lr is not None else {}))
+    lm = _load(model, device, dtype)
+    with progress_bar("probing", len(config.ranks) * len(config.facts) * 2) as advance:
+        result = run_probe(lm, config, out, on_step=lambda text: advance(1, status=text))
+    if as_json:
+        _print_json(result)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"LoRA capacity · {result['model']} · targets {targets}" + (f" · layers {layers}" if layers else ""))
+    for column in ("rank", "facts", "trainable params", "recall", "facts stored", "facts / M params"):
+        table.add_column(column, justify="right")
+    for r in result["rows"]:
+        table.add_row(str(r["rank"]), str(r["facts"]), f"{r['trainable_parameters']:,}", f"{r['recall']:.3f}",
+                      f"{r['facts_stored']:g}", f"{r['facts_per_million_parameters']:.2f}")
+    Console(soft_wrap=False).print(table)
+    for s in result["saturation"]:
+        sys.stdout.write(f"rank {s['rank']}: saturates at {s['saturation_facts'] or '<' + str(config.facts[0])} "
+                         f"facts (recall >= {threshold}); at most {s['max_facts_stored']:g} stored\n")
 
 
 def _parse_ratio(text: str) -> float:
