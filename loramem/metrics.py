@@ -79,10 +79,21 @@ def token_f1(prediction: str, references: str | Sequence[str]) -> float:
     return max(_token_f1(pred_tokens, normalize_answer(ref).split()) for ref in _reference_list(references))
 
 
+def contains(prediction: str, references: str | Sequence[str]) -> float:
+    """1.0 if any normalized reference occurs in the normalized prediction (as whole words), else 0.0.
+
+    ROUGE-L and F1 punish a right answer given as a full sentence; a model (or adapter) that answers
+    tersely then looks better than one that answers correctly at length. This metric does not.
+    """
+    pred = f" {normalize_answer(prediction)} "
+    return max(float(bool(ref) and f" {ref} " in pred) for ref in map(normalize_answer, _reference_list(references)))
+
+
 def score_answer(prediction: str, references: str | Sequence[str]) -> dict[str, float]:
     """All answer metrics at once, keyed as they appear in evaluation tables."""
     return {
         "rouge_l": rouge_l(prediction, references),
         "exact_match": exact_match(prediction, references),
         "token_f1": token_f1(prediction, references),
+        "contains": contains(prediction, references),
     }

@@ -92,4 +92,14 @@ def test_answers_that_normalize_to_nothing() -> None:
 def test_score_answer_combines_all_metrics() -> None:
     # ROUGE-L keeps "the": 6 vs 6 tokens, LCS "cat sat on" = 3, F = 1/2.
     scores = score_answer("The cat sat on the mat.", ["a cat sat on a hat"])
-    assert scores == pytest.approx({"rouge_l": 0.5, "exact_match": 0.0, "token_f1": 0.75})
+    assert scores == pytest.approx({"rouge_l": 0.5, "exact_match": 0.0, "token_f1": 0.75, "contains": 0.0})
+
+
+def test_contains_credits_a_right_answer_given_at_length():
+    from loramem.metrics import contains, score_answer
+
+    assert contains("The birth year of Gribel Vagon is 1635.", ["1635"]) == 1.0
+    assert contains("Gribel was born in 16350.", ["1635"]) == 0.0  # whole words only
+    assert contains("It was the Vafi Guild.", ["vafi guild", "no"]) == 1.0
+    assert contains("anything", [""]) == 0.0
+    assert score_answer("The year 1635", ["1635"])["contains"] == 1.0
