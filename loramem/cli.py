@@ -255,15 +255,35 @@ def ask(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
     framing: str = typer.Option("chat", "--framing", help="Framing for --doc and closed-book questions"),
     truncate: bool = typer.Option(False, "--truncate", help="With --doc: cut a document longer than the context"),
+    library: Optional[Path] = typer.Option(None, "--library", help="Answer from an adapter library: route "
+                                           "the question, decode with the routed documents' (merged) adapter"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", "-k", help="--library: documents routed to; 1 uses that "
+                                        "document's adapter as is [default: 3]"),
+    merge: Optional[str] = typer.Option(None, "--merge", help="--library: how the top-k adapters merge: ties, "
+                                        "linear, cat, dare_ties or svd [default: ties]"),
+    with_context: Optional[int] = typer.Option(None, "--with-context", help="--library: also put the N best "
+                                               "retrieved chunks in context (base-model cache)"),
+    with_caches: bool = typer.Option(False, "--with-caches", help="--library: put the routed documents' stored KV "
+                                     "caches in context, side by side (library add --with-cache)"),
     model: Optional[str] = ModelOpt, device: str = DeviceOpt, dtype: str = DtypeOpt, as_json: bool = JsonOpt,
 ) -> None:
-    """Answer questions from a stored cache, a document, an adapter, or any mix of them."""
+    """Answer questions from a stored cache, a document, an adapter, any mix of them, or an adapter library."""
     from loramem.adapters import check_adapter_mode
     from loramem.cache import KVCache, check_compatible
     from loramem.encode import encode as encode_document
     from loramem.fileio import read_text
     from loramem.generate import generate
 
+    if library is not None:
+        if cache_file or doc or adapter or adapter_mode:
+            raise LoramemError("--library answers with the library's adapters; leave out --cache, --doc, --adapter "
+                               "and --adapter-mode")
+        _ask_library(library, _read_questions(questions or [], questions_file, stdin_free=True),
+                     3 if top_k is None else top_k, merge or "ties", with_context or 0, with_caches, max_new_tokens,
+                     model, device, dtype, as_json)
+        return
+    if top_k is not None or merge is not None or with_context is not None or with_caches:
+        raise LoramemError("--top-k, --merge, --with-context and --with-caches need --library")
     if cache_file and doc:
         raise LoramemError("give --cache or --doc, not both")
     mode = adapter_mode or ("decode" if adapter else "none")
@@ -293,6 +313,27 @@ def ask(
         else:
             answer = result.answer if len(items) == 1 else " ".join(result.answer.split())
             sys.stdout.write(answer + "\n")
+            sys.stdout.flush()
+
+
+def _ask_library(lib: Path, items: list[dict[str, Any]], top_k: int, merge: str, with_context: int,
+                 with_caches: bool, max_new_tokens: int, model: Optional[str], device: str, dtype: str,
+                 as_json: bool) -> None:
+    """`ask --library`: the library is checked before its base model (or --model, which must match) is loaded."""
+    from loramem.library import library_embedder
+    from loramem.library_qa import ask_library, check_request
+
+    lib, _ = check_request(lib, top_k, merge, with_context, with_caches)
+    lm = _load(model or lib.base_model_id, device, dtype)
+    embedder = library_embedder(lib)
+    for item in items:
+        result = ask_library(lm, lib, item["question"], top_k=top_k, merge=merge, with_context=with_context,
+                             with_caches=with_caches, max_new_tokens=max_new_tokens, embedder=embedder)
+        if as_json:
+            _print_json({**{k: v for k, v in item.items() if k != "question"}, **result.to_dict()})
+        else:
+            text = result.answer.answer
+            sys.stdout.write((text if len(items) == 1 else " ".join(text.split())) + "\n")
             sys.stdout.flush()
 
 
@@ -547,7 +588,8 @@ def eval_run(
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: answers.jsonl, summary.json, curves.png"),
     ratios: str = typer.Option("0,0.25,0.5,0.75,0.9,1.0", "--ratios", help="Compression ratios"),
     press: str = typer.Option("snapkv,knorm", "--press", help="Presses (comma-separated)"),
-    mode: str = typer.Option("none,decode,all", "--mode", help="Inference modes: none, decode, all, base_scores"),
+    mode: str = typer.Option("none,decode,all", "--mode", help="Inference modes: none, decode, all, base_scores; "
+                             "library modes: oracle, routed, routed-merge, hybrid, rag"),
     fmt: str = typer.Option("qa,ntp", "--format", help="Adapter training formats: qa, ntp, mixed"),
     granularity: str = typer.Option("token", "--granularity", help="KV eviction: token, value-group "
                                     "(budget = 1 - ratio of value bytes), or both"),
@@ -559,6 +601,11 @@ def eval_run(
     shard: str = typer.Option("0/1", "--shard", help="I/N: this process takes documents i with i %% N == I"),
     adapters: Optional[Path] = typer.Option(None, "--adapters", help="Reuse adapters from this directory "
                                             "(DOCID-FORMAT subfolders, e.g. another run's adapters/)"),
+    library: Optional[Path] = typer.Option(None, "--library", help="Library modes: route over this library "
+                                           "(holding every document of the run) instead of building RUN_DIR/library"),
+    library_top_k: int = typer.Option(3, "--library-top-k", help="routed-merge, hybrid: documents routed and merged"),
+    merge: str = typer.Option("ties", "--merge", help="routed-merge, hybrid: ties, linear, cat, dare_ties or svd"),
+    context_chunks: int = typer.Option(2, "--context-chunks", help="hybrid, rag: retrieved chunks in context"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     synth: int = typer.Option(16, "--synth", help="Training pairs synthesized for documents without train_qa"),
     rank: int = typer.Option(16, "--rank"),
@@ -584,7 +631,8 @@ def eval_run(
                         store_dtypes=_split(store_dtype), groups=groups, max_new_tokens=max_new_tokens, limit=limit,
                         shard=parse_shard(shard), seed=seed, synth_pairs=synth,
                         adapters=str(adapters) if adapters else None, rank=rank, targets=targets, layers=layers,
-                        epochs=epochs, steps=steps, **extra)
+                        epochs=epochs, steps=steps, library=str(library) if library else None,
+                        library_top_k=library_top_k, merge=merge, context_chunks=context_chunks, **extra)
     if ray is not None:
         from loramem.ray_eval import run_eval_ray
 
@@ -613,15 +661,18 @@ def eval_merge(
 @eval_app.command("report")
 def eval_report(
     run: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory"),
+    metric: str = typer.Option("rouge_l", "--metric", help="Table metric: rouge_l, exact_match, token_f1, contains"),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Recompute summary.json and curves.png from answers.jsonl and print the table."""
-    from loramem.report import write_report
+    """Recompute summary.json and the plots from answers.jsonl and print the table."""
+    from loramem.report import METRICS, write_report
 
-    _show_summary(write_report(run), as_json)
+    if metric not in METRICS:
+        raise LoramemError(f"unknown --metric {metric!r}; use one of {', '.join(METRICS)}")
+    _show_summary(write_report(run), as_json, metric)
 
 
-def _show_summary(summary: dict[str, Any], as_json: bool) -> None:
+def _show_summary(summary: dict[str, Any], as_json: bool, metric: str = "rouge_l") -> None:
     """The summary as JSON on stdout, or as the rich table (also on stdout: it is the result)."""
     if as_json:
         _print_json(summary)
@@ -630,7 +681,7 @@ def _show_summary(summary: dict[str, Any], as_json: bool) -> None:
 
     from loramem.report import print_table
 
-    print_table(summary, Console(soft_wrap=False))
+    print_table(summary, Console(soft_wrap=False), metric)
 
 
 probe_app = typer.Typer(help="Probes of what adapters can hold.", no_args_is_help=True)

@@ -10,6 +10,13 @@ Modes: `none` base model throughout (independent of format, so its answers carry
 `decode` base-model cache and scores, adapter on for question and answer; `all` adapter prefill,
 adapter scores, adapter decoding; `base_scores` adapter prefill evicted by the base model's scores,
 adapter decoding.
+
+Library modes route each question over an adapter library of the run's documents (RUN_DIR/library, built once
+from the run's `qa` adapters, or --library): `oracle` the gold document's adapter, closed-book; `routed` the
+top-1 routed document's adapter, closed-book; `routed-merge` the top-k routed adapters merged; `hybrid` that
+merge with the best retrieved chunks in context; `rag` those chunks and no adapter. They hold no KV of the
+question's own document, so their answers carry press "library" and ratio 1.0, and their margin is against
+`none` at ratio 1.0; each also records where routing put the gold document (`routed_gold`, `gold_rank`).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,16 +37,24 @@ from loramem.adapters import attach_adapter, detach_adapter, read_adapter_meta
 from loramem.cache import KVCache
 from loramem.compress import compress, restore
 from loramem.datasets import DocRecord, load_dataset, load_qa_pairs
+from loramem.embed import load_embedder
 from loramem.encode import encode
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.fileio import atomic_write_bytes, read_input_bytes
-from loramem.generate import generate
+from loramem.generate import Answer, generate
+from loramem.library import (
+    AddOptions, add_documents, check_model, library_embedder, open_library, retrieve_chunks, route,
+)
+from loramem.library_qa import context_cache, routed_adapter, use_adapter
 from loramem.log import log, progress_bar, warn
+from loramem.merge import MergeConfig
 from loramem.metrics import score_answer
 from loramem.models import LoadedModel, sha256_bytes, sha256_text
 from loramem.presses import parse_presses
 from loramem.quantize import make_storage
-from loramem.report import ANSWERS, CONFIG, FAILURES, MODES, cell_key, read_answers, read_json, write_report
+from loramem.report import (
+    ANSWERS, CONFIG, FAILURES, LIBRARY_MODES, LIBRARY_SERIES, MODES, cell_key, read_answers, read_json, write_report,
+)
 from loramem.synth import synthesize
 from loramem.train import FORMATS, TrainConfig, train_adapter
 from loramem.value_groups import compress_value_groups
@@ -49,6 +65,8 @@ PARTS = "parts"
 GRANULARITIES = ("token", "value-group")
 STORE_DTYPES = ("native", "fp16", "bf16", "int8", "int4")
 SYNTH_QA = "train_qa"
+LIBRARY = "library"
+LIBRARY_SETTINGS = ("library", "library_top_k", "merge", "context_chunks")
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -80,6 +98,10 @@ class EvalConfig:
     batch_size: int = TrainConfig.batch_size
     max_length: int = TrainConfig.max_length
     chunk_size: int = TrainConfig.chunk_size
+    library: str | None = None  # library modes: route over this library instead of building RUN_DIR/library
+    library_top_k: int = 3  # routed-merge, hybrid: documents routed to and merged
+    merge: str = "ties"
+    context_chunks: int = 2  # hybrid, rag: retrieved chunks in context
 
     def __post_init__(self) -> None:
         """Refuse a bad grid before the model does any work; ratios are deduplicated and sorted."""
@@ -103,12 +125,15 @@ class EvalConfig:
         index, count = self.shard = (int(self.shard[0]), int(self.shard[1]))
         if not 0 <= index < count:
             raise LoramemError(f"bad shard {index}/{count}; use I/N with 0 <= I < N")
-        for name in ("limit", "max_new_tokens", "synth_pairs"):
+        for name in ("limit", "max_new_tokens", "synth_pairs", "library_top_k", "context_chunks"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise LoramemError(f"{name} must be at least 1, got {value}")
         if self.adapters is not None:
             self.adapters = str(Path(self.adapters).resolve())
+        if self.library is not None:
+            self.library = str(Path(self.library).resolve())
+        MergeConfig(method=self.merge)
         for fmt in self.formats:
             self.train_config(fmt)
 
@@ -119,9 +144,15 @@ class EvalConfig:
                            batch_size=self.batch_size, seed=self.seed, max_length=self.max_length,
                            chunk_size=self.chunk_size)
 
+    @property
+    def uses_library(self) -> bool:
+        return any(m in LIBRARY_MODES for m in self.modes)
+
     def to_dict(self) -> dict[str, Any]:
-        """As config.json stores it (JSON types), so a stored config compares equal to a fresh one."""
-        return json.loads(json.dumps(asdict(self)))
+        """As config.json stores it (JSON types), so a stored config compares equal to a fresh one. Runs without
+        library modes leave the library settings out, so runs made before those existed still resume and merge."""
+        data = json.loads(json.dumps(asdict(self)))
+        return data if self.uses_library else {k: v for k, v in data.items() if k not in LIBRARY_SETTINGS}
 
 
 def _known(names: Sequence[str], allowed: Sequence[str], what: str) -> list[str]:
@@ -176,11 +207,15 @@ def variant_name(granularity: str, groups: int, store: str) -> str:
 
 
 def _grid(record: DocRecord, config: EvalConfig) -> list[_Cell]:
-    """Every cell of a document, grouped by press and ratio so each compressed cache is built once."""
+    """Every cell of a document, grouped by press and ratio so each compressed cache is built once; library modes
+    once per question, outside the press and ratio grid."""
+    kv_modes = [m for m in config.modes if m not in LIBRARY_MODES]
+    library_modes = [m for m in config.modes if m in LIBRARY_MODES]
     return [_Cell(q, press, ratio, mode, fmt, granularity, store)
             for press in config.presses for granularity in config.granularities for store in config.store_dtypes
-            for ratio in config.ratios for mode in config.modes
-            for fmt in ([None] if mode == "none" else config.formats) for q in range(len(record.qa))]
+            for ratio in config.ratios for mode in kv_modes
+            for fmt in ([None] if mode == "none" else config.formats) for q in range(len(record.qa))] + [
+        _Cell(q, LIBRARY_SERIES, 1.0, mode, None) for mode in library_modes for q in range(len(record.qa))]
 
 
 def key_of(record: DocRecord, cell: _Cell, groups: int) -> tuple:
@@ -285,10 +320,15 @@ class RunPlan:
 
     run: Path
     todo: list[tuple[DocRecord, list[_Cell]]]
+    documents: list[DocRecord]  # every shard's documents: a run's library holds them all
 
     @property
     def n_cells(self) -> int:
         return sum(len(cells) for _, cells in self.todo)
+
+    @property
+    def needs_library(self) -> bool:
+        return any(c.mode in LIBRARY_MODES for _, cells in self.todo for c in cells)
 
 
 def prepare_run(model: dict[str, Any], dataset: str | Path, run_dir: str | Path, config: EvalConfig,
@@ -297,22 +337,28 @@ def prepare_run(model: dict[str, Any], dataset: str | Path, run_dir: str | Path,
     if str(dataset) == "-":
         raise LoramemError("eval needs a dataset file, not stdin (resuming and sharding read it again)")
     data, _ = read_input_bytes(dataset, "dataset")
-    records = select_documents(load_dataset(dataset), config.limit, config.shard)
+    documents = select_documents(load_dataset(dataset), config.limit, (0, 1))
+    records = select_documents(documents, None, config.shard)
     if not records:
         raise LoramemError(f"shard {config.shard[0]}/{config.shard[1]} of {dataset} holds no documents")
     run = Path(run_dir)
     grids = [(record, _grid(record, config)) for record in records]
-    if config.adapters is not None and any(m in ADAPTER_MODES for m in config.modes):
-        for record in records:
-            for fmt in config.formats:
-                path = Path(config.adapters) / f"{file_name(record.id)}-{fmt}"
-                if not path.is_dir():
-                    raise LoramemError(f"--adapters {config.adapters} has no {fmt} adapter for document "
-                                       f"{record.id} (expected {path})")
-                _check_adapter(path, record, fmt)
+    if config.adapters is not None:
+        needed = [(r, fmt) for r in records for fmt in config.formats] if any(
+            m in ADAPTER_MODES for m in config.modes) else []
+        if config.uses_library and config.library is None:
+            needed += [(r, "qa") for r in documents]
+        for record, fmt in needed:
+            path = Path(config.adapters) / f"{file_name(record.id)}-{fmt}"
+            if not path.is_dir():
+                raise LoramemError(f"--adapters {config.adapters} has no {fmt} adapter for document "
+                                   f"{record.id} (expected {path})")
+            _check_adapter(path, record, fmt)
+    if config.uses_library:
+        _check_library(model, documents, config)
     done = _open_run(run, _header(model, config, Path(dataset), sha256_bytes(data), grids), resume)
     todo = [(record, [c for c in cells if key_of(record, c, config.groups) not in done]) for record, cells in grids]
-    plan = RunPlan(run, [(record, cells) for record, cells in todo if cells])
+    plan = RunPlan(run, [(record, cells) for record, cells in todo if cells], documents)
     log(f"{len(records)} documents, {sum(len(c) for _, c in grids)} answers in the grid, {len(done)} done, "
         f"{plan.n_cells} to do -> {run}")
     return plan
@@ -334,6 +380,8 @@ def run_eval(
     with progress_bar("evaluating", plan.n_cells) as advance:
         answers = AnswerLog(plan.run / ANSWERS, advance)
         try:
+            if plan.needs_library:
+                build_library(lm, plan.documents, config, plan.run, lambda text: advance(0, status=text))
             for number, (record, cells) in enumerate(plan.todo, 1):
                 def status(text: str, prefix: str = f"doc {number}/{len(plan.todo)} {record.id}: ") -> None:
                     advance(0, status=prefix + text)
@@ -369,6 +417,10 @@ def evaluate_document(lm: LoadedModel, record: DocRecord, cells: list[_Cell], co
 
 def _evaluate_document(lm: LoadedModel, record: DocRecord, cells: list[_Cell], config: EvalConfig, run: Path,
                        answers: AnswerLog, status: Callable[[str], None]) -> None:
+    library_cells = [c for c in cells if c.mode in LIBRARY_MODES]
+    cells = [c for c in cells if c.mode not in LIBRARY_MODES]
+    if library_cells:
+        _answer_library(lm, record, library_cells, config, run, answers, status)
     base: KVCache | None = None
     if any(c.mode != "all" for c in cells):
         status("base prefill")
@@ -416,14 +468,129 @@ def _answer(lm: LoadedModel, record: DocRecord, cells: list[_Cell], cache_for: C
             qa = record.qa[cell.question_index]
             started = time.perf_counter()
             answer = generate(lm, qa.question, cache, max_new_tokens=config.max_new_tokens, adapter_on=adapter_on)
-            seconds = time.perf_counter() - started
-            answers.write({
-                "doc_id": record.id, "question_index": cell.question_index, "question": qa.question,
-                "references": qa.answers, "press": cell.press, "ratio": cell.ratio, "mode": cell.mode,
-                "format": cell.format, "variant": cell.variant(config.groups),
-                "answer": answer.answer, **score_answer(answer.answer, qa.answers),
-                "cache_tokens": answer.cache_tokens, "kv_bytes": cache.nbytes_stored, "seconds": round(seconds, 4),
-            })
+            answers.write(_row(record, cell, config, answer, time.perf_counter() - started, cache.nbytes_stored))
+
+
+def _row(record: DocRecord, cell: _Cell, config: EvalConfig, answer: Answer, seconds: float,
+         kv_bytes: int) -> dict[str, Any]:
+    """An answer line of answers.jsonl, scored against the question's references."""
+    qa = record.qa[cell.question_index]
+    return {
+        "doc_id": record.id, "question_index": cell.question_index, "question": qa.question,
+        "references": qa.answers, "press": cell.press, "ratio": cell.ratio, "mode": cell.mode,
+        "format": cell.format, "variant": cell.variant(config.groups),
+        "answer": answer.answer, **score_answer(answer.answer, qa.answers),
+        "cache_tokens": answer.cache_tokens, "kv_bytes": kv_bytes, "seconds": round(seconds, 4),
+    }
+
+
+def library_path(config: EvalConfig, run: Path) -> Path:
+    """The library that library modes route over: --library, else the one the run builds in RUN_DIR/library."""
+    return Path(config.library) if config.library is not None else run / LIBRARY
+
+
+def _check_library(model: dict[str, Any], documents: list[DocRecord], config: EvalConfig) -> None:
+    """Before the run starts: --library must be of this model and hold every document of the run, and the
+    library (given or to be built) must hold at least --library-top-k documents."""
+    n = len({sha256_text(r.document) for r in documents})
+    if config.library is not None:
+        lib = open_library(config.library)
+        check_model(lib, model)
+        held = {d["sha256"] for d in lib.documents}
+        missing = [r.id for r in documents if sha256_text(r.document) not in held]
+        if missing:
+            raise LoramemError(f"--library {config.library} lacks {len(missing)} of the run's documents (first: "
+                               f"{missing[0]}); add them with loramem library add, or leave out --library")
+        n = len(lib.documents)
+    if config.library_top_k > n:
+        raise LoramemError(f"--library-top-k {config.library_top_k} is more than the library's {n} documents")
+
+
+def build_library(lm: LoadedModel, documents: list[DocRecord], config: EvalConfig, run: Path,
+                  status: Callable[[str], None] = lambda text: None) -> Path:
+    """The run's library: --library as given, else RUN_DIR/library holding every document of the run (all shards,
+    so routing does not depend on sharding), each added once with the run's qa adapter (from --adapters or
+    RUN_DIR/adapters, trained there if missing). A resume with a wider --limit adds the new documents; each answer
+    records how many documents its routing chose from (`library_documents`)."""
+    path = library_path(config, run)
+    if config.library is not None:
+        return path
+    known = {d["sha256"] for d in open_library(path).documents} if path.exists() else set()
+    unique: dict[str, DocRecord] = {}
+    for record in documents:  # a text repeated in the dataset is one library document
+        unique.setdefault(sha256_text(record.document), record)
+    missing = [record for sha, record in unique.items() if sha not in known]
+    if not missing:
+        return path
+    embedder = load_embedder(device=str(lm.device))
+    with tempfile.TemporaryDirectory() as tmp:
+        for number, record in enumerate(missing, 1):
+            def step(text: str, prefix: str = f"library {number}/{len(missing)} {record.id}: ") -> None:
+                status(prefix + text)
+
+            adapter = _adapter(lm, record, "qa", config, run, step)
+            source = Path(tmp) / f"{file_name(record.id)}.txt"
+            source.write_bytes(record.document.encode("utf-8"))
+            step("adding it to the library")
+            add_documents(path, lm, [str(source)], AddOptions(adapter=str(adapter), doc_id=file_name(record.id)),
+                          embedder)
+    return path
+
+
+def _answer_library(lm: LoadedModel, record: DocRecord, cells: list[_Cell], config: EvalConfig, run: Path,
+                    answers: AnswerLog, status: Callable[[str], None]) -> None:
+    """Library cells of one document: each question routed once and its adapters merged first (a merge detaches
+    the model's adapter), then answered grouped by adapter, so each adapter is attached once."""
+    lib = open_library(library_path(config, run))
+    gold = {d["sha256"]: d["id"] for d in lib.documents}.get(sha256_text(record.document))
+    if gold is None:
+        raise LoramemError(f"library {lib.path} does not hold this document")
+    embedder = library_embedder(lib)
+    merge = MergeConfig(method=config.merge)
+    status("routing and merging")
+    routing: dict[int, dict[str, Any]] = {}
+    chunks: dict[int, list[Any]] = {}
+    for q in sorted({c.question_index for c in cells}):
+        question = record.qa[q].question
+        routed = route(lib, question, config.library_top_k, embedder)
+        ids = [i for i, _ in routed]
+        routing[q] = {"routed": [{"id": i, "score": round(s, 6)} for i, s in routed], "routed_gold": gold in ids,
+                      "gold_rank": ids.index(gold) + 1 if gold in ids else None,
+                      "library_documents": len(lib.documents)}
+        if any(c.question_index == q and c.mode in ("hybrid", "rag") for c in cells):
+            chunks[q] = retrieve_chunks(lib, question, config.context_chunks, embedder)
+    jobs = []
+    for cell in cells:
+        ids = [r["id"] for r in routing[cell.question_index]["routed"]]
+        if cell.mode == "oracle":
+            adapter = lib.adapter_dir(gold)
+        elif cell.mode == "routed":
+            adapter = lib.adapter_dir(ids[0])
+        elif cell.mode in ("routed-merge", "hybrid"):
+            adapter = routed_adapter(lm, lib, ids, merge)
+        else:
+            adapter = None
+        jobs.append((cell, adapter))
+    contexts: dict[int, KVCache] = {}
+    status("answering from the library")
+    for cell, adapter in sorted(jobs, key=lambda job: str(job[1] or "")):
+        if adapter is None:
+            detach_adapter(lm)
+        else:
+            use_adapter(lm, adapter)
+        q = cell.question_index
+        cache = None
+        if cell.mode in ("hybrid", "rag"):
+            if q not in contexts:
+                contexts[q] = context_cache(lm, chunks[q])
+            cache = contexts[q]
+        started = time.perf_counter()
+        answer = generate(lm, record.qa[q].question, cache, max_new_tokens=config.max_new_tokens,
+                          adapter_on=adapter is not None)
+        row = _row(record, cell, config, answer, time.perf_counter() - started, cache.nbytes_stored if cache else 0)
+        answers.write({**row, **routing[q], "adapter": str(adapter.relative_to(lib.path)) if adapter else None,
+                       "context_chunks": [[c.doc_id, c.index] for c in chunks[q]] if cache else []})
+    detach_adapter(lm)
 
 
 def _adapter(lm: LoadedModel, record: DocRecord, fmt: str, config: EvalConfig, run: Path,

@@ -216,11 +216,20 @@ def _check_embedder(manifest: dict[str, Any], embedder: Embedder) -> None:
                                         f"{embedder.identity['name']}; routing needs the same embedder")
 
 
-def _library_embedder(lib: Library, embedder: Embedder | None) -> Embedder:
-    """The given embedder checked against the library's, or the library's own loaded."""
+def library_embedder(lib: Library, embedder: Embedder | None = None) -> Embedder:
+    """The given embedder checked against the library's, or the library's own loaded (load it once for many
+    questions)."""
     embedder = embedder or load_embedder(lib.manifest["embedder"]["path"])
     _check_embedder(lib.manifest, embedder)
     return embedder
+
+
+def check_model(lib: Library, fingerprint: dict[str, Any]) -> None:
+    """Refuse a model other than the library's base model (`fingerprint` as LoadedModel.fingerprint): its adapters
+    fit that one only."""
+    if lib.manifest and fingerprint["model"] != lib.manifest["base_model"]["model"]:
+        raise IncompatibleArtifactError(f"library {lib.path} holds adapters of another base model "
+                                        f"({lib.base_model_id}); load that model (--model)")
 
 
 def _training_pairs(lm: LoadedModel, text: str, options: AddOptions, qa: list[tuple[str, str]] | None
@@ -351,9 +360,7 @@ def add_documents(path: str | Path, lm: LoadedModel, documents: list[str], optio
         with _locked(target):
             lib = open_library(target)
             _sweep(lib)
-            if lib.manifest and lm.fingerprint["model"] != lib.manifest["base_model"]["model"]:
-                raise IncompatibleArtifactError(f"library {path} holds adapters of another base model "
-                                                f"({lib.base_model_id}); load that model (--model)")
+            check_model(lib, lm.fingerprint)
             planned = _plan(lib, texts, options.doc_id)
             if not planned:
                 return []
@@ -389,17 +396,24 @@ def _similarities(lib: Library, question: str, embedder: Embedder | None) -> tup
     if not question.strip():
         raise LoramemError("the question is empty")
     index = lib.index()
-    query = _library_embedder(lib, embedder).encode([question])[0]
+    query = library_embedder(lib, embedder).encode([question])[0]
     return index["embeddings"] @ query, index
+
+
+def check_top_k(library: str | Path | Library, k: int) -> Library:
+    """The library, checked to be non-empty and to hold at least k documents (before any model is loaded)."""
+    lib = _nonempty(library)
+    n = len(lib.documents)
+    if not 1 <= k <= n:
+        raise LoramemError(f"--top-k must be between 1 and the library's {n} document(s), got {k}")
+    return lib
 
 
 def route(library: str | Path | Library, question: str, k: int = 3,
           embedder: Embedder | None = None) -> list[tuple[str, float]]:
     """The k documents whose best chunk is closest to the question, best first: [(id, cosine similarity)]."""
-    lib = _nonempty(library)
+    lib = check_top_k(library, k)
     n = len(lib.documents)
-    if not 1 <= k <= n:
-        raise LoramemError(f"--top-k must be between 1 and the library's {n} document(s), got {k}")
     sims, index = _similarities(lib, question, embedder)
     best = torch.full((n,), -2.0).scatter_reduce(0, index["document"].long(), sims, "amax")
     order = sorted(range(n), key=lambda i: -float(best[i]))[:k]

@@ -19,8 +19,8 @@ from loramem.adapters import detach_adapter
 from loramem.datasets import DocRecord
 from loramem.errors import LoramemError
 from loramem.evaluate import (
-    PARTS, AnswerLog, EvalConfig, evaluate_document, file_name, fold_parts, key_of, model_info, prepare_run,
-    record_failures,
+    PARTS, AnswerLog, EvalConfig, build_library, evaluate_document, file_name, fold_parts, key_of, model_info,
+    prepare_run, record_failures,
 )
 from loramem.log import progress_bar, warn
 from loramem.models import LoadedModel, load_model
@@ -93,6 +93,12 @@ def _document_task(spec: tuple[str | None, str, str], threads: int, record: DocR
     return len(remaining)
 
 
+def _library_task(spec: tuple[str | None, str, str], threads: int, documents: list[DocRecord], config: EvalConfig,
+                  run_dir: str) -> None:
+    """Build the run's library once, before any document task routes over it."""
+    build_library(_worker_model(spec, threads), documents, config, Path(run_dir))
+
+
 def _reason(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None) or exc
     text = str(cause).strip().splitlines()
@@ -130,6 +136,12 @@ def run_eval_ray(
         resources = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
         describe = ray.remote(_describe_model).options(**resources, max_retries=max_retries)
         plan = prepare_run(ray.get(describe.remote(spec, threads)), dataset, run_dir, config, resume=resume)
+        if plan.needs_library:
+            library = ray.remote(_library_task).options(**resources, max_retries=max_retries)
+            try:
+                ray.get(library.remote(spec, threads, plan.documents, config, str(plan.run)))
+            except ray.exceptions.RayError as exc:
+                raise LoramemError(f"building the run's library failed: {_reason(exc)}") from exc
         task = ray.remote(_document_task).options(**resources, max_retries=max_retries, retry_exceptions=False)
         pending = {task.remote(spec, threads, record, cells, config, str(plan.run)): (record, cells)
                    for record, cells in plan.todo}

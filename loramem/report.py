@@ -19,22 +19,34 @@ from typing import Any
 
 from loramem.errors import LoramemError
 from loramem.fileio import atomic_write_bytes
+from loramem.metrics import contains
 from loramem.stats import mean_ci, paired_bootstrap, paired_t_test
 
 ANSWERS = "answers.jsonl"
 CONFIG = "config.json"
 SUMMARY = "summary.json"
 CURVES = "curves.png"
+CURVES_CONTAINS = "curves-contains.png"
 BYTES_PLOT = "bytes.png"
 FAILURES = "failures.json"
-METRICS = ("rouge_l", "exact_match", "token_f1")
-MODES = ("none", "decode", "all", "base_scores")
+METRICS = ("rouge_l", "exact_match", "token_f1", "contains")
+KV_MODES = ("none", "decode", "all", "base_scores")
+# Library modes answer from the run's adapter library, with no KV of the question's own document: their answers
+# carry press LIBRARY_SERIES, ratio 1.0 and format null, and their margin is taken against `none` at ratio 1.0.
+LIBRARY_MODES = ("oracle", "routed", "routed-merge", "hybrid", "rag")
+MODES = (*KV_MODES, *LIBRARY_MODES)
+LIBRARY_SERIES = "library"
 CELL_FIELDS = ("doc_id", "question_index", "press", "ratio", "mode", "format")
-ANSWER_FIELDS = (*CELL_FIELDS, "question", "references", "answer", *METRICS, "cache_tokens", "seconds")
+ANSWER_FIELDS = (*CELL_FIELDS, "question", "references", "answer", "rouge_l", "exact_match", "token_f1",
+                 "cache_tokens", "seconds")
 CONFIDENCE = 0.95
-_METRIC_NAMES = {"rouge_l": "ROUGE-L", "exact_match": "exact match", "token_f1": "token F1"}
+_METRIC_NAMES = {"rouge_l": "ROUGE-L", "exact_match": "exact match", "token_f1": "token F1",
+                 "contains": "answer contains a reference"}
 _MODE_LABELS = {"none": "base (no adapter)", "decode": "base KV + adapter decode",
-                "all": "adapter prefill + scores + decode", "base_scores": "base scores + adapter prefill"}
+                "all": "adapter prefill + scores + decode", "base_scores": "base scores + adapter prefill",
+                "oracle": "gold document's adapter", "routed": "top-1 routed adapter",
+                "routed-merge": "top-k routed, merged adapter", "hybrid": "merged adapter + retrieved chunks",
+                "rag": "retrieved chunks, no adapter"}
 
 CellKey = tuple[str, int, str, float, str, "str | None", str]
 Condition = tuple[str, float, str, "str | None"]  # (series, ratio, mode, format): one point of a curve
@@ -114,15 +126,19 @@ def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[
     # Question order fixes the bootstrap's resamples: sorted, the summary is the same however the answers
     # were interleaved (one process, shards merged, Ray workers); the sort is stable, so presses keep their order.
     rows = sorted(rows, key=lambda r: (r["doc_id"], int(r["question_index"])))
+    for r in rows:  # answers written before the metric existed
+        r.setdefault("contains", contains(r["answer"], r["references"]))
     if not rows:
         raise LoramemError("no answers to summarize yet")
-    presses = list(dict.fromkeys(series(r) for r in rows))
+    presses = sorted(dict.fromkeys(series(r) for r in rows), key=lambda name: name == LIBRARY_SERIES)  # library last
     formats = list(dict.fromkeys(r["format"] for r in rows))
     by_condition: dict[Condition, dict[tuple[str, int], dict[str, Any]]] = defaultdict(dict)
     for r in rows:
         question = (r["doc_id"], int(r["question_index"]))
         by_condition[(series(r), float(r["ratio"]), r["mode"], r["format"])][question] = r
     conditions = sorted(by_condition, key=lambda c: _order(c, presses, formats))
+    # Library modes have no own-document KV: their baseline is the base model with none either (ratio 1.0).
+    closed_book = next((c for c in conditions if c[2] == "none" and c[1] == 1.0), None)
     cells, margins = [], []
     for cond in conditions:
         answers = list(by_condition[cond].values())
@@ -136,12 +152,14 @@ def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[
             mean, low, high = mean_ci([a[metric] for a in answers], CONFIDENCE)
             cell[metric] = {"mean": _finite(mean), "low": _finite(low), "high": _finite(high)}
         cells.append(cell)
-        base = by_condition.get((cond[0], cond[1], "none", None))
+        versus = closed_book if cond[2] in LIBRARY_MODES else (cond[0], cond[1], "none", None)
+        base = by_condition.get(versus) if versus else None
         if cond[2] != "none" and base:
             margin = _margin(by_condition[cond], base, n_resamples)
             if margin is not None:
-                margins.append({**_condition_fields(cond), **margin})
-    return {
+                extra = {"versus": versus[0]} if cond[2] in LIBRARY_MODES else {}
+                margins.append({**_condition_fields(cond), **extra, **margin})
+    summary = {
         "n_documents": len({r["doc_id"] for r in rows}),
         "n_questions": len({(r["doc_id"], int(r["question_index"])) for r in rows}),
         "n_answers": len(rows),
@@ -151,6 +169,25 @@ def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[
         "cells": cells,
         "margins": margins,
     }
+    routing = routing_recall(rows)
+    if routing is not None:
+        summary["routing"] = routing
+    return summary
+
+
+def routing_recall(rows: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """How often routing found the question's own document: first (recall@1) or among the top k (recall@k), over
+    the questions that library modes answered (every library answer of a question carries the same routing)."""
+    routed: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in rows:
+        if "gold_rank" in r:
+            routed.setdefault((r["doc_id"], int(r["question_index"])), r)
+    if not routed:
+        return None
+    ranks = [r["gold_rank"] for r in routed.values()]
+    return {"k": max(len(r["routed"]) for r in routed.values()), "n": len(ranks),
+            "recall_at_1": round(sum(rank == 1 for rank in ranks) / len(ranks), 6),
+            "recall_at_k": round(sum(rank is not None for rank in ranks) / len(ranks), 6)}
 
 
 def _condition_fields(cond: Condition) -> dict[str, Any]:
@@ -269,10 +306,12 @@ def print_table(summary: dict[str, Any], console: Any, metric: str = "rouge_l") 
     kept = {(c["press"], c["ratio"]): c["cache_tokens"] for c in summary["cells"] if c["mode"] == "none"}
     for press, lines in _curves(summary, metric).items():
         ratios = sorted({p["ratio"] for points in lines.values() for p in points})
+        caption = (f"mean ±{summary['confidence']:.0%} CI half-width over questions; Δ adapter − base, paired by "
+                   "question (bootstrap p)")
+        if press == LIBRARY_SERIES:
+            caption += _library_caption(summary)
         table = Table(title=f"{_METRIC_NAMES[metric]} · {escape(press)} · {summary['n_documents']} documents, "
-                            f"{summary['n_questions']} questions",
-                      caption=f"mean ±{summary['confidence']:.0%} CI half-width over questions; Δ adapter − base, "
-                              "paired by question (bootstrap p)", show_lines=True)
+                            f"{summary['n_questions']} questions", caption=caption, show_lines=True)
         table.add_column("mode")
         table.add_column("format")
         for ratio in ratios:
@@ -291,6 +330,19 @@ def print_table(summary: dict[str, Any], console: Any, metric: str = "rouge_l") 
         docs = ", ".join(f["doc_id"] for f in summary["failed"])
         console.print(f"[red]{summary['n_failed_cells']} cells failed (documents {docs}); see failures.json, "
                       "rerun with --resume[/red]")
+
+
+def _library_caption(summary: dict[str, Any]) -> str:
+    """Library modes: their baseline, and how often routing found the question's document."""
+    from rich.markup import escape
+
+    versus = next((m["versus"] for m in summary["margins"] if "versus" in m), None)
+    text = f"; base = mode none at ratio 1 ({escape(versus)})" if versus else ""
+    routing = summary.get("routing")
+    if routing:
+        text += (f"; routing recall@1 {routing['recall_at_1']:.3f}, recall@{routing['k']} "
+                 f"{routing['recall_at_k']:.3f} ({routing['n']} questions)")
+    return text
 
 
 def _table_cell(cell: dict[str, Any], margin: dict[str, Any] | None, metric: str) -> str:
@@ -321,6 +373,7 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     summary["dataset"] = header.get("dataset", {}).get("path")
     atomic_write_bytes(run / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
     plot(summary, run / CURVES)
+    plot(summary, run / CURVES_CONTAINS, metric="contains")
     if len({c["variant"] for c in summary["cells"]}) > 1:
         plot_bytes(summary, run / BYTES_PLOT)
     return summary

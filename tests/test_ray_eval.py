@@ -83,3 +83,17 @@ def test_dead_worker_reported_others_kept_then_resumed(cluster, tiny, tiny_dir, 
     assert resumed["complete"] and resumed["n_answers"] == 16 and not (run / FAILURES).exists()
     fresh = run_eval(tiny, data, tmp_path / "fresh", CONFIG)
     assert rows(run) == rows(tmp_path / "fresh") and resumed == fresh
+
+
+def test_library_modes_on_ray_equal_a_local_run(cluster, tiny, tiny_dir, tmp_path, local_threads):
+    """A Ray task builds the run's library before the document tasks route over it."""
+    from loramem.ray_eval import run_eval_ray
+
+    data = dataset(tmp_path, ["light", "bees"])
+    config = EvalConfig(ratios=[1.0], presses=["knorm"], modes=["none", "routed-merge", "rag"], formats=["qa"],
+                        max_new_tokens=3, steps=1, rank=2, library_top_k=2, context_chunks=1)
+    local = run_eval(tiny, data, tmp_path / "local", config)
+    on_ray = run_eval_ray(str(tiny_dir), data, tmp_path / "ray", config)
+    assert rows(tmp_path / "ray") == rows(tmp_path / "local") and on_ray == local
+    assert local["n_answers"] == 2 * 2 * 3 and local["routing"]["n"] == 4
+    assert (tmp_path / "ray" / "library" / "library.json").is_file()

@@ -1,0 +1,396 @@
+"""Library questions: routing to adapters, a merge made once, retrieved chunks or stored caches in context; and
+eval's library modes (oracle, routed, routed-merge, hybrid, rag) with routing recall, resumable."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from conftest import run_cli
+from test_cli import one_line_error
+from test_library import DOCS, PARAPHRASES
+
+import loramem.evaluate as ev
+import loramem.library_qa as qa_module
+from loramem.adapters import ADAPTER_WEIGHTS, attach_adapter, detach_adapter
+from loramem.datasets import QA, DocRecord, TrainQA, write_dataset
+from loramem.embed import load_embedder
+from loramem.encode import encode
+from loramem.errors import LoramemError
+from loramem.evaluate import EvalConfig, run_eval
+from loramem.generate import generate
+from loramem.library import AddOptions, add_documents, open_library, retrieve_chunks
+from loramem.library_qa import ask_library, merged_folder, parallel_cache, stored_cache
+from loramem.merge import MergeConfig, merge_adapters
+from loramem.report import ANSWERS, CONFIG, cell_key, print_table, read_answers, routing_recall, summarize
+from loramem.train import TrainConfig
+
+NAMES = ("bees", "glass", "railway")
+FAST = TrainConfig(format="ntp", rank=2, steps=1)
+TOKENS = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are too small to share out; a second thread only adds waiting on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def clean_model(tiny):
+    """Every test starts and leaves the session's tiny model without an adapter."""
+    detach_adapter(tiny)
+    yield
+    detach_adapter(tiny)
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return load_embedder()
+
+
+@pytest.fixture(scope="module")
+def library(tiny, embedder, tmp_path_factory) -> Path:
+    """Three documents with rank-2 adapters (one step) and stored caches."""
+    folder = tmp_path_factory.mktemp("docs")
+    for name in NAMES:
+        (folder / f"{name}.txt").write_text(DOCS[name])
+    lib = tmp_path_factory.mktemp("lib") / "library"
+    add_documents(lib, tiny, [str(folder / f"{n}.txt") for n in NAMES], AddOptions(train=FAST, with_cache=True),
+                  embedder)
+    return lib
+
+
+class Count:
+    """Counts calls of a module's function (patched in place) and passes them on."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, module: object, name: str, fail_after: int | None = None):
+        self.calls = 0
+        self.real = getattr(module, name)
+        self.fail_after = fail_after
+        monkeypatch.setattr(module, name, self)
+
+    def __call__(self, *args, **kwargs):
+        if self.fail_after is not None and self.calls == self.fail_after:
+            raise KeyboardInterrupt
+        self.calls += 1
+        return self.real(*args, **kwargs)
+
+
+# --- ask_library ----------------------------------------------------------------------------------------------
+
+def test_top_1_uses_the_documents_own_adapter(tiny, library, embedder):
+    question = PARAPHRASES["bees"]
+    result = ask_library(tiny, library, question, top_k=1, max_new_tokens=TOKENS, embedder=embedder)
+    assert [i for i, _ in result.routed] == ["bees"]
+    assert result.adapter == open_library(library).adapter_dir("bees") == tiny.adapter.path
+    assert result.context_chunks == [] and result.context_caches == []
+    assert result.answer.answer == generate(tiny, question, max_new_tokens=TOKENS, adapter_on=True).answer
+    assert not (library / qa_module.MERGED).exists()
+
+
+def test_merged_adapter_is_the_merge_of_the_routed_set_made_once(tiny, library, embedder, monkeypatch, tmp_path):
+    from safetensors.torch import load_file
+
+    shutil.rmtree(library / qa_module.MERGED, ignore_errors=True)
+    merges = Count(monkeypatch, qa_module, "merge_adapters")
+    question = PARAPHRASES["glass"]
+    first = ask_library(tiny, library, question, top_k=2, merge="ties", max_new_tokens=TOKENS, embedder=embedder)
+    assert merges.calls == 1 and first.adapter.parent == library / qa_module.MERGED
+    assert tiny.adapter.path == first.adapter
+    attaches = Count(monkeypatch, qa_module, "attach_adapter")
+    second = ask_library(tiny, library, question, top_k=2, merge="ties", max_new_tokens=TOKENS, embedder=embedder)
+    assert merges.calls == 1 and attaches.calls == 0  # the kept merge, already attached
+    assert second.adapter == first.adapter and second.answer.answer == first.answer.answer
+
+    lib = open_library(library)
+    sha = {d["id"]: d["adapter"]["sha256"] for d in lib.documents}
+    routed = sorted((i for i, _ in first.routed), key=sha.get)  # merged in adapter-hash order
+    merge_adapters(tiny, [lib.adapter_dir(i) for i in routed], tmp_path / "m", MergeConfig(method="ties"))
+    mine, reference = load_file(str(first.adapter / ADAPTER_WEIGHTS)), load_file(str(tmp_path / "m" / ADAPTER_WEIGHTS))
+    assert mine.keys() == reference.keys() and all(torch.equal(mine[k], reference[k]) for k in mine)
+
+    # The same documents in another routing order share the merge; another method or weights do not.
+    ids = [i for i, _ in first.routed]
+    same, _, _ = merged_folder(lib, ids[::-1], MergeConfig(method="ties"))
+    assert same == first.adapter
+    assert merged_folder(lib, ids, MergeConfig(method="linear"))[0] != same
+    swapped = merged_folder(lib, ids, MergeConfig(method="ties", weights=[1.0, 0.5]))
+    assert swapped[0] != same
+    assert merged_folder(lib, ids[::-1], MergeConfig(method="ties", weights=[0.5, 1.0])) == swapped  # weights follow
+
+
+def test_with_context_answers_over_exactly_the_retrieved_chunks(tiny, library, embedder):
+    question = PARAPHRASES["railway"]
+    result = ask_library(tiny, library, question, top_k=1, with_context=2, max_new_tokens=TOKENS, embedder=embedder)
+    chunks = retrieve_chunks(library, question, 2, embedder)
+    assert result.context_chunks == chunks and len(chunks) == 2
+    cache = encode(tiny, "\n\n".join(c.text for c in chunks), presses=["knorm"])
+    assert result.answer.document_tokens == cache.n_tokens
+    assert tiny.adapter.path == result.adapter  # the adapter decodes over the base-model context cache
+    assert result.answer.answer == generate(tiny, question, cache, max_new_tokens=TOKENS, adapter_on=True).answer
+
+
+def test_stored_caches_side_by_side(tiny, library, embedder):
+    lib = open_library(library)
+    a, b = stored_cache(tiny, lib, "bees"), stored_cache(tiny, lib, "railway")
+    n_p = a.meta["n_protected"]
+    both = parallel_cache([a, b])
+    assert both.n_tokens == max(a.n_tokens, b.n_tokens)  # the question continues after the longest document
+    assert both.kept_per_layer == [a.n_tokens + b.n_tokens - n_p] * a.n_layers  # b's framing prefix is dropped
+    for layer in range(a.n_layers):
+        assert torch.equal(both.keys[layer], torch.cat([a.keys[layer], b.keys[layer][:, n_p:]], 1))
+        assert torch.equal(both.values[layer][:, a.n_tokens:], b.values[layer][:, n_p:])
+        assert torch.equal(both.positions[layer][0], torch.cat([torch.arange(a.n_tokens),
+                                                                torch.arange(n_p, b.n_tokens)]))
+    result = ask_library(tiny, library, PARAPHRASES["bees"], top_k=2, with_caches=True, max_new_tokens=TOKENS,
+                         embedder=embedder)
+    routed = [i for i, _ in result.routed]
+    assert result.context_caches == routed
+    caches = [stored_cache(tiny, lib, i) for i in routed]
+    assert result.answer.cache_tokens == sum(c.n_tokens for c in caches) - n_p
+    assert result.answer.document_tokens == max(c.n_tokens for c in caches)
+    assert parallel_cache([a]).n_tokens == a.n_tokens and torch.equal(parallel_cache([a]).keys[0], a.keys[0])
+
+
+def test_unequal_ranks_are_refused_for_ties(tiny, library, embedder, tmp_path):
+    lib = tmp_path / "lib"
+    shutil.copytree(library, lib)
+    (tmp_path / "stars.txt").write_text(DOCS["stars"])
+    rank_4 = AddOptions(train=TrainConfig(format="ntp", rank=4, steps=1))
+    add_documents(lib, tiny, [str(tmp_path / "stars.txt")], rank_4, embedder)
+    with pytest.raises(LoramemError, match="--merge ties needs adapters of equal rank.*stars 4; use --merge cat"
+                       ) as caught:
+        ask_library(tiny, lib, PARAPHRASES["stars"], top_k=4, max_new_tokens=TOKENS, embedder=embedder)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(LoramemError, match="not both"):
+        ask_library(tiny, lib, "honey?", with_context=1, with_caches=True, embedder=embedder)
+
+
+# --- ask --library ----------------------------------------------------------------------------------------------
+
+def test_cli_with_caches_of_one_document_answers_as_ask_cache(library, tiny_dir, tmp_path):
+    """The library's base model is loaded (no --model); one routed document's stored cache answers as ask --cache."""
+    question = PARAPHRASES["railway"]
+    routed = run_cli("ask", "--library", str(library), "--top-k", "1", "--with-caches", question, "--max-new-tokens",
+                     "6", "--json")
+    assert routed.returncode == 0, routed.stderr.decode()
+    data = json.loads(routed.stdout)
+    doc = library / "docs" / "railway"
+    assert data["routed"][0]["id"] == "railway" and len(data["routed"]) == 1
+    assert data["adapter"] == str(doc / "adapter") and data["context_caches"] == ["railway"]
+    assert data["context_chunks"] == []
+    direct = run_cli("ask", "--cache", str(doc / "cache.safetensors"), "--adapter", str(doc / "adapter"), question,
+                     "--max-new-tokens", "6", "--model", str(tiny_dir), "--json")
+    assert direct.returncode == 0, direct.stderr.decode()
+    expected = json.loads(direct.stdout)
+    assert data["answer"] == expected["answer"] and data["cache_tokens"] == expected["cache_tokens"]
+
+    (tmp_path / "q.txt").write_text(f"{PARAPHRASES['bees']}\n{question}\n")
+    hybrid = run_cli("ask", "--library", str(library), "--top-k", "2", "--with-context", "1", "--questions",
+                     str(tmp_path / "q.txt"), "--max-new-tokens", "4", "--json")
+    assert hybrid.returncode == 0, hybrid.stderr.decode()
+    lines = [json.loads(line) for line in hybrid.stdout.decode().splitlines()]
+    assert [len(d["routed"]) for d in lines] == [2, 2] and [len(d["context_chunks"]) for d in lines] == [1, 1]
+    assert all(Path(d["adapter"]).parent == library / "merged" for d in lines)
+
+
+def test_cli_library_errors(library, other_tiny_dir, tmp_path):
+    lib = str(library)
+    assert "leave out --cache" in one_line_error(run_cli("ask", "--library", lib, "--cache", "x.safetensors", "q?"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "is empty" in one_line_error(run_cli("ask", "--library", str(empty), "q?"))
+    assert "between 1 and the library's 3" in one_line_error(run_cli("ask", "--library", lib, "--top-k", "4", "q?"))
+    assert "need --library" in one_line_error(run_cli("ask", "--top-k", "2", "q?"))
+    assert "not both" in one_line_error(run_cli("ask", "--library", lib, "--with-context", "1", "--with-caches", "q?"))
+    assert "unknown merge method" in one_line_error(run_cli("ask", "--library", lib, "--merge", "mean", "q?"))
+    other = run_cli("ask", "--library", lib, "--model", str(other_tiny_dir), "q?")
+    assert "another base model" in one_line_error(other) and other.returncode == 3
+
+
+# --- eval library modes -----------------------------------------------------------------------------------------
+
+LIBRARY_MODES = ["oracle", "routed", "routed-merge", "hybrid", "rag"]
+N_QUESTIONS = 2
+N_ANSWERS = len(NAMES) * N_QUESTIONS * (1 + len(LIBRARY_MODES))
+
+
+def eval_config(**changes) -> EvalConfig:
+    settings = {"ratios": [1.0], "presses": ["knorm"], "modes": ["none", *LIBRARY_MODES], "formats": ["qa"],
+                "max_new_tokens": TOKENS, "steps": 1, "rank": 2, "alpha": 4.0, "batch_size": 2, "chunk_size": 32,
+                "max_length": 256, "library_top_k": 2, "context_chunks": 2}
+    return EvalConfig(**{**settings, **changes})
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Three short documents on distinct topics, two held-out questions and two training pairs each."""
+    questions = {"bees": [("Who collects the honey?", "Ansel Marrow"), ("How many hives are there?", "forty-two")],
+                 "glass": [("Who shapes the molten glass?", "Ilse Brannock"), ("Where does the sand come from?",
+                                                                             "Corrin Bay")],
+                 "railway": [("What is the steam engine called?", "the Old Kestrel"),
+                             ("How many tunnels does the railway pass?", "seven")]}
+    records = [DocRecord(name, DOCS[name], [QA(q, [a]) for q, a in questions[name]],
+                         [TrainQA(f"In a few words: {q}", a) for q, a in questions[name]]) for name in NAMES]
+    path = tmp_path_factory.mktemp("data") / "data.jsonl"
+    write_dataset(records, path)
+    return path
+
+
+def counted(monkeypatch: pytest.MonkeyPatch, fail_after: int | None = None) -> dict[str, Count]:
+    counts = {name: Count(monkeypatch, ev, name) for name in ("train_adapter", "add_documents")}
+    counts["generate"] = Count(monkeypatch, ev, "generate", fail_after)
+    counts["merge_adapters"] = Count(monkeypatch, qa_module, "merge_adapters")
+    return counts
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, dataset, tmp_path_factory) -> tuple[Path, dict[str, Count], dict]:
+    run = tmp_path_factory.mktemp("runs") / "reference"
+    with pytest.MonkeyPatch.context() as mp:
+        counts = counted(mp)
+        summary = run_eval(tiny, dataset, run, eval_config())
+    return run, counts, summary
+
+
+def rows_by_cell(run: Path) -> dict[tuple, dict]:
+    return {cell_key(r): {k: v for k, v in r.items() if k != "seconds"} for r in read_answers(run / ANSWERS)}
+
+
+def test_every_library_mode_answers_every_question(tiny, dataset, reference, embedder):
+    run, counts, summary = reference
+    rows = read_answers(run / ANSWERS)
+    assert len(rows) == len({cell_key(r) for r in rows}) == N_ANSWERS == counts["generate"].calls
+    library = [r for r in rows if r["mode"] in LIBRARY_MODES]
+    assert {(r["press"], r["ratio"], r["format"]) for r in library} == {("library", 1.0, None)}
+    for mode in LIBRARY_MODES:
+        assert sorted((r["doc_id"], r["question_index"]) for r in library if r["mode"] == mode) == sorted(
+            (name, q) for name in NAMES for q in range(N_QUESTIONS))
+    # The library reuses the run's own qa adapters: one training per document, and one add each.
+    assert counts["train_adapter"].calls == counts["add_documents"].calls == len(NAMES)
+    lib = open_library(run / "library")
+    assert [d["id"] for d in lib.documents] == list(NAMES)
+    assert all(d["adapter"]["origin"] == str(run / "adapters" / f"{d['id']}-qa") for d in lib.documents)
+    merged = {r["adapter"] for r in library if r["mode"] == "routed-merge"}
+    assert counts["merge_adapters"].calls == len(merged)  # one merge per routed set
+    for r in library:
+        ids = [d["id"] for d in r["routed"]]
+        assert len(ids) == 2 and r["gold_rank"] == (ids.index(r["doc_id"]) + 1 if r["doc_id"] in ids else None)
+        assert r["routed_gold"] == (r["doc_id"] in ids) and r["library_documents"] == len(NAMES)
+        expected = {"oracle": f"docs/{r['doc_id']}/adapter", "routed": f"docs/{ids[0]}/adapter", "rag": None}
+        if r["mode"] in expected:
+            assert r["adapter"] == expected[r["mode"]]
+        else:
+            assert r["adapter"].startswith("merged/")
+        assert len(r["context_chunks"]) == (2 if r["mode"] in ("hybrid", "rag") else 0)
+    by_cell = {(r["doc_id"], r["question_index"], r["mode"]): r for r in library}
+    for name in NAMES:
+        assert by_cell[(name, 0, "hybrid")]["adapter"] == by_cell[(name, 0, "routed-merge")]["adapter"]
+        assert by_cell[(name, 0, "hybrid")]["context_chunks"] == by_cell[(name, 0, "rag")]["context_chunks"]
+
+    # Answers as ask would give them: oracle with the gold adapter closed-book, rag over the chunks without one.
+    question = by_cell[("glass", 1, "oracle")]["question"]
+    attach_adapter(tiny, lib.adapter_dir("glass"))
+    assert by_cell[("glass", 1, "oracle")]["answer"] == generate(tiny, question, max_new_tokens=TOKENS,
+                                                                 adapter_on=True).answer
+    detach_adapter(tiny)
+    chunks = retrieve_chunks(lib, question, 2, embedder)
+    assert by_cell[("glass", 1, "rag")]["context_chunks"] == [[c.doc_id, c.index] for c in chunks]
+    context = encode(tiny, "\n\n".join(c.text for c in chunks), presses=["knorm"])
+    assert by_cell[("glass", 1, "rag")]["answer"] == generate(tiny, question, context, max_new_tokens=TOKENS).answer
+
+    ranks = [by_cell[(n, q, "oracle")]["gold_rank"] for n in NAMES for q in range(N_QUESTIONS)]
+    assert summary["routing"] == {"k": 2, "n": 6, "recall_at_1": round(ranks.count(1) / 6, 6),
+                                  "recall_at_k": round(sum(r is not None for r in ranks) / 6, 6)}
+    margins = {m["mode"]: m for m in summary["margins"]}
+    assert set(margins) == set(LIBRARY_MODES) and all(m["versus"] == "knorm" and m["n"] == 6 for m in margins.values())
+    config = json.loads((run / CONFIG).read_text())["config"]
+    assert config["library_top_k"] == 2 and config["merge"] == "ties" and config["library"] is None
+
+
+def test_resume_redoes_nothing(tiny, dataset, reference, tmp_path):
+    run, k = tmp_path / "run", 8  # stops inside the first document's library answers
+    with pytest.MonkeyPatch.context() as mp:
+        counted(mp, fail_after=k)
+        with pytest.raises(KeyboardInterrupt):
+            run_eval(tiny, dataset, run, eval_config())
+    assert len(read_answers(run / ANSWERS)) == k and tiny.adapter is None
+    with pytest.MonkeyPatch.context() as mp:
+        counts = counted(mp)
+        run_eval(tiny, dataset, run, eval_config(), resume=True)
+    assert counts["generate"].calls == N_ANSWERS - k
+    assert counts["train_adapter"].calls == counts["add_documents"].calls == 0  # the library was complete
+    assert rows_by_cell(run) == rows_by_cell(reference[0])
+    with pytest.MonkeyPatch.context() as mp:
+        counts = counted(mp)
+        run_eval(tiny, dataset, run, eval_config(), resume=True)
+    assert all(c.calls == 0 for c in counts.values())
+
+
+def test_library_config_is_checked_before_the_run(tiny, dataset, reference, tmp_path):
+    assert "library_top_k" not in eval_config(modes=["none"]).to_dict()  # old runs without library modes resume
+    for bad in ({"merge": "mean"}, {"library_top_k": 0}, {"context_chunks": 0}):
+        with pytest.raises(LoramemError):
+            eval_config(**bad)
+    with pytest.raises(LoramemError, match="more than the library's 3 documents"):
+        run_eval(tiny, dataset, tmp_path / "a", eval_config(library_top_k=4))
+    partial = tmp_path / "partial"
+    shutil.copytree(reference[0] / "library", partial)
+    manifest = json.loads((partial / "library.json").read_text())
+    manifest["documents"] = manifest["documents"][:2]
+    (partial / "library.json").write_text(json.dumps(manifest))
+    with pytest.raises(LoramemError, match="lacks 1 of the run's documents"):
+        run_eval(tiny, dataset, tmp_path / "b", eval_config(library=str(partial)))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_routing_recall_on_known_rows():
+    def row(doc: str, q: int, mode: str, rank: int | None, rouge: float) -> dict:
+        routed = [{"id": f"x{i}", "score": 0.5} for i in range(3)]
+        return {"doc_id": doc, "question_index": q, "question": "q", "references": ["r"], "press": "library",
+                "ratio": 1.0, "mode": mode, "format": None, "answer": "a", "rouge_l": rouge, "exact_match": 0.0,
+                "token_f1": rouge, "cache_tokens": 0, "seconds": 0.1, "routed": routed,
+                "routed_gold": rank is not None, "gold_rank": rank}
+
+    ranks = {("d0", 0): 1, ("d0", 1): 2, ("d1", 0): None, ("d1", 1): 1}
+    rows = [row(d, q, mode, rank, 0.5) for (d, q), rank in ranks.items() for mode in ("routed", "oracle")]
+    assert routing_recall(rows) == {"k": 3, "n": 4, "recall_at_1": 0.5, "recall_at_k": 0.75}
+    base = [{**row(d, q, "none", None, 0.25), "press": "snapkv"} for d, q in ranks]
+    for r in base:
+        del r["routed"], r["routed_gold"], r["gold_rank"]
+    assert routing_recall(base) is None
+    summary = summarize(rows + base, n_resamples=200)
+    assert summary["routing"]["recall_at_k"] == 0.75
+    margin = next(m for m in summary["margins"] if m["mode"] == "routed")
+    assert margin["versus"] == "snapkv" and margin["rouge_l"]["diff"] == pytest.approx(0.25)
+    console = Console(record=True, width=240)
+    print_table(summary, console)
+    text = " ".join(console.export_text().split())  # the caption wraps at the table's width
+    assert "recall@1 0.500, recall@3 0.750 (4 questions)" in text and "base = mode none at ratio 1 (snapkv)" in text
+
+
+def test_cli_eval_library_options(dataset, tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("eval", str(dataset), "--out", str(out), "--mode", "routed-merge,rag", "--library-top-k", "3",
+                     "--merge", "cat", "--context-chunks", "1", "--steps", "1", "--rank", "2", "--max-new-tokens", "2",
+                     "--model", str(tiny_dir), "--json")
+    assert result.returncode == 0, result.stderr.decode()
+    summary = json.loads(result.stdout)
+    assert summary["routing"]["k"] == 3 and summary["routing"]["recall_at_k"] == 1.0
+    config = json.loads((out / CONFIG).read_text())["config"]
+    assert (config["library_top_k"], config["merge"], config["context_chunks"]) == (3, "cat", 1)
+    rows = read_answers(out / ANSWERS)
+    assert len(rows) == len(NAMES) * N_QUESTIONS * 2 and all(len(r["context_chunks"]) == 1 for r in rows
+                                                               if r["mode"] == "rag")
+    assert "more than the library's 3" in one_line_error(run_cli("eval", str(dataset), "--out", str(tmp_path / "x"),
+                                                                 "--mode", "rag", "--library-top-k", "4", "--model",
+                                                                 str(tiny_dir)))
