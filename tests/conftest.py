@@ -48,6 +48,17 @@ def make_tiny_model(folder: Path, seed: int = 0, layers: int = 2) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model's ops are too small to share out: a second thread only adds waiting, badly so on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny"))

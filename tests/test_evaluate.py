@@ -31,15 +31,7 @@ def config(**changes) -> EvalConfig:
     return EvalConfig(**{**GRID, **FAST, **changes})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to share out: a second thread only adds waiting, badly so on a busy machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

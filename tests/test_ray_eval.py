@@ -44,18 +44,7 @@ def rows(run: Path) -> list[dict]:
     found = [{k: v for k, v in r.items() if k != "seconds"} for r in read_answers(run / ANSWERS)]
     return sorted(found, key=lambda r: json.dumps(r, sort_keys=True))
 
-
-@pytest.fixture()
-def local_threads():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each 1-CPU Ray worker runs
-    yield
-    torch.set_num_threads(before)
-
-
-def test_ray_run_equals_local_run(cluster, tiny, tiny_dir, tmp_path, local_threads):
+def test_ray_run_equals_local_run(cluster, tiny, tiny_dir, tmp_path, one_thread):
     from loramem.ray_eval import run_eval_ray
 
     data = dataset(tmp_path, ["light", "bees", "flaky"])
@@ -67,7 +56,7 @@ def test_ray_run_equals_local_run(cluster, tiny, tiny_dir, tmp_path, local_threa
     assert (tmp_path / "ray" / "parts" / "flaky.attempts").read_text() == "2"  # died once, retried
 
 
-def test_dead_worker_reported_others_kept_then_resumed(cluster, tiny, tiny_dir, tmp_path, local_threads):
+def test_dead_worker_reported_others_kept_then_resumed(cluster, tiny, tiny_dir, tmp_path, one_thread):
     from loramem.ray_eval import run_eval_ray
 
     data = dataset(tmp_path, ["light", "doomed"])
@@ -85,7 +74,7 @@ def test_dead_worker_reported_others_kept_then_resumed(cluster, tiny, tiny_dir, 
     assert rows(run) == rows(tmp_path / "fresh") and resumed == fresh
 
 
-def test_library_modes_on_ray_equal_a_local_run(cluster, tiny, tiny_dir, tmp_path, local_threads):
+def test_library_modes_on_ray_equal_a_local_run(cluster, tiny, tiny_dir, tmp_path, one_thread):
     """A Ray task builds the run's library before the document tasks route over it."""
     from loramem.ray_eval import run_eval_ray
 
