@@ -30,6 +30,12 @@ ModelOpt = typer.Option(None, "--model", "-m", help="Hugging Face id, local mode
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on CUDA), float32, float16, bfloat16")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output on stdout")
+# Adapter-training options shared by train-adapter, library add, eval and probe capacity.
+RankOpt = typer.Option(16, "--rank", help="LoRA rank")
+TargetsOpt = typer.Option("all", "--targets", help="attn, mlp, all, or module names (comma-separated)")
+LayersOpt = typer.Option(None, "--layers", help="e.g. 0-14, 0,3,5, first-half, second-half")
+LrOpt = typer.Option(None, "--lr", help="Learning rate [default: train-adapter's, 1.5e-3]")
+StepsOpt = typer.Option(None, "--steps", help="Train this many steps instead of --epochs")
 PARTIAL_EXIT = 4
 
 
@@ -163,14 +169,14 @@ def train_adapter(
     qa: Optional[str] = typer.Option(None, "--qa", help="JSONL of {question, answer} training pairs"),
     synth: int = typer.Option(16, "--synth", help="Without --qa: synthesize this many pairs from the document"),
     fmt: str = typer.Option("qa", "--format", help="qa (closed-book QA), ntp (raw text) or mixed"),
-    rank: int = typer.Option(16, "--rank"),
+    rank: int = RankOpt,
     alpha: float = typer.Option(32.0, "--alpha"),
     dropout: float = typer.Option(0.0, "--dropout"),
-    targets: str = typer.Option("all", "--targets", help="attn, mlp, all, or module names (comma-separated)"),
-    layers: Optional[str] = typer.Option(None, "--layers", help="e.g. 0-14, 0,3,5, first-half, second-half"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate [default: TrainConfig's]"),
+    targets: str = TargetsOpt,
+    layers: Optional[str] = LayersOpt,
+    lr: Optional[float] = LrOpt,
     epochs: int = typer.Option(8, "--epochs"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Train this many steps instead of --epochs"),
+    steps: Optional[int] = StepsOpt,
     batch_size: int = typer.Option(4, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
     max_length: int = typer.Option(512, "--max-length"),
@@ -495,10 +501,10 @@ def library_add(
     qa: Optional[str] = typer.Option(None, "--qa", help="JSONL of {question, answer} training pairs (one DOC)"),
     synth: int = typer.Option(16, "--synth", help="Without --qa: synthesize this many pairs per document"),
     fmt: str = typer.Option("qa", "--format", help="qa (closed-book QA), ntp (raw text) or mixed"),
-    rank: int = typer.Option(16, "--rank"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate [default: train-adapter's]"),
+    rank: int = RankOpt,
+    lr: Optional[float] = LrOpt,
     epochs: int = typer.Option(8, "--epochs"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Train this many steps instead of --epochs"),
+    steps: Optional[int] = StepsOpt,
     seed: int = typer.Option(0, "--seed"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model [default: the library's, else the "
                                         "embedded SmolLM2-135M-Instruct]"),
@@ -608,12 +614,12 @@ def eval_run(
     context_chunks: int = typer.Option(2, "--context-chunks", help="hybrid, rag: retrieved chunks in context"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     synth: int = typer.Option(16, "--synth", help="Training pairs synthesized for documents without train_qa"),
-    rank: int = typer.Option(16, "--rank"),
-    targets: str = typer.Option("all", "--targets", help="attn, mlp, all, or module names"),
-    layers: Optional[str] = typer.Option(None, "--layers", help="e.g. 0-14, first-half"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate [default: train-adapter's]"),
+    rank: int = RankOpt,
+    targets: str = TargetsOpt,
+    layers: Optional[str] = LayersOpt,
+    lr: Optional[float] = LrOpt,
     epochs: int = typer.Option(8, "--epochs"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Train each adapter this many steps instead"),
+    steps: Optional[int] = StepsOpt,
     seed: int = typer.Option(0, "--seed"),
     ray: Optional[str] = typer.Option(None, "--ray", help="Run documents as Ray tasks: local (start Ray here), "
                                       "auto or HOST:PORT (join a cluster; RUN_DIR must be shared)"),
@@ -693,10 +699,10 @@ def probe_capacity(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for capacity.json, capacity.png and the adapters"),
     ranks: str = typer.Option("4,16,64", "--ranks", help="LoRA ranks"),
     facts: str = typer.Option("50,200,800", "--facts", help="Fact-set sizes (invented phone numbers)"),
-    targets: str = typer.Option("all", "--targets", help="attn, mlp, all, or module names"),
-    layers: Optional[str] = typer.Option(None, "--layers", help="e.g. 0-14, first-half, second-half"),
+    targets: str = TargetsOpt,
+    layers: Optional[str] = LayersOpt,
     epochs: int = typer.Option(10, "--epochs"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate [default: train-adapter's]"),
+    lr: Optional[float] = LrOpt,
     threshold: float = typer.Option(0.9, "--threshold", help="Recall that counts as stored, for saturation"),
     seed: int = typer.Option(0, "--seed"),
     model: Optional[str] = ModelOpt, device: str = DeviceOpt, dtype: str = DtypeOpt, as_json: bool = JsonOpt,

@@ -72,3 +72,19 @@ def test_tiny_cache_refused_by_default_model(tiny_dir, tmp_path):
     assert run_cli("encode", str(DEMO_DOC), "-o", str(kv), "--model", str(tiny_dir)).returncode == 0
     result = run_cli("ask", "--cache", str(kv), "Who?")
     assert result.returncode == 3 and b"another model" in result.stderr
+
+
+def test_eval_with_adapter_and_library_modes_on_default_model(real, tmp_path):
+    """The eval grid end to end on the default model: prefill, compression, a QA adapter, a library, routing."""
+    from loramem.evaluate import EvalConfig, run_eval
+
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join((REPO / "examples" / "fiction.jsonl").read_text().splitlines(keepends=True)[:2]))
+    config = EvalConfig(ratios=[0.0, 1.0], presses=["snapkv"], modes=["none", "decode", "oracle", "rag"],
+                        formats=["qa"], max_new_tokens=12, steps=6, limit=2, library_top_k=1)
+    summary = run_eval(real, data, tmp_path / "run", config)
+    assert summary["complete"] and summary["n_documents"] == 2 and summary["n_questions"] == 16
+    assert summary["routing"]["recall_at_1"] >= 0.5  # questions name the document's invented people and places
+    cells = {(c["mode"], c["ratio"]): c for c in summary["cells"]}
+    assert cells[("none", 0.0)]["contains"]["mean"] > cells[("none", 1.0)]["contains"]["mean"]
+    assert real.adapter is None
