@@ -7,6 +7,8 @@ for others (base-model prefill, adapter-only decoding), so an adapter is attache
 from __future__ import annotations
 
 import json
+import math
+import struct
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,24 @@ def read_adapter_meta(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]
     except json.JSONDecodeError as exc:
         raise LoramemError(f"{path} has an unreadable JSON file: {exc}") from exc
     return config, meta
+
+
+def weights_size(path: str | Path) -> tuple[int, int]:
+    """(parameters, tensor bytes) of a safetensors file, from its header alone (adapters can be large)."""
+    try:
+        with Path(path).open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        tensors = [t for name, t in header.items() if name != "__metadata__"]
+        return (sum(math.prod(t["shape"]) for t in tensors),
+                sum(t["data_offsets"][1] - t["data_offsets"][0] for t in tensors))
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LoramemError(f"{path} is not a readable safetensors file") from exc
+
+
+def adapter_tensor_bytes(path: str | Path) -> int:
+    """Bytes of an adapter directory's weights as stored: its side of an equal-memory comparison with KV."""
+    return weights_size(Path(path) / ADAPTER_WEIGHTS)[1]
 
 
 def adapter_sha256(path: str | Path) -> str:

@@ -592,7 +592,8 @@ def _split(text: str) -> list[str]:
 def eval_run(
     dataset: str = typer.Argument(..., metavar="DATA", help="Dataset JSONL (see `loramem data`)"),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: answers.jsonl, summary.json, curves.png"),
-    ratios: str = typer.Option("0,0.25,0.5,0.75,0.9,1.0", "--ratios", help="Compression ratios"),
+    ratios: Optional[str] = typer.Option(None, "--ratios", help="Compression ratios [default: 0,0.25,0.5,0.75,0.9,1.0; "
+                                         "none with --budget-bytes]"),
     press: str = typer.Option("snapkv,knorm", "--press", help="Presses (comma-separated)"),
     mode: str = typer.Option("none,decode,all", "--mode", help="Inference modes: none, decode, all, base_scores; "
                              "library modes: oracle, routed, routed-merge, hybrid, rag"),
@@ -612,6 +613,10 @@ def eval_run(
     library_top_k: int = typer.Option(3, "--library-top-k", help="routed-merge, hybrid: documents routed and merged"),
     merge: str = typer.Option("ties", "--merge", help="routed-merge, hybrid: ties, linear, cat, dare_ties or svd"),
     context_chunks: int = typer.Option(2, "--context-chunks", help="hybrid, rag: retrieved chunks in context"),
+    budget_bytes: Optional[str] = typer.Option(None, "--budget-bytes", help="Byte budgets (e.g. 8MB,32MiB), each "
+                                               "split between kept KV and an adapter at every --budget-ranks point"),
+    budget_ranks: str = typer.Option("0,2,8,32", "--budget-ranks", help="Adapter ranks of the budget split "
+                                     "(0: the whole budget on KV); a rank whose adapter exceeds a budget is left out"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     synth: int = typer.Option(16, "--synth", help="Training pairs synthesized for documents without train_qa"),
     rank: int = RankOpt,
@@ -631,14 +636,20 @@ def eval_run(
     """Answer every question under every press, ratio, mode and format; score, summarize and plot."""
     from loramem.evaluate import EvalConfig, parse_shard, run_eval
 
+    from loramem.sizes import parse_size
+
     extra = {"lr": lr} if lr is not None else {}
+    budgets = [parse_size(b) for b in _split(budget_bytes or "")]
+    if ratios is None:
+        ratios = "" if budgets else "0,0.25,0.5,0.75,0.9,1.0"
     config = EvalConfig(ratios=[_parse_ratio(r) for r in _split(ratios)], presses=_split(press),
                         modes=_split(mode), formats=_split(fmt), granularities=_split(granularity),
                         store_dtypes=_split(store_dtype), groups=groups, max_new_tokens=max_new_tokens, limit=limit,
                         shard=parse_shard(shard), seed=seed, synth_pairs=synth,
                         adapters=str(adapters) if adapters else None, rank=rank, targets=targets, layers=layers,
                         epochs=epochs, steps=steps, library=str(library) if library else None,
-                        library_top_k=library_top_k, merge=merge, context_chunks=context_chunks, **extra)
+                        library_top_k=library_top_k, merge=merge, context_chunks=context_chunks,
+                        budget_bytes=budgets, budget_ranks=_integers(budget_ranks, "--budget-ranks"), **extra)
     if ray is not None:
         from loramem.ray_eval import run_eval_ray
 
@@ -711,13 +722,7 @@ def probe_capacity(
     from loramem.log import progress_bar
     from loramem.probe import ProbeConfig, run_probe
 
-    def numbers(text: str, what: str) -> list[int]:
-        try:
-            return [int(x) for x in _split(text)]
-        except ValueError as exc:
-            raise LoramemError(f"{what} must be comma-separated integers, got {text!r}") from exc
-
-    config = ProbeConfig(ranks=numbers(ranks, "--ranks"), facts=numbers(facts, "--facts"), targets=targets,
+    config = ProbeConfig(ranks=_integers(ranks, "--ranks"), facts=_integers(facts, "--facts"), targets=targets,
                          layers=layers, epochs=epochs, threshold=threshold, seed=seed,
                          **({"lr": lr} if lr is not None else {}))
     lm = _load(model, device, dtype)
@@ -739,6 +744,13 @@ def probe_capacity(
     for s in result["saturation"]:
         sys.stdout.write(f"rank {s['rank']}: saturates at {s['saturation_facts'] or '<' + str(config.facts[0])} "
                          f"facts (recall >= {threshold}); at most {s['max_facts_stored']:g} stored\n")
+
+
+def _integers(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in _split(text)]
+    except ValueError as exc:
+        raise LoramemError(f"{what} must be comma-separated integers, got {text!r}") from exc
 
 
 def _parse_ratio(text: str) -> float:

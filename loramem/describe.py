@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import math
-import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from loramem.adapters import ADAPTER_WEIGHTS, read_adapter_meta
+from loramem.adapters import ADAPTER_WEIGHTS, read_adapter_meta, weights_size
 from loramem.cache import KVCache
-from loramem.errors import LoramemError
 from loramem.models import local_config
 
 
@@ -86,19 +82,6 @@ def describe_cache(cache: KVCache, nbytes: int | None = None) -> dict[str, Any]:
     }
 
 
-def _weights_size(path: Path) -> tuple[int, int]:
-    """(parameters, tensor bytes) of a safetensors file, from its header alone (adapters can be large)."""
-    try:
-        with path.open("rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        tensors = [t for name, t in header.items() if name != "__metadata__"]
-        return (sum(math.prod(t["shape"]) for t in tensors),
-                sum(t["data_offsets"][1] - t["data_offsets"][0] for t in tensors))
-    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise LoramemError(f"{path} is not a readable safetensors file") from exc
-
-
 def kv_bytes_per_token(config: dict[str, Any]) -> tuple[int, torch.dtype] | None:
     """(bytes, dtype) of one token's keys and values in a model's KV cache, from its config.json:
     layers x KV heads x head_dim x 2 (K and V) x bytes of the checkpoint dtype; None when not stated."""
@@ -136,7 +119,7 @@ def describe_adapter(path: str | Path) -> dict[str, Any]:
     config, meta = read_adapter_meta(path)
     weights = Path(path) / ADAPTER_WEIGHTS
     base_model = meta.get("base_model", {}).get("id") or config.get("base_model_name_or_path")
-    parameters, tensor_bytes = _weights_size(weights)
+    parameters, tensor_bytes = weights_size(weights)
     return {
         "kind": "adapter",
         "path": str(path),

@@ -17,6 +17,10 @@ top-1 routed document's adapter, closed-book; `routed-merge` the top-k routed ad
 merge with the best retrieved chunks in context; `rag` those chunks and no adapter. They hold no KV of the
 question's own document, so their answers carry press "library" and ratio 1.0, and their margin is against
 `none` at ratio 1.0; each also records where routing put the gold document (`routed_gold`, `gold_rank`).
+
+Budget points (`budget_bytes`) spend one byte budget on both memories: an adapter of each `budget_ranks` rank
+and, in the bytes left, the press's top document tokens as stored. Their answers carry ratio null (the share
+kept depends on the document's length) and the bytes and tokens spent.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from loramem import __version__
-from loramem.adapters import attach_adapter, detach_adapter, read_adapter_meta
+from loramem.adapters import adapter_tensor_bytes, attach_adapter, detach_adapter, read_adapter_meta
 from loramem.cache import KVCache
 from loramem.compress import compress, restore
 from loramem.datasets import DocRecord, load_dataset, load_qa_pairs
@@ -55,8 +59,9 @@ from loramem.quantize import make_storage
 from loramem.report import (
     ANSWERS, CONFIG, FAILURES, LIBRARY_MODES, LIBRARY_SERIES, MODES, cell_key, read_answers, read_json, write_report,
 )
+from loramem.sizes import format_size
 from loramem.synth import synthesize
-from loramem.train import FORMATS, TrainConfig, train_adapter
+from loramem.train import FORMATS, TrainConfig, adapter_element_bytes, lora_parameters, train_adapter
 from loramem.value_groups import compress_value_groups
 
 ADAPTER_MODES = ("decode", "all", "base_scores")
@@ -67,6 +72,7 @@ STORE_DTYPES = ("native", "fp16", "bf16", "int8", "int4")
 SYNTH_QA = "train_qa"
 LIBRARY = "library"
 LIBRARY_SETTINGS = ("library", "library_top_k", "merge", "context_chunks")
+BUDGET_SETTINGS = ("budget_bytes", "budget_ranks")
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -102,6 +108,8 @@ class EvalConfig:
     library_top_k: int = 3  # routed-merge, hybrid: documents routed to and merged
     merge: str = "ties"
     context_chunks: int = 2  # hybrid, rag: retrieved chunks in context
+    budget_bytes: list[int] = field(default_factory=list)  # byte budgets split between kept KV and an adapter
+    budget_ranks: list[int] = field(default_factory=lambda: [0, 2, 8, 32])  # the split's points; 0: KV only
 
     def __post_init__(self) -> None:
         """Refuse a bad grid before the model does any work; ratios are deduplicated and sorted."""
@@ -118,8 +126,16 @@ class EvalConfig:
             raise LoramemError("mode base_scores works with token granularity only")
         if self.groups < 1:
             raise LoramemError(f"groups must be at least 1, got {self.groups}")
-        if not self.ratios or not self.modes:
+        if not self.budget_bytes and (not self.ratios or not self.modes):
             raise LoramemError("give at least one ratio and one mode")
+        if any(b <= 0 for b in self.budget_bytes) or any(r < 0 for r in self.budget_ranks):
+            raise LoramemError("byte budgets must be positive and budget ranks >= 0")
+        self.budget_bytes = sorted(set(self.budget_bytes))
+        self.budget_ranks = sorted(set(self.budget_ranks))
+        if self.budget_bytes and not self.budget_ranks:
+            raise LoramemError("give at least one budget rank (0: all bytes to kept KV)")
+        if self.budget_bytes and any(self.budget_ranks) and not self.formats:
+            raise LoramemError("budget ranks above 0 need a training format (--format qa)")
         if any(m in ADAPTER_MODES for m in self.modes) and not self.formats:
             raise LoramemError("adapter modes need at least one training format (--format qa,ntp)")
         index, count = self.shard = (int(self.shard[0]), int(self.shard[1]))
@@ -137,9 +153,9 @@ class EvalConfig:
         for fmt in self.formats:
             self.train_config(fmt)
 
-    def train_config(self, fmt: str) -> TrainConfig:
-        """The adapter hyperparameters for one training format."""
-        return TrainConfig(format=fmt, rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
+    def train_config(self, fmt: str, rank: int | None = None) -> TrainConfig:
+        """The adapter hyperparameters for one training format (and a budget point's rank)."""
+        return TrainConfig(format=fmt, rank=self.rank if rank is None else rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
                            layers=self.layers, lr=self.lr, epochs=self.epochs, steps=self.steps,
                            batch_size=self.batch_size, seed=self.seed, max_length=self.max_length,
                            chunk_size=self.chunk_size)
@@ -150,9 +166,10 @@ class EvalConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """As config.json stores it (JSON types), so a stored config compares equal to a fresh one. Runs without
-        library modes leave the library settings out, so runs made before those existed still resume and merge."""
+        library modes or budgets leave those settings out, so runs made before they existed still resume and merge."""
         data = json.loads(json.dumps(asdict(self)))
-        return data if self.uses_library else {k: v for k, v in data.items() if k not in LIBRARY_SETTINGS}
+        unused = (() if self.uses_library else LIBRARY_SETTINGS) + (() if self.budget_bytes else BUDGET_SETTINGS)
+        return {k: v for k, v in data.items() if k not in unused}
 
 
 def _known(names: Sequence[str], allowed: Sequence[str], what: str) -> list[str]:
@@ -190,14 +207,20 @@ class _Cell:
 
     question_index: int
     press: str
-    ratio: float
+    ratio: float | None  # None: a budget point, whose kept share depends on the document's length
     mode: str
     format: str | None
     granularity: str = "token"
     store: str = "native"
+    budget: int | None = None  # budget points: bytes for kept KV plus the adapter of rank `rank`
+    rank: int = 0
 
     def variant(self, groups: int) -> str:
-        """How the kept KV is cut and stored, as answers.jsonl names it: e.g. token, value-group/4 int8."""
+        """How the kept KV is cut and stored, as answers.jsonl names it: e.g. token, value-group/4 int8,
+        budget 16000000 r8."""
+        if self.budget is not None:
+            name = f"budget {self.budget} r{self.rank}"
+            return name if self.store == "native" else f"{name} {self.store}"
         return variant_name(self.granularity, groups, self.store)
 
 
@@ -206,16 +229,41 @@ def variant_name(granularity: str, groups: int, store: str) -> str:
     return name if store == "native" else f"{name} {store}"
 
 
-def _grid(record: DocRecord, config: EvalConfig) -> list[_Cell]:
+def budget_sizes(lm: LoadedModel, config: EvalConfig) -> dict[int, int]:
+    """Stored bytes of the run's adapter at each budget rank (0 for rank 0), from the model before any training."""
+    element = adapter_element_bytes(lm.model)
+    return {rank: rank and lora_parameters(lm.model, config.train_config("qa", rank)) * element
+            for rank in config.budget_ranks} if config.budget_bytes else {}
+
+
+def budget_points(config: EvalConfig, sizes: dict[int, int]) -> list[tuple[int, int]]:
+    """(budget, rank) points of the trade-off: every budget with every rank whose adapter alone fits in it."""
+    points, dropped = [], []
+    for budget in config.budget_bytes:
+        for rank in config.budget_ranks:
+            (points if sizes[rank] < budget else dropped).append((budget, rank))
+    for budget, rank in dropped:
+        warn(f"budget {format_size(budget)}: a rank-{rank} adapter alone takes {format_size(sizes[rank])}; "
+             "that point is left out")
+    if config.budget_bytes and not any(rank for _, rank in points) and any(config.budget_ranks):
+        warn("no budget holds any of the adapters; only KV-only points remain")
+    return points
+
+
+def _grid(record: DocRecord, config: EvalConfig, points: list[tuple[int, int]]) -> list[_Cell]:
     """Every cell of a document, grouped by press and ratio so each compressed cache is built once; library modes
-    once per question, outside the press and ratio grid."""
+    once per question, outside the press and ratio grid; budget points (base KV, adapter on for decoding) last."""
     kv_modes = [m for m in config.modes if m not in LIBRARY_MODES]
     library_modes = [m for m in config.modes if m in LIBRARY_MODES]
+    questions = range(len(record.qa))
     return [_Cell(q, press, ratio, mode, fmt, granularity, store)
             for press in config.presses for granularity in config.granularities for store in config.store_dtypes
             for ratio in config.ratios for mode in kv_modes
-            for fmt in ([None] if mode == "none" else config.formats) for q in range(len(record.qa))] + [
-        _Cell(q, LIBRARY_SERIES, 1.0, mode, None) for mode in library_modes for q in range(len(record.qa))]
+            for fmt in ([None] if mode == "none" else config.formats) for q in questions] + [
+        _Cell(q, LIBRARY_SERIES, 1.0, mode, None) for mode in library_modes for q in questions] + [
+        _Cell(q, press, None, "decode" if rank else "none", fmt, store=store, budget=budget, rank=rank)
+        for press in config.presses for store in config.store_dtypes for budget, rank in points
+        for fmt in (config.formats if rank else [None]) for q in questions]
 
 
 def key_of(record: DocRecord, cell: _Cell, groups: int) -> tuple:
@@ -332,8 +380,11 @@ class RunPlan:
 
 
 def prepare_run(model: dict[str, Any], dataset: str | Path, run_dir: str | Path, config: EvalConfig,
-                *, resume: bool = False) -> RunPlan:
-    """Read and check the dataset, open (or resume) RUN_DIR, and list the cells still to answer."""
+                *, resume: bool = False, sizes: dict[int, int] | None = None) -> RunPlan:
+    """Read and check the dataset, open (or resume) RUN_DIR, and list the cells still to answer.
+
+    `sizes`: the adapter bytes of each budget rank (`budget_sizes`), needed when the config has budgets.
+    """
     if str(dataset) == "-":
         raise LoramemError("eval needs a dataset file, not stdin (resuming and sharding read it again)")
     data, _ = read_input_bytes(dataset, "dataset")
@@ -342,18 +393,24 @@ def prepare_run(model: dict[str, Any], dataset: str | Path, run_dir: str | Path,
     if not records:
         raise LoramemError(f"shard {config.shard[0]}/{config.shard[1]} of {dataset} holds no documents")
     run = Path(run_dir)
-    grids = [(record, _grid(record, config)) for record in records]
+    if config.budget_bytes and sizes is None:
+        raise LoramemError("a run with byte budgets needs the adapter sizes of its model (budget_sizes)")
+    points = budget_points(config, sizes or {})
+    grids = [(record, _grid(record, config, points)) for record in records]
     if config.adapters is not None:
-        needed = [(r, fmt) for r in records for fmt in config.formats] if any(
-            m in ADAPTER_MODES for m in config.modes) else []
+        needed = [(r, fmt, None) for r in records for fmt in config.formats] if any(
+            m in ADAPTER_MODES for m in config.modes) and config.ratios else []
         if config.uses_library and config.library is None:
-            needed += [(r, "qa") for r in documents]
-        for record, fmt in needed:
-            path = Path(config.adapters) / f"{file_name(record.id)}-{fmt}"
+            needed += [(r, "qa", None) for r in documents]
+        needed += [(r, fmt, rank) for r in records for fmt in config.formats for rank in sorted(
+            {rank for _, rank in points if rank})]
+        for record, fmt, rank in needed:
+            path = Path(config.adapters) / adapter_name(record.id, fmt, rank, config)
             if not path.is_dir():
-                raise LoramemError(f"--adapters {config.adapters} has no {fmt} adapter for document "
-                                   f"{record.id} (expected {path})")
-            _check_adapter(path, record, fmt)
+                raise LoramemError(f"--adapters {config.adapters} has no {fmt} adapter" +
+                                   (f" of rank {rank}" if rank else "") + f" for document {record.id} "
+                                   f"(expected {path})")
+            _check_adapter(path, record, fmt, rank)
     if config.uses_library:
         _check_library(model, documents, config)
     done = _open_run(run, _header(model, config, Path(dataset), sha256_bytes(data), grids), resume)
@@ -376,7 +433,7 @@ def run_eval(
 
     Returns the summary (see `loramem.report.summarize`). `lm` is left without an adapter.
     """
-    plan = prepare_run(model_info(lm), dataset, run_dir, config, resume=resume)
+    plan = prepare_run(model_info(lm), dataset, run_dir, config, resume=resume, sizes=budget_sizes(lm, config))
     with progress_bar("evaluating", plan.n_cells) as advance:
         answers = AnswerLog(plan.run / ANSWERS, advance)
         try:
@@ -418,13 +475,16 @@ def evaluate_document(lm: LoadedModel, record: DocRecord, cells: list[_Cell], co
 def _evaluate_document(lm: LoadedModel, record: DocRecord, cells: list[_Cell], config: EvalConfig, run: Path,
                        answers: AnswerLog, status: Callable[[str], None]) -> None:
     library_cells = [c for c in cells if c.mode in LIBRARY_MODES]
-    cells = [c for c in cells if c.mode not in LIBRARY_MODES]
+    budget_cells = [c for c in cells if c.budget is not None]
+    cells = [c for c in cells if c.mode not in LIBRARY_MODES and c.budget is None]
     if library_cells:
         _answer_library(lm, record, library_cells, config, run, answers, status)
     base: KVCache | None = None
-    if any(c.mode != "all" for c in cells):
+    if budget_cells or any(c.mode != "all" for c in cells):
         status("base prefill")
         base = encode(lm, record.document, presses=config.presses)
+    if budget_cells:
+        _answer_budget(lm, record, budget_cells, base, config, run, answers, status)
     status("answering")
     _answer(lm, record, [c for c in cells if c.mode == "none"], lambda c: _kept(base, c, config), False, config,
             answers)
@@ -457,18 +517,75 @@ def _kept(cache: KVCache, cell: _Cell, config: EvalConfig, scores_from: KVCache 
 
 
 def _answer(lm: LoadedModel, record: DocRecord, cells: list[_Cell], cache_for: Callable[[_Cell], KVCache],
-            adapter_on: bool, config: EvalConfig, answers: AnswerLog) -> None:
-    """Answer cells, building each kept cache once; `seconds` is the answer's own generation time."""
+            adapter_on: bool, config: EvalConfig, answers: AnswerLog,
+            extra: Callable[[_Cell, KVCache], dict[str, Any]] = lambda cell, cache: {}) -> None:
+    """Answer cells, building each kept cache once; `seconds` is the answer's own generation time, `extra` adds
+    fields to each answer line from its cache."""
     groups: dict[tuple, list[_Cell]] = {}
     for cell in cells:
-        groups.setdefault((cell.press, cell.ratio, cell.granularity, cell.store), []).append(cell)
+        groups.setdefault((cell.press, cell.ratio, cell.granularity, cell.store, cell.budget), []).append(cell)
     for group in groups.values():
         cache = cache_for(group[0])
         for cell in group:
             qa = record.qa[cell.question_index]
             started = time.perf_counter()
             answer = generate(lm, qa.question, cache, max_new_tokens=config.max_new_tokens, adapter_on=adapter_on)
-            answers.write(_row(record, cell, config, answer, time.perf_counter() - started, cache.nbytes_stored))
+            row = _row(record, cell, config, answer, time.perf_counter() - started, cache.nbytes_stored)
+            answers.write({**row, **extra(cell, cache)})
+
+
+def _answer_budget(lm: LoadedModel, record: DocRecord, cells: list[_Cell], base: KVCache, config: EvalConfig,
+                   run: Path, answers: AnswerLog, status: Callable[[str], None]) -> None:
+    """Budget points: the adapter's stored bytes come off the budget and the rest buys the press's top document
+    tokens, as stored (rank 0 spends it all on KV; the framing around the document is not counted, see
+    `within_budget`); the adapter is on for the question and answer only."""
+    points: dict[tuple[str | None, int], list[_Cell]] = {}
+    for cell in cells:
+        points.setdefault((cell.format, cell.rank), []).append(cell)
+    for (fmt, rank), mine in points.items():
+        adapter_bytes = 0
+        if fmt is not None:
+            path = _adapter(lm, record, fmt, config, run, status, rank)
+            attach_adapter(lm, path)
+            adapter_bytes = adapter_tensor_bytes(path)
+        status(f"answering within budgets, adapter rank {rank}")
+
+        def fields(cell: _Cell, cache: KVCache, adapter_bytes: int = adapter_bytes) -> dict[str, Any]:
+            step = cache.meta["compression"]
+            document_kv = cache.nbytes_stored - step["framing_bytes"]
+            return {"budget_bytes": cell.budget, "adapter_rank": rank, "adapter_bytes": adapter_bytes,
+                    "document_kv_bytes": document_kv, "total_bytes": adapter_bytes + document_kv,
+                    "store": cell.store, "kv_tokens_kept": step["n_doc_kept"],
+                    "document_tokens": cache.n_tokens - int(cache.meta.get("n_protected", 0))}
+
+        _answer(lm, record, mine, lambda c: within_budget(base, c.press, c.budget - adapter_bytes, c.store),
+                fmt is not None, config, answers, fields)
+        detach_adapter(lm)
+
+
+def within_budget(cache: KVCache, press: str, room: int, store: str = "native") -> KVCache:
+    """The press's top document tokens whose stored bytes fit in `room`.
+
+    The framing tokens around the document (chat template, instructions) are kept as always and not counted: every
+    answer needs them, with or without document memory, so a budget buys document tokens only. The compression
+    step records `max_bytes` and `framing_bytes` (the stored size of the framing alone).
+    """
+    storage = None if store == "native" else make_storage(store, head_dim=cache.meta["head_dim"])
+    n_doc = cache.n_tokens - int(cache.meta.get("n_protected", 0))
+
+    def kept(n: int) -> KVCache:
+        return compress(cache, press, keep=n, storage=storage)
+
+    empty = kept(0)
+    framing = empty.nbytes_stored
+    per_token = kept(1).nbytes_stored - framing if n_doc else 0
+    n = 0 if per_token <= 0 else max(0, min(n_doc, room // per_token))
+    small = kept(n)
+    while n > 0 and small.nbytes_stored - framing > room:  # storage that does not grow linearly with tokens
+        n = max(0, n - max(1, -(-(small.nbytes_stored - framing - room) // per_token)))
+        small = kept(n)
+    small.meta["compression"].update(max_bytes=room, framing_bytes=framing)
+    return small
 
 
 def _row(record: DocRecord, cell: _Cell, config: EvalConfig, answer: Answer, seconds: float,
@@ -593,30 +710,40 @@ def _answer_library(lm: LoadedModel, record: DocRecord, cells: list[_Cell], conf
     detach_adapter(lm)
 
 
+def adapter_name(doc_id: str, fmt: str, rank: int | None, config: EvalConfig) -> str:
+    """DOCID-FORMAT, or DOCID-FORMAT-rRANK for a budget point's rank other than the run's --rank."""
+    name = f"{file_name(doc_id)}-{fmt}"
+    return name if rank is None or rank == config.rank else f"{name}-r{rank}"
+
+
 def _adapter(lm: LoadedModel, record: DocRecord, fmt: str, config: EvalConfig, run: Path,
-             status: Callable[[str], None]) -> Path:
-    """The document's adapter for a format: reused from --adapters or RUN_DIR/adapters, else trained there."""
-    name = f"{file_name(record.id)}-{fmt}"
+             status: Callable[[str], None], rank: int | None = None) -> Path:
+    """The document's adapter for a format (and rank): reused from --adapters or RUN_DIR/adapters, else trained
+    there."""
+    name = adapter_name(record.id, fmt, rank, config)
     if config.adapters is not None:
         return Path(config.adapters) / name
     path = run / ADAPTERS / name
+    what = f"{fmt} adapter" + (f" (rank {rank})" if rank is not None else "")
     if not path.exists():
         qa = _training_pairs(lm, record, config, run, status) if fmt in ("qa", "mixed") else []
         path.parent.mkdir(exist_ok=True)
-        status(f"training the {fmt} adapter")
-        train_adapter(lm, record.document, qa, path, config.train_config(fmt),
-                      on_step=lambda step, total, loss: status(f"training the {fmt} adapter, step {step}/{total}"))
-    _check_adapter(path, record, fmt)
+        status(f"training the {what}")
+        train_adapter(lm, record.document, qa, path, config.train_config(fmt, rank),
+                      on_step=lambda step, total, loss: status(f"training the {what}, step {step}/{total}"))
+    _check_adapter(path, record, fmt, rank)
     return path
 
 
-def _check_adapter(path: Path, record: DocRecord, fmt: str) -> None:
-    """An adapter made for this document and format (the model is checked when it is attached)."""
-    _, meta = read_adapter_meta(path)
+def _check_adapter(path: Path, record: DocRecord, fmt: str, rank: int | None = None) -> None:
+    """An adapter made for this document, format and rank (the model is checked when it is attached)."""
+    config, meta = read_adapter_meta(path)
     if meta.get("document_sha256") != sha256_text(record.document):
         raise IncompatibleArtifactError(f"adapter {path} was trained on another document than {record.id}")
     if meta.get("format") != fmt:
         raise IncompatibleArtifactError(f"adapter {path} was trained with format {meta.get('format')}, not {fmt}")
+    if rank is not None and config.get("r") != rank:
+        raise IncompatibleArtifactError(f"adapter {path} has rank {config.get('r')}, not {rank}")
 
 
 def _training_pairs(lm: LoadedModel, record: DocRecord, config: EvalConfig, run: Path,

@@ -19,8 +19,8 @@ from loramem.adapters import detach_adapter
 from loramem.datasets import DocRecord
 from loramem.errors import LoramemError
 from loramem.evaluate import (
-    PARTS, AnswerLog, EvalConfig, build_library, evaluate_document, file_name, fold_parts, key_of, model_info,
-    prepare_run, record_failures,
+    PARTS, AnswerLog, EvalConfig, budget_sizes, build_library, evaluate_document, file_name, fold_parts, key_of,
+    model_info, prepare_run, record_failures,
 )
 from loramem.log import progress_bar, warn
 from loramem.models import LoadedModel, load_model
@@ -49,9 +49,12 @@ def _worker_model(spec: tuple[str | None, str, str], threads: int) -> LoadedMode
     return _models[spec]
 
 
-def _describe_model(spec: tuple[str | None, str, str], threads: int) -> dict[str, Any]:
-    """The model's identity as config.json records it, taken on a worker (the driver may have no GPU)."""
-    return model_info(_worker_model(spec, threads))
+def _describe_model(spec: tuple[str | None, str, str], threads: int,
+                    config: EvalConfig) -> tuple[dict[str, Any], dict[int, int]]:
+    """The model's identity as config.json records it and its adapter sizes at the budget ranks, taken on a worker
+    (the driver may have no GPU)."""
+    lm = _worker_model(spec, threads)
+    return model_info(lm), budget_sizes(lm, config)
 
 
 def _part(run: Path, record: DocRecord) -> Path:
@@ -135,7 +138,8 @@ def run_eval_ray(
         spec, threads = (model, device, dtype), int(max(1, cpus_per_worker))
         resources = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
         describe = ray.remote(_describe_model).options(**resources, max_retries=max_retries)
-        plan = prepare_run(ray.get(describe.remote(spec, threads)), dataset, run_dir, config, resume=resume)
+        model_ids, sizes = ray.get(describe.remote(spec, threads, config))
+        plan = prepare_run(model_ids, dataset, run_dir, config, resume=resume, sizes=sizes)
         if plan.needs_library:
             library = ray.remote(_library_task).options(**resources, max_retries=max_retries)
             try:

@@ -20,6 +20,7 @@ from typing import Any
 from loramem.errors import LoramemError
 from loramem.fileio import atomic_write_bytes
 from loramem.metrics import contains
+from loramem.sizes import format_size
 from loramem.stats import mean_ci, paired_bootstrap, paired_t_test
 
 ANSWERS = "answers.jsonl"
@@ -28,6 +29,7 @@ SUMMARY = "summary.json"
 CURVES = "curves.png"
 CURVES_CONTAINS = "curves-contains.png"
 BYTES_PLOT = "bytes.png"
+BUDGET_PLOT = "budget.png"
 FAILURES = "failures.json"
 METRICS = ("rouge_l", "exact_match", "token_f1", "contains")
 KV_MODES = ("none", "decode", "all", "base_scores")
@@ -48,13 +50,14 @@ _MODE_LABELS = {"none": "base (no adapter)", "decode": "base KV + adapter decode
                 "routed-merge": "top-k routed, merged adapter", "hybrid": "merged adapter + retrieved chunks",
                 "rag": "retrieved chunks, no adapter"}
 
-CellKey = tuple[str, int, str, float, str, "str | None", str]
+CellKey = tuple[str, int, str, "float | None", str, "str | None", str]
 Condition = tuple[str, float, str, "str | None"]  # (series, ratio, mode, format): one point of a curve
 
 
 def cell_key(row: dict[str, Any]) -> CellKey:
     """What makes an answer unique in a run: one question under one press, ratio, mode, format and KV variant."""
-    return (row["doc_id"], int(row["question_index"]), row["press"], float(row["ratio"]), row["mode"], row["format"],
+    ratio = None if row["ratio"] is None else float(row["ratio"])  # budget points have no fixed ratio
+    return (row["doc_id"], int(row["question_index"]), row["press"], ratio, row["mode"], row["format"],
             row.get("variant", "token"))
 
 
@@ -130,6 +133,13 @@ def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[
         r.setdefault("contains", contains(r["answer"], r["references"]))
     if not rows:
         raise LoramemError("no answers to summarize yet")
+    budget_rows = [r for r in rows if r.get("budget_bytes") is not None]
+    summary_all = {
+        "n_documents": len({r["doc_id"] for r in rows}),
+        "n_questions": len({(r["doc_id"], int(r["question_index"])) for r in rows}),
+        "n_answers": len(rows),
+    }
+    rows = [r for r in rows if r.get("budget_bytes") is None]
     presses = sorted(dict.fromkeys(series(r) for r in rows), key=lambda name: name == LIBRARY_SERIES)  # library last
     formats = list(dict.fromkeys(r["format"] for r in rows))
     by_condition: dict[Condition, dict[tuple[str, int], dict[str, Any]]] = defaultdict(dict)
@@ -160,9 +170,7 @@ def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[
                 extra = {"versus": versus[0]} if cond[2] in LIBRARY_MODES else {}
                 margins.append({**_condition_fields(cond), **extra, **margin})
     summary = {
-        "n_documents": len({r["doc_id"] for r in rows}),
-        "n_questions": len({(r["doc_id"], int(r["question_index"])) for r in rows}),
-        "n_answers": len(rows),
+        **summary_all,
         "confidence": CONFIDENCE,
         "unit": "question",
         "metrics": list(METRICS),
@@ -172,7 +180,42 @@ def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[
     routing = routing_recall(rows)
     if routing is not None:
         summary["routing"] = routing
+    if budget_rows:
+        summary["budget"] = summarize_budget(budget_rows, n_resamples)
     return summary
+
+
+def summarize_budget(rows: list[dict[str, Any]], n_resamples: int) -> list[dict[str, Any]]:
+    """Per budget point (press, storage, budget, adapter rank, format): bytes spent on each memory, tokens kept,
+    every metric with its CI, and the paired margin against spending the same budget on KV alone (rank 0)."""
+    points: dict[tuple, dict[tuple[str, int], dict[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        key = (r["press"], r["store"], int(r["budget_bytes"]), int(r["adapter_rank"]), r["mode"], r["format"])
+        points[key][(r["doc_id"], int(r["question_index"]))] = r
+    result = []
+    for key in sorted(points, key=lambda k: (k[:4], str(k[5]))):
+        press, store, budget, rank, mode, fmt = key
+        answers = list(points[key].values())
+
+        def mean(name: str) -> float:
+            return round(sum(a[name] for a in answers) / len(answers), 1)
+
+        point: dict[str, Any] = {
+            "press": press, "store": store, "budget_bytes": budget, "adapter_rank": rank, "mode": mode, "format": fmt,
+            "n": len(answers), "n_documents": len({a["doc_id"] for a in answers}),
+            "adapter_bytes": mean("adapter_bytes"), "document_kv_bytes": mean("document_kv_bytes"),
+            "total_bytes": mean("total_bytes"),
+            "kv_tokens_kept": mean("kv_tokens_kept"), "document_tokens": mean("document_tokens"),
+            "adapter_share": round(mean("adapter_bytes") / budget, 4),
+        }
+        for metric in METRICS:
+            m, low, high = mean_ci([a[metric] for a in answers], CONFIDENCE)
+            point[metric] = {"mean": _finite(m), "low": _finite(low), "high": _finite(high)}
+        kv_only = points.get((press, store, budget, 0, "none", None))
+        if rank and kv_only:
+            point["versus_kv_only"] = _margin(points[key], kv_only, n_resamples)
+        result.append(point)
+    return result
 
 
 def routing_recall(rows: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
@@ -231,13 +274,8 @@ def plot(summary: dict[str, Any], path: str | Path, metric: str = "rouge_l") -> 
 
     Drawn on a plain Agg canvas, without pyplot, so the caller's matplotlib backend is left alone.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     curves = _curves(summary, metric)
-    fig = Figure(figsize=(5.2 * len(curves), 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(curves), squeeze=False, sharey=True)[0]
+    fig, axes = _panels(len(curves))
     for ax, (press, lines) in zip(axes, curves.items()):
         for (mode, fmt), points in lines.items():
             x = [p["ratio"] for p in points]
@@ -249,11 +287,28 @@ def plot(summary: dict[str, Any], path: str | Path, metric: str = "rouge_l") -> 
                 ax.fill_between(x, lows, highs, color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_title(press)
         ax.set_xlabel("compression ratio (share of document KV evicted)")
+    _save(fig, axes, metric, f"{summary['n_documents']} documents, {summary['n_questions']} questions "
+                             f"(bands: {summary['confidence']:.0%} CI)", path)
+
+
+def _panels(n: int) -> tuple[Any, Any]:
+    """A figure of n side-by-side panels sharing the y axis, on a plain Agg canvas (the caller's pyplot backend is
+    left alone)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2 * n, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, n, squeeze=False, sharey=True)[0]
+
+
+def _save(fig: Any, axes: Any, metric: str, title: str, path: str | Path) -> None:
+    """Grid, metric label, legend and title, then the PNG written atomically."""
+    for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(_METRIC_NAMES[metric])
     axes[-1].legend(fontsize="small")
-    fig.suptitle(f"{summary['n_documents']} documents, {summary['n_questions']} questions "
-                 f"(bands: {summary['confidence']:.0%} CI)", fontsize="medium")
+    fig.suptitle(title, fontsize="medium")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     atomic_write_bytes(path, buffer.getvalue())
@@ -326,10 +381,82 @@ def print_table(summary: dict[str, Any], console: Any, metric: str = "rouge_l") 
                 row.append(_table_cell(cell, margins.get((press, ratio, mode, fmt)), metric) if cell else "")
             table.add_row(mode, fmt or "—", *row)
         console.print(table)
+    if summary.get("budget"):
+        print_budget_table(summary, console, metric)
     if summary.get("failed"):
         docs = ", ".join(f["doc_id"] for f in summary["failed"])
         console.print(f"[red]{summary['n_failed_cells']} cells failed (documents {docs}); see failures.json, "
                       "rerun with --resume[/red]")
+
+
+def _budget_series(summary: dict[str, Any]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """(press, storage) -> budget points."""
+    series_: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for point in summary["budget"]:
+        series_[(point["press"], point["store"])].append(point)
+    return series_
+
+
+def print_budget_table(summary: dict[str, Any], console: Any, metric: str = "rouge_l") -> None:
+    """One table per press and storage: columns are byte budgets, rows the split (adapter rank, format); each cell
+    shows the metric, what the bytes bought and the margin over spending the whole budget on KV; best in bold."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    for (press, store), points in _budget_series(summary).items():
+        budgets = sorted({p["budget_bytes"] for p in points})
+        best = {b: max((p[metric]["mean"] for p in points if p["budget_bytes"] == b and p[metric]["mean"] is not None),
+                       default=None) for b in budgets}
+        table = Table(title=f"{_METRIC_NAMES[metric]} within a byte budget · {escape(press)} · KV stored {store} · "
+                            f"{summary['n_documents']} documents, {summary['n_questions']} questions",
+                      caption="adapter bytes + kept document KV tokens (mean per document; framing not counted); Δ "
+                              "against the whole budget on KV (rank 0), paired by question (bootstrap p); the adapter "
+                              "decodes over base-model KV",
+                      show_lines=True)
+        table.add_column("adapter rank")
+        table.add_column("format")
+        for budget in budgets:
+            table.add_column(f"budget {format_size(budget)}", justify="right")
+        for rank, fmt in dict.fromkeys((p["adapter_rank"], p["format"]) for p in points):
+            row = []
+            for budget in budgets:
+                point = next((p for p in points if (p["budget_bytes"], p["adapter_rank"], p["format"]) ==
+                              (budget, rank, fmt)), None)
+                row.append(_budget_cell(point, metric, best[budget]) if point else "")
+            table.add_row(str(rank) if rank else "0 (KV only)", fmt or "—", *row)
+        console.print(table)
+
+
+def _budget_cell(point: dict[str, Any], metric: str, best: float | None) -> str:
+    text = _mean_text(point[metric], bold=point[metric]["mean"] == best)
+    text += (f"\n[dim]{format_size(point['adapter_bytes'])} + {point['kv_tokens_kept']:g} tok "
+             f"({format_size(point['document_kv_bytes'])}) n={point['n']}[/dim]")
+    return text + _margin_text(point.get("versus_kv_only"), metric)
+
+
+def plot_budget(summary: dict[str, Any], path: str | Path, metric: str = "rouge_l") -> None:
+    """Metric vs the share of each byte budget spent on the adapter (0: all on KV), one panel per press and storage,
+    one line per budget and format: where on the trade-off each budget is best served."""
+    panels = _budget_series(summary)
+    fig, axes = _panels(len(panels))
+    for ax, ((press, store), points) in zip(axes, panels.items()):
+        for budget in sorted({p["budget_bytes"] for p in points}):
+            mine = [p for p in points if p["budget_bytes"] == budget and p[metric]["mean"] is not None]
+            kv_only = [p for p in mine if p["adapter_rank"] == 0]
+            for fmt in dict.fromkeys(p["format"] for p in mine if p["adapter_rank"]):
+                line = sorted(kv_only + [p for p in mine if p["format"] == fmt], key=lambda p: p["adapter_share"])
+                ax.plot([p["adapter_share"] for p in line], [p[metric]["mean"] for p in line], marker="o",
+                        label=f"{format_size(budget)} · {fmt}")
+                for p in line:
+                    ax.annotate(f"r{p['adapter_rank']}", (p["adapter_share"], p[metric]["mean"]),
+                                textcoords="offset points", xytext=(3, 3), fontsize="x-small")
+            if not any(p["adapter_rank"] for p in mine):
+                ax.plot([p["adapter_share"] for p in kv_only], [p[metric]["mean"] for p in kv_only], marker="o",
+                        label=f"{format_size(budget)} · KV only")
+        ax.set_title(f"{press} · KV {store}")
+        ax.set_xlabel("share of the budget spent on the adapter")
+    _save(fig, axes, metric, f"{_METRIC_NAMES[metric]} within byte budgets · {summary['n_documents']} documents, "
+                             f"{summary['n_questions']} questions", path)
 
 
 def _library_caption(summary: dict[str, Any]) -> str:
@@ -345,17 +472,26 @@ def _library_caption(summary: dict[str, Any]) -> str:
     return text
 
 
+def _mean_text(stat: dict[str, Any], bold: bool = False) -> str:
+    mean = f"[bold]{stat['mean']:.3f}[/bold]" if bold else f"{stat['mean']:.3f}"
+    return mean + (f" ±{(stat['high'] - stat['low']) / 2:.3f}" if stat["high"] is not None else "")
+
+
 def _table_cell(cell: dict[str, Any], margin: dict[str, Any] | None, metric: str) -> str:
-    stat = cell[metric]
-    text = f"{stat['mean']:.3f}" + (f" ±{(stat['high'] - stat['low']) / 2:.3f}" if stat["high"] is not None else "")
+    text = _mean_text(cell[metric])
     text += f"\n[dim]n={cell['n']}[/dim]"
-    if margin is not None:
-        m = margin[metric]
-        p = m["bootstrap"]["p_value"]
-        colour = "green" if p is not None and p < 0.05 and m["diff"] > 0 else (
-            "red" if p is not None and p < 0.05 else "dim")
-        text += f"\n[{colour}]Δ{m['diff']:+.3f} {_p(p)}[/{colour}]"
-    return text
+    return text + _margin_text(margin, metric)
+
+
+def _margin_text(margin: dict[str, Any] | None, metric: str) -> str:
+    """A paired margin as a table line: green when significantly better, red when significantly worse."""
+    if margin is None:
+        return ""
+    m = margin[metric]
+    p = m["bootstrap"]["p_value"]
+    colour = "green" if p is not None and p < 0.05 and m["diff"] > 0 else (
+        "red" if p is not None and p < 0.05 else "dim")
+    return f"\n[{colour}]Δ{m['diff']:+.3f} {_p(p)}[/{colour}]"
 
 
 def write_report(run_dir: str | Path) -> dict[str, Any]:
@@ -372,9 +508,12 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     summary["model"] = header.get("model", {}).get("id")
     summary["dataset"] = header.get("dataset", {}).get("path")
     atomic_write_bytes(run / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
-    plot(summary, run / CURVES)
-    plot(summary, run / CURVES_CONTAINS, metric="contains")
+    if summary["cells"]:
+        plot(summary, run / CURVES)
+        plot(summary, run / CURVES_CONTAINS, metric="contains")
     if len({c["variant"] for c in summary["cells"]}) > 1:
         plot_bytes(summary, run / BYTES_PLOT)
+    if summary.get("budget"):
+        plot_budget(summary, run / BUDGET_PLOT)
     return summary
 

@@ -184,6 +184,31 @@ def resolve_layers(spec: str | None, n_layers: int) -> list[int] | None:
     return indices
 
 
+def lora_parameters(model: Any, config: TrainConfig) -> int:
+    """Parameters of the LoRA that `train_adapter` would add with this config (A: r x in and B: out x r for each
+    targeted module, as PEFT builds them): eval plans byte budgets with it before any adapter is trained."""
+    from transformers.pytorch_utils import Conv1D
+
+    modules = layer_modules(model)
+    targets = resolve_targets(model, config.targets)
+    layers = resolve_layers(config.layers, max(m.index for m in modules) + 1)
+    total = 0
+    for name, module in model.named_modules():
+        match = _LAYER_KEY.match(name)
+        if not match or "lora_" in name or not isinstance(module, (torch.nn.Linear, Conv1D)):
+            continue
+        if layers is not None and int(match["index"]) not in layers:
+            continue
+        if any(match["inner"] == t or match["inner"].endswith("." + t) for t in targets):
+            total += config.rank * sum(module.weight.shape)
+    return total
+
+
+def adapter_element_bytes(model: Any) -> int:
+    """Bytes per stored adapter parameter: PEFT keeps LoRA weights of fp16/bf16 models in float32."""
+    return torch.promote_types(next(model.parameters()).dtype, torch.float32).itemsize
+
+
 @dataclass
 class Example:
     """One training sequence; labels are IGNORE where no loss is taken."""

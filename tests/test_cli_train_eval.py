@@ -157,3 +157,44 @@ def test_eval_bad_input(tiny_dir, dataset, tmp_path):
     assert "mode" in one_line_error(run_cli("eval", str(dataset), "--out", str(tmp_path / "r"), "--mode", "magic"))
     assert "not an eval run directory" in one_line_error(run_cli("eval", "report", str(tmp_path)))
     assert not (tmp_path / "r").exists()
+
+
+def test_eval_budget_bytes_beside_ratios(tiny_dir, dataset, tmp_path):
+    run = tmp_path / "run"
+    args = (str(dataset), "--out", str(run), "--budget-bytes", "20KB,1MB", "--budget-ranks", "16,0,2", "--rank", "2")
+    result = eval_cli(tiny_dir, *args)
+    assert result.returncode == 0, result.stderr.decode()
+    table = result.stdout.decode()
+    assert "within a byte budget" in table and "budget 19.5 KiB" in table and "0 (KV only)" in table
+    assert "a rank-16 adapter alone takes 128 KiB" in " ".join(result.stderr.decode().split())
+    rows = [json.loads(line) for line in (run / "answers.jsonl").read_text().splitlines()]
+    budget_rows = [r for r in rows if r.get("budget_bytes")]
+    # 3 questions x (ratios 0,1 x modes none,decode) + 3 x (20KB: ranks 0,2; 1MB: ranks 0,2,16)
+    assert len(rows) - len(budget_rows) == 12 and len(budget_rows) == 15
+    assert {r["adapter_rank"] for r in budget_rows if r["budget_bytes"] == 20000} == {0, 2}
+    everything = [r for r in budget_rows if r["budget_bytes"] == 10**6 and r["adapter_rank"] == 0]
+    assert all(r["kv_tokens_kept"] == r["document_tokens"] for r in everything)  # 1 MB holds these documents whole
+    # The run's --rank serves ratio cells and the rank-2 budget points alike: one adapter per document and rank.
+    assert sorted(p.name for p in (run / "adapters").iterdir()) == ["bees-qa", "bees-qa-r16", "light-qa",
+                                                                    "light-qa-r16"]
+    resumed = eval_cli(tiny_dir, *args, "--resume", "--json")
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    summary = json.loads(resumed.stdout)
+    assert len((run / "answers.jsonl").read_text().splitlines()) == 27 and len(summary["budget"]) == 5
+    assert (run / "budget.png").exists() and (run / "curves.png").exists()
+    shown = run_cli("eval", "report", str(run), "--metric", "contains")
+    assert shown.returncode == 0 and "answer contains a reference within a byte budget" in shown.stdout.decode()
+
+
+def test_eval_budget_bad_input(tiny_dir, dataset, tmp_path):
+    out = ("--out", str(tmp_path / "r"))
+    assert "byte size" in one_line_error(run_cli("eval", str(dataset), *out, "--budget-bytes", "12XB"))
+    assert "positive" in one_line_error(run_cli("eval", str(dataset), *out, "--budget-bytes", "0"))
+    assert "integers" in one_line_error(run_cli("eval", str(dataset), *out, "--budget-bytes", "1MB",
+                                                "--budget-ranks", "two"))
+    assert ">= 0" in one_line_error(run_cli("eval", str(dataset), *out, "--budget-bytes", "1MB",
+                                            "--budget-ranks", "-2"))
+    assert "qa adapter of rank 2 for document light" in one_line_error(run_cli(
+        "eval", str(dataset), *out, "--budget-bytes", "1MB", "--budget-ranks", "0,2", "--format", "qa",
+        "--adapters", str(tmp_path), "--model", str(tiny_dir)))
+    assert not (tmp_path / "r").exists()
