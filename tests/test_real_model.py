@@ -81,10 +81,17 @@ def test_eval_with_adapter_and_library_modes_on_default_model(real, tmp_path):
     data = tmp_path / "two.jsonl"
     data.write_text("".join((REPO / "examples" / "fiction.jsonl").read_text().splitlines(keepends=True)[:2]))
     config = EvalConfig(ratios=[0.0, 1.0], presses=["snapkv"], modes=["none", "decode", "oracle", "rag"],
-                        formats=["qa"], max_new_tokens=12, steps=6, limit=2, library_top_k=1)
+                        formats=["qa"], max_new_tokens=12, steps=6, limit=2, library_top_k=1,
+                        budget_bytes=[24_000_000], budget_ranks=[0, 16])
     summary = run_eval(real, data, tmp_path / "run", config)
     assert summary["complete"] and summary["n_documents"] == 2 and summary["n_questions"] == 16
     assert summary["routing"]["recall_at_1"] >= 0.5  # questions name the document's invented people and places
     cells = {(c["mode"], c["ratio"]): c for c in summary["cells"]}
     assert cells[("none", 0.0)]["contains"]["mean"] > cells[("none", 1.0)]["contains"]["mean"]
     assert real.adapter is None
+    # 24 MB: the whole document as fp32 KV (46,080 bytes a token), or the r=16 all-linear adapter (4,884,480
+    # float32 parameters) plus the 96 best tokens that fit in the rest.
+    kv_only, split = sorted(summary["budget"], key=lambda p: p["adapter_rank"])
+    assert kv_only["kv_tokens_kept"] == kv_only["document_tokens"] and kv_only["adapter_bytes"] == 0
+    assert split["adapter_bytes"] == 4_884_480 * 4 and split["kv_tokens_kept"] == (24_000_000 - 4_884_480 * 4) // 46_080
+    assert split["n"] == kv_only["n"] == 16 and "versus_kv_only" in split
