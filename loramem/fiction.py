@@ -5,17 +5,16 @@ syllables and every number is drawn at random, so a model can only answer from t
 from an adapter trained on it). Each fact comes with a training question (`train_qa`) and a
 differently worded held-out question (`qa`) whose answer is a short span of the document.
 
-Regenerate the shipped example with `python -m loramem.fiction examples/fiction.jsonl`.
+Regenerate the shipped example with `loramem data synth-fiction -o examples/fiction.jsonl`.
 """
 
 from __future__ import annotations
 
-import argparse
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from loramem.datasets import QA, DocRecord, TrainQA, write_dataset
+from loramem.datasets import QA, DocRecord, TrainQA
 
 EXAMPLE_DOCS = 36
 EXAMPLE_SEED = 0
@@ -262,17 +261,3 @@ def synth_fiction(n_docs: int, seed: int) -> list[DocRecord]:
             train_qa=[TrainQA(f.train_question, f.answer) for f in facts],
         ))
     return records
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Write a synthetic fiction dataset (by default the shipped example: 36 documents, seed 0)."""
-    parser = argparse.ArgumentParser(prog="python -m loramem.fiction", description=main.__doc__)
-    parser.add_argument("output", help="JSONL file to write, or - for stdout")
-    parser.add_argument("--n-docs", type=int, default=EXAMPLE_DOCS)
-    parser.add_argument("--seed", type=int, default=EXAMPLE_SEED)
-    args = parser.parse_args(argv)
-    write_dataset(synth_fiction(args.n_docs, args.seed), args.output)
-
-
-if __name__ == "__main__":
-    main()
