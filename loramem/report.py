@@ -30,6 +30,7 @@ CURVES = "curves.png"
 CURVES_CONTAINS = "curves-contains.png"
 BYTES_PLOT = "bytes.png"
 BUDGET_PLOT = "budget.png"
+BUDGET_PLOT_CONTAINS = "budget-contains.png"
 FAILURES = "failures.json"
 METRICS = ("rouge_l", "exact_match", "token_f1", "contains")
 KV_MODES = ("none", "decode", "all", "base_scores")
@@ -515,5 +516,6 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
         plot_bytes(summary, run / BYTES_PLOT)
     if summary.get("budget"):
         plot_budget(summary, run / BUDGET_PLOT)
+        plot_budget(summary, run / BUDGET_PLOT_CONTAINS, metric="contains")
     return summary
 

@@ -12,7 +12,7 @@ from loramem.encode import encode
 from loramem.errors import LoramemError
 from loramem.evaluate import EvalConfig, budget_sizes, file_name, run_eval, within_budget
 from loramem.quantize import make_storage
-from loramem.report import ANSWERS, BUDGET_PLOT, CURVES, SUMMARY, cell_key, read_answers
+from loramem.report import ANSWERS, BUDGET_PLOT, BUDGET_PLOT_CONTAINS, CURVES, SUMMARY, cell_key, read_answers
 from loramem.train import TrainConfig, adapter_element_bytes, lora_parameters, train_adapter
 
 from test_evaluate import FAST, dataset  # noqa: F401 - the shared three-document dataset fixture
@@ -92,6 +92,7 @@ def test_budget_points_spend_the_budget_on_adapter_and_kv(tiny, budget_run):
     assert sorted(p.name for p in (out / "adapters").iterdir()) == sorted(
         f"{file_name(d)}-qa{suffix}" for d in ("doc-a", "doc-b", "doc c/3") for suffix in ("", "-r2"))
     assert (out / BUDGET_PLOT).read_bytes().startswith(b"\x89PNG") and not (out / CURVES).exists()
+    assert (out / BUDGET_PLOT_CONTAINS).read_bytes().startswith(b"\x89PNG")
 
     points = summary["budget"]
     assert len(points) == len(BUDGETS) * 3 and summary["cells"] == []

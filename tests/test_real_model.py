@@ -95,3 +95,34 @@ def test_eval_with_adapter_and_library_modes_on_default_model(real, tmp_path):
     assert kv_only["kv_tokens_kept"] == kv_only["document_tokens"] and kv_only["adapter_bytes"] == 0
     assert split["adapter_bytes"] == 4_884_480 * 4 and split["kv_tokens_kept"] == (24_000_000 - 4_884_480 * 4) // 46_080
     assert split["n"] == kv_only["n"] == 16 and "versus_kv_only" in split
+
+
+def test_library_with_caches_and_merge_on_default_model(tmp_path):
+    """A library of two invented documents on the default model: routing finds each question's document, its stored
+    KV answers it, and the two adapters merge (TIES) into one that loads and answers."""
+    from loramem.metrics import contains
+
+    records = [json.loads(line) for line in (REPO / "examples" / "fiction.jsonl").read_text().splitlines()[:2]]
+    lib = tmp_path / "lib"
+    for record in records:
+        (tmp_path / f"{record['id']}.txt").write_text(record["document"])
+        (tmp_path / f"{record['id']}.qa.jsonl").write_text("".join(json.dumps(p) + "\n" for p in record["train_qa"]))
+        added = run_cli("library", "add", str(lib), str(tmp_path / f"{record['id']}.txt"), "--qa",
+                        str(tmp_path / f"{record['id']}.qa.jsonl"), "--rank", "4", "--steps", "8", "--with-cache")
+        assert added.returncode == 0, added.stderr.decode()
+    questions = [(record["id"], qa) for record in records for qa in record["qa"]]
+    (tmp_path / "q.txt").write_text("".join(qa["question"] + "\n" for _, qa in questions))
+    asked = run_cli("ask", "--library", str(lib), "--top-k", "1", "--with-caches", "--questions", str(tmp_path / "q.txt"),
+                    "--max-new-tokens", "24", "--json")
+    assert asked.returncode == 0, asked.stderr.decode()
+    lines = [json.loads(line) for line in asked.stdout.decode().splitlines()]
+    routed = [d["routed"][0]["id"] == doc_id for d, (doc_id, _) in zip(lines, questions)]
+    found = [contains(d["answer"], qa["answers"]) for d, (_, qa) in zip(lines, questions)]
+    assert sum(routed) >= 12 and sum(found) >= 8, (sum(routed), sum(found))  # of 16 questions
+
+    merged = tmp_path / "merged.lora"
+    adapters = [str(lib / "docs" / record["id"] / "adapter") for record in records]
+    done = run_cli("merge", *adapters, "-o", str(merged), "--method", "ties")
+    assert done.returncode == 0, done.stderr.decode()
+    answer = run_cli("ask", "--adapter", str(merged), questions[0][1]["question"], "--json")
+    assert answer.returncode == 0 and json.loads(answer.stdout)["answer"].strip()
