@@ -155,10 +155,10 @@ class EvalConfig:
 
     def train_config(self, fmt: str, rank: int | None = None) -> TrainConfig:
         """The adapter hyperparameters for one training format (and a budget point's rank)."""
-        return TrainConfig(format=fmt, rank=self.rank if rank is None else rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
-                           layers=self.layers, lr=self.lr, epochs=self.epochs, steps=self.steps,
-                           batch_size=self.batch_size, seed=self.seed, max_length=self.max_length,
-                           chunk_size=self.chunk_size)
+        return TrainConfig(format=fmt, rank=self.rank if rank is None else rank, alpha=self.alpha,
+                           dropout=self.dropout, targets=self.targets, layers=self.layers, lr=self.lr,
+                           epochs=self.epochs, steps=self.steps, batch_size=self.batch_size, seed=self.seed,
+                           max_length=self.max_length, chunk_size=self.chunk_size)
 
     @property
     def uses_library(self) -> bool:
@@ -245,6 +245,9 @@ def budget_points(config: EvalConfig, sizes: dict[int, int]) -> list[tuple[int, 
     for budget, rank in dropped:
         warn(f"budget {format_size(budget)}: a rank-{rank} adapter alone takes {format_size(sizes[rank])}; "
              "that point is left out")
+    if config.budget_bytes and not points:
+        raise LoramemError(f"no adapter of ranks {', '.join(map(str, config.budget_ranks))} fits in any budget; "
+                           "add rank 0 (KV only), smaller ranks or larger budgets")
     if config.budget_bytes and not any(rank for _, rank in points) and any(config.budget_ranks):
         warn("no budget holds any of the adapters; only KV-only points remain")
     return points

@@ -10,7 +10,7 @@ from loramem.adapters import adapter_tensor_bytes
 from loramem.compress import compress
 from loramem.encode import encode
 from loramem.errors import LoramemError
-from loramem.evaluate import EvalConfig, budget_sizes, file_name, run_eval, within_budget
+from loramem.evaluate import EvalConfig, budget_points, budget_sizes, file_name, run_eval, within_budget
 from loramem.quantize import make_storage
 from loramem.report import ANSWERS, BUDGET_PLOT, BUDGET_PLOT_CONTAINS, CURVES, SUMMARY, cell_key, read_answers
 from loramem.train import TrainConfig, adapter_element_bytes, lora_parameters, train_adapter
@@ -56,6 +56,10 @@ def test_budget_config_is_checked_before_any_work():
     config = EvalConfig(ratios=[], formats=[], modes=["none"], budget_bytes=[5, 3, 5], budget_ranks=[0])
     assert config.budget_bytes == [3, 5] and "budget_bytes" in config.to_dict()
     assert "budget_bytes" not in EvalConfig().to_dict()  # runs made before budgets existed still resume
+    too_small = EvalConfig(ratios=[], formats=["qa"], budget_bytes=[100, 9000], budget_ranks=[4, 2])
+    assert budget_points(too_small, {2: 4096, 4: 8192}) == [(9000, 2), (9000, 4)]
+    with pytest.raises(LoramemError, match="fits in any budget"):
+        budget_points(too_small, {2: 40960, 4: 81920})
 
 
 @pytest.fixture(scope="module")

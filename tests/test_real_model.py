@@ -93,7 +93,8 @@ def test_eval_with_adapter_and_library_modes_on_default_model(real, tmp_path):
     # float32 parameters) plus the 96 best tokens that fit in the rest.
     kv_only, split = sorted(summary["budget"], key=lambda p: p["adapter_rank"])
     assert kv_only["kv_tokens_kept"] == kv_only["document_tokens"] and kv_only["adapter_bytes"] == 0
-    assert split["adapter_bytes"] == 4_884_480 * 4 and split["kv_tokens_kept"] == (24_000_000 - 4_884_480 * 4) // 46_080
+    assert split["adapter_bytes"] == 4_884_480 * 4
+    assert split["kv_tokens_kept"] == (24_000_000 - 4_884_480 * 4) // 46_080
     assert split["n"] == kv_only["n"] == 16 and "versus_kv_only" in split
 
 
