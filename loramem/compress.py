@@ -108,6 +108,30 @@ def compress(
     return restore(small, storage) if storage is not None else small
 
 
+def within_budget(cache: KVCache, press: str, room: int, storage: Storage | None = None) -> KVCache:
+    """The press's top document tokens whose stored bytes fit in `room`.
+
+    The framing tokens around the document (chat template, instructions) are kept as always and not counted: every
+    answer needs them, with or without document memory, so a budget buys document tokens only. The compression
+    step records `max_bytes` and `framing_bytes` (the stored size of the framing alone).
+    """
+    n_doc = cache.n_tokens - int(cache.meta.get("n_protected", 0))
+
+    def kept(n: int) -> KVCache:
+        return compress(cache, press, keep=n, storage=storage)
+
+    empty = kept(0)
+    framing = empty.nbytes_stored
+    per_token = kept(1).nbytes_stored - framing if n_doc else 0
+    n = 0 if per_token <= 0 else max(0, min(n_doc, room // per_token))
+    small = kept(n)
+    while n > 0 and small.nbytes_stored - framing > room:  # storage that does not grow linearly with tokens
+        n = max(0, n - max(1, -(-(small.nbytes_stored - framing - room) // per_token)))
+        small = kept(n)
+    small.meta["compression"].update(max_bytes=room, framing_bytes=framing)
+    return small
+
+
 def restore(cache: KVCache, storage: Storage) -> KVCache:
     """The cache as it will be after storing with `storage` and loading again (quantization error included)."""
     meta = copy.deepcopy(cache.meta)

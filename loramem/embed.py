@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +91,10 @@ class Embedder:
         return torch.cat(rows) if rows else torch.zeros(0, self.dim)
 
 
+@lru_cache(maxsize=4)
 def load_embedder(path: str | Path | None = None, device: str = "cpu") -> Embedder:
-    """The default embedder, or a local sentence-embedding model directory (mean-pooled)."""
+    """The default embedder, or a local sentence-embedding model directory (mean-pooled). Loaded (and its weights
+    hashed) once per process: an eval routes every document's questions with it."""
     quiet_libraries()
     from transformers import AutoModel, AutoTokenizer
 

@@ -39,7 +39,7 @@ from typing import Any
 from loramem import __version__
 from loramem.adapters import adapter_tensor_bytes, attach_adapter, detach_adapter, read_adapter_meta
 from loramem.cache import KVCache
-from loramem.compress import compress, restore
+from loramem.compress import compress, restore, within_budget
 from loramem.datasets import DocRecord, load_dataset, load_qa_pairs
 from loramem.embed import load_embedder
 from loramem.encode import encode
@@ -55,7 +55,7 @@ from loramem.merge import MergeConfig
 from loramem.metrics import score_answer
 from loramem.models import LoadedModel, sha256_bytes, sha256_text
 from loramem.presses import parse_presses
-from loramem.quantize import make_storage
+from loramem.quantize import Storage, make_storage
 from loramem.report import (
     ANSWERS, CONFIG, FAILURES, LIBRARY_MODES, LIBRARY_SERIES, MODES, cell_key, read_answers, read_json, write_report,
 )
@@ -510,9 +510,14 @@ def _evaluate_document(lm: LoadedModel, record: DocRecord, cells: list[_Cell], c
     detach_adapter(lm)
 
 
+def _storage(store: str, cache: KVCache) -> Storage | None:
+    """A cell's storage for this cache; None keeps the cache's own dtype."""
+    return None if store == "native" else make_storage(store, head_dim=cache.meta["head_dim"])
+
+
 def _kept(cache: KVCache, cell: _Cell, config: EvalConfig, scores_from: KVCache | None = None) -> KVCache:
     """What a cell's cache keeps: token eviction at its ratio, or value groups at budget 1 - ratio, as stored."""
-    storage = None if cell.store == "native" else make_storage(cell.store, head_dim=cache.meta["head_dim"])
+    storage = _storage(cell.store, cache)
     if cell.granularity == "value-group" and cell.ratio < 1.0:  # at 1.0 no document KV remains either way
         small = compress_value_groups(cache, cell.press, config.groups, 1.0 - cell.ratio)
         return restore(small, storage) if storage is not None else small
@@ -561,34 +566,10 @@ def _answer_budget(lm: LoadedModel, record: DocRecord, cells: list[_Cell], base:
                     "store": cell.store, "kv_tokens_kept": step["n_doc_kept"],
                     "document_tokens": cache.n_tokens - int(cache.meta.get("n_protected", 0))}
 
-        _answer(lm, record, mine, lambda c: within_budget(base, c.press, c.budget - adapter_bytes, c.store),
+        _answer(lm, record, mine,
+                lambda c: within_budget(base, c.press, c.budget - adapter_bytes, _storage(c.store, base)),
                 fmt is not None, config, answers, fields)
         detach_adapter(lm)
-
-
-def within_budget(cache: KVCache, press: str, room: int, store: str = "native") -> KVCache:
-    """The press's top document tokens whose stored bytes fit in `room`.
-
-    The framing tokens around the document (chat template, instructions) are kept as always and not counted: every
-    answer needs them, with or without document memory, so a budget buys document tokens only. The compression
-    step records `max_bytes` and `framing_bytes` (the stored size of the framing alone).
-    """
-    storage = None if store == "native" else make_storage(store, head_dim=cache.meta["head_dim"])
-    n_doc = cache.n_tokens - int(cache.meta.get("n_protected", 0))
-
-    def kept(n: int) -> KVCache:
-        return compress(cache, press, keep=n, storage=storage)
-
-    empty = kept(0)
-    framing = empty.nbytes_stored
-    per_token = kept(1).nbytes_stored - framing if n_doc else 0
-    n = 0 if per_token <= 0 else max(0, min(n_doc, room // per_token))
-    small = kept(n)
-    while n > 0 and small.nbytes_stored - framing > room:  # storage that does not grow linearly with tokens
-        n = max(0, n - max(1, -(-(small.nbytes_stored - framing - room) // per_token)))
-        small = kept(n)
-    small.meta["compression"].update(max_bytes=room, framing_bytes=framing)
-    return small
 
 
 def _row(record: DocRecord, cell: _Cell, config: EvalConfig, answer: Answer, seconds: float,

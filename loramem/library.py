@@ -54,6 +54,7 @@ class Library:
 
     path: Path
     manifest: dict[str, Any] | None
+    _index: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # read once, for many questions
 
     @property
     def documents(self) -> list[dict[str, Any]]:
@@ -79,10 +80,12 @@ class Library:
         if not self.manifest:
             return {"embeddings": torch.zeros(0, 0), "document": torch.zeros(0, dtype=torch.int32),
                     "chunk": torch.zeros(0, dtype=torch.int32)}
-        where = self.path / self.manifest["index"]
-        if not where.is_file():
-            raise LoramemError(f"library {self.path} is damaged: its index {where.name} is missing")
-        return load_file(str(where))
+        if self._index is None:
+            where = self.path / self.manifest["index"]
+            if not where.is_file():
+                raise LoramemError(f"library {self.path} is damaged: its index {where.name} is missing")
+            self._index = load_file(str(where))
+        return self._index
 
 
 def open_library(path: str | Path) -> Library:

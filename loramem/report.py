@@ -135,7 +135,7 @@ def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[
     if not rows:
         raise LoramemError("no answers to summarize yet")
     budget_rows = [r for r in rows if r.get("budget_bytes") is not None]
-    summary_all = {
+    counts = {
         "n_documents": len({r["doc_id"] for r in rows}),
         "n_questions": len({(r["doc_id"], int(r["question_index"])) for r in rows}),
         "n_answers": len(rows),
@@ -171,7 +171,7 @@ def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[
                 extra = {"versus": versus[0]} if cond[2] in LIBRARY_MODES else {}
                 margins.append({**_condition_fields(cond), **extra, **margin})
     summary = {
-        **summary_all,
+        **counts,
         "confidence": CONFIDENCE,
         "unit": "question",
         "metrics": list(METRICS),
@@ -418,12 +418,10 @@ def print_budget_table(summary: dict[str, Any], console: Any, metric: str = "rou
         table.add_column("format")
         for budget in budgets:
             table.add_column(f"budget {format_size(budget)}", justify="right")
+        by_key = {(p["budget_bytes"], p["adapter_rank"], p["format"]): p for p in points}
         for rank, fmt in dict.fromkeys((p["adapter_rank"], p["format"]) for p in points):
-            row = []
-            for budget in budgets:
-                point = next((p for p in points if (p["budget_bytes"], p["adapter_rank"], p["format"]) ==
-                              (budget, rank, fmt)), None)
-                row.append(_budget_cell(point, metric, best[budget]) if point else "")
+            row = [_budget_cell(by_key[(b, rank, fmt)], metric, best[b]) if (b, rank, fmt) in by_key else ""
+                   for b in budgets]
             table.add_row(str(rank) if rank else "0 (KV only)", fmt or "—", *row)
         console.print(table)
 

@@ -12,7 +12,7 @@ import math
 import random
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -91,6 +91,11 @@ class LayerModule:
     pattern: str
     index: int
     inner: str
+    features: int = field(default=0, compare=False)  # in + out features: a rank-r LoRA on it has r x this
+
+    def matches(self, target: str) -> bool:
+        """Whether a PEFT target name selects this module (its path inside the layer, or a suffix of it)."""
+        return self.inner == target or self.inner.endswith("." + target)
 
     @property
     def leaf(self) -> str:
@@ -113,7 +118,7 @@ def layer_modules(model: Any) -> list[LayerModule]:
     for name, module in model.named_modules():
         match = _LAYER_KEY.match(name)
         if match and isinstance(module, (torch.nn.Linear, Conv1D)) and "lora_" not in name:
-            found.append(LayerModule(match["pattern"], int(match["index"]), match["inner"]))
+            found.append(LayerModule(match["pattern"], int(match["index"]), match["inner"], sum(module.weight.shape)))
     if not found:
         raise LoramemError("this model has no linear layers inside numbered decoder layers; cannot train a LoRA")
     return found
@@ -146,7 +151,7 @@ def resolve_targets(model: Any, targets: str) -> list[str]:
         return _target_names(modules, chosen)
     names = [n.strip() for n in targets.split(",") if n.strip()]
     for name in names:
-        if not any(m.inner == name or m.inner.endswith("." + name) for m in modules):
+        if not any(m.matches(name) for m in modules):
             raise LoramemError(f"unknown target module {name!r} for this model; use attn, mlp, all or some of: "
                                f"{available}")
     return _unique(names)
@@ -187,21 +192,11 @@ def resolve_layers(spec: str | None, n_layers: int) -> list[int] | None:
 def lora_parameters(model: Any, config: TrainConfig) -> int:
     """Parameters of the LoRA that `train_adapter` would add with this config (A: r x in and B: out x r for each
     targeted module, as PEFT builds them): eval plans byte budgets with it before any adapter is trained."""
-    from transformers.pytorch_utils import Conv1D
-
     modules = layer_modules(model)
     targets = resolve_targets(model, config.targets)
     layers = resolve_layers(config.layers, max(m.index for m in modules) + 1)
-    total = 0
-    for name, module in model.named_modules():
-        match = _LAYER_KEY.match(name)
-        if not match or "lora_" in name or not isinstance(module, (torch.nn.Linear, Conv1D)):
-            continue
-        if layers is not None and int(match["index"]) not in layers:
-            continue
-        if any(match["inner"] == t or match["inner"].endswith("." + t) for t in targets):
-            total += config.rank * sum(module.weight.shape)
-    return total
+    return sum(config.rank * m.features for m in modules
+               if (layers is None or m.index in layers) and any(m.matches(t) for t in targets))
 
 
 def adapter_element_bytes(model: Any) -> int:

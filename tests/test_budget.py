@@ -7,10 +7,10 @@ import json
 import pytest
 
 from loramem.adapters import adapter_tensor_bytes
-from loramem.compress import compress
+from loramem.compress import compress, within_budget
 from loramem.encode import encode
 from loramem.errors import LoramemError
-from loramem.evaluate import EvalConfig, budget_points, budget_sizes, file_name, run_eval, within_budget
+from loramem.evaluate import EvalConfig, budget_points, budget_sizes, file_name, run_eval
 from loramem.quantize import make_storage
 from loramem.report import ANSWERS, BUDGET_PLOT, BUDGET_PLOT_CONTAINS, CURVES, SUMMARY, cell_key, read_answers
 from loramem.train import TrainConfig, adapter_element_bytes, lora_parameters, train_adapter
@@ -36,7 +36,7 @@ def test_within_budget_keeps_the_most_tokens_that_fit(tiny, doc_text, store):
     storage = None if store == "native" else make_storage(store, head_dim=cache.meta["head_dim"])
     full = compress(cache, "snapkv", ratio=0.0, storage=storage).nbytes_stored
     for room in (1, full // 3, full // 2 + 7, full, full * 2):
-        small = within_budget(cache, "snapkv", room, store)
+        small = within_budget(cache, "snapkv", room, storage)
         step = small.meta["compression"]
         n, framing = step["n_doc_kept"], step["framing_bytes"]
         assert framing == compress(cache, "snapkv", keep=0, storage=storage).nbytes_stored > 0
