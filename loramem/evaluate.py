@@ -558,10 +558,10 @@ def _answer_budget(lm: LoadedModel, record: DocRecord, cells: list[_Cell], base:
             adapter_bytes = adapter_tensor_bytes(path)
         status(f"answering within budgets, adapter rank {rank}")
 
-        def fields(cell: _Cell, cache: KVCache, adapter_bytes: int = adapter_bytes) -> dict[str, Any]:
+        def fields(cell: _Cell, cache: KVCache) -> dict[str, Any]:  # called within this iteration only
             step = cache.meta["compression"]
             document_kv = cache.nbytes_stored - step["framing_bytes"]
-            return {"budget_bytes": cell.budget, "adapter_rank": rank, "adapter_bytes": adapter_bytes,
+            return {"budget_bytes": cell.budget, "adapter_rank": cell.rank, "adapter_bytes": adapter_bytes,
                     "document_kv_bytes": document_kv, "total_bytes": adapter_bytes + document_kv,
                     "store": cell.store, "kv_tokens_kept": step["n_doc_kept"],
                     "document_tokens": cache.n_tokens - int(cache.meta.get("n_protected", 0))}
