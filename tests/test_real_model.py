@@ -128,3 +128,14 @@ def test_library_with_caches_and_merge_on_default_model(tmp_path):
     assert done.returncode == 0, done.stderr.decode()
     answer = run_cli("ask", "--adapter", str(merged), questions[0][1]["question"], "--json")
     assert answer.returncode == 0 and json.loads(answer.stdout)["answer"].strip()
+
+
+def test_probe_capacity_stores_invented_facts_on_default_model(tmp_path):
+    """probe capacity on the default model: a rank-8 adapter learns five invented phone numbers it cannot know."""
+    result = run_cli("probe", "capacity", "--out", str(tmp_path / "probe"), "--ranks", "8", "--facts", "5",
+                     "--epochs", "15", "--json")
+    assert result.returncode == 0, result.stderr.decode()
+    (row,) = json.loads(result.stdout)["rows"]
+    assert row["trainable_parameters"] == 8 * 305_280  # all linear layers: 30 x 10,176 per rank
+    assert row["recall"] >= 0.6, row  # measured 1.0 (5 of 5); the numbers are drawn at random
+    assert (tmp_path / "probe" / "capacity.png").read_bytes().startswith(b"\x89PNG")
