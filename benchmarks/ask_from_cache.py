@@ -15,8 +15,12 @@ from pathlib import Path
 from loramem import KVCache, compress, encode, generate, load_model
 
 REPO = Path(__file__).resolve().parent.parent
-QUESTIONS = ["Who designed the lighthouse at Varnaby Point?", "What was the name of the first keeper?",
-             "In which year was the light automated?", "Which steamer carried the replacement lens?"]
+QUESTIONS = [
+    "Who designed the lighthouse at Varnaby Point?",
+    "What was the name of the first keeper?",
+    "In which year was the light automated?",
+    "Which steamer carried the replacement lens?",
+]
 
 
 def document_of(lm, n_tokens: int) -> str:
@@ -72,18 +76,25 @@ def main() -> None:
         sweep_s = time.perf_counter() - started
 
     result = {
-        "device": str(lm.device), "model": lm.model_id, "document_tokens": cache.n_tokens,
-        "questions": len(questions), "max_new_tokens": args.max_new_tokens,
-        "encode_and_save_s": round(encode_s, 2), "prefill_s": cache.meta["prefill_seconds"],
-        "ask_from_cache_s": round(timings["ask_cache"], 2), "ask_doc_s": round(timings["ask_doc"], 2),
+        "device": str(lm.device),
+        "model": lm.model_id,
+        "document_tokens": cache.n_tokens,
+        "questions": len(questions),
+        "max_new_tokens": args.max_new_tokens,
+        "encode_and_save_s": round(encode_s, 2),
+        "prefill_s": cache.meta["prefill_seconds"],
+        "ask_from_cache_s": round(timings["ask_cache"], 2),
+        "ask_doc_s": round(timings["ask_doc"], 2),
         "ask_doc_over_cache": round(timings["ask_doc"] / timings["ask_cache"], 2),
         "compress_sweep_10_ratios_s": round(sweep_s, 2),
         "sweep_over_one_prefill": round(sweep_s / cache.meta["prefill_seconds"], 3),
     }
     print(json.dumps(result))
-    print(f"ask from cache {result['ask_from_cache_s']} s vs ask --doc {result['ask_doc_s']} s: "
-          f"{result['ask_doc_over_cache']}x; 10-ratio compress sweep {result['compress_sweep_10_ratios_s']} s "
-          f"= {result['sweep_over_one_prefill']} of one prefill ({result['prefill_s']} s)")
+    print(
+        f"ask from cache {result['ask_from_cache_s']} s vs ask --doc {result['ask_doc_s']} s: "
+        f"{result['ask_doc_over_cache']}x; 10-ratio compress sweep {result['compress_sweep_10_ratios_s']} s "
+        f"= {result['sweep_over_one_prefill']} of one prefill ({result['prefill_s']} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ import torch
 from transformers import DynamicCache
 
 from loramem import compress, encode, load_model
-from loramem.datasets import load_dataset
-from loramem.presses import make_kvpress, parse_presses
+from loramem.data.formats import load_dataset
+from loramem.kv.presses import make_kvpress, parse_presses
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,7 @@ def main() -> None:
     presses = parse_presses(args.presses)
     ratios = [float(r) for r in args.ratios.split(",")]
     lm = load_model(args.model, device=args.device)
-    documents = [r.document for r in load_dataset(REPO / "examples/fiction.jsonl")[:args.docs]]
+    documents = [r.document for r in load_dataset(REPO / "examples/fiction.jsonl")[: args.docs]]
     encode(lm, documents[0], presses=presses)  # warm-up, untimed
 
     started = time.perf_counter()
@@ -67,15 +67,22 @@ def main() -> None:
     naive = time.perf_counter() - started
 
     result = {
-        "documents": len(documents), "mean_tokens": round(sum(c.n_tokens for c in caches) / len(caches), 1),
-        "presses": presses, "ratios": ratios, "device": str(lm.device), "torch_threads": torch.get_num_threads(),
-        "sweep_seconds": round(sweep, 3), "sweep_compress_seconds": round(compressing, 3),
+        "documents": len(documents),
+        "mean_tokens": round(sum(c.n_tokens for c in caches) / len(caches), 1),
+        "presses": presses,
+        "ratios": ratios,
+        "device": str(lm.device),
+        "torch_threads": torch.get_num_threads(),
+        "sweep_seconds": round(sweep, 3),
+        "sweep_compress_seconds": round(compressing, 3),
         "naive_seconds": round(naive, 3),
         "prefills": {"sweep": len(documents), "naive": len(documents) * len(presses) * len(ratios)},
     }
     print(json.dumps(result))
-    print(f"naive / sweep: {naive / sweep:.2f}x ({len(presses) * len(ratios)} caches per document from "
-          f"{result['prefills']['sweep'] // len(documents)} prefill instead of {len(presses) * len(ratios)})")
+    print(
+        f"naive / sweep: {naive / sweep:.2f}x ({len(presses) * len(ratios)} caches per document from "
+        f"{result['prefills']['sweep'] // len(documents)} prefill instead of {len(presses) * len(ratios)})"
+    )
 
 
 if __name__ == "__main__":

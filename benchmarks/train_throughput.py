@@ -5,7 +5,8 @@ steps: the demo document's rule-synthesized QA pairs (plus its text chunks with 
 Methods run interleaved --repeats times and the fastest run of each counts, so that other load on
 the machine does not decide the ratio.
 Throughput counts real (non-padding) tokens per second of training; wall seconds include setup
-(wrapping the model, for the Trainer its own start-up) but not loading the base model again. Prints a JSON line and a summary.
+(wrapping the model, for the Trainer its own start-up) but not loading the base model again.
+Prints a JSON line and a summary.
 Usage: python benchmarks/train_throughput.py [--pairs 16] [--steps 16] [--repeats 2] [--format qa] [--model ID]
 """
 
@@ -20,8 +21,8 @@ from pathlib import Path
 import torch
 
 from loramem import load_model
-from loramem.synth import rule_qa
-from loramem.train import TrainConfig, build_examples, collate, resolve_targets, schedule, train_adapter
+from loramem.adapters.synth import rule_qa
+from loramem.adapters.train import TrainConfig, build_examples, collate, resolve_targets, schedule, train_adapter
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,8 +38,13 @@ def wrap(model, config: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(config.seed)
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                      target_modules=resolve_targets(model, config.targets), task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=resolve_targets(model, config.targets),
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora)
 
 
@@ -74,10 +80,21 @@ def hf_trainer(lm, examples, config: TrainConfig, steps: int) -> tuple[float, fl
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=config.batch_size, max_steps=steps,
-                                 learning_rate=config.lr, lr_scheduler_type="constant", weight_decay=0.0,
-                                 seed=config.seed, save_strategy="no", report_to=[], logging_strategy="no",
-                                 disable_tqdm=True, use_cpu=str(lm.device) == "cpu", dataloader_num_workers=0)
+        args = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=config.batch_size,
+            max_steps=steps,
+            learning_rate=config.lr,
+            lr_scheduler_type="constant",
+            weight_decay=0.0,
+            seed=config.seed,
+            save_strategy="no",
+            report_to=[],
+            logging_strategy="no",
+            disable_tqdm=True,
+            use_cpu=str(lm.device) == "cpu",
+            dataloader_num_workers=0,
+        )
         trainer = Trainer(model=wrap(base, config), args=args, train_dataset=examples, data_collator=collate_and_count)
         trainer.remove_callback(PrinterCallback)  # it prints the final metrics to stdout
         loop_start = time.perf_counter()
@@ -123,14 +140,20 @@ def main() -> None:
     result = {"examples": len(examples), "steps": args.steps, "format": args.format, "device": str(lm.device)}
     for name, measured in runs.items():
         train_s, wall_s, tokens = min(measured)
-        result[name] = {"tokens_per_second": round(tokens / train_s, 1), "train_seconds": round(train_s, 2),
-                        "wall_seconds": round(wall_s, 2), "all_train_seconds": [round(m[0], 2) for m in measured]}
+        result[name] = {
+            "tokens_per_second": round(tokens / train_s, 1),
+            "train_seconds": round(train_s, 2),
+            "wall_seconds": round(wall_s, 2),
+            "all_train_seconds": [round(m[0], 2) for m in measured],
+        }
     print(json.dumps(result))
     best = result["train_adapter"]
     for name in ("plain_peft_loop", "hf_trainer"):
         ratio = best["tokens_per_second"] / result[name]["tokens_per_second"]
-        print(f"train_adapter vs {name}: {ratio:.2f}x the tokens/s; wall {best['wall_seconds']} s vs "
-              f"{result[name]['wall_seconds']} s")
+        print(
+            f"train_adapter vs {name}: {ratio:.2f}x the tokens/s; wall {best['wall_seconds']} s vs "
+            f"{result[name]['wall_seconds']} s"
+        )
 
 
 if __name__ == "__main__":

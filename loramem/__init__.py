@@ -7,20 +7,61 @@ The library API behind the `loramem` CLI; scripts can use it without the CLI:
     cache = encode(lm, open("doc.txt").read())
     small = compress(cache, "snapkv", ratio=0.9)
     print(generate(lm, "Who is the keeper?", small).answer)
+
+Names are imported on first use, so `import loramem` (and the CLI's start) stays fast.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from loramem.adapters import Adapter, adapter_scope, attach_adapter, detach_adapter  # noqa: E402
-from loramem.cache import KVCache, check_compatible  # noqa: E402
-from loramem.compress import compress  # noqa: E402
-from loramem.encode import encode  # noqa: E402
-from loramem.errors import IncompatibleArtifactError, LoramemError  # noqa: E402
-from loramem.generate import Answer, generate  # noqa: E402
-from loramem.models import DEFAULT_MODEL, LoadedModel, load_model  # noqa: E402
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "Adapter", "Answer", "DEFAULT_MODEL", "IncompatibleArtifactError", "KVCache", "LoadedModel",
-    "LoramemError", "__version__", "adapter_scope", "attach_adapter", "check_compatible", "compress",
-    "detach_adapter", "encode", "generate", "load_model",
-]
+from loramem._version import __version__
+
+# Public name -> module that defines it.
+_API = {
+    "Adapter": "loramem.adapters.attach",
+    "adapter_scope": "loramem.adapters.attach",
+    "attach_adapter": "loramem.adapters.attach",
+    "detach_adapter": "loramem.adapters.attach",
+    "KVCache": "loramem.kv.cache",
+    "check_compatible": "loramem.kv.cache",
+    "compress": "loramem.kv.compress",
+    "encode": "loramem.kv.encode",
+    "IncompatibleArtifactError": "loramem.errors",
+    "LoramemError": "loramem.errors",
+    "Answer": "loramem.model.generate",
+    "generate": "loramem.model.generate",
+    "DEFAULT_MODEL": "loramem.model.loading",
+    "LoadedModel": "loramem.model.loading",
+    "load_model": "loramem.model.loading",
+    "TrainConfig": "loramem.adapters.train",
+    "train_adapter": "loramem.adapters.train",
+    "EvalConfig": "loramem.evaluation.runner",
+    "run_eval": "loramem.evaluation.runner",
+}
+
+__all__ = ["__version__", *sorted(_API)]
+
+if TYPE_CHECKING:
+    from loramem.adapters.attach import Adapter, adapter_scope, attach_adapter, detach_adapter
+    from loramem.adapters.train import TrainConfig, train_adapter
+    from loramem.errors import IncompatibleArtifactError, LoramemError
+    from loramem.evaluation.runner import EvalConfig, run_eval
+    from loramem.kv.cache import KVCache, check_compatible
+    from loramem.kv.compress import compress
+    from loramem.kv.encode import encode
+    from loramem.model.generate import Answer, generate
+    from loramem.model.loading import DEFAULT_MODEL, LoadedModel, load_model
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'loramem' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

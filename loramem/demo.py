@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from loramem.compress import compress
-from loramem.encode import encode
 from loramem.errors import LoramemError
-from loramem.generate import generate
+from loramem.evaluation.metrics import rouge_l
+from loramem.kv.compress import compress
+from loramem.kv.encode import encode
 from loramem.log import log, progress_bar
-from loramem.metrics import rouge_l
-from loramem.models import LoadedModel
+from loramem.model.generate import generate
+from loramem.model.loading import LoadedModel
 
 EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "examples" / "demo"
 
@@ -36,9 +36,16 @@ def run_demo(lm: LoadedModel, ratios: list[float], press: str) -> list[dict[str,
             small = compress(cache, press, ratio=ratio)
             for item in qa:
                 answer = generate(lm, item["question"], small, max_new_tokens=32)
-                rows.append({"ratio": ratio, "press": press, "kept_tokens": answer.cache_tokens,
-                             "question": item["question"], "answer": answer.answer,
-                             "rouge_l": round(rouge_l(answer.answer, item["answers"]), 3)})
+                rows.append(
+                    {
+                        "ratio": ratio,
+                        "press": press,
+                        "kept_tokens": answer.cache_tokens,
+                        "question": item["question"],
+                        "answer": answer.answer,
+                        "rouge_l": round(rouge_l(answer.answer, item["answers"]), 3),
+                    }
+                )
                 advance()
     return rows
 
@@ -55,7 +62,9 @@ def print_table(rows: list[dict[str, Any]], ratios: list[float]) -> None:
     for question in dict.fromkeys(r["question"] for r in rows):
         cells = [r for r in rows if r["question"] == question]
         table.add_row(question, *[f"{c['answer']}\n[dim]ROUGE-L {c['rouge_l']:.2f}[/dim]" for c in cells])
-    means = [sum(r["rouge_l"] for r in rows if r["ratio"] == ratio) / max(1, sum(r["ratio"] == ratio for r in rows))
-             for ratio in ratios]
+    means = [
+        sum(r["rouge_l"] for r in rows if r["ratio"] == ratio) / max(1, sum(r["ratio"] == ratio for r in rows))
+        for ratio in ratios
+    ]
     table.add_row("[bold]mean ROUGE-L[/bold]", *[f"[bold]{m:.2f}[/bold]" for m in means])
     Console(width=160).print(table)

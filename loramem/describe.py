@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from loramem.adapters import ADAPTER_WEIGHTS, read_adapter_meta, weights_size
-from loramem.cache import KVCache
-from loramem.models import local_config
+from loramem.adapters.attach import ADAPTER_WEIGHTS, read_adapter_meta, weights_size
+from loramem.kv.cache import KVCache
+from loramem.model.loading import local_config
 
 
 def _ranges(values: list[int]) -> str:
@@ -36,7 +36,9 @@ def _value_groups(cache: KVCache) -> dict[str, Any] | None:
     element = _ELEMENT_BYTES.get(cache.storage.dtype, cache.keys[0].element_size())
     heads, dim = cache.keys[0].shape[0], cache.keys[0].shape[-1]
     return {
-        "groups": step["groups"], "budget": step["budget"], "score_groups": step["score_groups"],
+        "groups": step["groups"],
+        "budget": step["budget"],
+        "score_groups": step["score_groups"],
         "query": step.get("query"),
         "groups_kept_per_layer": [int(m.sum()) for m in cache.masks],
         "groups_total_per_layer": int(cache.masks[0].shape[0] * cache.n_tokens * step["groups"]),
@@ -104,8 +106,12 @@ def _equal_memory(base_model: str | None, parameters: int, tensor_bytes: int) ->
     config = local_config(base_model) if base_model else None
     kv = kv_bytes_per_token(config) if config else None
     if kv is None:
-        return {"kv_dtype": None, "kv_bytes_per_token": None, "kv_token_equivalents": None,
-                "kv_token_equivalents_at_kv_dtype": None}
+        return {
+            "kv_dtype": None,
+            "kv_bytes_per_token": None,
+            "kv_token_equivalents": None,
+            "kv_token_equivalents_at_kv_dtype": None,
+        }
     per_token, dtype = kv
     return {
         "kv_dtype": str(dtype).replace("torch.", ""),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -41,10 +41,14 @@ def quiet_libraries() -> None:
 @contextmanager
 def progress_bar(description: str, total: int | None) -> Iterator[Callable[..., None]]:
     """A rich progress bar on stderr (hidden when LORAMEM_QUIET is set); yields `advance(n, **fields)`."""
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=True,
-                  disable=bool(os.environ.get("LORAMEM_QUIET"))) as progress:
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, transient=True, disable=bool(os.environ.get("LORAMEM_QUIET"))) as progress:
         task = progress.add_task(description, total=total, status="")
 
         def advance(n: int = 1, **fields: object) -> None:

@@ -31,17 +31,33 @@ def make_tiny_model(folder: Path, seed: int = 0, layers: int = 2) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=special,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator([DEMO_DOC.read_text()] * 3, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
-                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
     fast.chat_template = CHATML
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-                         eos_token_id=fast.convert_tokens_to_ids("<|im_end|>"), bos_token_id=1, pad_token_id=0,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        eos_token_id=fast.convert_tokens_to_ids("<|im_end|>"),
+        bos_token_id=1,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
@@ -50,7 +66,7 @@ def make_tiny_model(folder: Path, seed: int = 0, layers: int = 2) -> Path:
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """The tiny model's ops are too small to share out: a second thread only adds waiting, badly so on a busy machine."""
+    """The tiny model's ops are too small to share out: a second thread only adds waiting (worse on a busy machine)."""
     import torch
 
     before = torch.get_num_threads()
@@ -93,5 +109,6 @@ def doc_text() -> str:
 def run_cli(*args: str, input: bytes | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the real `loramem` entry point in a subprocess, as a user's shell would."""
     env = {**os.environ, "LORAMEM_QUIET": "1"}
-    return subprocess.run([sys.executable, "-m", "loramem", *args], input=input, capture_output=True,
-                          env=env, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "loramem", *args], input=input, capture_output=True, env=env, cwd=cwd, timeout=600
+    )

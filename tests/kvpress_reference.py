@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from loramem.presses import make_kvpress
+from loramem.kv.presses import make_kvpress
 
 
 def kvpress_keep(lm, cache, press: str, ratio: float):
@@ -41,6 +41,8 @@ def kvpress_keep(lm, cache, press: str, ratio: float):
 def assert_agrees(lm, cache, small, press: str, ratio: float) -> None:
     """loramem's kept positions, keys and values equal kvpress's for every layer and head."""
     for layer, (positions, keys, values) in enumerate(kvpress_keep(lm, cache, press, ratio)):
-        assert torch.equal(small.positions[layer].long(), positions), f"{press}@{ratio}: positions differ, layer {layer}"
+        assert torch.equal(small.positions[layer].long(), positions), (
+            f"{press}@{ratio}: positions differ, layer {layer}"
+        )
         assert torch.equal(small.keys[layer], keys), f"{press}@{ratio}: keys differ at layer {layer}"
         assert torch.equal(small.values[layer], values), f"{press}@{ratio}: values differ at layer {layer}"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from loramem import KVCache, LoramemError, encode
-from loramem.cache import check_compatible
 from loramem.errors import IncompatibleArtifactError
+from loramem.kv.cache import check_compatible
 
 
 @pytest.fixture(scope="module")

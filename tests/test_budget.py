@@ -5,17 +5,24 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from loramem.adapters import adapter_tensor_bytes
-from loramem.compress import compress, within_budget
-from loramem.encode import encode
-from loramem.errors import LoramemError
-from loramem.evaluate import EvalConfig, budget_points, budget_sizes, file_name, run_eval
-from loramem.quantize import make_storage
-from loramem.report import ANSWERS, BUDGET_PLOT, BUDGET_PLOT_CONTAINS, CURVES, SUMMARY, cell_key, read_answers
-from loramem.train import TrainConfig, adapter_element_bytes, lora_parameters, train_adapter
-
 from test_evaluate import FAST, dataset  # noqa: F401 - the shared three-document dataset fixture
+
+from loramem.adapters.attach import adapter_tensor_bytes
+from loramem.adapters.train import TrainConfig, adapter_element_bytes, lora_parameters, train_adapter
+from loramem.errors import LoramemError
+from loramem.evaluation.report import (
+    ANSWERS,
+    BUDGET_PLOT,
+    BUDGET_PLOT_CONTAINS,
+    CURVES,
+    SUMMARY,
+    cell_key,
+    read_answers,
+)
+from loramem.evaluation.runner import EvalConfig, budget_points, budget_sizes, file_name, run_eval
+from loramem.kv.compress import compress, within_budget
+from loramem.kv.encode import encode
+from loramem.kv.quantize import make_storage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BUDGETS, RANKS = [40_000, 60_000], [0, 2, 4, 8]
@@ -65,8 +72,7 @@ def test_budget_config_is_checked_before_any_work():
 @pytest.fixture(scope="module")
 def budget_run(tiny, dataset, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("runs") / "budget"
-    config = EvalConfig(ratios=[], presses=["snapkv"], formats=["qa"], budget_bytes=BUDGETS, budget_ranks=RANKS,
-                        **FAST)
+    config = EvalConfig(ratios=[], presses=["snapkv"], formats=["qa"], budget_bytes=BUDGETS, budget_ranks=RANKS, **FAST)
     return out, config, run_eval(tiny, dataset, out, config)
 
 
@@ -94,7 +100,8 @@ def test_budget_points_spend_the_budget_on_adapter_and_kv(tiny, budget_run):
         assert kept[0] > kept[2] > kept[4]
     # Rank 4 is the run's --rank: its adapters keep the plain DOCID-FORMAT name, so ratio cells would share them.
     assert sorted(p.name for p in (out / "adapters").iterdir()) == sorted(
-        f"{file_name(d)}-qa{suffix}" for d in ("doc-a", "doc-b", "doc c/3") for suffix in ("", "-r2"))
+        f"{file_name(d)}-qa{suffix}" for d in ("doc-a", "doc-b", "doc c/3") for suffix in ("", "-r2")
+    )
     assert (out / BUDGET_PLOT).read_bytes().startswith(b"\x89PNG") and not (out / CURVES).exists()
     assert (out / BUDGET_PLOT_CONTAINS).read_bytes().startswith(b"\x89PNG")
 

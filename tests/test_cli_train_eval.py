@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import DEMO_DOC, run_cli
 from test_cli import one_line_error
 
@@ -16,16 +15,31 @@ SHORT_DOC = "The lighthouse on Brannock Point was designed by Mara Quell in 1871
 @pytest.fixture(scope="module")
 def qa_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("qa") / "qa.jsonl"
-    path.write_text('{"question": "Who designed the lighthouse?", "answer": "Mara Quell"}\n'
-                    '{"question": "Who keeps it?", "answer": "Tobin Hale"}\n')
+    path.write_text(
+        '{"question": "Who designed the lighthouse?", "answer": "Mara Quell"}\n'
+        '{"question": "Who keeps it?", "answer": "Tobin Hale"}\n'
+    )
     return path
 
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_dir, qa_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("lora") / "doc.lora"
-    result = run_cli("train-adapter", str(DEMO_DOC), "-o", str(out), "--qa", str(qa_file), "--steps", "2",
-                     "--rank", "2", "--json", "--model", str(tiny_dir))
+    result = run_cli(
+        "train-adapter",
+        str(DEMO_DOC),
+        "-o",
+        str(out),
+        "--qa",
+        str(qa_file),
+        "--steps",
+        "2",
+        "--rank",
+        "2",
+        "--json",
+        "--model",
+        str(tiny_dir),
+    )
     assert result.returncode == 0, result.stderr.decode()
     summary = json.loads(result.stdout)
     assert summary["steps"] == 2 and summary["trainable_parameters"] > 0 and summary["path"] == str(out)
@@ -46,22 +60,49 @@ def test_train_adapter_output_loads_in_peft_and_inspects(tiny_dir, adapter_dir):
 
 def test_ntp_needs_no_question_answer_pairs(tiny_dir, tmp_path):
     out = tmp_path / "ntp.lora"
-    result = run_cli("train-adapter", "-", "-o", str(out), "--format", "ntp", "--steps", "1", "--rank", "2",
-                     "--model", str(tiny_dir), input=DEMO_DOC.read_bytes())
+    result = run_cli(
+        "train-adapter",
+        "-",
+        "-o",
+        str(out),
+        "--format",
+        "ntp",
+        "--steps",
+        "1",
+        "--rank",
+        "2",
+        "--model",
+        str(tiny_dir),
+        input=DEMO_DOC.read_bytes(),
+    )
     assert result.returncode == 0, result.stderr.decode()
     assert (out / "adapter_model.safetensors").exists() and (out / "train_qa.jsonl").read_text() == ""
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--rank", "0"], "rank must be positive"),
-    (["--targets", "nonsense_proj"], "unknown target module 'nonsense_proj'"),
-    (["--layers", "5-1"], "runs backwards"),
-    (["--format", "raw"], "unknown format"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rank", "0"], "rank must be positive"),
+        (["--targets", "nonsense_proj"], "unknown target module 'nonsense_proj'"),
+        (["--layers", "5-1"], "runs backwards"),
+        (["--format", "raw"], "unknown format"),
+    ],
+)
 def test_train_adapter_bad_options(tiny_dir, qa_file, tmp_path, args, message):
     out = tmp_path / "bad.lora"
-    result = run_cli("train-adapter", str(DEMO_DOC), "-o", str(out), "--qa", str(qa_file), "--steps", "1",
-                     *args, "--model", str(tiny_dir))
+    result = run_cli(
+        "train-adapter",
+        str(DEMO_DOC),
+        "-o",
+        str(out),
+        "--qa",
+        str(qa_file),
+        "--steps",
+        "1",
+        *args,
+        "--model",
+        str(tiny_dir),
+    )
     assert message in one_line_error(result)
     assert result.returncode == 2
     assert not out.exists() and list(tmp_path.iterdir()) == []
@@ -71,15 +112,18 @@ def test_train_adapter_bad_inputs(tiny_dir, qa_file, adapter_dir, tmp_path):
     model = ["--model", str(tiny_dir), "--steps", "1"]
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
-    assert "empty" in one_line_error(run_cli("train-adapter", str(empty), "-o", str(tmp_path / "a"), "--qa",
-                                             str(qa_file), *model))
+    assert "empty" in one_line_error(
+        run_cli("train-adapter", str(empty), "-o", str(tmp_path / "a"), "--qa", str(qa_file), *model)
+    )
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"question": "Q?", "answer": "A"}\n{"question": "no answer"\n')
-    assert "broken.jsonl:2:" in one_line_error(run_cli("train-adapter", str(DEMO_DOC), "-o", str(tmp_path / "b"), "--qa",
-                                              str(broken), *model))
+    assert "broken.jsonl:2:" in one_line_error(
+        run_cli("train-adapter", str(DEMO_DOC), "-o", str(tmp_path / "b"), "--qa", str(broken), *model)
+    )
     before = sorted(p.name for p in adapter_dir.iterdir())
-    assert "--force" in one_line_error(run_cli("train-adapter", str(DEMO_DOC), "-o", str(adapter_dir), "--qa",
-                                               str(qa_file), *model))
+    assert "--force" in one_line_error(
+        run_cli("train-adapter", str(DEMO_DOC), "-o", str(adapter_dir), "--qa", str(qa_file), *model)
+    )
     assert sorted(p.name for p in adapter_dir.iterdir()) == before
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -93,20 +137,41 @@ def test_adapter_of_another_base_model_is_refused(other_tiny_dir, adapter_dir):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     records = [
-        {"id": "light", "document": SHORT_DOC, "qa": [{"question": "Who designed it?", "answers": ["Mara Quell"]},
-                                                     {"question": "Who keeps it?", "answers": ["Tobin Hale"]}],
-         "train_qa": [{"question": "Designer?", "answer": "Mara Quell"}]},
-        {"id": "bees", "document": "Ilse Varn keeps bees in Orlow and sells honey on Fridays.",
-         "qa": [{"question": "Who keeps bees?", "answers": ["Ilse Varn"]}],
-         "train_qa": [{"question": "Beekeeper?", "answer": "Ilse Varn"}]},
+        {
+            "id": "light",
+            "document": SHORT_DOC,
+            "qa": [
+                {"question": "Who designed it?", "answers": ["Mara Quell"]},
+                {"question": "Who keeps it?", "answers": ["Tobin Hale"]},
+            ],
+            "train_qa": [{"question": "Designer?", "answer": "Mara Quell"}],
+        },
+        {
+            "id": "bees",
+            "document": "Ilse Varn keeps bees in Orlow and sells honey on Fridays.",
+            "qa": [{"question": "Who keeps bees?", "answers": ["Ilse Varn"]}],
+            "train_qa": [{"question": "Beekeeper?", "answer": "Ilse Varn"}],
+        },
     ]
     path = tmp_path_factory.mktemp("data") / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
 
-GRID = ["--ratios", "0,1", "--press", "snapkv", "--mode", "none,decode", "--format", "qa", "--steps", "1",
-        "--max-new-tokens", "3"]
+GRID = [
+    "--ratios",
+    "0,1",
+    "--press",
+    "snapkv",
+    "--mode",
+    "none,decode",
+    "--format",
+    "qa",
+    "--steps",
+    "1",
+    "--max-new-tokens",
+    "3",
+]
 
 
 def eval_cli(tiny_dir: Path, *args: str):
@@ -175,8 +240,12 @@ def test_eval_budget_bytes_beside_ratios(tiny_dir, dataset, tmp_path):
     everything = [r for r in budget_rows if r["budget_bytes"] == 10**6 and r["adapter_rank"] == 0]
     assert all(r["kv_tokens_kept"] == r["document_tokens"] for r in everything)  # 1 MB holds these documents whole
     # The run's --rank serves ratio cells and the rank-2 budget points alike: one adapter per document and rank.
-    assert sorted(p.name for p in (run / "adapters").iterdir()) == ["bees-qa", "bees-qa-r16", "light-qa",
-                                                                    "light-qa-r16"]
+    assert sorted(p.name for p in (run / "adapters").iterdir()) == [
+        "bees-qa",
+        "bees-qa-r16",
+        "light-qa",
+        "light-qa-r16",
+    ]
     resumed = eval_cli(tiny_dir, *args, "--resume", "--json")
     assert resumed.returncode == 0, resumed.stderr.decode()
     summary = json.loads(resumed.stdout)
@@ -190,11 +259,27 @@ def test_eval_budget_bad_input(tiny_dir, dataset, tmp_path):
     out = ("--out", str(tmp_path / "r"))
     assert "byte size" in one_line_error(run_cli("eval", str(dataset), *out, "--budget-bytes", "12XB"))
     assert "positive" in one_line_error(run_cli("eval", str(dataset), *out, "--budget-bytes", "0"))
-    assert "integers" in one_line_error(run_cli("eval", str(dataset), *out, "--budget-bytes", "1MB",
-                                                "--budget-ranks", "two"))
-    assert ">= 0" in one_line_error(run_cli("eval", str(dataset), *out, "--budget-bytes", "1MB",
-                                            "--budget-ranks", "-2"))
-    assert "qa adapter of rank 2 for document light" in one_line_error(run_cli(
-        "eval", str(dataset), *out, "--budget-bytes", "1MB", "--budget-ranks", "0,2", "--format", "qa",
-        "--adapters", str(tmp_path), "--model", str(tiny_dir)))
+    assert "integers" in one_line_error(
+        run_cli("eval", str(dataset), *out, "--budget-bytes", "1MB", "--budget-ranks", "two")
+    )
+    assert ">= 0" in one_line_error(
+        run_cli("eval", str(dataset), *out, "--budget-bytes", "1MB", "--budget-ranks", "-2")
+    )
+    assert "qa adapter of rank 2 for document light" in one_line_error(
+        run_cli(
+            "eval",
+            str(dataset),
+            *out,
+            "--budget-bytes",
+            "1MB",
+            "--budget-ranks",
+            "0,2",
+            "--format",
+            "qa",
+            "--adapters",
+            str(tmp_path),
+            "--model",
+            str(tiny_dir),
+        )
+    )
     assert not (tmp_path / "r").exists()

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+from kvpress_reference import assert_agrees
 
 from loramem import LoramemError, compress, encode
-from loramem.compress import n_kept
-from loramem.presses import DEFAULT_PRESSES
-
-from kvpress_reference import assert_agrees
+from loramem.kv.compress import n_kept
+from loramem.kv.presses import DEFAULT_PRESSES
 
 RATIOS = (0.25, 0.5, 0.9)
 
@@ -43,7 +44,7 @@ def test_agrees_with_kvpress_on_tiny_model(tiny, raw_cache, press, ratio):
 @pytest.mark.parametrize("press", DEFAULT_PRESSES)
 def test_eviction_is_nested(chat_cache, press):
     kept = [compress(chat_cache, press, ratio=r).positions for r in (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)]
-    for low, high in zip(kept, kept[1:]):
+    for low, high in itertools.pairwise(kept):
         for layer_low, layer_high in zip(low, high):
             for head_low, head_high in zip(layer_low.tolist(), layer_high.tolist()):
                 assert set(head_high) <= set(head_low)

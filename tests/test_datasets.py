@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loramem.datasets import (
+from loramem.data.formats import (
     QA,
     DocRecord,
     TrainQA,
@@ -70,26 +70,32 @@ def test_write_then_load_round_trips_and_leaves_no_temp_file(tmp_path: Path) -> 
 
 def test_write_dash_goes_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
     write_dataset([DocRecord("x", "Text.", [QA("Q?", ["A"])])], "-")
-    assert json.loads(capsys.readouterr().out) == {"id": "x", "document": "Text.",
-                                                    "qa": [{"question": "Q?", "answers": ["A"]}]}
+    assert json.loads(capsys.readouterr().out) == {
+        "id": "x",
+        "document": "Text.",
+        "qa": [{"question": "Q?", "answers": ["A"]}],
+    }
 
 
-@pytest.mark.parametrize(("line", "message"), [
-    ("{not json", "not valid JSON"),
-    ('["a list"]', "expected a JSON object"),
-    ({**GOOD, "qas": []}, "unknown field(s) qas"),
-    ({**GOOD, "document_path": "x.txt"}, "exactly one of `document` and `document_path`"),
-    ({"id": "a", "qa": []}, "exactly one of `document` and `document_path`"),
-    ({**GOOD, "id": ""}, "`id` must be a non-empty string"),
-    ({**GOOD, "qa": {"question": "Q?"}}, "`qa` must be a list"),
-    ({**GOOD, "qa": [{"question": "Q?", "answers": []}]}, "qa[0]: `answers` must be a non-empty list"),
-    ({**GOOD, "qa": [{"question": "Q?", "answers": "A"}]}, "`answers` must be a list"),
-    ({**GOOD, "qa": [{"question": "Q?"}]}, 'qa[0]: expected {"question": str, "answers": [str, ...]}'),
-    ({**GOOD, "train_qa": [{"question": "T?", "answers": ["t"]}]}, 'train_qa[0]: expected {"question": str'),
-    ({**GOOD, "train_qa": [{"question": " q? ", "answer": "A"}]}, "is also a held-out question"),
-    ({**GOOD, "document": "  "}, "`document` must be a non-empty string"),
-    ({"id": "b", "document_path": "missing.txt", "qa": []}, "not found"),
-])
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ('["a list"]', "expected a JSON object"),
+        ({**GOOD, "qas": []}, "unknown field(s) qas"),
+        ({**GOOD, "document_path": "x.txt"}, "exactly one of `document` and `document_path`"),
+        ({"id": "a", "qa": []}, "exactly one of `document` and `document_path`"),
+        ({**GOOD, "id": ""}, "`id` must be a non-empty string"),
+        ({**GOOD, "qa": {"question": "Q?"}}, "`qa` must be a list"),
+        ({**GOOD, "qa": [{"question": "Q?", "answers": []}]}, "qa[0]: `answers` must be a non-empty list"),
+        ({**GOOD, "qa": [{"question": "Q?", "answers": "A"}]}, "`answers` must be a list"),
+        ({**GOOD, "qa": [{"question": "Q?"}]}, 'qa[0]: expected {"question": str, "answers": [str, ...]}'),
+        ({**GOOD, "train_qa": [{"question": "T?", "answers": ["t"]}]}, 'train_qa[0]: expected {"question": str'),
+        ({**GOOD, "train_qa": [{"question": " q? ", "answer": "A"}]}, "is also a held-out question"),
+        ({**GOOD, "document": "  "}, "`document` must be a non-empty string"),
+        ({"id": "b", "document_path": "missing.txt", "qa": []}, "not found"),
+    ],
+)
 def test_malformed_lines_name_file_and_line(tmp_path: Path, line: object, message: str) -> None:
     path = _write_lines(tmp_path / "data.jsonl", GOOD | {"id": "first"}, "", line)
     with pytest.raises(LoramemError) as info:
@@ -110,22 +116,28 @@ def test_duplicate_ids_and_empty_files_are_refused(tmp_path: Path) -> None:
 # --- detokenization ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("tokens", "text"), [
-    ("at her parents ' house", "at her parents' house"),
-    ("Bill Slater ) said", "Bill Slater) said"),
-    ("Hal ( born 1901 ) left", "Hal (born 1901) left"),
-    ("one , two ; three : four . Five ? Six !", "one, two; three: four. Five? Six!"),
-    ("he does n't know ; CA N'T", "he doesn't know; CAN'T"),
-    ("Narcissus s spring", "Narcissus's spring"),
-    ("They re here and I ll go , you d see", "They're here and I'll go, you'd see"),
-    ("it 's his", "it's his"),
-    ("he said `` go home '' and \" stay here \" .", 'he said "go home" and "stay here".'),
-    ("costs $ 300,000 or £ 5", "costs $300,000 or £5"),
-    ("I 'm gon na wait ...", "I'm gonna wait..."),
-    ("a run -- then rest – done", "a run -- then rest – done"),
-    ("former\u00e2\u0080\u0099s \u00c2\u0141 25 fianc\u0102\u0160e 35,000\u00c2 BC", "former’s £25 fiancée 35,000 BC"),
-    ("Thénardier meets Ōshima in Ryūji s house", "Thénardier meets Ōshima in Ryūji's house"),
-])
+@pytest.mark.parametrize(
+    ("tokens", "text"),
+    [
+        ("at her parents ' house", "at her parents' house"),
+        ("Bill Slater ) said", "Bill Slater) said"),
+        ("Hal ( born 1901 ) left", "Hal (born 1901) left"),
+        ("one , two ; three : four . Five ? Six !", "one, two; three: four. Five? Six!"),
+        ("he does n't know ; CA N'T", "he doesn't know; CAN'T"),
+        ("Narcissus s spring", "Narcissus's spring"),
+        ("They re here and I ll go , you d see", "They're here and I'll go, you'd see"),
+        ("it 's his", "it's his"),
+        ("he said `` go home '' and \" stay here \" .", 'he said "go home" and "stay here".'),
+        ("costs $ 300,000 or £ 5", "costs $300,000 or £5"),
+        ("I 'm gon na wait ...", "I'm gonna wait..."),
+        ("a run -- then rest – done", "a run -- then rest – done"),
+        (
+            "former\u00e2\u0080\u0099s \u00c2\u0141 25 fianc\u0102\u0160e 35,000\u00c2 BC",
+            "former’s £25 fiancée 35,000 BC",
+        ),
+        ("Thénardier meets Ōshima in Ryūji s house", "Thénardier meets Ōshima in Ryūji's house"),
+    ],
+)
 def test_detokenize(tokens: str, text: str) -> None:
     assert detokenize(tokens) == text
 
@@ -145,12 +157,14 @@ def test_narrativeqa_repository_layout() -> None:
 
     valid = convert_narrativeqa(FIXTURES / "narrativeqa", split="valid")
     assert [r.id for r in valid] == ["1b2c3d4e5f60718293a4b5c6d7e8f90123456789"]
-    assert valid[0].qa[0] == QA("What does Mara inherit?",
-                                ["Her grandfather's clock shop", "a clock shop, in Brennick"])
+    assert valid[0].qa[0] == QA(
+        "What does Mara inherit?", ["Her grandfather's clock shop", "a clock shop, in Brennick"]
+    )
 
     summaries = FIXTURES / "narrativeqa" / "third_party" / "wikipedia" / "summaries.csv"
     assert convert_narrativeqa(FIXTURES / "narrativeqa" / "qaps.csv", "test", summaries=summaries)[0].qa == [
-        QA("How many passengers are saved?", ["40", "All 40 of them"])]
+        QA("How many passengers are saved?", ["40", "All 40 of them"])
+    ]
 
 
 def test_narrativeqa_repository_layout_errors(tmp_path: Path) -> None:
@@ -196,8 +210,10 @@ def test_longhealth() -> None:
     assert [r.id for r in records] == ["patient_01", "patient_02"]
     assert records[0].document.startswith("Discharge letter\nPatient: Anna Velde")
     assert "\n\nFollow-up visit 01/2020" in records[0].document
-    assert records[0].qa == [QA("Which therapy did Mrs. Velde receive?", ["R-CHOP"]),
-                             QA("What did the CT in 01/2020 show?", ["Partial remission"])]
+    assert records[0].qa == [
+        QA("Which therapy did Mrs. Velde receive?", ["R-CHOP"]),
+        QA("What did the CT in 01/2020 show?", ["Partial remission"]),
+    ]
     assert records[1].qa == [QA("When was the stent placed?", ["02/2021"])]
 
 
@@ -205,8 +221,10 @@ def test_squad(tmp_path: Path) -> None:
     records = convert_squad(FIXTURES / "squad_dev.json")
     assert [r.id for r in records] == ["Vell_Bridge-0", "Vell_Bridge-1"]
     assert records[0].document.startswith("The Vell Bridge was opened in 1902")
-    assert records[0].qa == [QA("When was the Vell Bridge opened?", ["1902", "in 1902"]),
-                             QA("Who designed the Vell Bridge?", ["Karla Wend"])]
+    assert records[0].qa == [
+        QA("When was the Vell Bridge opened?", ["1902", "in 1902"]),
+        QA("Who designed the Vell Bridge?", ["Karla Wend"]),
+    ]
     assert records[1].qa == [QA("When does the Omst flood?", ["every spring", "spring"])]
 
 

@@ -7,16 +7,21 @@ import shutil
 
 import pytest
 
-from loramem.adapters import LORAMEM_META
+from loramem.adapters.attach import LORAMEM_META
+from loramem.adapters.train import TrainConfig, train_adapter
 from loramem.describe import describe_adapter
-from loramem.train import TrainConfig, train_adapter
 
 
 @pytest.fixture(scope="module")
 def adapter(tiny, doc_text, tmp_path_factory):
     out = tmp_path_factory.mktemp("equal") / "doc.lora"
-    train_adapter(tiny, doc_text, [("Who designed the lighthouse?", "Orla Quenby")], out,
-                  TrainConfig(rank=16, targets="all", steps=1, batch_size=1))
+    train_adapter(
+        tiny,
+        doc_text,
+        [("Who designed the lighthouse?", "Orla Quenby")],
+        out,
+        TrainConfig(rank=16, targets="all", steps=1, batch_size=1),
+    )
     return out
 
 
@@ -26,8 +31,15 @@ def test_adapter_size_in_kv_tokens(adapter, tiny_dir):
     heads, kv_heads, head_dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
     assert (hidden, inter, layers, heads, kv_heads, head_dim, config["dtype"]) == (64, 128, 2, 4, 2, 16, "float32")
     # r x (in + out) per projection: q, k, v, o, gate, up, down
-    shapes = [(hidden, heads * head_dim), (hidden, kv_heads * head_dim), (hidden, kv_heads * head_dim),
-              (heads * head_dim, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
+    shapes = [
+        (hidden, heads * head_dim),
+        (hidden, kv_heads * head_dim),
+        (hidden, kv_heads * head_dim),
+        (heads * head_dim, hidden),
+        (hidden, inter),
+        (hidden, inter),
+        (inter, hidden),
+    ]
     parameters = layers * sum(16 * (i + o) for i, o in shapes)
     per_token = layers * kv_heads * head_dim * 2 * 4  # K and V, fp32
     assert (parameters, per_token) == (32768, 512)

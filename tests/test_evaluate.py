@@ -8,21 +8,41 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import DEMO_DOC
 from rich.console import Console
 
-import loramem.evaluate as ev
-from loramem.datasets import QA, DocRecord, TrainQA, write_dataset
+import loramem.evaluation.runner as ev
+from loramem.data.formats import QA, DocRecord, TrainQA, write_dataset
 from loramem.errors import IncompatibleArtifactError, LoramemError
-from loramem.evaluate import EvalConfig, merge, parse_shard, run_eval, select_documents
-from loramem.report import ANSWERS, CONFIG, CURVES, SUMMARY, cell_key, print_table, read_answers, write_report
-from loramem.stats import mean_ci, paired_bootstrap, paired_t_test
+from loramem.evaluation.report import (
+    ANSWERS,
+    CONFIG,
+    CURVES,
+    SUMMARY,
+    cell_key,
+    print_table,
+    read_answers,
+    write_report,
+)
+from loramem.evaluation.runner import EvalConfig, merge, parse_shard, run_eval, select_documents
+from loramem.evaluation.stats import mean_ci, paired_bootstrap, paired_t_test
 
-from conftest import DEMO_DOC
-
-GRID = {"ratios": [0, 0.5, 1.0], "presses": ["snapkv", "knorm"], "modes": ["none", "decode", "all", "base_scores"],
-        "formats": ["qa", "ntp"]}
-FAST = {"max_new_tokens": 4, "steps": 2, "rank": 4, "alpha": 8.0, "batch_size": 2, "synth_pairs": 2,
-        "chunk_size": 32, "max_length": 256}
+GRID = {
+    "ratios": [0, 0.5, 1.0],
+    "presses": ["snapkv", "knorm"],
+    "modes": ["none", "decode", "all", "base_scores"],
+    "formats": ["qa", "ntp"],
+}
+FAST = {
+    "max_new_tokens": 4,
+    "steps": 2,
+    "rank": 4,
+    "alpha": 8.0,
+    "batch_size": 2,
+    "synth_pairs": 2,
+    "chunk_size": 32,
+    "max_length": 256,
+}
 N_DOCS, N_QUESTIONS = 3, 2
 CELLS_PER_DOC = N_QUESTIONS * 2 * 3 * (1 + 3 * 2)  # presses x ratios x (none + 3 adapter modes x 2 formats)
 
@@ -40,16 +60,22 @@ def dataset(tmp_path_factory) -> Path:
     paragraphs = DEMO_DOC.read_text().split("\n\n")[1:]
     texts = [paragraphs[0] + "\n\n" + paragraphs[1], paragraphs[2], paragraphs[3]]
     qa = [QA("Who designed the lighthouse?", ["Orla Quenby"]), QA("Who was the first keeper?", ["Hobart Fennick"])]
-    train = [TrainQA("Which engineer built the light?", "Orla Quenby"), TrainQA("Name the first keeper.", "Hobart Fennick")]
-    records = [DocRecord("doc-a", texts[0], qa, train), DocRecord("doc-b", texts[1], qa, train),
-               DocRecord("doc c/3", texts[2], qa)]
+    train = [
+        TrainQA("Which engineer built the light?", "Orla Quenby"),
+        TrainQA("Name the first keeper.", "Hobart Fennick"),
+    ]
+    records = [
+        DocRecord("doc-a", texts[0], qa, train),
+        DocRecord("doc-b", texts[1], qa, train),
+        DocRecord("doc c/3", texts[2], qa),
+    ]
     path = tmp_path_factory.mktemp("data") / "data.jsonl"
     write_dataset(records, path)
     return path
 
 
 class Counter:
-    """Wraps loramem.evaluate's view of a function and counts its calls (with their keyword arguments)."""
+    """Wraps loramem.evaluation.runner's view of a function and counts its calls (with their keyword arguments)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str, fail_after: int | None = None) -> None:
         self.calls: list[dict] = []
@@ -99,9 +125,12 @@ def test_work_is_shared_and_every_cell_answered_once(reference):
     assert len(rows) == len({cell_key(r) for r in rows}) == N_DOCS * CELLS_PER_DOC == len(counts["generate"].calls)
     assert {r["format"] for r in rows if r["mode"] == "none"} == {None}
     assert {r["format"] for r in rows if r["mode"] != "none"} == {"qa", "ntp"}
-    assert min(r["cache_tokens"] for r in rows if r["ratio"] == 0) > max(r["cache_tokens"] for r in rows if r["ratio"] == 1)
+    assert min(r["cache_tokens"] for r in rows if r["ratio"] == 0) > max(
+        r["cache_tokens"] for r in rows if r["ratio"] == 1
+    )
     assert sorted(p.name for p in (run / "adapters").iterdir()) == sorted(
-        f"{d}-{f}" for d in ("doc-a", "doc-b", ev.file_name("doc c/3")) for f in ("qa", "ntp"))
+        f"{d}-{f}" for d in ("doc-a", "doc-b", ev.file_name("doc c/3")) for f in ("qa", "ntp")
+    )
     synthesized = (run / "train_qa" / f"{ev.file_name('doc c/3')}.jsonl").read_text().splitlines()
     assert len(synthesized) == 2 and all(json.loads(line)["answer"] for line in synthesized)
     assert (run / SUMMARY).exists() and (run / CURVES).read_bytes().startswith(b"\x89PNG")
@@ -153,17 +182,28 @@ def test_resume_with_a_wider_limit_adds_only_the_new_documents(tiny, dataset, re
 
 def test_kv_variants_each_get_their_curve_and_bytes(tiny, dataset, tmp_path):
     from loramem import compress, encode, generate
-    from loramem.datasets import load_dataset
-    from loramem.report import BYTES_PLOT
-    from loramem.value_groups import compress_value_groups
+    from loramem.data.formats import load_dataset
+    from loramem.evaluation.report import BYTES_PLOT
+    from loramem.kv.value_groups import compress_value_groups
 
-    cfg = config(modes=["none"], presses=["knorm"], ratios=[0.0, 0.5], limit=1,
-                 granularities=["token", "value-group"], store_dtypes=["native", "int8"], groups=4)
+    cfg = config(
+        modes=["none"],
+        presses=["knorm"],
+        ratios=[0.0, 0.5],
+        limit=1,
+        granularities=["token", "value-group"],
+        store_dtypes=["native", "int8"],
+        groups=4,
+    )
     summary = run_eval(tiny, dataset, tmp_path / "run", cfg)
     rows = answers_by_cell(tmp_path / "run")
     assert len(rows) == N_QUESTIONS * 2 * 2 * 2
-    assert {c["press"] for c in summary["cells"]} == {"knorm", "knorm [token int8]", "knorm [value-group/4]",
-                                                      "knorm [value-group/4 int8]"}
+    assert {c["press"] for c in summary["cells"]} == {
+        "knorm",
+        "knorm [token int8]",
+        "knorm [value-group/4]",
+        "knorm [value-group/4 int8]",
+    }
     nbytes = {(r["variant"], r["ratio"]): r["kv_bytes"] for r in rows.values()}
     assert nbytes[("token int8", 0.5)] < nbytes[("token", 0.5)] < nbytes[("token", 0.0)]
     assert nbytes[("value-group/4 int8", 0.5)] < nbytes[("value-group/4", 0.5)]
@@ -174,8 +214,10 @@ def test_kv_variants_each_get_their_curve_and_bytes(tiny, dataset, tmp_path):
     assert row["answer"] == generate(tiny, record.qa[0].question, cache, max_new_tokens=4).answer
     assert row["kv_bytes"] == cache.nbytes_stored
     token_row = rows[(record.id, 0, "knorm", 0.5, "none", None, "token")]
-    assert token_row["kv_bytes"] == compress(encode(tiny, record.document, presses=["knorm"]), "knorm",
-                                             ratio=0.5).nbytes_stored
+    assert (
+        token_row["kv_bytes"]
+        == compress(encode(tiny, record.document, presses=["knorm"]), "knorm", ratio=0.5).nbytes_stored
+    )
 
 
 def test_shards_merged_equal_the_unsharded_run(tiny, dataset, reference, tmp_path):
@@ -234,11 +276,23 @@ def test_limit_and_shard_selection():
             parse_shard(bad)
 
 
-@pytest.mark.parametrize("bad", [
-    {"granularities": ["pixel"]}, {"store_dtypes": ["int3"]},
-    {"granularities": ["value-group"], "modes": ["base_scores"]}, {"groups": 0}, {"ratios": [1.5]},
-    {"modes": ["decoder"]}, {"formats": ["chat"]}, {"presses": ["nope"]}, {"shard": (2, 2)}, {"limit": 0},
-    {"rank": 0}, {"modes": ["decode"], "formats": []}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"granularities": ["pixel"]},
+        {"store_dtypes": ["int3"]},
+        {"granularities": ["value-group"], "modes": ["base_scores"]},
+        {"groups": 0},
+        {"ratios": [1.5]},
+        {"modes": ["decoder"]},
+        {"formats": ["chat"]},
+        {"presses": ["nope"]},
+        {"shard": (2, 2)},
+        {"limit": 0},
+        {"rank": 0},
+        {"modes": ["decode"], "formats": []},
+    ],
+)
 def test_bad_config_is_refused(bad):
     with pytest.raises(LoramemError):
         config(**bad)
@@ -246,19 +300,41 @@ def test_bad_config_is_refused(bad):
 
 def hand_made_run(tmp_path: Path) -> Path:
     """Two documents x two questions; base and a qa adapter (decode) at ratios 0 and 1, with known scores."""
-    rouge = {("none", 0.0): [1.0, 0.8, 0.6, 1.0], ("decode", 0.0): [1.0, 0.9, 0.6, 1.0],
-             ("none", 1.0): [0.0, 0.1, 0.0, 0.2], ("decode", 1.0): [0.5, 0.7, 0.4, 0.9]}
+    rouge = {
+        ("none", 0.0): [1.0, 0.8, 0.6, 1.0],
+        ("decode", 0.0): [1.0, 0.9, 0.6, 1.0],
+        ("none", 1.0): [0.0, 0.1, 0.0, 0.2],
+        ("decode", 1.0): [0.5, 0.7, 0.4, 0.9],
+    }
     rows = []
     for (mode, ratio), values in rouge.items():
         for i, value in enumerate(values):
-            rows.append({"doc_id": f"d{i // 2}", "question_index": i % 2, "question": "q", "references": ["r"],
-                         "press": "snapkv", "ratio": ratio, "mode": mode, "format": None if mode == "none" else "qa",
-                         "answer": "a", "rouge_l": value, "exact_match": float(value == 1.0), "token_f1": value,
-                         "cache_tokens": 40 if ratio == 0 else 10, "seconds": 0.1})
+            rows.append(
+                {
+                    "doc_id": f"d{i // 2}",
+                    "question_index": i % 2,
+                    "question": "q",
+                    "references": ["r"],
+                    "press": "snapkv",
+                    "ratio": ratio,
+                    "mode": mode,
+                    "format": None if mode == "none" else "qa",
+                    "answer": "a",
+                    "rouge_l": value,
+                    "exact_match": float(value == 1.0),
+                    "token_f1": value,
+                    "cache_tokens": 40 if ratio == 0 else 10,
+                    "seconds": 0.1,
+                }
+            )
     run = tmp_path / "hand"
     run.mkdir()
-    header = {"model": {"id": "m", "model": "x"}, "dataset": {"path": "d", "sha256": "s"}, "config": {},
-              "documents": {"d0": 8, "d1": 8}}
+    header = {
+        "model": {"id": "m", "model": "x"},
+        "dataset": {"path": "d", "sha256": "s"},
+        "config": {},
+        "documents": {"d0": 8, "d1": 8},
+    }
     (run / CONFIG).write_text(json.dumps(header))
     text = "".join(json.dumps(r) + "\n" for r in rows) + '{"doc_id": "d0", "quest'  # a partial last line
     (run / ANSWERS).write_text(text)

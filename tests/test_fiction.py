@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from loramem.datasets import DocRecord, load_dataset, write_dataset
-from loramem.fiction import EXAMPLE_DOCS, EXAMPLE_SEED, MAX_WORDS, MIN_WORDS, synth_fiction
+from loramem.data.fiction import EXAMPLE_DOCS, EXAMPLE_SEED, MAX_WORDS, MIN_WORDS, synth_fiction
+from loramem.data.formats import DocRecord, load_dataset, write_dataset
 
 SHIPPED = Path(__file__).resolve().parents[1] / "examples" / "fiction.jsonl"
 

@@ -6,8 +6,8 @@ import torch
 from transformers import DynamicCache
 
 from loramem import compress, encode, generate
-from loramem.presses import make_kvpress
-from loramem.prompt import Framing, question_ids, stop_token_ids
+from loramem.kv.presses import make_kvpress
+from loramem.model.prompt import Framing, question_ids, stop_token_ids
 
 QUESTION = "Who designed the lighthouse?"
 
@@ -15,9 +15,10 @@ QUESTION = "Who designed the lighthouse?"
 def reference_tokens(lm, prompt_ids: list[int], n: int) -> list[int]:
     """Greedy tokens from transformers' own generate over the whole prompt (no stored cache)."""
     with torch.inference_mode():
-        out = lm.model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False,
-                                eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt_ids):].tolist()
+        out = lm.model.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    return out[0, len(prompt_ids) :].tolist()
 
 
 def test_stored_cache_answers_like_a_fresh_prefill(tiny, doc_text):
@@ -45,10 +46,11 @@ def test_compressed_cache_decodes_like_kvpress(tiny, doc_text):
             tiny.model.model(input_ids=cache.token_ids[None], past_key_values=kv, use_cache=True)
         position = torch.arange(cache.n_tokens, cache.n_tokens + len(q))[None]
         expected = tiny.model(input_ids=torch.tensor([q]), past_key_values=kv, position_ids=position).logits[0, -1]
-        from loramem.generate import to_dynamic_cache
+        from loramem.model.generate import to_dynamic_cache
 
-        ours = tiny.model(input_ids=torch.tensor([q]), past_key_values=to_dynamic_cache(small, tiny),
-                          position_ids=position).logits[0, -1]
+        ours = tiny.model(
+            input_ids=torch.tensor([q]), past_key_values=to_dynamic_cache(small, tiny), position_ids=position
+        ).logits[0, -1]
     assert torch.allclose(ours, expected, atol=1e-5)
     assert small.kept_per_layer[0] < cache.n_tokens
 

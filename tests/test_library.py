@@ -8,38 +8,37 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli
 from test_cli import one_line_error
 
-from loramem.adapters import ADAPTER_WEIGHTS, LORAMEM_META
-from loramem.embed import chunk_text, load_embedder
+from loramem.adapters.attach import ADAPTER_WEIGHTS, LORAMEM_META
+from loramem.adapters.merge import MergeConfig, check_sources, merge_adapters
+from loramem.adapters.synth import sentences
+from loramem.adapters.train import TrainConfig, train_adapter
 from loramem.errors import IncompatibleArtifactError, LoramemError
-from loramem.library import MANIFEST, AddOptions, add_documents, open_library, retrieve_chunks, route
-from loramem.merge import MergeConfig, check_sources, merge_adapters
-from loramem.models import load_model
-from loramem.synth import sentences
-from loramem.train import TrainConfig, train_adapter
+from loramem.library.embed import chunk_text, load_embedder
+from loramem.library.store import MANIFEST, AddOptions, add_documents, open_library, retrieve_chunks, route
+from loramem.model.loading import load_model
 
 # Invented documents on distinct topics, each sentence naming its topic (a sentence like "the dome turns on
 # wheels" alone is ambiguous at chunk level); nothing in them comes from pretraining.
 DOCS = {
     "bees": "The apiary of Velmora Hollow keeps forty-two hives of black island bees. Beekeeper Ansel Marrow "
-            "harvests the heather honey every September. The bees forage on wild thyme along the cliffs. "
-            "Each hive is painted a different shade of blue. A copper smoker calms the bee colonies before "
-            "the honey frames are lifted.",
+    "harvests the heather honey every September. The bees forage on wild thyme along the cliffs. "
+    "Each hive is painted a different shade of blue. A copper smoker calms the bee colonies before "
+    "the honey frames are lifted.",
     "glass": "The Tessaly glassworks blows green bottles in a furnace that never cools. Master gaffer Ilse Brannock "
-             "shapes molten glass on a long iron blowpipe. Sand for the glass batch comes from the dunes at Corrin "
-             "Bay. Finished vases rest overnight in the annealing oven. Apprentices learn to gather glass for three "
-             "years before blowing alone.",
+    "shapes molten glass on a long iron blowpipe. Sand for the glass batch comes from the dunes at Corrin "
+    "Bay. Finished vases rest overnight in the annealing oven. Apprentices learn to gather glass for three "
+    "years before blowing alone.",
     "railway": "The Skarde mountain railway climbs nine hundred metres through seven tunnels. Its steam locomotive, "
-               "the Old Kestrel, burns coal from the valley mine. Driver Pell Amundsen checks the boiler pressure at "
-               "every station. Snow ploughs clear the track above the glacier in winter. The summit station sells "
-               "hot chestnuts to passengers.",
+    "the Old Kestrel, burns coal from the valley mine. Driver Pell Amundsen checks the boiler pressure at "
+    "every station. Snow ploughs clear the track above the glacier in winter. The summit station sells "
+    "hot chestnuts to passengers.",
     "stars": "The Orrin Peak observatory houses a reflecting telescope with a two metre mirror. Astronomer Dalia "
-             "Venn catalogues variable stars in the northern sky. The observatory dome rotates on forty steel "
-             "wheels. Clear nights above the cloud layer make the site ideal for photographing comets. Visitors may "
-             "look through the eyepiece on the first Friday of each month.",
+    "Venn catalogues variable stars in the northern sky. The observatory dome rotates on forty steel "
+    "wheels. Clear nights above the cloud layer make the site ideal for photographing comets. Visitors may "
+    "look through the eyepiece on the first Friday of each month.",
 }
 # Questions worded unlike the documents.
 PARAPHRASES = {
@@ -87,11 +86,15 @@ def adapters(tiny, tmp_path_factory) -> dict[str, Path]:
 
 def _snapshot(folder: Path) -> dict[str, str]:
     """Every file under the folder (hidden ones included) with its sha256."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 # --- merge -------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", ["linear", "ties", "cat", "dare_ties", "svd"])
 def test_merge_equals_peft_add_weighted_adapter(tiny, tiny_dir, adapters, tmp_path, method):
@@ -105,13 +108,15 @@ def test_merge_equals_peft_add_weighted_adapter(tiny, tiny_dir, adapters, tmp_pa
     out = tmp_path / "merged"
     merge_adapters(tiny, sources, out, MergeConfig(method=method, weights=weights, density=0.6, seed=3))
 
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_dir)), str(sources[0]),
-                                           adapter_name="a")
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_dir)), str(sources[0]), adapter_name="a"
+    )
     peft_model.load_adapter(str(sources[1]), adapter_name="b")
     peft_model.load_adapter(str(sources[2]), adapter_name="c")
     torch.manual_seed(3)
-    peft_model.add_weighted_adapter(["a", "b", "c"], weights, "m", combination_type=method,
-                                    density=0.6 if method in ("ties", "dare_ties") else None)
+    peft_model.add_weighted_adapter(
+        ["a", "b", "c"], weights, "m", combination_type=method, density=0.6 if method in ("ties", "dare_ties") else None
+    )
     expected = get_peft_model_state_dict(peft_model, adapter_name="m")
     saved = load_file(str(out / ADAPTER_WEIGHTS))
     assert saved.keys() == expected.keys() and len(saved) == 2 * 7 * 2
@@ -162,22 +167,36 @@ def test_merge_refusals(tiny, other_tiny_dir, adapters, tmp_path):
 def test_merge_cli(adapters, tmp_path):
     """No --model: the base model is the one the adapters name."""
     out = tmp_path / "merged"
-    result = run_cli("merge", str(adapters["bees"]), str(adapters["glass"]), "-o", str(out), "--method", "ties",
-                     "--weights", "1,0.5", "--json")
+    result = run_cli(
+        "merge",
+        str(adapters["bees"]),
+        str(adapters["glass"]),
+        "-o",
+        str(out),
+        "--method",
+        "ties",
+        "--weights",
+        "1,0.5",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr.decode()
     assert json.loads(result.stdout) == {"path": str(out), "method": "ties", "rank": 2, "n_sources": 2}
-    assert "3 weights" in one_line_error(run_cli("merge", str(adapters["bees"]), str(adapters["glass"]), "-o",
-                                                 str(tmp_path / "x"), "--weights", "1,1,1"))
-    assert "(0, 1]" in one_line_error(run_cli("merge", str(adapters["bees"]), str(adapters["glass"]), "-o",
-                                              str(tmp_path / "x"), "--density", "0"))
+    assert "3 weights" in one_line_error(
+        run_cli("merge", str(adapters["bees"]), str(adapters["glass"]), "-o", str(tmp_path / "x"), "--weights", "1,1,1")
+    )
+    assert "(0, 1]" in one_line_error(
+        run_cli("merge", str(adapters["bees"]), str(adapters["glass"]), "-o", str(tmp_path / "x"), "--density", "0")
+    )
     assert not (tmp_path / "x").exists()
 
 
 # --- embeddings and chunks --------------------------------------------------------------------------------------
 
+
 def test_chunks_are_whole_sentences_of_100_to_200_words():
-    text = " ".join(f"Sentence number {i} tells of " + "the long grey harbour wall " * (i % 5 + 1) + "today."
-                    for i in range(80))
+    text = " ".join(
+        f"Sentence number {i} tells of " + "the long grey harbour wall " * (i % 5 + 1) + "today." for i in range(80)
+    )
     chunks = chunk_text(text)
     assert len(chunks) > 3 and " ".join(chunks) == " ".join(sentences(text))
     assert all(c.endswith("today.") for c in chunks)
@@ -189,7 +208,7 @@ def test_chunks_are_whole_sentences_of_100_to_200_words():
 def test_embedder_matches_sentence_transformers(embedder):
     """Mean pooling and normalisation as sentence-transformers does for all-MiniLM-L6-v2."""
     st = pytest.importorskip("sentence_transformers")
-    from loramem.embed import default_embedder_dir
+    from loramem.library.embed import default_embedder_dir
 
     texts = [DOCS["bees"], "Who collects the honey?", "short"]
     reference = st.SentenceTransformer(str(default_embedder_dir()), device="cpu").encode(texts, convert_to_tensor=True)
@@ -200,9 +219,11 @@ def test_embedder_matches_sentence_transformers(embedder):
 
 # --- library and routing ----------------------------------------------------------------------------------------
 
+
 def test_routing_finds_the_gold_document(library, embedder):
-    questions = [(name, f"What is said about this: {s.rstrip('.')}?") for name, text in DOCS.items()
-                 for s in sentences(text)]
+    questions = [
+        (name, f"What is said about this: {s.rstrip('.')}?") for name, text in DOCS.items() for s in sentences(text)
+    ]
     questions += [(name, q) for name, q in PARAPHRASES.items()]
     for gold, question in questions:
         ranked = route(library, question, 3, embedder)
@@ -233,8 +254,9 @@ def test_library_records_and_incremental_add(tiny, doc_files, embedder, library,
     assert (small / MANIFEST).read_bytes() == before  # a known document is skipped, nothing rewritten
     copy = tmp_path / "bees-copy.txt"
     copy.write_text(DOCS["bees"])
-    added = add_documents(small, tiny, [str(copy), str(doc_files["glass"]), str(doc_files["glass"])],
-                          AddOptions(train=FAST), embedder)
+    added = add_documents(
+        small, tiny, [str(copy), str(doc_files["glass"]), str(doc_files["glass"])], AddOptions(train=FAST), embedder
+    )
     assert [d["id"] for d in added] == ["glass"]
     grown = open_library(small)
     assert [d["id"] for d in grown.documents] == ["bees", "glass"]
@@ -245,7 +267,7 @@ def test_library_records_and_incremental_add(tiny, doc_files, embedder, library,
 @pytest.mark.parametrize("where", ["embedding", "commit"])
 def test_interrupted_add_leaves_the_library_as_it_was(tiny, doc_files, embedder, tmp_path, monkeypatch, where):
     """Ctrl-C after the adapter is trained (while embedding, or while committing the manifest) changes nothing."""
-    from loramem import library as library_module
+    from loramem.library import store as library_module
 
     lib = tmp_path / "lib"
     add_documents(lib, tiny, [str(doc_files["bees"])], AddOptions(train=FAST), embedder)
@@ -265,8 +287,7 @@ def test_interrupted_add_leaves_the_library_as_it_was(tiny, doc_files, embedder,
     else:
         monkeypatch.setattr(library_module, "_write_manifest", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        add_documents(lib, tiny, [str(doc_files["glass"]), str(doc_files["stars"])], AddOptions(train=FAST),
-                      embedder)
+        add_documents(lib, tiny, [str(doc_files["glass"]), str(doc_files["stars"])], AddOptions(train=FAST), embedder)
     assert len(trained) == (1 if where == "embedding" else 2)  # it was interrupted after training
     assert _snapshot(lib) == before
     assert not [p for p in lib.rglob("*") if p.name.endswith(".tmp")]
@@ -300,8 +321,9 @@ def test_refuses_another_base_model(tiny, other_tiny_dir, doc_files, embedder, t
     assert _snapshot(lib) == before
 
     train_adapter(tiny, DOCS["glass"], [], tmp_path / "same", FAST)  # an adapter of the library's model is copied
-    added = add_documents(lib, tiny, [str(doc_files["glass"])],
-                          AddOptions(adapter=str(tmp_path / "same"), doc_id="glassworks"), embedder)
+    added = add_documents(
+        lib, tiny, [str(doc_files["glass"])], AddOptions(adapter=str(tmp_path / "same"), doc_id="glassworks"), embedder
+    )
     assert added[0]["id"] == "glassworks" and added[0]["adapter"]["origin"] == str(tmp_path / "same")
     with pytest.raises(LoramemError, match="another document"):
         add_documents(lib, tiny, [str(doc_files["stars"])], AddOptions(adapter=str(tmp_path / "same")), embedder)
@@ -309,8 +331,23 @@ def test_refuses_another_base_model(tiny, other_tiny_dir, doc_files, embedder, t
 
 def test_cli_library_and_route(tiny_dir, doc_files, tmp_path):
     lib = tmp_path / "lib"
-    added = run_cli("library", "add", str(lib), str(doc_files["bees"]), str(doc_files["railway"]), "--format", "ntp",
-                    "--steps", "1", "--rank", "2", "--with-cache", "--model", str(tiny_dir), "--json")
+    added = run_cli(
+        "library",
+        "add",
+        str(lib),
+        str(doc_files["bees"]),
+        str(doc_files["railway"]),
+        "--format",
+        "ntp",
+        "--steps",
+        "1",
+        "--rank",
+        "2",
+        "--with-cache",
+        "--model",
+        str(tiny_dir),
+        "--json",
+    )
     assert added.returncode == 0, added.stderr.decode()
     listed = run_cli("library", "ls", str(lib), "--json")
     records = json.loads(listed.stdout)

@@ -9,26 +9,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from rich.console import Console
-
 from conftest import run_cli
+from rich.console import Console
 from test_cli import one_line_error
 from test_library import DOCS, PARAPHRASES
 
-import loramem.evaluate as ev
-import loramem.library_qa as qa_module
-from loramem.adapters import ADAPTER_WEIGHTS, attach_adapter, detach_adapter
-from loramem.datasets import QA, DocRecord, TrainQA, write_dataset
-from loramem.embed import load_embedder
-from loramem.encode import encode
+import loramem.evaluation.runner as ev
+import loramem.library.qa as qa_module
+from loramem.adapters.attach import ADAPTER_WEIGHTS, attach_adapter, detach_adapter
+from loramem.adapters.merge import MergeConfig, merge_adapters
+from loramem.adapters.train import TrainConfig
+from loramem.data.formats import QA, DocRecord, TrainQA, write_dataset
 from loramem.errors import LoramemError
-from loramem.evaluate import EvalConfig, run_eval
-from loramem.generate import generate
-from loramem.library import AddOptions, add_documents, open_library, retrieve_chunks
-from loramem.library_qa import ask_library, merged_folder, parallel_cache, stored_cache
-from loramem.merge import MergeConfig, merge_adapters
-from loramem.report import ANSWERS, CONFIG, cell_key, print_table, read_answers, routing_recall, summarize
-from loramem.train import TrainConfig
+from loramem.evaluation.report import ANSWERS, CONFIG, cell_key, print_table, read_answers, routing_recall, summarize
+from loramem.evaluation.runner import EvalConfig, run_eval
+from loramem.kv.encode import encode
+from loramem.library.embed import load_embedder
+from loramem.library.qa import ask_library, merged_folder, parallel_cache, stored_cache
+from loramem.library.store import AddOptions, add_documents, open_library, retrieve_chunks
+from loramem.model.generate import generate
 
 NAMES = ("bees", "glass", "railway")
 FAST = TrainConfig(format="ntp", rank=2, steps=1)
@@ -58,8 +57,9 @@ def library(tiny, embedder, tmp_path_factory) -> Path:
     for name in NAMES:
         (folder / f"{name}.txt").write_text(DOCS[name])
     lib = tmp_path_factory.mktemp("lib") / "library"
-    add_documents(lib, tiny, [str(folder / f"{n}.txt") for n in NAMES], AddOptions(train=FAST, with_cache=True),
-                  embedder)
+    add_documents(
+        lib, tiny, [str(folder / f"{n}.txt") for n in NAMES], AddOptions(train=FAST, with_cache=True), embedder
+    )
     return lib
 
 
@@ -80,6 +80,7 @@ class Count:
 
 
 # --- ask_library ----------------------------------------------------------------------------------------------
+
 
 def test_top_1_uses_the_documents_own_adapter(tiny, library, embedder):
     question = PARAPHRASES["bees"]
@@ -142,11 +143,13 @@ def test_stored_caches_side_by_side(tiny, library, embedder):
     assert both.kept_per_layer == [a.n_tokens + b.n_tokens - n_p] * a.n_layers  # b's framing prefix is dropped
     for layer in range(a.n_layers):
         assert torch.equal(both.keys[layer], torch.cat([a.keys[layer], b.keys[layer][:, n_p:]], 1))
-        assert torch.equal(both.values[layer][:, a.n_tokens:], b.values[layer][:, n_p:])
-        assert torch.equal(both.positions[layer][0], torch.cat([torch.arange(a.n_tokens),
-                                                                torch.arange(n_p, b.n_tokens)]))
-    result = ask_library(tiny, library, PARAPHRASES["bees"], top_k=2, with_caches=True, max_new_tokens=TOKENS,
-                         embedder=embedder)
+        assert torch.equal(both.values[layer][:, a.n_tokens :], b.values[layer][:, n_p:])
+        assert torch.equal(
+            both.positions[layer][0], torch.cat([torch.arange(a.n_tokens), torch.arange(n_p, b.n_tokens)])
+        )
+    result = ask_library(
+        tiny, library, PARAPHRASES["bees"], top_k=2, with_caches=True, max_new_tokens=TOKENS, embedder=embedder
+    )
     routed = [i for i, _ in result.routed]
     assert result.context_caches == routed
     caches = [stored_cache(tiny, lib, i) for i in routed]
@@ -161,8 +164,9 @@ def test_unequal_ranks_are_refused_for_ties(tiny, library, embedder, tmp_path):
     (tmp_path / "stars.txt").write_text(DOCS["stars"])
     rank_4 = AddOptions(train=TrainConfig(format="ntp", rank=4, steps=1))
     add_documents(lib, tiny, [str(tmp_path / "stars.txt")], rank_4, embedder)
-    with pytest.raises(LoramemError, match="--merge ties needs adapters of equal rank.*stars 4; use --merge cat"
-                       ) as caught:
+    with pytest.raises(
+        LoramemError, match=r"--merge ties needs adapters of equal rank.*stars 4; use --merge cat"
+    ) as caught:
         ask_library(tiny, lib, PARAPHRASES["stars"], top_k=4, max_new_tokens=TOKENS, embedder=embedder)
     assert "\n" not in str(caught.value)
     with pytest.raises(LoramemError, match="not both"):
@@ -171,26 +175,51 @@ def test_unequal_ranks_are_refused_for_ties(tiny, library, embedder, tmp_path):
 
 # --- ask --library ----------------------------------------------------------------------------------------------
 
+
 def test_cli_with_caches_of_one_document_answers_as_ask_cache(library, tiny_dir, tmp_path):
     """The library's base model is loaded (no --model); one routed document's stored cache answers as ask --cache."""
     question = PARAPHRASES["railway"]
-    routed = run_cli("ask", "--library", str(library), "--top-k", "1", "--with-caches", question, "--max-new-tokens",
-                     "6", "--json")
+    routed = run_cli(
+        "ask", "--library", str(library), "--top-k", "1", "--with-caches", question, "--max-new-tokens", "6", "--json"
+    )
     assert routed.returncode == 0, routed.stderr.decode()
     data = json.loads(routed.stdout)
     doc = library / "docs" / "railway"
     assert data["routed"][0]["id"] == "railway" and len(data["routed"]) == 1
     assert data["adapter"] == str(doc / "adapter") and data["context_caches"] == ["railway"]
     assert data["context_chunks"] == []
-    direct = run_cli("ask", "--cache", str(doc / "cache.safetensors"), "--adapter", str(doc / "adapter"), question,
-                     "--max-new-tokens", "6", "--model", str(tiny_dir), "--json")
+    direct = run_cli(
+        "ask",
+        "--cache",
+        str(doc / "cache.safetensors"),
+        "--adapter",
+        str(doc / "adapter"),
+        question,
+        "--max-new-tokens",
+        "6",
+        "--model",
+        str(tiny_dir),
+        "--json",
+    )
     assert direct.returncode == 0, direct.stderr.decode()
     expected = json.loads(direct.stdout)
     assert data["answer"] == expected["answer"] and data["cache_tokens"] == expected["cache_tokens"]
 
     (tmp_path / "q.txt").write_text(f"{PARAPHRASES['bees']}\n{question}\n")
-    hybrid = run_cli("ask", "--library", str(library), "--top-k", "2", "--with-context", "1", "--questions",
-                     str(tmp_path / "q.txt"), "--max-new-tokens", "4", "--json")
+    hybrid = run_cli(
+        "ask",
+        "--library",
+        str(library),
+        "--top-k",
+        "2",
+        "--with-context",
+        "1",
+        "--questions",
+        str(tmp_path / "q.txt"),
+        "--max-new-tokens",
+        "4",
+        "--json",
+    )
     assert hybrid.returncode == 0, hybrid.stderr.decode()
     lines = [json.loads(line) for line in hybrid.stdout.decode().splitlines()]
     assert [len(d["routed"]) for d in lines] == [2, 2] and [len(d["context_chunks"]) for d in lines] == [1, 1]
@@ -219,22 +248,44 @@ N_ANSWERS = len(NAMES) * N_QUESTIONS * (1 + len(LIBRARY_MODES))
 
 
 def eval_config(**changes) -> EvalConfig:
-    settings = {"ratios": [1.0], "presses": ["knorm"], "modes": ["none", *LIBRARY_MODES], "formats": ["qa"],
-                "max_new_tokens": TOKENS, "steps": 1, "rank": 2, "alpha": 4.0, "batch_size": 2, "chunk_size": 32,
-                "max_length": 256, "library_top_k": 2, "context_chunks": 2}
+    settings = {
+        "ratios": [1.0],
+        "presses": ["knorm"],
+        "modes": ["none", *LIBRARY_MODES],
+        "formats": ["qa"],
+        "max_new_tokens": TOKENS,
+        "steps": 1,
+        "rank": 2,
+        "alpha": 4.0,
+        "batch_size": 2,
+        "chunk_size": 32,
+        "max_length": 256,
+        "library_top_k": 2,
+        "context_chunks": 2,
+    }
     return EvalConfig(**{**settings, **changes})
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """Three short documents on distinct topics, two held-out questions and two training pairs each."""
-    questions = {"bees": [("Who collects the honey?", "Ansel Marrow"), ("How many hives are there?", "forty-two")],
-                 "glass": [("Who shapes the molten glass?", "Ilse Brannock"), ("Where does the sand come from?",
-                                                                             "Corrin Bay")],
-                 "railway": [("What is the steam engine called?", "the Old Kestrel"),
-                             ("How many tunnels does the railway pass?", "seven")]}
-    records = [DocRecord(name, DOCS[name], [QA(q, [a]) for q, a in questions[name]],
-                         [TrainQA(f"In a few words: {q}", a) for q, a in questions[name]]) for name in NAMES]
+    questions = {
+        "bees": [("Who collects the honey?", "Ansel Marrow"), ("How many hives are there?", "forty-two")],
+        "glass": [("Who shapes the molten glass?", "Ilse Brannock"), ("Where does the sand come from?", "Corrin Bay")],
+        "railway": [
+            ("What is the steam engine called?", "the Old Kestrel"),
+            ("How many tunnels does the railway pass?", "seven"),
+        ],
+    }
+    records = [
+        DocRecord(
+            name,
+            DOCS[name],
+            [QA(q, [a]) for q, a in questions[name]],
+            [TrainQA(f"In a few words: {q}", a) for q, a in questions[name]],
+        )
+        for name in NAMES
+    ]
     path = tmp_path_factory.mktemp("data") / "data.jsonl"
     write_dataset(records, path)
     return path
@@ -268,7 +319,8 @@ def test_every_library_mode_answers_every_question(tiny, dataset, reference, emb
     assert {(r["press"], r["ratio"], r["format"]) for r in library} == {("library", 1.0, None)}
     for mode in LIBRARY_MODES:
         assert sorted((r["doc_id"], r["question_index"]) for r in library if r["mode"] == mode) == sorted(
-            (name, q) for name in NAMES for q in range(N_QUESTIONS))
+            (name, q) for name in NAMES for q in range(N_QUESTIONS)
+        )
     # The library reuses the run's own qa adapters: one training per document, and one add each.
     assert counts["train_adapter"].calls == counts["add_documents"].calls == len(NAMES)
     lib = open_library(run / "library")
@@ -294,8 +346,10 @@ def test_every_library_mode_answers_every_question(tiny, dataset, reference, emb
     # Answers as ask would give them: oracle with the gold adapter closed-book, rag over the chunks without one.
     question = by_cell[("glass", 1, "oracle")]["question"]
     attach_adapter(tiny, lib.adapter_dir("glass"))
-    assert by_cell[("glass", 1, "oracle")]["answer"] == generate(tiny, question, max_new_tokens=TOKENS,
-                                                                 adapter_on=True).answer
+    assert (
+        by_cell[("glass", 1, "oracle")]["answer"]
+        == generate(tiny, question, max_new_tokens=TOKENS, adapter_on=True).answer
+    )
     detach_adapter(tiny)
     chunks = retrieve_chunks(lib, question, 2, embedder)
     assert by_cell[("glass", 1, "rag")]["context_chunks"] == [[c.doc_id, c.index] for c in chunks]
@@ -303,8 +357,12 @@ def test_every_library_mode_answers_every_question(tiny, dataset, reference, emb
     assert by_cell[("glass", 1, "rag")]["answer"] == generate(tiny, question, context, max_new_tokens=TOKENS).answer
 
     ranks = [by_cell[(n, q, "oracle")]["gold_rank"] for n in NAMES for q in range(N_QUESTIONS)]
-    assert summary["routing"] == {"k": 2, "n": 6, "recall_at_1": round(ranks.count(1) / 6, 6),
-                                  "recall_at_k": round(sum(r is not None for r in ranks) / 6, 6)}
+    assert summary["routing"] == {
+        "k": 2,
+        "n": 6,
+        "recall_at_1": round(ranks.count(1) / 6, 6),
+        "recall_at_k": round(sum(r is not None for r in ranks) / 6, 6),
+    }
     margins = {m["mode"]: m for m in summary["margins"]}
     assert set(margins) == set(LIBRARY_MODES) and all(m["versus"] == "knorm" and m["n"] == 6 for m in margins.values())
     config = json.loads((run / CONFIG).read_text())["config"]
@@ -350,10 +408,25 @@ def test_library_config_is_checked_before_the_run(tiny, dataset, reference, tmp_
 def test_routing_recall_on_known_rows():
     def row(doc: str, q: int, mode: str, rank: int | None, rouge: float) -> dict:
         routed = [{"id": f"x{i}", "score": 0.5} for i in range(3)]
-        return {"doc_id": doc, "question_index": q, "question": "q", "references": ["r"], "press": "library",
-                "ratio": 1.0, "mode": mode, "format": None, "answer": "a", "rouge_l": rouge, "exact_match": 0.0,
-                "token_f1": rouge, "cache_tokens": 0, "seconds": 0.1, "routed": routed,
-                "routed_gold": rank is not None, "gold_rank": rank}
+        return {
+            "doc_id": doc,
+            "question_index": q,
+            "question": "q",
+            "references": ["r"],
+            "press": "library",
+            "ratio": 1.0,
+            "mode": mode,
+            "format": None,
+            "answer": "a",
+            "rouge_l": rouge,
+            "exact_match": 0.0,
+            "token_f1": rouge,
+            "cache_tokens": 0,
+            "seconds": 0.1,
+            "routed": routed,
+            "routed_gold": rank is not None,
+            "gold_rank": rank,
+        }
 
     ranks = {("d0", 0): 1, ("d0", 1): 2, ("d1", 0): None, ("d1", 1): 1}
     rows = [row(d, q, mode, rank, 0.5) for (d, q), rank in ranks.items() for mode in ("routed", "oracle")]
@@ -374,17 +447,49 @@ def test_routing_recall_on_known_rows():
 
 def test_cli_eval_library_options(dataset, tiny_dir, tmp_path):
     out = tmp_path / "run"
-    result = run_cli("eval", str(dataset), "--out", str(out), "--mode", "routed-merge,rag", "--library-top-k", "3",
-                     "--merge", "cat", "--context-chunks", "1", "--steps", "1", "--rank", "2", "--max-new-tokens", "2",
-                     "--model", str(tiny_dir), "--json")
+    result = run_cli(
+        "eval",
+        str(dataset),
+        "--out",
+        str(out),
+        "--mode",
+        "routed-merge,rag",
+        "--library-top-k",
+        "3",
+        "--merge",
+        "cat",
+        "--context-chunks",
+        "1",
+        "--steps",
+        "1",
+        "--rank",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--model",
+        str(tiny_dir),
+        "--json",
+    )
     assert result.returncode == 0, result.stderr.decode()
     summary = json.loads(result.stdout)
     assert summary["routing"]["k"] == 3 and summary["routing"]["recall_at_k"] == 1.0
     config = json.loads((out / CONFIG).read_text())["config"]
     assert (config["library_top_k"], config["merge"], config["context_chunks"]) == (3, "cat", 1)
     rows = read_answers(out / ANSWERS)
-    assert len(rows) == len(NAMES) * N_QUESTIONS * 2 and all(len(r["context_chunks"]) == 1 for r in rows
-                                                               if r["mode"] == "rag")
-    assert "more than the library's 3" in one_line_error(run_cli("eval", str(dataset), "--out", str(tmp_path / "x"),
-                                                                 "--mode", "rag", "--library-top-k", "4", "--model",
-                                                                 str(tiny_dir)))
+    assert len(rows) == len(NAMES) * N_QUESTIONS * 2 and all(
+        len(r["context_chunks"]) == 1 for r in rows if r["mode"] == "rag"
+    )
+    assert "more than the library's 3" in one_line_error(
+        run_cli(
+            "eval",
+            str(dataset),
+            "--out",
+            str(tmp_path / "x"),
+            "--mode",
+            "rag",
+            "--library-top-k",
+            "4",
+            "--model",
+            str(tiny_dir),
+        )
+    )

@@ -2,7 +2,7 @@
 
 import pytest
 
-from loramem.metrics import exact_match, normalize_answer, rouge_l, score_answer, token_f1
+from loramem.evaluation.metrics import exact_match, normalize_answer, rouge_l, score_answer, token_f1
 
 
 def test_rouge_l_prefix_from_lcs() -> None:
@@ -96,7 +96,7 @@ def test_score_answer_combines_all_metrics() -> None:
 
 
 def test_contains_credits_a_right_answer_given_at_length():
-    from loramem.metrics import contains, score_answer
+    from loramem.evaluation.metrics import contains, score_answer
 
     assert contains("The birth year of Gribel Vagon is 1635.", ["1635"]) == 1.0
     assert contains("Gribel was born in 16350.", ["1635"]) == 0.0  # whole words only

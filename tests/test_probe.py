@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from loramem.errors import LoramemError
-from loramem.probe import PLOT, RESULTS, ProbeConfig, phonebook, run_probe, saturation
-
 from conftest import run_cli
 from test_cli import one_line_error
+
+from loramem.errors import LoramemError
+from loramem.evaluation.probe import PLOT, RESULTS, ProbeConfig, phonebook, run_probe, saturation
 
 
 def test_phonebook_is_seeded_and_unambiguous():
@@ -23,23 +22,26 @@ def test_phonebook_is_seeded_and_unambiguous():
 
 def test_saturation_reads_the_threshold():
     config = ProbeConfig(ranks=[2, 8], facts=[10, 40], threshold=0.9)
-    rows = [{"rank": 2, "facts": 10, "recall": 0.9, "facts_stored": 9.0},
-            {"rank": 2, "facts": 40, "recall": 0.5, "facts_stored": 20.0},
-            {"rank": 8, "facts": 10, "recall": 0.5, "facts_stored": 5.0},
-            {"rank": 8, "facts": 40, "recall": 0.25, "facts_stored": 10.0}]
-    assert saturation(rows, config) == [{"rank": 2, "saturation_facts": 10, "max_facts_stored": 20.0},
-                                        {"rank": 8, "saturation_facts": None, "max_facts_stored": 10.0}]
+    rows = [
+        {"rank": 2, "facts": 10, "recall": 0.9, "facts_stored": 9.0},
+        {"rank": 2, "facts": 40, "recall": 0.5, "facts_stored": 20.0},
+        {"rank": 8, "facts": 10, "recall": 0.5, "facts_stored": 5.0},
+        {"rank": 8, "facts": 40, "recall": 0.25, "facts_stored": 10.0},
+    ]
+    assert saturation(rows, config) == [
+        {"rank": 2, "saturation_facts": 10, "max_facts_stored": 20.0},
+        {"rank": 8, "saturation_facts": None, "max_facts_stored": 10.0},
+    ]
 
 
-@pytest.mark.parametrize("bad", [{"ranks": []}, {"facts": [0]}, {"threshold": 0},
-                                 {"epochs": 0}])
+@pytest.mark.parametrize("bad", [{"ranks": []}, {"facts": [0]}, {"threshold": 0}, {"epochs": 0}])
 def test_bad_probe_config(bad):
     with pytest.raises(LoramemError):
         ProbeConfig(**bad)
 
 
 def test_probe_runs_and_recall_is_measured_by_asking(tiny, tmp_path, monkeypatch):
-    import loramem.probe as probe
+    import loramem.evaluation.probe as probe
 
     asked = []
     real = probe.generate

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loramem import KVCache, LoramemError, compress, encode
-from loramem.quantize import dequantize, make_storage, quantize, round_trip
+from loramem.kv.quantize import dequantize, make_storage, quantize, round_trip
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
@@ -33,9 +33,14 @@ def test_int4_packs_two_values_per_byte_exactly():
     assert torch.equal(dequantize(parts, storage, torch.float32), x)
 
 
-@pytest.mark.parametrize("dtype,group,dim,message", [
-    ("int4", 0, 15, "even"), ("int8", 5, 16, "does not divide"), ("int3", 0, 16, "unknown --store-dtype"),
-])
+@pytest.mark.parametrize(
+    "dtype,group,dim,message",
+    [
+        ("int4", 0, 15, "even"),
+        ("int8", 5, 16, "does not divide"),
+        ("int3", 0, 16, "unknown --store-dtype"),
+    ],
+)
 def test_bad_storage_requests(dtype, group, dim, message):
     with pytest.raises(LoramemError, match=message):
         make_storage(dtype, "token", group, head_dim=dim)

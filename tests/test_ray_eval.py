@@ -7,45 +7,61 @@ from pathlib import Path
 
 import pytest
 
-from loramem.evaluate import EvalConfig, run_eval
-from loramem.report import ANSWERS, FAILURES, read_answers
+from loramem.evaluation.report import ANSWERS, FAILURES, read_answers
+from loramem.evaluation.runner import EvalConfig, run_eval
 
 ray = pytest.importorskip("ray")
 
-FACTS = [("light", "The lighthouse on Brannock Point was designed by Mara Quell.", "Who designed it?", "Mara Quell"),
-         ("bees", "Ilse Varn keeps bees in Orlow and sells honey on Fridays.", "Who keeps bees?", "Ilse Varn"),
-         ("flaky", "The ferry to Skellan leaves at dawn, steered by Odo Brisk.", "Who steers it?", "Odo Brisk"),
-         ("doomed", "The archive of Vell holds four hundred maps drawn by Pia Lune.", "Who drew them?", "Pia Lune")]
+FACTS = [
+    ("light", "The lighthouse on Brannock Point was designed by Mara Quell.", "Who designed it?", "Mara Quell"),
+    ("bees", "Ilse Varn keeps bees in Orlow and sells honey on Fridays.", "Who keeps bees?", "Ilse Varn"),
+    ("flaky", "The ferry to Skellan leaves at dawn, steered by Odo Brisk.", "Who steers it?", "Odo Brisk"),
+    ("doomed", "The archive of Vell holds four hundred maps drawn by Pia Lune.", "Who drew them?", "Pia Lune"),
+]
 
 
 @pytest.fixture(scope="module")
 def cluster():
     """A local Ray instance with 2 CPUs; its workers die on their first attempt at `flaky`, always at `doomed`."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"LORAMEM_FAULT_DOCS": "flaky:1,doomed:99", "LORAMEM_QUIET": "1"}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+        runtime_env={"env_vars": {"LORAMEM_FAULT_DOCS": "flaky:1,doomed:99", "LORAMEM_QUIET": "1"}},
+    )
     yield
     ray.shutdown()
 
 
 def dataset(folder: Path, ids: list[str]) -> Path:
-    rows = [{"id": i, "document": doc, "qa": [{"question": q, "answers": [a]}, {"question": "Where?", "answers": ["x"]}],
-             "train_qa": [{"question": q.replace("Who", "Whom"), "answer": a}]}
-            for i, doc, q, a in FACTS if i in ids]
+    rows = [
+        {
+            "id": i,
+            "document": doc,
+            "qa": [{"question": q, "answers": [a]}, {"question": "Where?", "answers": ["x"]}],
+            "train_qa": [{"question": q.replace("Who", "Whom"), "answer": a}],
+        }
+        for i, doc, q, a in FACTS
+        if i in ids
+    ]
     path = folder / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
-CONFIG = EvalConfig(ratios=[0.0, 1.0], presses=["knorm"], modes=["none", "decode"], formats=["qa"],
-                    max_new_tokens=3, steps=1, rank=2)
+CONFIG = EvalConfig(
+    ratios=[0.0, 1.0], presses=["knorm"], modes=["none", "decode"], formats=["qa"], max_new_tokens=3, steps=1, rank=2
+)
 
 
 def rows(run: Path) -> list[dict]:
     found = [{k: v for k, v in r.items() if k != "seconds"} for r in read_answers(run / ANSWERS)]
     return sorted(found, key=lambda r: json.dumps(r, sort_keys=True))
 
+
 def test_ray_run_equals_local_run(cluster, tiny, tiny_dir, tmp_path, one_thread):
-    from loramem.ray_eval import run_eval_ray
+    from loramem.evaluation.ray import run_eval_ray
 
     data = dataset(tmp_path, ["light", "bees", "flaky"])
     local = run_eval(tiny, data, tmp_path / "local", CONFIG)
@@ -57,7 +73,7 @@ def test_ray_run_equals_local_run(cluster, tiny, tiny_dir, tmp_path, one_thread)
 
 
 def test_dead_worker_reported_others_kept_then_resumed(cluster, tiny, tiny_dir, tmp_path, one_thread):
-    from loramem.ray_eval import run_eval_ray
+    from loramem.evaluation.ray import run_eval_ray
 
     data = dataset(tmp_path, ["light", "doomed"])
     run = tmp_path / "run"
@@ -76,11 +92,20 @@ def test_dead_worker_reported_others_kept_then_resumed(cluster, tiny, tiny_dir, 
 
 def test_library_modes_on_ray_equal_a_local_run(cluster, tiny, tiny_dir, tmp_path, one_thread):
     """A Ray task builds the run's library before the document tasks route over it."""
-    from loramem.ray_eval import run_eval_ray
+    from loramem.evaluation.ray import run_eval_ray
 
     data = dataset(tmp_path, ["light", "bees"])
-    config = EvalConfig(ratios=[1.0], presses=["knorm"], modes=["none", "routed-merge", "rag"], formats=["qa"],
-                        max_new_tokens=3, steps=1, rank=2, library_top_k=2, context_chunks=1)
+    config = EvalConfig(
+        ratios=[1.0],
+        presses=["knorm"],
+        modes=["none", "routed-merge", "rag"],
+        formats=["qa"],
+        max_new_tokens=3,
+        steps=1,
+        rank=2,
+        library_top_k=2,
+        context_chunks=1,
+    )
     local = run_eval(tiny, data, tmp_path / "local", config)
     on_ray = run_eval_ray(str(tiny_dir), data, tmp_path / "ray", config)
     assert rows(tmp_path / "ray") == rows(tmp_path / "local") and on_ray == local

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from loramem import compress, encode, generate
-from loramem.presses import DEFAULT_PRESSES
-
 from conftest import DEMO_DOC, REPO, run_cli
 from kvpress_reference import assert_agrees
+
+from loramem import compress, encode, generate
+from loramem.kv.presses import DEFAULT_PRESSES
 
 pytestmark = pytest.mark.real
 
@@ -76,13 +75,22 @@ def test_tiny_cache_refused_by_default_model(tiny_dir, tmp_path):
 
 def test_eval_with_adapter_and_library_modes_on_default_model(real, tmp_path):
     """The eval grid end to end on the default model: prefill, compression, a QA adapter, a library, routing."""
-    from loramem.evaluate import EvalConfig, run_eval
+    from loramem.evaluation.runner import EvalConfig, run_eval
 
     data = tmp_path / "two.jsonl"
     data.write_text("".join((REPO / "examples" / "fiction.jsonl").read_text().splitlines(keepends=True)[:2]))
-    config = EvalConfig(ratios=[0.0, 1.0], presses=["snapkv"], modes=["none", "decode", "oracle", "rag"],
-                        formats=["qa"], max_new_tokens=12, steps=6, limit=2, library_top_k=1,
-                        budget_bytes=[24_000_000], budget_ranks=[0, 16])
+    config = EvalConfig(
+        ratios=[0.0, 1.0],
+        presses=["snapkv"],
+        modes=["none", "decode", "oracle", "rag"],
+        formats=["qa"],
+        max_new_tokens=12,
+        steps=6,
+        limit=2,
+        library_top_k=1,
+        budget_bytes=[24_000_000],
+        budget_ranks=[0, 16],
+    )
     summary = run_eval(real, data, tmp_path / "run", config)
     assert summary["complete"] and summary["n_documents"] == 2 and summary["n_questions"] == 16
     assert summary["routing"]["recall_at_1"] >= 0.5  # questions name the document's invented people and places
@@ -101,20 +109,42 @@ def test_eval_with_adapter_and_library_modes_on_default_model(real, tmp_path):
 def test_library_with_caches_and_merge_on_default_model(tmp_path):
     """A library of two invented documents on the default model: routing finds each question's document, its stored
     KV answers it, and the two adapters merge (TIES) into one that loads and answers."""
-    from loramem.metrics import contains
+    from loramem.evaluation.metrics import contains
 
     records = [json.loads(line) for line in (REPO / "examples" / "fiction.jsonl").read_text().splitlines()[:2]]
     lib = tmp_path / "lib"
     for record in records:
         (tmp_path / f"{record['id']}.txt").write_text(record["document"])
         (tmp_path / f"{record['id']}.qa.jsonl").write_text("".join(json.dumps(p) + "\n" for p in record["train_qa"]))
-        added = run_cli("library", "add", str(lib), str(tmp_path / f"{record['id']}.txt"), "--qa",
-                        str(tmp_path / f"{record['id']}.qa.jsonl"), "--rank", "4", "--steps", "8", "--with-cache")
+        added = run_cli(
+            "library",
+            "add",
+            str(lib),
+            str(tmp_path / f"{record['id']}.txt"),
+            "--qa",
+            str(tmp_path / f"{record['id']}.qa.jsonl"),
+            "--rank",
+            "4",
+            "--steps",
+            "8",
+            "--with-cache",
+        )
         assert added.returncode == 0, added.stderr.decode()
     questions = [(record["id"], qa) for record in records for qa in record["qa"]]
     (tmp_path / "q.txt").write_text("".join(qa["question"] + "\n" for _, qa in questions))
-    asked = run_cli("ask", "--library", str(lib), "--top-k", "1", "--with-caches", "--questions", str(tmp_path / "q.txt"),
-                    "--max-new-tokens", "24", "--json")
+    asked = run_cli(
+        "ask",
+        "--library",
+        str(lib),
+        "--top-k",
+        "1",
+        "--with-caches",
+        "--questions",
+        str(tmp_path / "q.txt"),
+        "--max-new-tokens",
+        "24",
+        "--json",
+    )
     assert asked.returncode == 0, asked.stderr.decode()
     lines = [json.loads(line) for line in asked.stdout.decode().splitlines()]
     routed = [d["routed"][0]["id"] == doc_id for d, (doc_id, _) in zip(lines, questions)]
@@ -132,8 +162,19 @@ def test_library_with_caches_and_merge_on_default_model(tmp_path):
 
 def test_probe_capacity_stores_invented_facts_on_default_model(tmp_path):
     """probe capacity on the default model: a rank-8 adapter learns five invented phone numbers it cannot know."""
-    result = run_cli("probe", "capacity", "--out", str(tmp_path / "probe"), "--ranks", "8", "--facts", "5",
-                     "--epochs", "15", "--json")
+    result = run_cli(
+        "probe",
+        "capacity",
+        "--out",
+        str(tmp_path / "probe"),
+        "--ranks",
+        "8",
+        "--facts",
+        "5",
+        "--epochs",
+        "15",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr.decode()
     (row,) = json.loads(result.stdout)["rows"]
     assert row["trainable_parameters"] == 8 * 305_280  # all linear layers: 30 x 10,176 per rank

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from loramem.stats import mean_ci, paired_bootstrap, paired_t_test
+from loramem.evaluation.stats import mean_ci, paired_bootstrap, paired_t_test
 
 # Student's sleep data (Cushny & Peebles; R's `sleep`): extra hours of sleep per patient.
 SLEEP_DRUG_1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]

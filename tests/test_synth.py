@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from loramem import synth
+from loramem.adapters import synth
+from loramem.adapters.synth import (
+    model_qa,
+    parse_pairs,
+    passages,
+    rule_qa,
+    sentences,
+    supported,
+    synthesize,
+    trim_restated,
+)
 from loramem.errors import LoramemError
-from loramem.metrics import normalize_answer
-from loramem.synth import (model_qa, parse_pairs, passages, rule_qa, sentences, supported, synthesize,
-                           trim_restated)
+from loramem.evaluation.metrics import normalize_answer
 
 PLAIN = "the river runs slowly past the mill. nobody remembers when the wheel stopped turning."
 
@@ -46,10 +54,16 @@ def test_rule_qa_without_words_gives_nothing():
 
 
 def test_parse_pairs_reads_the_usual_shapes():
-    text = ("Here are questions:\n1. Q: Who built it? A: Orla Quenby.\nQ2: When was it built?\nA2: 1871\n"
-            "Question: What colour is the granite? Answer: pale green\nQ: Is this dangling?\nnoise\nA: stray")
-    assert parse_pairs(text) == [("Who built it?", "Orla Quenby"), ("When was it built?", "1871"),
-                                 ("What colour is the granite?", "pale green"), ("Is this dangling?", "stray")]
+    text = (
+        "Here are questions:\n1. Q: Who built it? A: Orla Quenby.\nQ2: When was it built?\nA2: 1871\n"
+        "Question: What colour is the granite? Answer: pale green\nQ: Is this dangling?\nnoise\nA: stray"
+    )
+    assert parse_pairs(text) == [
+        ("Who built it?", "Orla Quenby"),
+        ("When was it built?", "1871"),
+        ("What colour is the granite?", "pale green"),
+        ("Is this dangling?", "stray"),
+    ]
 
 
 def test_supported_needs_the_answer_in_the_passage_and_not_in_the_question():
@@ -62,9 +76,16 @@ def test_supported_needs_the_answer_in_the_passage_and_not_in_the_question():
 
 
 def test_sentences_keep_quotes_and_titles():
-    text = 'He said "Go home." Then Dr. Quill left the room at 5 p.m. sharp. 12 boats sailed.\n\nA Heading\n\nLast one here!'
-    assert sentences(text) == ['He said "Go home."', "Then Dr. Quill left the room at 5 p.m. sharp.", "12 boats sailed.",
-                               "Last one here!"]
+    text = (
+        'He said "Go home." Then Dr. Quill left the room at 5 p.m. sharp. 12 boats sailed.'
+        "\n\nA Heading\n\nLast one here!"
+    )
+    assert sentences(text) == [
+        'He said "Go home."',
+        "Then Dr. Quill left the room at 5 p.m. sharp.",
+        "12 boats sailed.",
+        "Last one here!",
+    ]
 
 
 def test_trim_restated_keeps_what_the_question_does_not_say():
@@ -82,8 +103,10 @@ def test_passages_cut_at_sentences(doc_text):
 @pytest.fixture
 def canned_model(monkeypatch):
     """generate() replaced by replies in the model's usual shape: two good pairs, an invented one, a repeat."""
-    replies = ["Q: Who designed the lighthouse? A: Orla Quenby\nQ: Who designed the lighthouse? A: Orla Quenby\n"
-               "Q: Who painted the tower? A: Vincent van Gogh\nQ: What was the first keeper's name? A: Hobart Fennick"]
+    replies = [
+        "Q: Who designed the lighthouse? A: Orla Quenby\nQ: Who designed the lighthouse? A: Orla Quenby\n"
+        "Q: Who painted the tower? A: Vincent van Gogh\nQ: What was the first keeper's name? A: Hobart Fennick"
+    ]
     prompts = []
 
     def fake_generate(lm, question, cache, **kwargs):
@@ -97,8 +120,10 @@ def canned_model(monkeypatch):
 
 def test_model_qa_keeps_only_supported_new_pairs(canned_model, doc_text):
     pairs = model_qa(None, doc_text, 10)
-    assert pairs == [("Who designed the lighthouse?", "Orla Quenby"),
-                     ("What was the first keeper's name?", "Hobart Fennick")]
+    assert pairs == [
+        ("Who designed the lighthouse?", "Orla Quenby"),
+        ("What was the first keeper's name?", "Hobart Fennick"),
+    ]
     assert len(canned_model) == len(passages(doc_text)) and "Format:\nQ: Who ...?" in canned_model[0]
     assert set(model_qa(None, doc_text, 1)) <= set(pairs[:1])  # one passage asked at most
 

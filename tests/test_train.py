@@ -1,4 +1,4 @@
-"""Adapter training: PEFT layout, determinism, the model left clean, option resolution, and recall on the default model."""
+"""Adapter training: PEFT layout, determinism, the model left clean, option resolution, recall on the default model."""
 
 from __future__ import annotations
 
@@ -7,16 +7,27 @@ import json
 import pytest
 import torch
 
-from loramem.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORAMEM_META, attach_adapter, detach_adapter
+from loramem.adapters.attach import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORAMEM_META, attach_adapter, detach_adapter
+from loramem.adapters.train import (
+    TRAIN_QA,
+    TrainConfig,
+    batch_loss,
+    ntp_examples,
+    qa_examples,
+    resolve_layers,
+    resolve_targets,
+    train_adapter,
+)
 from loramem.errors import LoramemError
-from loramem.generate import generate
-from loramem.metrics import normalize_answer, rouge_l
-from loramem.models import sha256_text
-from loramem.train import (TRAIN_QA, TrainConfig, batch_loss, ntp_examples, qa_examples, resolve_layers,
-                           resolve_targets, train_adapter)
+from loramem.evaluation.metrics import normalize_answer, rouge_l
+from loramem.model.generate import generate
+from loramem.model.loading import sha256_text
 
-QA = [("Who designed the lighthouse?", "Orla Quenby"), ("Who was the first keeper?", "Hobart Fennick"),
-      ("When was the light automated?", "1988")]
+QA = [
+    ("Who designed the lighthouse?", "Orla Quenby"),
+    ("Who was the first keeper?", "Hobart Fennick"),
+    ("When was the light automated?", "1988"),
+]
 FAST = {"rank": 4, "alpha": 8.0, "epochs": 2, "batch_size": 2}
 
 
@@ -33,8 +44,9 @@ def test_output_is_a_standard_peft_adapter(tiny, tiny_dir, doc_text, tmp_path):
 
     out = tmp_path / "doc.lora"
     calls = []
-    summary = train_adapter(tiny, doc_text, QA, out, TrainConfig(**FAST), qa_file_sha256="abc",
-                            on_step=lambda *args: calls.append(args))
+    summary = train_adapter(
+        tiny, doc_text, QA, out, TrainConfig(**FAST), qa_file_sha256="abc", on_step=lambda *args: calls.append(args)
+    )
     assert {ADAPTER_WEIGHTS, ADAPTER_CONFIG, LORAMEM_META, TRAIN_QA} <= {p.name for p in out.iterdir()}
     assert summary["steps"] == 4 and summary["path"] == str(out) and summary["trainable_parameters"] > 0
     assert [c[:2] for c in calls] == [(1, 4), (2, 4), (3, 4), (4, 4)]
@@ -103,10 +115,21 @@ def test_target_presets_follow_the_architecture(tiny):
 
     assert resolve_targets(tiny.model, "attn") == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert resolve_targets(tiny.model, "mlp") == ["gate_proj", "up_proj", "down_proj"]
-    assert resolve_targets(tiny.model, "all") == resolve_targets(tiny.model, "attn") + resolve_targets(tiny.model, "mlp")
+    assert resolve_targets(tiny.model, "all") == resolve_targets(tiny.model, "attn") + resolve_targets(
+        tiny.model, "mlp"
+    )
     assert resolve_targets(tiny.model, "q_proj, v_proj") == ["q_proj", "v_proj"]
-    phi3 = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
+    phi3 = Phi3ForCausalLM(
+        Phi3Config(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+        )
+    )
     assert set(resolve_targets(phi3, "attn")) == {"qkv_proj", "o_proj"}
     assert set(resolve_targets(phi3, "mlp")) == {"gate_up_proj", "down_proj"}
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4))
@@ -131,8 +154,19 @@ def test_layer_specs():
             TrainConfig(layers=bad)
 
 
-@pytest.mark.parametrize("bad", [{"rank": 0}, {"format": "chat"}, {"epochs": 0}, {"steps": 0}, {"lr": 0},
-                                 {"dropout": 1.0}, {"chunk_size": 1024}, {"targets": " , "}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"rank": 0},
+        {"format": "chat"},
+        {"epochs": 0},
+        {"steps": 0},
+        {"lr": 0},
+        {"dropout": 1.0},
+        {"chunk_size": 1024},
+        {"targets": " , "},
+    ],
+)
 def test_bad_config_values(bad):
     with pytest.raises(LoramemError):
         TrainConfig(**bad)
@@ -167,8 +201,13 @@ def test_refusals(tiny, doc_text, tmp_path):
     with pytest.raises(LoramemError, match="needs question-answer pairs"):
         train_adapter(tiny, doc_text, [], tmp_path / "b", TrainConfig(**FAST))
     with pytest.raises(LoramemError, match="over max_length"):
-        train_adapter(tiny, doc_text, [("why " * 40 + "?", "x")], tmp_path / "b",
-                      TrainConfig(**FAST, max_length=32, chunk_size=32))
+        train_adapter(
+            tiny,
+            doc_text,
+            [("why " * 40 + "?", "x")],
+            tmp_path / "b",
+            TrainConfig(**FAST, max_length=32, chunk_size=32),
+        )
     assert not (tmp_path / "b").exists()
 
 
@@ -243,8 +282,10 @@ def test_document_adapter_recalls_invented_facts(real, tmp_path):
     attach_adapter(real, tmp_path / "ntp")
     ntp = _mean_rouge(_answers(real, HARBOUR_PARAPHRASES, True), HARBOUR_PARAPHRASES)
     detach_adapter(real)
-    print(f"\nROUGE-L on paraphrases: base {base:.3f}, qa adapter {tuned:.3f}, ntp adapter {ntp:.3f}; "
-          f"trained questions {correct}/{len(HARBOUR_QA)}; qa training {summary['seconds']:.1f} s")
+    print(
+        f"\nROUGE-L on paraphrases: base {base:.3f}, qa adapter {tuned:.3f}, ntp adapter {ntp:.3f}; "
+        f"trained questions {correct}/{len(HARBOUR_QA)}; qa training {summary['seconds']:.1f} s"
+    )
     assert tuned >= base + 0.3
     assert correct >= len(HARBOUR_QA) - 1
     assert all(a.stopped_at_end_of_turn for a in trained)

@@ -9,10 +9,10 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from loramem import KVCache, LoramemError, encode, generate
-from loramem.generate import to_dynamic_cache
-from loramem.models import sha256_text
-from loramem.prompt import Framing, question_ids
-from loramem.value_groups import compress_value_groups, head_masks, query_group_scores
+from loramem.kv.value_groups import compress_value_groups, head_masks, query_group_scores
+from loramem.model.generate import to_dynamic_cache
+from loramem.model.loading import sha256_text
+from loramem.model.prompt import Framing, question_ids
 
 QUESTION = "Who designed the lighthouse?"
 QUESTIONS = [QUESTION, "When was the light automated?"]
@@ -47,8 +47,10 @@ def test_round_trip_packs_only_what_is_kept(cache):
 
 def test_full_budget_answers_like_the_full_cache(tiny, cache):
     everything = compress_value_groups(cache, "knorm", groups=4, budget=1.0)
-    assert generate(tiny, QUESTION, everything, max_new_tokens=6).answer == \
-        generate(tiny, QUESTION, cache, max_new_tokens=6).answer
+    assert (
+        generate(tiny, QUESTION, everything, max_new_tokens=6).answer
+        == generate(tiny, QUESTION, cache, max_new_tokens=6).answer
+    )
 
 
 def test_attention_equals_plain_tensor_reference(tiny, cache):
@@ -91,12 +93,12 @@ def test_attention_equals_plain_tensor_reference(tiny, cache):
     assert torch.allclose(seen["out"], reference, atol=1e-5)
 
 
-@pytest.mark.parametrize("groups,budget,message", [(5, 0.5, "does not divide"), (4, 0.0, r"\(0, 1\]"),
-                                                   (4, 1.5, r"\(0, 1\]")])
+@pytest.mark.parametrize(
+    "groups,budget,message", [(5, 0.5, "does not divide"), (4, 0.0, r"\(0, 1\]"), (4, 1.5, r"\(0, 1\]")]
+)
 def test_bad_value_group_requests(cache, groups, budget, message):
     with pytest.raises(LoramemError, match=message):
         compress_value_groups(cache, "knorm", groups=groups, budget=budget)
-
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +120,7 @@ def reference_attention(tiny, tiny_dir, cache):
         for layer, weights in enumerate(attentions):
             rows = weights[0, :, n:, protected:n]  # [heads, question tokens, document tokens]
             for kv in range(kv_heads):
-                total[layer][kv] += rows[kv * rep:(kv + 1) * rep].mean(dim=(0, 1)) / len(QUESTIONS)
+                total[layer][kv] += rows[kv * rep : (kv + 1) * rep].mean(dim=(0, 1)) / len(QUESTIONS)
     return total
 
 
@@ -129,8 +131,8 @@ def query_scores(tiny, cache):
 
 def _reference_pairs(cache, attention, layer):
     """attention [H, doc] x L2 norm of each 4-channel value group (head_dim 16, 4 groups)."""
-    v = cache.values[layer][:, cache.meta["n_protected"]:]
-    norms = torch.stack([v[..., g * 4:(g + 1) * 4].norm(dim=-1) for g in range(4)], dim=-1)
+    v = cache.values[layer][:, cache.meta["n_protected"] :]
+    norms = torch.stack([v[..., g * 4 : (g + 1) * 4].norm(dim=-1) for g in range(4)], dim=-1)
     return attention[layer].unsqueeze(-1) * norms
 
 

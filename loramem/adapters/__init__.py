@@ -1,0 +1,1 @@
+"""Document LoRA adapters: attach and modes, training, QA synthesis, merging."""

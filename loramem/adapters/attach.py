@@ -1,0 +1,149 @@
+"""Document adapters: loading a PEFT LoRA directory onto a model and switching it on or off.
+
+The paper's inference modes need one model with the adapter on for some forward passes and off
+for others (base-model prefill, adapter-only decoding), so an adapter is attached once and scoped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loramem.errors import IncompatibleArtifactError, LoramemError
+from loramem.model.loading import LoadedModel, sha256_bytes
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+LORAMEM_META = "loramem.json"
+
+
+@dataclass
+class Adapter:
+    """An attached adapter: where it came from, the hash that caches record, its loramem metadata."""
+
+    path: Path
+    sha256: str
+    peft_model: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, str]:
+        return {"path": str(self.path), "sha256": self.sha256}
+
+
+def read_adapter_meta(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(peft config, loramem metadata) of an adapter directory, checked for completeness."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise LoramemError(f"adapter not found: {path} (expected a PEFT adapter directory)")
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (folder / name).is_file():
+            raise LoramemError(f"{path} is not a PEFT adapter directory (no {name})")
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+        meta = json.loads((folder / LORAMEM_META).read_text()) if (folder / LORAMEM_META).exists() else {}
+    except json.JSONDecodeError as exc:
+        raise LoramemError(f"{path} has an unreadable JSON file: {exc}") from exc
+    return config, meta
+
+
+def weights_size(path: str | Path) -> tuple[int, int]:
+    """(parameters, tensor bytes) of a safetensors file, from its header alone (adapters can be large)."""
+    try:
+        with Path(path).open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        tensors = [t for name, t in header.items() if name != "__metadata__"]
+        return (
+            sum(math.prod(t["shape"]) for t in tensors),
+            sum(t["data_offsets"][1] - t["data_offsets"][0] for t in tensors),
+        )
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LoramemError(f"{path} is not a readable safetensors file") from exc
+
+
+def adapter_tensor_bytes(path: str | Path) -> int:
+    """Bytes of an adapter directory's weights as stored: its side of an equal-memory comparison with KV."""
+    return weights_size(Path(path) / ADAPTER_WEIGHTS)[1]
+
+
+def adapter_sha256(path: str | Path) -> str:
+    return sha256_bytes((Path(path) / ADAPTER_WEIGHTS).read_bytes())
+
+
+def attach_adapter(lm: LoadedModel, path: str | Path) -> Adapter:
+    """Load a LoRA onto `lm`, switched on, replacing any attached one; refuses another base model's."""
+    from peft import PeftModel
+
+    config, meta = read_adapter_meta(path)
+    made_for = meta.get("base_model", {}).get("model")
+    if made_for and made_for != lm.fingerprint["model"]:
+        raise IncompatibleArtifactError(
+            f"adapter {path} was trained on another base model ({meta['base_model'].get('id', '?')})"
+        )
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoramemError(f"{path} is a {config.get('peft_type')} adapter; loramem uses LoRA adapters")
+    detach_adapter(lm)
+    try:
+        peft_model = PeftModel.from_pretrained(lm.model, str(path), is_trainable=False)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise IncompatibleArtifactError(f"adapter {path} does not fit this model: {str(exc).splitlines()[0]}") from exc
+    peft_model.eval()
+    lm.adapter = Adapter(path=Path(path), sha256=adapter_sha256(path), peft_model=peft_model, meta=meta)
+    return lm.adapter
+
+
+def detach_adapter(lm: LoadedModel) -> None:
+    """Remove the attached LoRA layers, leaving the base model exactly as loaded."""
+    if lm.adapter is not None:
+        lm.model = lm.adapter.peft_model.unload()
+        lm.adapter = None
+
+
+@contextmanager
+def adapter_scope(lm: LoadedModel, on: bool) -> Iterator[None]:
+    """Run the block with the attached adapter on, or with the base model alone."""
+    if lm.adapter is None:
+        if on:
+            raise LoramemError("no adapter is attached; give --adapter DIR")
+        yield
+    elif on:
+        yield
+    else:
+        with lm.adapter.peft_model.disable_adapter():
+            yield
+
+
+ADAPTER_MODES = ("none", "decode", "all")
+
+
+def check_adapter_mode(lm: LoadedModel, mode: str, cache_adapter: dict[str, Any] | None) -> bool:
+    """Validate an inference mode against the cache's recorded adapter; True when decoding uses it.
+
+    none: base model throughout. decode: base-model cache, adapter on only for question and answer.
+    all: cache encoded with this same adapter, adapter on for decoding too.
+    """
+    if mode not in ADAPTER_MODES:
+        raise LoramemError(f"unknown adapter mode {mode!r}; use one of {', '.join(ADAPTER_MODES)}")
+    if mode != "none" and lm.adapter is None:
+        raise LoramemError(f"--adapter-mode {mode} needs --adapter DIR")
+    if mode in ("none", "decode") and cache_adapter is not None:
+        raise IncompatibleArtifactError(
+            f"this cache was encoded with adapter {cache_adapter.get('path')}; --adapter-mode {mode} needs a "
+            "base-model cache (encode without --adapter), or use --adapter-mode all"
+        )
+    if mode == "all" and cache_adapter is not None and cache_adapter.get("sha256") != lm.adapter.sha256:
+        raise IncompatibleArtifactError(
+            f"this cache was encoded with another adapter ({cache_adapter.get('path')}); "
+            "--adapter-mode all needs the cache encoded with the same adapter"
+        )
+    if mode == "all" and cache_adapter is None:
+        raise IncompatibleArtifactError(
+            "--adapter-mode all needs a cache encoded with the adapter (loramem encode DOC --adapter DIR)"
+        )
+    return mode != "none"

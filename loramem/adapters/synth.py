@@ -1,0 +1,225 @@
+"""Question-answer pairs made from a document, for training an adapter when no QA file is given.
+
+Two sources: the model itself, asked per passage and kept only where the answer is found in the
+passage (a small model invents a lot), and deterministic rules (cloze and entity questions) that
+work on any text and top the set up to the size asked for.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterable
+
+from loramem.errors import LoramemError
+from loramem.evaluation.metrics import normalize_answer
+from loramem.log import log
+from loramem.model.generate import generate
+from loramem.model.loading import LoadedModel
+
+QA = tuple[str, str]
+SOURCES = ("model", "rule")
+_STOPWORDS = frozenset(
+    (
+        "a an the and or but if of in on at to for from by with as is are was were be been it its he she his "
+        "her they their them this that these those there here when while after before during each every today "
+        "then also not no so such which who whom what where why how i we you our your my me us one"
+    ).split()
+)
+_NUMBER_WORD = (
+    r"(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen|fifteen|"
+    r"sixteen|seventeen|eighteen|nineteen|twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety|"
+    r"hundred|thousand|million)"
+)
+_NUMBER_WORDS = re.compile(rf"\b{_NUMBER_WORD}(?:(?:[- ]|\sand\s){_NUMBER_WORD})*\b", re.IGNORECASE)
+_NUMBER = re.compile(r"\b\d(?:[\d,.:]*\d)?\b")
+_CAPITAL = r"[A-Z][\w'’-]*"
+_CAPITALIZED = re.compile(rf"{_CAPITAL}(?:\s+(?:(?:of|the|de|la|van|von|and|&)\s+)?{_CAPITAL})*")
+_YEAR = re.compile(r"1\d{3}|20\d{2}")
+# A sentence ends at . ! ? (optionally closed by a quote or bracket) before a capital or digit, not after a title.
+_SENTENCE_END = re.compile(
+    r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))(?<!\bDr\.)(?<!\bMr\.)(?<!\bMs\.)(?<!\bSt\.)(?<!\bMrs\.)"
+    r"\s+(?=[\"'(\[]?[A-Z0-9])"
+)
+_WORD = re.compile(r"[^\W_][\w'’-]*")
+_MIN_WORDS = 3
+_PASSAGE_WORDS = 70
+_PAIRS_PER_PASSAGE = 4
+_MAX_ANSWER_WORDS = 12
+_Q_LINE = re.compile(
+    r"^[\W\d]*Q(?:uestion)?\s*\d*\s*[:.]\s*(?P<q>.+?\?)\s*(?:A(?:nswer)?\s*\d*\s*[:.]\s*(?P<a>.*))?$", re.IGNORECASE
+)
+_A_LINE = re.compile(r"^[\W\d]*A(?:nswer)?\s*\d*\s*[:.]\s*(?P<a>.+)$", re.IGNORECASE)
+
+
+def dedupe(pairs: Iterable[QA]) -> list[QA]:
+    """Pairs with the first of each normalized question kept, in order."""
+    seen: dict[str, QA] = {}
+    for question, answer in pairs:
+        seen.setdefault(normalize_answer(question), (question, answer))
+    return list(seen.values())
+
+
+def sentences(document: str) -> list[str]:
+    """Sentences of the document; headings (lines without end punctuation) only when nothing else is there."""
+    found = []
+    for paragraph in re.split(r"\n\s*\n|\n(?=\s*(?:[-*•]|\d+[.)])\s)", document):
+        text = " ".join(paragraph.split())
+        found += [s.strip() for s in _SENTENCE_END.split(text) if len(_WORD.findall(s)) >= _MIN_WORDS]
+    punctuated = [s for s in found if s[-1] in ".!?\"')"]
+    return punctuated or found or [" ".join(document.split())]
+
+
+def _strip_leading_stopwords(phrase: str) -> str:
+    words = phrase.split()
+    while words and words[0].lower() in _STOPWORDS:
+        words.pop(0)
+    return " ".join(words)
+
+
+def spans(sentence: str) -> list[str]:
+    """What a question can ask for: capitalized phrases, numbers and number words, else the longest word."""
+    found = []
+    for match in _CAPITALIZED.finditer(sentence):
+        phrase = _strip_leading_stopwords(match.group())
+        if phrase and (match.start() > 0 or " " in phrase or phrase != match.group()):
+            found.append(phrase)
+    found += [m.group() for m in _NUMBER.finditer(sentence)]
+    found += [m.group() for m in _NUMBER_WORDS.finditer(sentence) if m.group().lower() != "one"]
+    if not found:
+        content = [w for w in _WORD.findall(sentence) if w.lower() not in _STOPWORDS]
+        found = sorted(content, key=len, reverse=True)[:1] or _WORD.findall(sentence)[:1]
+    return list(dict.fromkeys(s.strip(" -'’") for s in found if s.strip(" -'’")))
+
+
+def _entity_question(span: str) -> str:
+    if _YEAR.fullmatch(span):
+        return f"What happened in {span}, according to the document?"
+    if _NUMBER.fullmatch(span) or _NUMBER_WORDS.fullmatch(span):
+        return f"What does the number {span} refer to in the document?"
+    return f"Who or what is {span}, according to the document?"
+
+
+def _sentence_pairs(sentence: str, topics_used: set[str]) -> list[QA]:
+    """Cloze and entity questions on each span of one sentence, and one "what does it say about" question.
+
+    Entity and topic questions are answered with the whole sentence: they are paraphrases that ask
+    for the same fact, which helps an adapter answer questions worded unlike its training pairs.
+    """
+    pairs = []
+    found = spans(sentence)
+    for span in found:
+        pairs.append((f"Fill in the blank: {sentence.replace(span, '___', 1)}", span))
+        if span != sentence:
+            pairs.append((_entity_question(span), sentence))
+    topic = next((s for s in found if normalize_answer(s) not in topics_used and s != sentence), None)
+    if topic is not None:
+        topics_used.add(normalize_answer(topic))
+        pairs.append((f"What does the document say about {topic}?", sentence))
+    return pairs
+
+
+def rule_qa(document: str, n: int, seed: int = 0) -> list[QA]:
+    """Up to n deterministic pairs, taken round-robin over sentences so the whole document is covered."""
+    rng = random.Random(seed)
+    topics_used: set[str] = set()
+    per_sentence = []
+    for sentence in sentences(document):
+        pairs = _sentence_pairs(sentence, topics_used)
+        rng.shuffle(pairs)
+        per_sentence.append(pairs)
+    ordered = [p[i] for i in range(max(map(len, per_sentence), default=0)) for p in per_sentence if i < len(p)]
+    return dedupe(ordered)[: max(n, 0)]
+
+
+def passages(document: str, words: int = _PASSAGE_WORDS) -> list[str]:
+    """The document as consecutive passages of about `words` words, cut at sentence ends."""
+    chunks, current = [], []
+    for sentence in sentences(document):
+        if current and len(" ".join([*current, sentence]).split()) > words:
+            chunks.append(" ".join(current))
+            current = []
+        current.append(sentence)
+    return chunks + ([" ".join(current)] if current else [])
+
+
+def _prompt(passage: str, k: int) -> str:
+    """The wording that got SmolLM2-135M to write parseable pairs most often (text first, a format sketch)."""
+    return (
+        f"Text:\n{passage}\n\nWrite {k} questions about this text with short answers. "
+        "Format:\nQ: Who ...?\nA: ...\nQ: When ...?\nA: ..."
+    )
+
+
+def parse_pairs(text: str) -> list[QA]:
+    """ "Q: ... A: ..." pairs from model output, on one line or a Q line followed by an A line."""
+    pairs, pending = [], None
+    for line in text.splitlines():
+        q_match, a_match = _Q_LINE.match(line), _A_LINE.match(line)
+        if q_match:
+            pending = q_match["q"].strip()
+            if q_match["a"]:
+                pairs.append((pending, q_match["a"]))
+                pending = None
+        elif a_match and pending:
+            pairs.append((pending, a_match["a"]))
+            pending = None
+    return [(q, a.strip().rstrip(".").strip()) for q, a in pairs]
+
+
+def trim_restated(question: str, answer: str) -> str:
+    """The answer without the leading words that repeat the question ("The tower was built in 1871" -> "in 1871")."""
+    asked = set(normalize_answer(question).split())
+    words = answer.split()
+    while words and set(normalize_answer(words[0]).split()) <= asked:
+        words.pop(0)
+    return " ".join(words) or answer
+
+
+def supported(question: str, answer: str, passage: str) -> bool:
+    """A short answer whose words all occur in the passage and not all in the question itself."""
+    words = normalize_answer(answer).split()
+    if not words or len(words) > _MAX_ANSWER_WORDS or len(normalize_answer(question).split()) < 3:
+        return False
+    return set(words) <= set(normalize_answer(passage).split()) and not set(words) <= set(
+        normalize_answer(question).split()
+    )
+
+
+def model_qa(lm: LoadedModel, document: str, n: int, seed: int = 0) -> list[QA]:
+    """Up to n pairs the model writes about its own passages, kept only where the passage supports the answer.
+
+    Greedy decoding makes this deterministic; the seed picks the order in which passages are asked,
+    and at most n passages are asked so a model that writes nothing usable costs bounded time.
+    """
+    chosen = passages(document)
+    random.Random(seed).shuffle(chosen)
+    pairs: list[QA] = []
+    for passage in chosen[: max(n, 0)]:
+        k = min(_PAIRS_PER_PASSAGE, n - len(pairs))
+        reply = generate(lm, _prompt(passage, k), None, max_new_tokens=30 * k).answer
+        found = [(q, trim_restated(q, a)) for q, a in parse_pairs(reply)]
+        pairs = dedupe(pairs + [(q, a) for q, a in found if supported(q, a, passage)])
+        if len(pairs) >= n:
+            break
+    return pairs[: max(n, 0)]
+
+
+def synthesize(
+    lm: LoadedModel | None, document: str, n: int, seed: int = 0, sources: Iterable[str] = SOURCES
+) -> list[QA]:
+    """n training pairs: the model's own first, topped up with rule-based ones."""
+    sources = tuple(sources)
+    unknown = [s for s in sources if s not in SOURCES]
+    if unknown:
+        raise LoramemError(f"unknown QA source {unknown[0]!r}; use {' or '.join(SOURCES)}")
+    if n < 1:
+        raise LoramemError(f"the number of pairs to synthesize must be at least 1, got {n}")
+    if not document.strip():
+        raise LoramemError("the document is empty; nothing to make questions from")
+    pairs = model_qa(lm, document, n, seed) if "model" in sources else []
+    from_model = len(pairs)
+    if "rule" in sources:
+        pairs = dedupe(pairs + rule_qa(document, n + from_model, seed))
+    log(f"synthesized {min(len(pairs), n)} pairs ({min(from_model, n)} written by the model, the rest by rules)")
+    return pairs[:n]

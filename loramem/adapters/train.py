@@ -1,0 +1,408 @@
+"""Document adapters by training: a LoRA that holds a document in parameters, saved as a PEFT directory.
+
+A plain AdamW loop runs directly on the already loaded model and computes logits only where a
+target is predicted (benchmarks/train_throughput.py compares it with a PEFT loop and the HF Trainer).
+Afterwards the LoRA layers are removed again, so the same loaded model serves the next command unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loramem._version import __version__
+from loramem.adapters.attach import LORAMEM_META, detach_adapter
+from loramem.errors import LoramemError
+from loramem.fileio import atomic_directory
+from loramem.model.loading import LoadedModel, sha256_text
+from loramem.model.prompt import Framing, answer_ids, closed_book_ids, document_ids
+
+FORMATS = ("qa", "ntp", "mixed")
+TARGET_PRESETS = ("attn", "mlp", "all")
+TRAIN_QA = "train_qa.jsonl"
+IGNORE = -100
+# A module path inside a decoder layer is classified by its parent modules' names, which covers
+# Llama/Qwen/Mistral (self_attn, mlp), Phi-3 (qkv_proj, gate_up_proj), GPT-2 (attn, mlp), Falcon
+# (self_attention) and MoE experts alike.
+_ATTN_WORDS = ("attn", "attention")
+_MLP_WORDS = ("mlp", "feed_forward", "ffn", "moe", "expert")
+# The first numbered segment is the layer index (lazy match: MoE experts are numbered inside layers).
+_LAYER_KEY = re.compile(r"^(?:.*?\.)?(?P<pattern>[^.]+)\.(?P<index>\d+)\.(?P<inner>.+)$")
+_LAYER_RANGE = re.compile(r"(\d+)(?:-(\d+))?")
+_HALVES = ("first-half", "second-half")
+_LAYERS_HINT = "use e.g. 0-14, 0,3,5, first-half or second-half"
+
+StepCallback = Callable[[int, int, float], None]
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one adapter; recorded in the adapter's loramem.json."""
+
+    format: str = "qa"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: str = "all"
+    layers: str | None = None
+    # On SmolLM2-135M with 10-20 QA pairs and 8 epochs: 5e-4 leaves trained questions wrong and 3e-3 is
+    # unstable across seeds; 1.5e-3 recalled every trained answer in each run tried, and paraphrases too.
+    lr: float = 1.5e-3
+    epochs: int = 8
+    steps: int | None = None
+    batch_size: int = 4
+    seed: int = 0
+    max_length: int = 512
+    chunk_size: int = 128
+
+    def __post_init__(self) -> None:
+        """Refuse bad values before any model work; names and layer numbers are checked against the model later."""
+        if self.format not in FORMATS:
+            raise LoramemError(f"unknown format {self.format!r}; use one of {', '.join(FORMATS)}")
+        for name in ("rank", "epochs", "batch_size", "max_length", "chunk_size"):
+            if getattr(self, name) <= 0:
+                raise LoramemError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.steps is not None and self.steps <= 0:
+            raise LoramemError(f"steps must be positive, got {self.steps}")
+        if not self.lr > 0 or not self.alpha > 0:
+            raise LoramemError(f"lr and alpha must be positive, got lr={self.lr}, alpha={self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise LoramemError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.chunk_size > self.max_length:
+            raise LoramemError(f"chunk_size {self.chunk_size} exceeds max_length {self.max_length}")
+        if not self.targets.strip(" ,"):
+            raise LoramemError("targets is empty; use attn, mlp, all or module names")
+        if self.layers is not None:
+            _layer_ranges(self.layers)
+
+
+@dataclass(frozen=True)
+class LayerModule:
+    """A Linear (or GPT-2 Conv1D) inside a numbered decoder layer, e.g. model.layers.3 + self_attn.q_proj."""
+
+    pattern: str
+    index: int
+    inner: str
+    features: int = field(default=0, compare=False)  # in + out features: a rank-r LoRA on it has r x this
+
+    def matches(self, target: str) -> bool:
+        """Whether a PEFT target name selects this module (its path inside the layer, or a suffix of it)."""
+        return self.inner == target or self.inner.endswith("." + target)
+
+    @property
+    def leaf(self) -> str:
+        return self.inner.rsplit(".", 1)[-1]
+
+    @property
+    def group(self) -> str | None:
+        parents = self.inner.lower().split(".")[:-1]
+        for group, words in (("attn", _ATTN_WORDS), ("mlp", _MLP_WORDS)):
+            if any(word in part for part in parents for word in words):
+                return group
+        return None
+
+
+def layer_modules(model: Any) -> list[LayerModule]:
+    """The model's LoRA-able modules inside its decoder layers, in model order."""
+    from transformers.pytorch_utils import Conv1D
+
+    found = []
+    for name, module in model.named_modules():
+        match = _LAYER_KEY.match(name)
+        if match and isinstance(module, (torch.nn.Linear, Conv1D)) and "lora_" not in name:
+            found.append(LayerModule(match["pattern"], int(match["index"]), match["inner"], sum(module.weight.shape)))
+    if not found:
+        raise LoramemError("this model has no linear layers inside numbered decoder layers; cannot train a LoRA")
+    return found
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _target_names(modules: list[LayerModule], chosen: list[LayerModule]) -> list[str]:
+    """PEFT target names: the short module name, or the path inside the layer where the short name is ambiguous."""
+    chosen_paths = {m.inner for m in chosen}
+    names = []
+    for m in chosen:
+        shared = any(o.leaf == m.leaf and o.inner not in chosen_paths for o in modules)
+        names.append(m.inner if shared else m.leaf)
+    return _unique(names)
+
+
+def resolve_targets(model: Any, targets: str) -> list[str]:
+    """PEFT target_modules for a preset (attn, mlp, all) or a comma-separated list of module names."""
+    modules = layer_modules(model)
+    available = ", ".join(_unique([m.leaf for m in modules]))
+    spec = targets.strip().lower()
+    if spec in TARGET_PRESETS:
+        chosen = [m for m in modules if m.group in ((spec,) if spec != "all" else ("attn", "mlp"))]
+        if not chosen:
+            raise LoramemError(
+                f"cannot tell this model's {spec} projections apart; name them with --targets "
+                f"(its layer modules: {available})"
+            )
+        return _target_names(modules, chosen)
+    names = [n.strip() for n in targets.split(",") if n.strip()]
+    for name in names:
+        if not any(m.matches(name) for m in modules):
+            raise LoramemError(
+                f"unknown target module {name!r} for this model; use attn, mlp, all or some of: {available}"
+            )
+    return _unique(names)
+
+
+def _layer_ranges(spec: str) -> list[tuple[int, int]] | str:
+    """A --layers spec parsed into inclusive ranges, or one of the half keywords."""
+    text = spec.strip().lower().replace(" ", "")
+    if text in _HALVES:
+        return text
+    ranges = []
+    for part in text.split(","):
+        match = _LAYER_RANGE.fullmatch(part)
+        if not match:
+            raise LoramemError(f"bad layers {spec!r}; {_LAYERS_HINT}")
+        low, high = int(match[1]), int(match[2] or match[1])
+        if low > high:
+            raise LoramemError(f"bad layers {spec!r}: range {part} runs backwards")
+        ranges.append((low, high))
+    return ranges
+
+
+def resolve_layers(spec: str | None, n_layers: int) -> list[int] | None:
+    """Layer indices for PEFT's layers_to_transform; None trains every layer."""
+    if spec is None:
+        return None
+    parsed = _layer_ranges(spec)
+    if parsed == "first-half":
+        return list(range(n_layers // 2))
+    if parsed == "second-half":
+        return list(range(n_layers // 2, n_layers))
+    indices = sorted({i for low, high in parsed for i in range(low, high + 1)})
+    if indices[-1] >= n_layers:
+        raise LoramemError(f"layers {spec!r} names layer {indices[-1]}, but the model has layers 0-{n_layers - 1}")
+    return indices
+
+
+def lora_parameters(model: Any, config: TrainConfig) -> int:
+    """Parameters of the LoRA that `train_adapter` would add with this config (A: r x in and B: out x r for each
+    targeted module, as PEFT builds them): eval plans byte budgets with it before any adapter is trained."""
+    modules = layer_modules(model)
+    targets = resolve_targets(model, config.targets)
+    layers = resolve_layers(config.layers, max(m.index for m in modules) + 1)
+    return sum(
+        config.rank * m.features
+        for m in modules
+        if (layers is None or m.index in layers) and any(m.matches(t) for t in targets)
+    )
+
+
+def adapter_element_bytes(model: Any) -> int:
+    """Bytes per stored adapter parameter: PEFT keeps LoRA weights of fp16/bf16 models in float32."""
+    return torch.promote_types(next(model.parameters()).dtype, torch.float32).itemsize
+
+
+@dataclass
+class Example:
+    """One training sequence; labels are IGNORE where no loss is taken."""
+
+    ids: list[int]
+    labels: list[int]
+
+
+def qa_examples(tokenizer: Any, qa: list[tuple[str, str]], max_length: int) -> list[Example]:
+    """Closed-book prompts exactly as `ask` sends them, with loss on the answer and its end-of-turn token."""
+    framing = Framing.for_tokenizer(tokenizer)
+    examples = []
+    for number, (question, answer) in enumerate(qa, 1):
+        prompt, target = closed_book_ids(tokenizer, framing, question), answer_ids(tokenizer, framing, answer)
+        if not target:
+            raise LoramemError(f"QA pair {number} has an empty answer")
+        if len(prompt) + len(target) > max_length:
+            raise LoramemError(f"QA pair {number} is {len(prompt) + len(target)} tokens, over max_length {max_length}")
+        examples.append(Example(prompt + target, [IGNORE] * len(prompt) + target))
+    return examples
+
+
+def ntp_examples(tokenizer: Any, document: str, chunk_size: int) -> list[Example]:
+    """The raw document cut into chunks of chunk_size tokens, every token a target."""
+    ids = document_ids(tokenizer, document)
+    chunks = [ids[i : i + chunk_size] for i in range(0, len(ids), chunk_size)]
+    return [Example(chunk, list(chunk)) for chunk in chunks if len(chunk) > 1]
+
+
+def build_examples(tokenizer: Any, document: str, qa: list[tuple[str, str]], config: TrainConfig) -> list[Example]:
+    """The training set that config.format asks for."""
+    if config.format in ("qa", "mixed") and not qa:
+        raise LoramemError(f"format {config.format} needs question-answer pairs (give a QA file or synthesize some)")
+    examples = []
+    if config.format in ("qa", "mixed"):
+        examples += qa_examples(tokenizer, qa, config.max_length)
+    if config.format in ("ntp", "mixed"):
+        examples += ntp_examples(tokenizer, document, config.chunk_size)
+    if not examples:
+        raise LoramemError("the document is too short to train on (fewer than 2 tokens)")
+    return examples
+
+
+def schedule(n_examples: int, config: TrainConfig) -> list[list[int]]:
+    """Batches of example indices: seeded reshuffles per epoch, cut to config.steps when given."""
+    rng = random.Random(config.seed)
+    per_epoch = math.ceil(n_examples / config.batch_size)
+    total = config.steps if config.steps is not None else config.epochs * per_epoch
+    batches: list[list[int]] = []
+    while len(batches) < total:
+        order = list(range(n_examples))
+        rng.shuffle(order)
+        batches += [order[i : i + config.batch_size] for i in range(0, n_examples, config.batch_size)]
+    return batches[:total]
+
+
+def collate(examples: list[Example], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, labels) for one batch."""
+    width = max(len(e.ids) for e in examples)
+    ids = [e.ids + [pad_id] * (width - len(e.ids)) for e in examples]
+    mask = [[1] * len(e.ids) + [0] * (width - len(e.ids)) for e in examples]
+    labels = [e.labels + [IGNORE] * (width - len(e.labels)) for e in examples]
+    return (torch.tensor(ids, device=device), torch.tensor(mask, device=device), torch.tensor(labels, device=device))
+
+
+def batch_loss(model: Any, examples: list[Example], pad_id: int, device: Any) -> torch.Tensor:
+    """Mean over examples of each example's mean next-token loss, so short answers weigh as much as long chunks.
+
+    Logits are computed only at positions that predict a target (logits_to_keep): for QA that skips
+    the vocabulary projection over the prompt (1.1-1.25x HF's own loss on CPU, more for short answers).
+    """
+    ids, mask, labels = collate(examples, pad_id, device)
+    targets = labels[:, 1:]
+    keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, use_cache=False).logits
+    picked = targets[:, keep]
+    token_loss = torch.nn.functional.cross_entropy(
+        logits.float().transpose(1, 2), picked, ignore_index=IGNORE, reduction="none"
+    )
+    return (token_loss.sum(1) / (picked != IGNORE).sum(1)).mean()
+
+
+@dataclass
+class FitResult:
+    """Loss per step, seconds spent in the loop and tokens trained on."""
+
+    loss_curve: list[float]
+    seconds: float
+    tokens: int
+
+
+def fit(
+    model: Any,
+    examples: list[Example],
+    config: TrainConfig,
+    pad_id: int,
+    device: Any,
+    on_step: StepCallback | None = None,
+) -> FitResult:
+    """Train the model's trainable parameters with AdamW at a constant learning rate."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)  # decay would only pull toward the base
+    batches = schedule(len(examples), config)
+    model.train(config.dropout > 0)  # as loaded the model is in eval mode: no dropout unless asked for
+    curve, tokens, started = [], 0, time.perf_counter()
+    for step, batch in enumerate(batches, 1):
+        loss = batch_loss(model, [examples[i] for i in batch], pad_id, device)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        curve.append(round(loss.item(), 6))
+        tokens += sum(len(examples[i].ids) for i in batch)
+        if on_step is not None:
+            on_step(step, len(batches), curve[-1])
+    return FitResult(curve, time.perf_counter() - started, tokens)
+
+
+def _lora_config(config: TrainConfig, targets: list[str], layers: list[int] | None, pattern: str, base_id: str) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        layers_to_transform=layers,
+        layers_pattern=pattern if layers is not None else None,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_id,
+    )
+
+
+def _write_metadata(folder: Path, meta: dict[str, Any], qa: list[tuple[str, str]]) -> None:
+    (folder / LORAMEM_META).write_text(json.dumps(meta, indent=2) + "\n")
+    lines = [json.dumps({"question": q, "answer": a}, ensure_ascii=False) + "\n" for q, a in qa]
+    (folder / TRAIN_QA).write_text("".join(lines))
+
+
+def train_adapter(
+    lm: LoadedModel,
+    document: str,
+    qa: list[tuple[str, str]],
+    out_dir: str | Path,
+    config: TrainConfig,
+    *,
+    force: bool = False,
+    qa_file_sha256: str | None = None,
+    on_step: StepCallback | None = None,
+) -> dict[str, Any]:
+    """Train a document LoRA on `lm` and write it as a PEFT adapter directory; `lm` is left as it was."""
+    from peft import get_peft_model
+
+    if not document.strip():
+        raise LoramemError("the document is empty; nothing to train on")
+    detach_adapter(lm)
+    examples = build_examples(lm.tokenizer, document, qa, config)
+    modules = layer_modules(lm.model)
+    targets = resolve_targets(lm.model, config.targets)
+    layers = resolve_layers(config.layers, max(m.index for m in modules) + 1)
+    trained_qa = qa if config.format in ("qa", "mixed") else []
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    with atomic_directory(out_dir, force=force) as tmp:
+        torch.manual_seed(config.seed)  # LoRA A matrices are drawn from torch's generator
+        peft_model = get_peft_model(lm.model, _lora_config(config, targets, layers, modules[0].pattern, lm.model_id))
+        try:
+            trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+            result = fit(peft_model, examples, config, pad_id, lm.device, on_step)
+            peft_model.save_pretrained(tmp)
+        finally:  # also on failure or Ctrl-C: the caller's model must not keep LoRA layers or train mode
+            lm.model = peft_model.unload()
+            lm.model.eval()
+        summary = {
+            "trainable_parameters": trainable,
+            "steps": len(result.loss_curve),
+            "final_loss": result.loss_curve[-1],
+            "seconds": round(result.seconds, 3),
+            "tokens_per_second": round(result.tokens / result.seconds, 1) if result.seconds > 0 else 0.0,
+        }
+        meta = {
+            "loramem_version": __version__,
+            "base_model": {"id": lm.model_id, **lm.fingerprint},
+            "document_sha256": sha256_text(document),
+            "format": config.format,
+            "hyperparameters": asdict(config),
+            "target_modules": targets,
+            "layers_to_transform": layers,
+            **summary,
+            "loss_curve": result.loss_curve,
+            "qa_file_sha256": qa_file_sha256,
+            "n_train_examples": len(examples),
+            "n_train_qa": len(trained_qa),
+        }
+        _write_metadata(tmp, meta, trained_qa)
+    return {**summary, "path": str(out_dir)}

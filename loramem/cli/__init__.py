@@ -1,0 +1,15 @@
+"""The `loramem` command line: a thin Typer layer over the library API, one module per command group.
+
+Results go to stdout, progress and logs to stderr. Exit codes: 0 success, 1 internal error,
+2 bad input, 3 incompatible artifact (another model, tokenizer, adapter or format), 4 an eval finished
+with failed cells (the rest is written; rerun with --resume), 130/143 interrupted.
+"""
+
+# isort: off
+# Commands register on import; this order is the order `loramem --help` lists them (the pipeline's).
+from loramem.cli import kv, adapters, ask, library, evaluation, data, probe, demo  # noqa: F401
+
+# isort: on
+from loramem.cli.app import app, main
+
+__all__ = ["app", "main"]

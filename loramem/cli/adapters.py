@@ -1,0 +1,149 @@
+"""train-adapter and merge: the document LoRA's commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from loramem.cli.app import app
+from loramem.cli.options import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    LayersOpt,
+    LrOpt,
+    ModelOpt,
+    RankOpt,
+    StepsOpt,
+    TargetsOpt,
+    load,
+    print_json,
+    split_list,
+)
+from loramem.errors import LoramemError
+from loramem.log import log
+
+
+@app.command("train-adapter")
+def train_adapter(
+    document: str = typer.Argument(..., help="Document text file, or - for stdin"),
+    output: Path = typer.Option(..., "-o", "--output", help="Output adapter directory (PEFT layout)"),
+    qa: Optional[str] = typer.Option(None, "--qa", help="JSONL of {question, answer} training pairs"),
+    synth: int = typer.Option(16, "--synth", help="Without --qa: synthesize this many pairs from the document"),
+    fmt: str = typer.Option("qa", "--format", help="qa (closed-book QA), ntp (raw text) or mixed"),
+    rank: int = RankOpt,
+    alpha: float = typer.Option(32.0, "--alpha"),
+    dropout: float = typer.Option(0.0, "--dropout"),
+    targets: str = TargetsOpt,
+    layers: Optional[str] = LayersOpt,
+    lr: Optional[float] = LrOpt,
+    epochs: int = typer.Option(8, "--epochs"),
+    steps: Optional[int] = StepsOpt,
+    batch_size: int = typer.Option(4, "--batch-size"),
+    seed: int = typer.Option(0, "--seed"),
+    max_length: int = typer.Option(512, "--max-length"),
+    chunk_size: int = typer.Option(128, "--chunk-size", help="ntp: tokens per training chunk"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output directory"),
+    model: Optional[str] = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Train a document LoRA (QA-supervised, raw-text or mixed) as a standard PEFT adapter directory."""
+    from dataclasses import replace
+
+    from loramem.adapters.train import TrainConfig
+    from loramem.adapters.train import train_adapter as train
+    from loramem.data.formats import load_qa_pairs
+    from loramem.fileio import read_text
+    from loramem.log import progress_bar
+
+    text = read_text(document)
+    if output.exists() and not force:
+        raise LoramemError(f"{output} already exists; use --force to replace it")
+    config = TrainConfig(
+        format=fmt,
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        targets=targets,
+        layers=layers,
+        epochs=epochs,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        max_length=max_length,
+        chunk_size=chunk_size,
+    )
+    if lr is not None:
+        config = replace(config, lr=lr)
+    pairs, qa_sha = load_qa_pairs(qa) if qa else (None, None)
+    lm = load(model, device, dtype)
+    if fmt == "ntp":
+        qa_pairs = []
+    elif pairs is None:
+        from loramem.adapters.synth import synthesize
+
+        log(f"no --qa given: synthesizing {synth} question-answer pairs from the document")
+        qa_pairs = synthesize(lm, text, synth, seed)
+    else:
+        qa_pairs = [(p.question, p.answer) for p in pairs]
+    with progress_bar("training", None) as advance:
+        summary = train(
+            lm,
+            text,
+            qa_pairs,
+            output,
+            config,
+            force=force,
+            qa_file_sha256=qa_sha,
+            on_step=lambda step, total, loss: advance(1, total=total, status=f"loss {loss:.3f}"),
+        )
+    if as_json:
+        print_json(summary)
+    else:
+        log(f"adapter written to {output}: {summary['steps']} steps, final loss {summary['final_loss']:.4f}")
+
+
+@app.command("merge")
+def merge_cmd(
+    adapters: list[Path] = typer.Argument(..., metavar="ADAPTER...", help="PEFT LoRA adapter directories (2 or more)"),
+    output: Path = typer.Option(..., "-o", "--output", help="Output adapter directory (PEFT layout)"),
+    method: str = typer.Option(
+        "cat",
+        "--method",
+        help="ties, linear, cat, dare_ties or svd (PEFT's "
+        "add_weighted_adapter; cat keeps every adapter's update exactly, rank = sum)",
+    ),
+    weights: Optional[str] = typer.Option(
+        None, "--weights", help="One weight per adapter, e.g. 1,1,0.5 [default: 1 each]"
+    ),
+    density: float = typer.Option(0.5, "--density", help="ties, dare_ties: fraction of entries kept, in (0, 1]"),
+    seed: int = typer.Option(0, "--seed", help="dare_ties: seed of the random drop"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output directory"),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="Base model to load the adapters onto [default: the one the adapters name]"
+    ),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Combine document adapters into one PEFT LoRA adapter, recording its sources."""
+    from loramem.adapters.merge import MergeConfig, base_model_id, check_sources, merge_adapters
+
+    try:
+        parsed = [float(w) for w in split_list(weights)] if weights is not None else None
+    except ValueError as exc:
+        raise LoramemError(f"--weights must be numbers separated by commas, got {weights!r}") from exc
+    config = MergeConfig(method=method, weights=parsed, density=density, seed=seed)
+    if output.exists() and not force:
+        raise LoramemError(f"{output} already exists; use --force to replace it")
+    sources = check_sources(adapters, config)
+    lm = load(model or base_model_id(sources), device, dtype)
+    summary = merge_adapters(lm, adapters, output, config, force=force)
+    if as_json:
+        print_json(summary)
+    else:
+        log(f"merged {summary['n_sources']} adapters ({method}, rank {summary['rank']}) -> {output}")

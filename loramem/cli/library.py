@@ -1,0 +1,123 @@
+"""library add, library ls, route: many documents' adapters."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from loramem.cli.app import app
+from loramem.cli.options import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    LrOpt,
+    RankOpt,
+    StepsOpt,
+    load,
+    print_json,
+)
+from loramem.log import log
+
+library_app = typer.Typer(
+    help="Adapter libraries: many documents, each with its adapter (and cache), routed by embeddings.",
+    no_args_is_help=True,
+)
+app.add_typer(library_app, name="library")
+
+
+@library_app.command("add")
+def library_add(
+    lib: Path = typer.Argument(..., metavar="LIB", help="Library folder (created by the first add)"),
+    documents: list[str] = typer.Argument(..., metavar="DOC...", help="Document text files"),
+    adapter: Optional[Path] = typer.Option(
+        None, "--adapter", help="Copy this adapter instead of training one (one DOC)"
+    ),
+    doc_id: Optional[str] = typer.Option(None, "--id", help="Document id (one DOC) [default: the file name]"),
+    with_cache: bool = typer.Option(False, "--with-cache", help="Also store each document's KV cache"),
+    truncate: bool = typer.Option(False, "--truncate", help="--with-cache: cut a document longer than the context"),
+    embedder: Optional[Path] = typer.Option(
+        None, "--embedder", help="Local sentence-embedding model directory (mean-pooled) [default: all-MiniLM-L6-v2]"
+    ),
+    qa: Optional[str] = typer.Option(None, "--qa", help="JSONL of {question, answer} training pairs (one DOC)"),
+    synth: int = typer.Option(16, "--synth", help="Without --qa: synthesize this many pairs per document"),
+    fmt: str = typer.Option("qa", "--format", help="qa (closed-book QA), ntp (raw text) or mixed"),
+    rank: int = RankOpt,
+    lr: Optional[float] = LrOpt,
+    epochs: int = typer.Option(8, "--epochs"),
+    steps: Optional[int] = StepsOpt,
+    seed: int = typer.Option(0, "--seed"),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="Base model [default: the library's, else the embedded SmolLM2-135M-Instruct]"
+    ),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Add documents to a library: train (or copy) each one's adapter and index its chunks; known ones are skipped."""
+    from dataclasses import replace
+
+    from loramem.adapters.train import TrainConfig
+    from loramem.library.store import AddOptions, add_documents, open_library
+
+    config = TrainConfig(format=fmt, rank=rank, epochs=epochs, steps=steps, seed=seed)
+    if lr is not None:
+        config = replace(config, lr=lr)
+    options = AddOptions(
+        train=config,
+        synth=synth,
+        qa=qa,
+        adapter=str(adapter) if adapter else None,
+        doc_id=doc_id,
+        with_cache=with_cache,
+        truncate=truncate,
+        embedder=str(embedder) if embedder else None,
+    )
+    recorded = open_library(lib).base_model_id if lib.exists() else None
+    added = add_documents(lib, load(model or recorded, device, dtype), documents, options)
+    if as_json:
+        print_json(added)
+    else:
+        log(f"added {len(added)} document(s) to {lib}" + (f": {', '.join(d['id'] for d in added)}" if added else ""))
+
+
+@library_app.command("ls")
+def library_ls(
+    lib: Path = typer.Argument(..., metavar="LIB", help="Library folder"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """List a library's documents: id, words, adapter, cache, chunks."""
+    from loramem.library.store import open_library
+
+    documents = open_library(lib).documents
+    if as_json:
+        print_json(documents)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "words", "adapter", "cache", "chunks")
+    for doc in documents:
+        adapter = f"rank {doc['adapter']['rank']}, {doc['adapter']['format'] or '-'}"
+        table.add_row(doc["id"], str(doc["words"]), adapter, "yes" if doc["cache"] else "no", str(doc["chunks"]))
+    Console(soft_wrap=False).print(table)
+
+
+@app.command()
+def route(
+    lib: Path = typer.Argument(..., metavar="LIB", help="Library folder"),
+    question: str = typer.Argument(..., help="The question to route"),
+    top_k: int = typer.Option(3, "--top-k", "-k", help="How many documents to return"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Rank a library's documents for a question by their best chunk's cosine similarity."""
+    from loramem.library.store import route as route_question
+
+    ranked = route_question(lib, question, top_k)
+    if as_json:
+        print_json({"question": question, "documents": [{"id": i, "score": round(s, 6)} for i, s in ranked]})
+        return
+    sys.stdout.write("".join(f"{doc_id}\t{score:.4f}\n" for doc_id, score in ranked))
+    sys.stdout.flush()

@@ -1,0 +1,93 @@
+"""Options and helpers shared by the commands: each option is declared once here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from loramem.errors import LoramemError
+
+ModelOpt = typer.Option(
+    None,
+    "--model",
+    "-m",
+    help="Hugging Face id, local model directory or .gguf file [default: embedded SmolLM2-135M-Instruct]",
+)
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on CUDA), float32, float16, bfloat16")
+JsonOpt = typer.Option(False, "--json", help="Machine-readable output on stdout")
+# Adapter-training options shared by train-adapter, library add, eval and probe capacity.
+RankOpt = typer.Option(16, "--rank", help="LoRA rank")
+TargetsOpt = typer.Option("all", "--targets", help="attn, mlp, all, or module names (comma-separated)")
+LayersOpt = typer.Option(None, "--layers", help="e.g. 0-14, 0,3,5, first-half, second-half")
+LrOpt = typer.Option(None, "--lr", help="Learning rate [default: train-adapter's, 1.5e-3]")
+StepsOpt = typer.Option(None, "--steps", help="Train this many steps instead of --epochs")
+
+
+def load(model: Optional[str], device: str, dtype: str, adapter: Optional[Path] = None) -> Any:
+    from loramem.adapters.attach import attach_adapter
+    from loramem.model.loading import load_model
+
+    lm = load_model(model, device=device, dtype=dtype)
+    if adapter is not None:
+        attach_adapter(lm, adapter)
+    return lm
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def read_questions(questions: list[str], questions_file: Optional[str], stdin_free: bool) -> list[dict[str, Any]]:
+    """Questions from arguments, a file of lines or JSONL ({"question": ...}), or stdin."""
+    from loramem.fileio import read_text
+
+    items = [{"question": q} for q in questions]
+    text = None
+    if questions_file:
+        text = read_text(questions_file, what="questions file")
+    elif not items and stdin_free and not sys.stdin.isatty():
+        text = read_text("-", what="questions")
+    for number, line in enumerate((text or "").splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise LoramemError(f"questions line {number}: invalid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict) or not isinstance(record.get("question"), str):
+                raise LoramemError(f"questions line {number}: expected an object with a 'question' string")
+            items.append(record)
+        else:
+            items.append({"question": line})
+    if not items:
+        raise LoramemError("no question given (argument, --questions FILE, or stdin)")
+    return items
+
+
+def split_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def integers(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in split_list(text)]
+    except ValueError as exc:
+        raise LoramemError(f"{what} must be comma-separated integers, got {text!r}") from exc
+
+
+def parse_ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise LoramemError(f"not a ratio: {text!r}") from exc
+    if not 0.0 <= value <= 1.0:
+        raise LoramemError(f"ratio must be in [0, 1], got {value}")
+    return value

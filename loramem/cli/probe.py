@@ -1,0 +1,87 @@
+"""probe capacity: how much a LoRA holds."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from loramem.cli.app import app
+from loramem.cli.options import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    LayersOpt,
+    LrOpt,
+    ModelOpt,
+    TargetsOpt,
+    integers,
+    load,
+    print_json,
+)
+
+probe_app = typer.Typer(help="Probes of what adapters can hold.", no_args_is_help=True)
+app.add_typer(probe_app, name="probe")
+
+
+@probe_app.command("capacity")
+def probe_capacity(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for capacity.json, capacity.png and the adapters"),
+    ranks: str = typer.Option("4,16,64", "--ranks", help="LoRA ranks"),
+    facts: str = typer.Option("50,200,800", "--facts", help="Fact-set sizes (invented phone numbers)"),
+    targets: str = TargetsOpt,
+    layers: Optional[str] = LayersOpt,
+    epochs: int = typer.Option(10, "--epochs"),
+    lr: Optional[float] = LrOpt,
+    threshold: float = typer.Option(0.9, "--threshold", help="Recall that counts as stored, for saturation"),
+    seed: int = typer.Option(0, "--seed"),
+    model: Optional[str] = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Train one adapter per (rank, number of facts) on invented facts and measure exact-match recall."""
+    from loramem.evaluation.probe import ProbeConfig, run_probe
+    from loramem.log import progress_bar
+
+    config = ProbeConfig(
+        ranks=integers(ranks, "--ranks"),
+        facts=integers(facts, "--facts"),
+        targets=targets,
+        layers=layers,
+        epochs=epochs,
+        threshold=threshold,
+        seed=seed,
+        **({"lr": lr} if lr is not None else {}),
+    )
+    lm = load(model, device, dtype)
+    with progress_bar("probing", len(config.ranks) * len(config.facts) * 2) as advance:
+        result = run_probe(lm, config, out, on_step=lambda text: advance(1, status=text))
+    if as_json:
+        print_json(result)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"LoRA capacity · {result['model']} · targets {targets}" + (f" · layers {layers}" if layers else "")
+    )
+    for column in ("rank", "facts", "trainable params", "recall", "facts stored", "facts / M params"):
+        table.add_column(column, justify="right")
+    for r in result["rows"]:
+        table.add_row(
+            str(r["rank"]),
+            str(r["facts"]),
+            f"{r['trainable_parameters']:,}",
+            f"{r['recall']:.3f}",
+            f"{r['facts_stored']:g}",
+            f"{r['facts_per_million_parameters']:.2f}",
+        )
+    Console(soft_wrap=False).print(table)
+    for s in result["saturation"]:
+        sys.stdout.write(
+            f"rank {s['rank']}: saturates at {s['saturation_facts'] or '<' + str(config.facts[0])} "
+            f"facts (recall >= {threshold}); at most {s['max_facts_stored']:g} stored\n"
+        )

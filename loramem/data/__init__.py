@@ -1,0 +1,1 @@
+"""Evaluation datasets: the JSONL format, converters, invented fiction."""

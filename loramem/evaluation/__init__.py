@@ -1,0 +1,1 @@
+"""The eval experiment: run, Ray, summaries and reports, metrics, statistics, probes."""

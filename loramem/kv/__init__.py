@@ -1,0 +1,1 @@
+"""KV caches as files: the artifact, presses, prefill (encode), eviction (compress), value groups, storage dtypes."""

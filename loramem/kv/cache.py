@@ -1,0 +1,186 @@
+"""The KV-cache artifact: a document's prefilled keys and values as one safetensors file.
+
+Layout (tensors):
+  layers.{i}.keys / layers.{i}.values   [kv_heads, kept, head_dim], post-RoPE, model dtype or the
+                                        storage dtype; int8/int4 storage writes `.q` and `.scale` instead
+  layers.{i}.positions                  [kv_heads, kept] int32, original token positions, ascending
+  token_ids                             [n_tokens] int32, the whole prefill (framing prefix + document)
+  scores.{press}                        [layers, kv_heads, n_tokens] float32 importance per token
+and one metadata entry, "loramem", holding JSON (see `CacheMeta`). Never pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loramem.errors import IncompatibleArtifactError, LoramemError
+from loramem.fileio import read_input_bytes
+from loramem.kv.quantize import Storage, dequantize, quantize
+
+FORMAT = "loramem.kvcache"
+FORMAT_VERSION = 1
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass
+class KVCache:
+    """Per-layer kept keys/values with their original positions, scores and provenance."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    positions: list[torch.Tensor]
+    token_ids: torch.Tensor
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    masks: list[torch.Tensor] | None = None  # value-group caches: [H, n, groups] kept groups per layer
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in the original prefill; questions continue at this position."""
+        return int(self.token_ids.numel())
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.keys)
+
+    @property
+    def kept_per_layer(self) -> list[int]:
+        return [int(k.shape[1]) for k in self.keys]
+
+    @property
+    def storage(self) -> Storage:
+        return Storage(**self.meta.get("storage", {}))
+
+    @property
+    def nbytes_stored(self) -> int:
+        """Bytes of keys and values as stored on disk (quantized data and scales included)."""
+        return sum(
+            t.numel() * t.element_size()
+            for name, t in self.to_tensors().items()
+            if ".keys" in name or ".values" in name
+        )
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {"token_ids": self.token_ids.to(torch.int32)}
+        storage = self.storage.for_rows() if self.masks is not None else self.storage
+        for i, (k, v, p) in enumerate(zip(self.keys, self.values, self.positions)):
+            rows = (k, v)
+            if self.masks is not None:  # value groups: only kept keys and kept groups, packed as rows
+                mask = self.masks[i]
+                h, n, groups = mask.shape
+                rows = (k[mask.any(-1)][None], v.reshape(h, n, groups, -1)[mask][None])
+                tensors[f"layers.{i}.group_mask"] = mask.to(torch.uint8)
+            for kind, x in zip(("keys", "values"), rows):
+                for part, t in quantize(x, storage).items():
+                    tensors[f"layers.{i}.{kind}" + ("" if part == "data" else f".{part}")] = t
+            tensors[f"layers.{i}.positions"] = p.to(torch.int32)
+        for name, s in self.scores.items():
+            tensors[f"scores.{name}"] = s.to(torch.float32)
+        return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+    def to_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        meta = {"format": FORMAT, "loramem": json.dumps(self.meta, sort_keys=True)}
+        return save(self.to_tensors(), metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> KVCache:
+        header = read_header(data, source)
+        meta_raw = header.get("__metadata__") or {}
+        if meta_raw.get("format") != FORMAT:
+            raise LoramemError(f"{source} is a safetensors file but not a loramem KV cache")
+        meta = json.loads(meta_raw.get("loramem", "{}"))
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise IncompatibleArtifactError(
+                f"{source} has cache format version {version}; this loramem reads version {FORMAT_VERSION}"
+            )
+        from safetensors.torch import load
+
+        try:
+            tensors = load(data)
+        except Exception as exc:  # safetensors raises its own error type for corrupt payloads
+            raise LoramemError(f"{source} is corrupt: {exc}") from exc
+        n_layers = int(meta["n_layers"])
+        storage = Storage(**meta.get("storage", {}))
+        if "layers.0.group_mask" in header:
+            storage = storage.for_rows()
+        dtype = getattr(torch, meta.get("dtype", "float32"))
+
+        def load_kv(name: str) -> torch.Tensor:
+            if not storage.quantized:
+                return dequantize({"data": tensors[name]}, storage, dtype)
+            return dequantize({"q": tensors[f"{name}.q"], "scale": tensors[f"{name}.scale"]}, storage, dtype)
+
+        try:
+            keys = [load_kv(f"layers.{i}.keys") for i in range(n_layers)]
+            values = [load_kv(f"layers.{i}.values") for i in range(n_layers)]
+            masks = None
+            if "layers.0.group_mask" in tensors:
+                masks = [tensors[f"layers.{i}.group_mask"].bool() for i in range(n_layers)]
+                keys, values = zip(*(_unpack_groups(k, v, m) for k, v, m in zip(keys, values, masks)))
+            return cls(
+                keys=list(keys),
+                values=list(values),
+                positions=[tensors[f"layers.{i}.positions"].long() for i in range(n_layers)],
+                token_ids=tensors["token_ids"].long(),
+                scores={k[len("scores.") :]: v for k, v in tensors.items() if k.startswith("scores.")},
+                meta=meta,
+                masks=masks,
+            )
+        except KeyError as exc:
+            raise LoramemError(f"{source} is missing tensor {exc.args[0]}") from exc
+
+    @classmethod
+    def load(cls, path: str | Path) -> KVCache:
+        """Read a cache from a path, or from stdin when path is '-'."""
+        data, source = read_input_bytes(path, what="cache")
+        return cls.from_bytes(data, source)
+
+
+def _unpack_groups(keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense [H, n, D] keys and values from packed kept rows; dropped groups and tokens are zero."""
+    h, n, groups = mask.shape
+    dense_keys = keys.new_zeros(h, n, keys.shape[-1])
+    dense_keys[mask.any(-1)] = keys[0]
+    dense_values = values.new_zeros(h, n, groups, values.shape[-1])
+    dense_values[mask] = values[0]
+    return dense_keys, dense_values.reshape(h, n, -1)
+
+
+def read_header(data: bytes, source: str) -> dict[str, Any]:
+    """Parse and sanity-check a safetensors header, so bad files fail with a clear message."""
+    if len(data) < 8:
+        raise LoramemError(f"{source} is not a safetensors file (too short)")
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > _MAX_HEADER or 8 + size > len(data):
+        if size <= _MAX_HEADER and data[8:9] == b"{":
+            raise LoramemError(f"{source} is truncated (header runs past the end of the file)")
+        raise LoramemError(f"{source} is not a safetensors file")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoramemError(f"{source} is not a safetensors file (unreadable header)") from exc
+    if not isinstance(header, dict):
+        raise LoramemError(f"{source} is not a safetensors file")
+    end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + size + end > len(data):
+        raise LoramemError(f"{source} is truncated ({len(data)} bytes, expected {8 + size + end})")
+    return header
+
+
+def check_compatible(cache: KVCache, fingerprint: dict[str, str], source: str = "cache") -> None:
+    """Refuse a cache made by another model or tokenizer before anything is generated."""
+    made = cache.meta.get("model", {})
+    for key, what in (("model", "model"), ("tokenizer_sha256", "tokenizer"), ("chat_template_sha256", "chat template")):
+        if made.get(key) != fingerprint.get(key):
+            raise IncompatibleArtifactError(
+                f"{source} was made by another {what} ({made.get('id', '?')}); re-encode it with this model"
+            )

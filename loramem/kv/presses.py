@@ -1,0 +1,131 @@
+"""Press scores: which presses loramem can record, and the press that records them in one prefill.
+
+kvpress presses pick tokens in `compress` by `score(...)` then top-k. Scores of a ScorerPress do
+not depend on the ratio, so encode records them once per (layer, KV head, token) and compress
+later takes top-k for any ratio without the model. StreamingLLM's kvpress score does depend on
+the ratio, so it gets an equivalent ratio-free score here (sinks first, then recency).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from loramem.errors import LoramemError
+
+STREAMING_SINKS = 4
+
+
+def _kvpress_factories() -> dict[str, Callable[[], Any]]:
+    from kvpress import (
+        ExpectedAttentionPress,
+        KeyDiffPress,
+        KnormPress,
+        RandomPress,
+        SnapKVPress,
+        TOVAPress,
+    )
+
+    return {
+        "snapkv": SnapKVPress,
+        "expected_attention": ExpectedAttentionPress,
+        "knorm": KnormPress,
+        "tova": TOVAPress,
+        "random": lambda: RandomPress(seed=0),
+        "keydiff": KeyDiffPress,
+    }
+
+
+PRESSES = ("snapkv", "expected_attention", "knorm", "streaming_llm", "tova", "random", "keydiff")
+DEFAULT_PRESSES = ("snapkv", "expected_attention", "knorm", "streaming_llm", "tova", "random")
+
+
+def parse_presses(spec: str) -> list[str]:
+    """'snapkv,knorm' -> ['snapkv', 'knorm']; 'all' for every known press; unknown names refused."""
+    names = list(PRESSES) if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in PRESSES]
+    if unknown or not names:
+        raise LoramemError(f"unknown press {', '.join(unknown) or '(none)'}; known: {', '.join(PRESSES)}")
+    return list(dict.fromkeys(names))
+
+
+def make_kvpress(name: str, compression_ratio: float = 0.0) -> Any:
+    """The kvpress object for a name, as kvpress itself would compress with it."""
+    if name == "streaming_llm":
+        from kvpress import StreamingLLMPress
+
+        return StreamingLLMPress(compression_ratio=compression_ratio, n_sink=STREAMING_SINKS)
+    press = _kvpress_factories()[name]()
+    press.compression_ratio = compression_ratio
+    return press
+
+
+def streaming_scores(n_heads: int, n_tokens: int) -> torch.Tensor:
+    """StreamingLLM as a ratio-free score: the sink tokens rank first, then the most recent."""
+    score = torch.arange(n_tokens, dtype=torch.float32)
+    score[: min(STREAMING_SINKS, n_tokens)] += n_tokens + 1
+    return score.expand(n_heads, n_tokens).clone()
+
+
+def _recorder_base() -> type:
+    from kvpress.presses.base_press import BasePress
+
+    return BasePress
+
+
+def _shorter_window(scorer: Any, n_tokens: int) -> Any | None:
+    """A windowed scorer (SnapKV) for an input shorter than its window: a quarter of the input as the window.
+
+    kvpress refuses such inputs outright; a short SQuAD paragraph would then have no SnapKV scores at all.
+    """
+    import dataclasses
+
+    window = getattr(scorer, "window_size", None)
+    if window is None or n_tokens < 2 or window < n_tokens or not dataclasses.is_dataclass(scorer):
+        return None
+    return dataclasses.replace(scorer, window_size=max(1, n_tokens // 4))
+
+
+def make_recorder(names: list[str]) -> Any:
+    """A kvpress press that leaves the cache intact and records every scorer's scores per layer."""
+    base = _recorder_base()
+
+    @dataclass
+    class RecordingPress(base):  # type: ignore[misc, valid-type]
+        scorers: dict[str, Any] = field(default_factory=dict)
+        scores: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+        skipped: dict[str, str] = field(default_factory=dict)
+        adjusted: dict[str, str] = field(default_factory=dict)
+        on_layer: Callable[[int], None] | None = None
+
+        def post_init_from_model(self, model: Any) -> None:
+            for scorer in self.scorers.values():
+                scorer.post_init_from_model(model)
+
+        def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+            layer = int(module.layer_idx)
+            for name, scorer in self.scorers.items():
+                if name in self.skipped:
+                    continue
+                try:
+                    s = scorer.score(module, hidden_states, keys, values, attentions, kwargs)
+                except AssertionError as exc:  # kvpress asserts on inputs it cannot score (too short)
+                    shorter = _shorter_window(scorer, keys.shape[2])
+                    if shorter is None:
+                        self.skipped[name] = str(exc) or "input too short"
+                        continue
+                    self.adjusted[name] = (
+                        f"window_size {scorer.window_size} -> {shorter.window_size} for a {keys.shape[2]}-token input"
+                    )
+                    self.scorers[name] = scorer = shorter
+                    s = scorer.score(module, hidden_states, keys, values, attentions, kwargs)
+                self.scores.setdefault(name, {})[layer] = s[0].detach().to("cpu", torch.float32)
+            if self.on_layer is not None:
+                self.on_layer(layer)
+            return keys, values
+
+    scorers = {n: make_kvpress(n) for n in names if n != "streaming_llm"}
+    return RecordingPress(scorers=scorers)

@@ -1,0 +1,1 @@
+"""The model: loading and fingerprints, chat-template framing, decoding."""
