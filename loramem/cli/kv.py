@@ -177,10 +177,10 @@ def inspect(
     if artifact != "-" and Path(artifact).is_dir():
         info = describe_adapter(artifact)
     else:
-        from loramem.fileio import read_input_bytes
         from loramem.kv.cache import KVCache
+        from loramem.tensorfile import read_safetensors
 
-        data, source = read_input_bytes(artifact, what="cache")
+        data, source = read_safetensors(artifact, what="cache")
         info = describe_cache(KVCache.from_bytes(data, source), nbytes=len(data))
     if as_json:
         print_json(info)

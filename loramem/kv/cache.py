@@ -12,7 +12,6 @@ and one metadata entry, "loramem", holding JSON (see `CacheMeta`). Never pickled
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,11 @@ from typing import Any
 import torch
 
 from loramem.errors import IncompatibleArtifactError, LoramemError
-from loramem.fileio import read_input_bytes
 from loramem.kv.quantize import Storage, dequantize, quantize
+from loramem.kv.validate import InvalidCache, check_meta, check_tensors
+from loramem.tensorfile import check_bytes, read_safetensors
 
 FORMAT = "loramem.kvcache"
-FORMAT_VERSION = 1
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 @dataclass
@@ -92,56 +90,54 @@ class KVCache:
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<bytes>") -> KVCache:
-        header = read_header(data, source)
+        """A cache from its file bytes, validated whole before use (`loramem.kv.validate`)."""
+        header = check_bytes(data, source)
         meta_raw = header.get("__metadata__") or {}
         if meta_raw.get("format") != FORMAT:
             raise LoramemError(f"{source} is a safetensors file but not a loramem KV cache")
-        meta = json.loads(meta_raw.get("loramem", "{}"))
-        version = meta.get("format_version")
-        if version != FORMAT_VERSION:
-            raise IncompatibleArtifactError(
-                f"{source} has cache format version {version}; this loramem reads version {FORMAT_VERSION}"
-            )
+        try:
+            meta = json.loads(meta_raw.get("loramem", "{}"))
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise InvalidCache(f"{source} is not a valid loramem cache: its metadata is not JSON") from exc
+        check_meta(meta, source)
         from safetensors.torch import load
 
         try:
             tensors = load(data)
         except Exception as exc:  # safetensors raises its own error type for corrupt payloads
-            raise LoramemError(f"{source} is corrupt: {exc}") from exc
-        n_layers = int(meta["n_layers"])
+            raise LoramemError(f"{source} is corrupt: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+        check_tensors(tensors, meta, source)
+        n_layers = meta["n_layers"]
         storage = Storage(**meta.get("storage", {}))
-        if "layers.0.group_mask" in header:
+        if "layers.0.group_mask" in tensors:
             storage = storage.for_rows()
-        dtype = getattr(torch, meta.get("dtype", "float32"))
+        dtype = getattr(torch, meta["dtype"])
 
         def load_kv(name: str) -> torch.Tensor:
             if not storage.quantized:
                 return dequantize({"data": tensors[name]}, storage, dtype)
             return dequantize({"q": tensors[f"{name}.q"], "scale": tensors[f"{name}.scale"]}, storage, dtype)
 
-        try:
-            keys = [load_kv(f"layers.{i}.keys") for i in range(n_layers)]
-            values = [load_kv(f"layers.{i}.values") for i in range(n_layers)]
-            masks = None
-            if "layers.0.group_mask" in tensors:
-                masks = [tensors[f"layers.{i}.group_mask"].bool() for i in range(n_layers)]
-                keys, values = zip(*(_unpack_groups(k, v, m) for k, v, m in zip(keys, values, masks)))
-            return cls(
-                keys=list(keys),
-                values=list(values),
-                positions=[tensors[f"layers.{i}.positions"].long() for i in range(n_layers)],
-                token_ids=tensors["token_ids"].long(),
-                scores={k[len("scores.") :]: v for k, v in tensors.items() if k.startswith("scores.")},
-                meta=meta,
-                masks=masks,
-            )
-        except KeyError as exc:
-            raise LoramemError(f"{source} is missing tensor {exc.args[0]}") from exc
+        keys = [load_kv(f"layers.{i}.keys") for i in range(n_layers)]
+        values = [load_kv(f"layers.{i}.values") for i in range(n_layers)]
+        masks = None
+        if "layers.0.group_mask" in tensors:
+            masks = [tensors[f"layers.{i}.group_mask"].bool() for i in range(n_layers)]
+            keys, values = zip(*(_unpack_groups(k, v, m) for k, v, m in zip(keys, values, masks)))
+        return cls(
+            keys=list(keys),
+            values=list(values),
+            positions=[tensors[f"layers.{i}.positions"].long() for i in range(n_layers)],
+            token_ids=tensors["token_ids"].long(),
+            scores={k[len("scores.") :]: v for k, v in tensors.items() if k.startswith("scores.")},
+            meta=meta,
+            masks=masks,
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> KVCache:
-        """Read a cache from a path, or from stdin when path is '-'."""
-        data, source = read_input_bytes(path, what="cache")
+        """Read a cache from a path, or from stdin when path is '-' (no more bytes than its header describes)."""
+        data, source = read_safetensors(path, what="cache")
         return cls.from_bytes(data, source)
 
 
@@ -153,27 +149,6 @@ def _unpack_groups(keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor)
     dense_values = values.new_zeros(h, n, groups, values.shape[-1])
     dense_values[mask] = values[0]
     return dense_keys, dense_values.reshape(h, n, -1)
-
-
-def read_header(data: bytes, source: str) -> dict[str, Any]:
-    """Parse and sanity-check a safetensors header, so bad files fail with a clear message."""
-    if len(data) < 8:
-        raise LoramemError(f"{source} is not a safetensors file (too short)")
-    (size,) = struct.unpack("<Q", data[:8])
-    if size > _MAX_HEADER or 8 + size > len(data):
-        if size <= _MAX_HEADER and data[8:9] == b"{":
-            raise LoramemError(f"{source} is truncated (header runs past the end of the file)")
-        raise LoramemError(f"{source} is not a safetensors file")
-    try:
-        header = json.loads(data[8 : 8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoramemError(f"{source} is not a safetensors file (unreadable header)") from exc
-    if not isinstance(header, dict):
-        raise LoramemError(f"{source} is not a safetensors file")
-    end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
-    if 8 + size + end > len(data):
-        raise LoramemError(f"{source} is truncated ({len(data)} bytes, expected {8 + size + end})")
-    return header
 
 
 def check_compatible(cache: KVCache, fingerprint: dict[str, str], source: str = "cache") -> None:

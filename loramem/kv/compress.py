@@ -13,7 +13,7 @@ import copy
 
 import torch
 
-from loramem.errors import LoramemError
+from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.kv.cache import KVCache
 from loramem.kv.quantize import Storage, round_trip
 
@@ -154,7 +154,9 @@ def restore(cache: KVCache, storage: Storage) -> KVCache:
 
 
 def _check_same_document(cache: KVCache, other: KVCache) -> None:
+    if cache.meta["model"].get("model") != other.meta["model"].get("model"):
+        raise IncompatibleArtifactError("--scores-from is a cache of another base model")
     if not torch.equal(cache.token_ids, other.token_ids):
         raise LoramemError("--scores-from is a cache of another document or framing (token ids differ)")
-    if cache.meta["model"].get("model") != other.meta["model"].get("model"):
-        raise LoramemError("--scores-from is a cache of another base model")
+    if other.n_layers != cache.n_layers or other.keys[0].shape[0] != cache.keys[0].shape[0]:
+        raise IncompatibleArtifactError("--scores-from is a cache of another model shape (layers or KV heads differ)")

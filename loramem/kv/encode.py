@@ -12,8 +12,9 @@ import torch
 from loramem._version import __version__
 from loramem.adapters.attach import adapter_scope
 from loramem.errors import LoramemError
-from loramem.kv.cache import FORMAT_VERSION, KVCache
+from loramem.kv.cache import KVCache
 from loramem.kv.presses import DEFAULT_PRESSES, make_recorder, streaming_scores
+from loramem.kv.validate import FORMAT_VERSION
 from loramem.log import warn
 from loramem.model.loading import LoadedModel, sha256_text
 from loramem.model.prompt import Framing, document_ids, prefix_ids
