@@ -216,7 +216,9 @@ def _decoder_layers(model: Any) -> Any:
 
 @contextmanager
 def head_masks(model: Any, present: list[torch.Tensor] | None) -> Iterator[None]:
-    """Restrict each KV head to the cached tokens it kept ([H, n] per layer); causal for new tokens."""
+    """Restrict each KV head to the cached tokens it kept ([H, n] per layer); causal for new tokens, and within
+    the window on sliding-window layers (cache index = position: value-group caches keep every position). The mask
+    is additive, which every attention implementation reads alike (eager adds a boolean mask as 0/1)."""
     if present is None:
         yield
         return
@@ -235,7 +237,14 @@ def head_masks(model: Any, present: list[torch.Tensor] | None) -> Iterator[None]
             row = torch.arange(past, past + q_len, device=keep.device)
             allowed = (column[None, :] <= row[:, None]).unsqueeze(0).expand(keep.shape[0], -1, -1).clone()
             allowed[:, :, :n_cache] &= keep[:, None, :]
-            kwargs["attention_mask"] = allowed.repeat_interleave(rep, dim=0).unsqueeze(0)
+            window = getattr(module, "sliding_window", None)
+            if window:
+                allowed &= row[:, None] - column[None, :] < window
+            dtype = kwargs["hidden_states"].dtype
+            blocked = torch.zeros(allowed.shape, dtype=dtype, device=keep.device).masked_fill_(
+                ~allowed, torch.finfo(dtype).min
+            )
+            kwargs["attention_mask"] = blocked.repeat_interleave(rep, dim=0).unsqueeze(0)
             return args, kwargs
 
         hooks.append(attn.register_forward_pre_hook(pre_hook, with_kwargs=True))

@@ -289,6 +289,9 @@ def load_model(
         raise LoramemError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from exc
     except ValueError as exc:
         raise LoramemError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from exc
+    if getattr(model.config, "attn_logit_softcapping", None):
+        # SDPA silently drops attention-logit softcapping (Gemma-2): only eager computes the model as trained.
+        model.set_attn_implementation("eager")
     model.to(torch.device(dev))
     model.eval()
     model.requires_grad_(False)
