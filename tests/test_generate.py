@@ -46,10 +46,8 @@ def test_compressed_cache_decodes_like_kvpress(tiny, doc_text):
             tiny.model.model(input_ids=cache.token_ids[None], past_key_values=kv, use_cache=True)
         position = torch.arange(cache.n_tokens, cache.n_tokens + len(q))[None]
         expected = tiny.model(input_ids=torch.tensor([q]), past_key_values=kv, position_ids=position).logits[0, -1]
-        from loramem.model.generate import to_dynamic_cache
-
         ours = tiny.model(
-            input_ids=torch.tensor([q]), past_key_values=to_dynamic_cache(small, tiny), position_ids=position
+            input_ids=torch.tensor([q]), past_key_values=small.to_dynamic_cache(), position_ids=position
         ).logits[0, -1]
     assert torch.allclose(ours, expected, atol=1e-5)
     assert small.kept_per_layer[0] < cache.n_tokens

@@ -10,7 +10,6 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from loramem import KVCache, LoramemError, encode, generate
 from loramem.kv.value_groups import compress_value_groups, head_masks, query_group_scores
-from loramem.model.generate import to_dynamic_cache
 from loramem.model.loading import sha256_text
 from loramem.model.prompt import Framing, question_ids
 
@@ -68,7 +67,7 @@ def test_attention_equals_plain_tensor_reference(tiny, cache):
     present = [m.any(-1) for m in small.masks]
     position = torch.arange(cache.n_tokens, cache.n_tokens + q_ids.shape[1])[None]
     with torch.inference_mode(), head_masks(tiny.model, present):
-        tiny.model(input_ids=q_ids, past_key_values=to_dynamic_cache(small, tiny), position_ids=position)
+        tiny.model(input_ids=q_ids, past_key_values=small.to_dynamic_cache(), position_ids=position)
     hook.remove()
 
     hidden, (cos, sin) = seen["hidden"], seen["rope"]

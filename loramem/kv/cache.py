@@ -64,6 +64,22 @@ class KVCache:
             if ".keys" in name or ".values" in name
         )
 
+    def to_dynamic_cache(self, device: Any = None, dtype: torch.dtype | None = None) -> Any:
+        """The kept keys and values as a transformers DynamicCache, dequantized (fresh tensors on each call).
+
+        Position rule: the kept entries sit at their original positions, so the next input token goes at
+        position `n_tokens` (pass `position_ids` starting there), whatever was evicted. A value-group cache
+        (`masks` set) also needs each head restricted to the tokens it kept (`loramem.kv.value_groups.head_masks`).
+        """
+        from transformers import DynamicCache
+
+        past = DynamicCache()
+        if sum(self.kept_per_layer) == 0:
+            return past
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            past.update(k.to(device, dtype).unsqueeze(0), v.to(device, dtype).unsqueeze(0), layer)
+        return past
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
         tensors: dict[str, torch.Tensor] = {"token_ids": self.token_ids.to(torch.int32)}
         storage = self.storage.for_rows() if self.masks is not None else self.storage

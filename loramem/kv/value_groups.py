@@ -106,8 +106,6 @@ def query_group_scores(lm: LoadedModel, cache: KVCache, questions: list[str], gr
     attention weights to document tokens are averaged over the query heads of each KV head and over
     the question tokens, then over the questions (see the module docstring).
     """
-    from loramem.model.generate import to_dynamic_cache
-
     _check_cache(cache, groups, query=True)
     if not questions:
         raise LoramemError("no question given for query-aware scoring")
@@ -131,7 +129,7 @@ def query_group_scores(lm: LoadedModel, cache: KVCache, questions: list[str], gr
                 lm.model.model(
                     input_ids=torch.tensor([ids], device=lm.device),
                     position_ids=position,
-                    past_key_values=to_dynamic_cache(cache, lm),
+                    past_key_values=cache.to_dynamic_cache(lm.device, lm.dtype),
                     use_cache=True,
                 )
     finally:

@@ -38,18 +38,6 @@ class Answer:
         return asdict(self)
 
 
-def to_dynamic_cache(cache: KVCache, lm: LoadedModel) -> Any:
-    """A transformers DynamicCache holding the kept keys and values (fresh tensors each call)."""
-    from transformers import DynamicCache
-
-    past = DynamicCache()
-    if sum(cache.kept_per_layer) == 0:
-        return past
-    for layer, (k, v) in enumerate(zip(cache.keys, cache.values)):
-        past.update(k.to(lm.device, lm.dtype).unsqueeze(0), v.to(lm.device, lm.dtype).unsqueeze(0), layer)
-    return past
-
-
 def generate(
     lm: LoadedModel,
     question: str,
@@ -66,7 +54,7 @@ def generate(
     if cache is not None:
         frame = Framing.from_dict(cache.meta["framing"])
         ids = question_ids(tok, frame, question, after_document=True)
-        past, start = to_dynamic_cache(cache, lm), cache.n_tokens
+        past, start = cache.to_dynamic_cache(lm.device, lm.dtype), cache.n_tokens
         cache_tokens = max(cache.kept_per_layer)
     else:
         frame = Framing.for_tokenizer(tok, framing)
