@@ -47,7 +47,8 @@ if TYPE_CHECKING:
     from loramem.adapters.attach import Adapter, adapter_scope, attach_adapter, detach_adapter
     from loramem.adapters.train import TrainConfig, train_adapter
     from loramem.errors import IncompatibleArtifactError, LoramemError
-    from loramem.evaluation.runner import EvalConfig, run_eval
+    from loramem.evaluation.config import EvalConfig
+    from loramem.evaluation.runner import run_eval
     from loramem.kv.cache import KVCache, check_compatible
     from loramem.kv.compress import compress
     from loramem.kv.encode import encode

@@ -10,7 +10,8 @@ from test_evaluate import FAST, dataset  # noqa: F401 - the shared three-documen
 from loramem.adapters.attach import adapter_tensor_bytes
 from loramem.adapters.train import TrainConfig, adapter_element_bytes, lora_parameters, train_adapter
 from loramem.errors import LoramemError
-from loramem.evaluation.report import (
+from loramem.evaluation.config import EvalConfig, budget_points, budget_sizes, file_name
+from loramem.evaluation.rundir import (
     ANSWERS,
     BUDGET_PLOT,
     BUDGET_PLOT_CONTAINS,
@@ -19,7 +20,7 @@ from loramem.evaluation.report import (
     cell_key,
     read_answers,
 )
-from loramem.evaluation.runner import EvalConfig, budget_points, budget_sizes, file_name, run_eval
+from loramem.evaluation.runner import run_eval
 from loramem.kv.compress import compress, within_budget
 from loramem.kv.encode import encode
 from loramem.kv.quantize import make_storage

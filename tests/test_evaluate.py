@@ -11,21 +11,17 @@ import pytest
 from conftest import DEMO_DOC
 from rich.console import Console
 
+import loramem.evaluation.doc_adapters as doc_adapters
 import loramem.evaluation.runner as ev
 from loramem.data.formats import QA, DocRecord, TrainQA, write_dataset
 from loramem.errors import IncompatibleArtifactError, LoramemError
-from loramem.evaluation.report import (
-    ANSWERS,
-    CONFIG,
-    CURVES,
-    SUMMARY,
-    cell_key,
-    print_table,
-    read_answers,
-    write_report,
-)
-from loramem.evaluation.runner import EvalConfig, merge, parse_shard, run_eval, select_documents
+from loramem.evaluation.config import EvalConfig, file_name, parse_shard, select_documents
+from loramem.evaluation.report import write_report
+from loramem.evaluation.rundir import ANSWERS, CONFIG, CURVES, SUMMARY, cell_key, read_answers
+from loramem.evaluation.runner import run_eval
+from loramem.evaluation.shards import merge
 from loramem.evaluation.stats import mean_ci, paired_bootstrap, paired_t_test
+from loramem.evaluation.tables import print_table
 
 GRID = {
     "ratios": [0, 0.5, 1.0],
@@ -74,14 +70,18 @@ def dataset(tmp_path_factory) -> Path:
     return path
 
 
+# Where the eval modules look each counted function up.
+WHERE = {"encode": ev, "compress": ev, "generate": ev, "train_adapter": doc_adapters, "synthesize": doc_adapters}
+
+
 class Counter:
-    """Wraps loramem.evaluation.runner's view of a function and counts its calls (with their keyword arguments)."""
+    """Wraps the eval modules' view of a function and counts its calls (with their keyword arguments)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str, fail_after: int | None = None) -> None:
         self.calls: list[dict] = []
-        self.real = getattr(ev, name)
+        self.real = getattr(WHERE[name], name)
         self.fail_after = fail_after
-        monkeypatch.setattr(ev, name, self)
+        monkeypatch.setattr(WHERE[name], name, self)
 
     def __call__(self, *args, **kwargs):
         if self.fail_after is not None and len(self.calls) == self.fail_after:
@@ -129,9 +129,9 @@ def test_work_is_shared_and_every_cell_answered_once(reference):
         r["cache_tokens"] for r in rows if r["ratio"] == 1
     )
     assert sorted(p.name for p in (run / "adapters").iterdir()) == sorted(
-        f"{d}-{f}" for d in ("doc-a", "doc-b", ev.file_name("doc c/3")) for f in ("qa", "ntp")
+        f"{d}-{f}" for d in ("doc-a", "doc-b", file_name("doc c/3")) for f in ("qa", "ntp")
     )
-    synthesized = (run / "train_qa" / f"{ev.file_name('doc c/3')}.jsonl").read_text().splitlines()
+    synthesized = (run / "train_qa" / f"{file_name('doc c/3')}.jsonl").read_text().splitlines()
     assert len(synthesized) == 2 and all(json.loads(line)["answer"] for line in synthesized)
     assert (run / SUMMARY).exists() and (run / CURVES).read_bytes().startswith(b"\x89PNG")
 
@@ -183,7 +183,7 @@ def test_resume_with_a_wider_limit_adds_only_the_new_documents(tiny, dataset, re
 def test_kv_variants_each_get_their_curve_and_bytes(tiny, dataset, tmp_path):
     from loramem import compress, encode, generate
     from loramem.data.formats import load_dataset
-    from loramem.evaluation.report import BYTES_PLOT
+    from loramem.evaluation.rundir import BYTES_PLOT
     from loramem.kv.value_groups import compress_value_groups
 
     cfg = config(

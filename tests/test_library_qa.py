@@ -14,15 +14,20 @@ from rich.console import Console
 from test_cli import one_line_error
 from test_library import DOCS, PARAPHRASES
 
-import loramem.evaluation.runner as ev
+import loramem.evaluation.doc_adapters as doc_adapters
+import loramem.evaluation.library_modes as library_modes
+import loramem.evaluation.runner as runner
 import loramem.library.qa as qa_module
 from loramem.adapters.attach import ADAPTER_WEIGHTS, attach_adapter, detach_adapter
 from loramem.adapters.merge import MergeConfig, merge_adapters
 from loramem.adapters.train import TrainConfig
 from loramem.data.formats import QA, DocRecord, TrainQA, write_dataset
 from loramem.errors import LoramemError
-from loramem.evaluation.report import ANSWERS, CONFIG, cell_key, print_table, read_answers, routing_recall, summarize
-from loramem.evaluation.runner import EvalConfig, run_eval
+from loramem.evaluation.config import EvalConfig
+from loramem.evaluation.rundir import ANSWERS, CONFIG, cell_key, read_answers
+from loramem.evaluation.runner import run_eval
+from loramem.evaluation.summary import routing_recall, summarize
+from loramem.evaluation.tables import print_table
 from loramem.kv.encode import encode
 from loramem.library.embed import load_embedder
 from loramem.library.qa import ask_library, merged_folder, parallel_cache, stored_cache
@@ -292,8 +297,10 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def counted(monkeypatch: pytest.MonkeyPatch, fail_after: int | None = None) -> dict[str, Count]:
-    counts = {name: Count(monkeypatch, ev, name) for name in ("train_adapter", "add_documents")}
-    counts["generate"] = Count(monkeypatch, ev, "generate", fail_after)
+    counts = {"train_adapter": Count(monkeypatch, doc_adapters, "train_adapter")}
+    counts["add_documents"] = Count(monkeypatch, library_modes, "add_documents")
+    counts["generate"] = Count(monkeypatch, library_modes, "generate", fail_after)
+    monkeypatch.setattr(runner, "generate", counts["generate"])  # mode none answers in the runner
     counts["merge_adapters"] = Count(monkeypatch, qa_module, "merge_adapters")
     return counts
 

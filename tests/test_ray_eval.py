@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from loramem.evaluation.report import ANSWERS, FAILURES, read_answers
-from loramem.evaluation.runner import EvalConfig, run_eval
+from loramem.evaluation.config import EvalConfig
+from loramem.evaluation.rundir import ANSWERS, FAILURES, read_answers
+from loramem.evaluation.runner import run_eval
 
 ray = pytest.importorskip("ray")
 

@@ -75,7 +75,8 @@ def test_tiny_cache_refused_by_default_model(tiny_dir, tmp_path):
 
 def test_eval_with_adapter_and_library_modes_on_default_model(real, tmp_path):
     """The eval grid end to end on the default model: prefill, compression, a QA adapter, a library, routing."""
-    from loramem.evaluation.runner import EvalConfig, run_eval
+    from loramem.evaluation.config import EvalConfig
+    from loramem.evaluation.runner import run_eval
 
     data = tmp_path / "two.jsonl"
     data.write_text("".join((REPO / "examples" / "fiction.jsonl").read_text().splitlines(keepends=True)[:2]))

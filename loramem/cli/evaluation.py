@@ -122,7 +122,8 @@ def eval_run(
     as_json: bool = JsonOpt,
 ) -> None:
     """Answer every question under every press, ratio, mode and format; score, summarize and plot."""
-    from loramem.evaluation.runner import EvalConfig, parse_shard, run_eval
+    from loramem.evaluation.config import EvalConfig, parse_shard
+    from loramem.evaluation.runner import run_eval
     from loramem.sizes import parse_size
 
     extra = {"lr": lr} if lr is not None else {}
@@ -186,7 +187,7 @@ def eval_merge(
     as_json: bool = JsonOpt,
 ) -> None:
     """Combine shard runs into one run directory, then summarize and plot it."""
-    from loramem.evaluation.runner import merge
+    from loramem.evaluation.shards import merge
 
     _show_summary(merge(runs, out), as_json)
 
@@ -198,7 +199,8 @@ def eval_report(
     as_json: bool = JsonOpt,
 ) -> None:
     """Recompute summary.json and the plots from answers.jsonl and print the table."""
-    from loramem.evaluation.report import METRICS, write_report
+    from loramem.evaluation.config import METRICS
+    from loramem.evaluation.report import write_report
 
     if metric not in METRICS:
         raise LoramemError(f"unknown --metric {metric!r}; use one of {', '.join(METRICS)}")
@@ -212,6 +214,6 @@ def _show_summary(summary: dict[str, Any], as_json: bool, metric: str = "rouge_l
         return
     from rich.console import Console
 
-    from loramem.evaluation.report import print_table
+    from loramem.evaluation.tables import print_table
 
     print_table(summary, Console(soft_wrap=False), metric)

@@ -18,21 +18,11 @@ from typing import Any
 from loramem.adapters.attach import detach_adapter
 from loramem.data.formats import DocRecord
 from loramem.errors import LoramemError
-from loramem.evaluation.report import cell_key, read_answers, write_report
-from loramem.evaluation.runner import (
-    PARTS,
-    AnswerLog,
-    EvalConfig,
-    budget_sizes,
-    build_library,
-    evaluate_document,
-    file_name,
-    fold_parts,
-    key_of,
-    model_info,
-    prepare_run,
-    record_failures,
-)
+from loramem.evaluation.config import EvalConfig, budget_sizes, file_name, key_of
+from loramem.evaluation.library_modes import build_library
+from loramem.evaluation.report import write_report
+from loramem.evaluation.rundir import PARTS, AnswerLog, cell_key, fold_parts, model_info, read_answers, record_failures
+from loramem.evaluation.runner import evaluate_document, prepare_run
 from loramem.log import progress_bar, warn
 from loramem.model.loading import LoadedModel, load_model
 

@@ -1,0 +1,82 @@
+"""Each document's adapters in a run: training pairs, training once, reuse and checks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from loramem.adapters.attach import read_adapter_meta
+from loramem.adapters.synth import synthesize
+from loramem.adapters.train import train_adapter
+from loramem.data.formats import DocRecord, load_qa_pairs
+from loramem.errors import IncompatibleArtifactError
+from loramem.evaluation.config import EvalConfig, file_name
+from loramem.evaluation.rundir import ADAPTERS, SYNTH_QA
+from loramem.fileio import atomic_write_bytes
+from loramem.model.loading import LoadedModel, sha256_text
+
+
+def adapter_name(doc_id: str, fmt: str, rank: int | None, config: EvalConfig) -> str:
+    """DOCID-FORMAT, or DOCID-FORMAT-rRANK for a budget point's rank other than the run's --rank."""
+    name = f"{file_name(doc_id)}-{fmt}"
+    return name if rank is None or rank == config.rank else f"{name}-r{rank}"
+
+
+def document_adapter(
+    lm: LoadedModel,
+    record: DocRecord,
+    fmt: str,
+    config: EvalConfig,
+    run: Path,
+    status: Callable[[str], None],
+    rank: int | None = None,
+) -> Path:
+    """The document's adapter for a format (and rank): reused from --adapters or RUN_DIR/adapters, else trained
+    there."""
+    name = adapter_name(record.id, fmt, rank, config)
+    if config.adapters is not None:
+        return Path(config.adapters) / name
+    path = run / ADAPTERS / name
+    what = f"{fmt} adapter" + (f" (rank {rank})" if rank is not None else "")
+    if not path.exists():
+        qa = training_pairs(lm, record, config, run, status) if fmt in ("qa", "mixed") else []
+        path.parent.mkdir(exist_ok=True)
+        status(f"training the {what}")
+        train_adapter(
+            lm,
+            record.document,
+            qa,
+            path,
+            config.train_config(fmt, rank),
+            on_step=lambda step, total, loss: status(f"training the {what}, step {step}/{total}"),
+        )
+    check_adapter(path, record, fmt, rank)
+    return path
+
+
+def check_adapter(path: Path, record: DocRecord, fmt: str, rank: int | None = None) -> None:
+    """An adapter made for this document, format and rank (the model is checked when it is attached)."""
+    config, meta = read_adapter_meta(path)
+    if meta.get("document_sha256") != sha256_text(record.document):
+        raise IncompatibleArtifactError(f"adapter {path} was trained on another document than {record.id}")
+    if meta.get("format") != fmt:
+        raise IncompatibleArtifactError(f"adapter {path} was trained with format {meta.get('format')}, not {fmt}")
+    if rank is not None and config.get("r") != rank:
+        raise IncompatibleArtifactError(f"adapter {path} has rank {config.get('r')}, not {rank}")
+
+
+def training_pairs(
+    lm: LoadedModel, record: DocRecord, config: EvalConfig, run: Path, status: Callable[[str], None]
+) -> list[tuple[str, str]]:
+    """The record's train_qa, or pairs synthesized once and kept in RUN_DIR/train_qa/ for resumes."""
+    if record.train_qa:
+        return [(t.question, t.answer) for t in record.train_qa]
+    path = run / SYNTH_QA / f"{file_name(record.id)}.jsonl"
+    if not path.exists():
+        status(f"synthesizing {config.synth_pairs} training pairs")
+        pairs = synthesize(lm, record.document, config.synth_pairs, config.seed)
+        path.parent.mkdir(exist_ok=True)
+        lines = "".join(json.dumps({"question": q, "answer": a}, ensure_ascii=False) + "\n" for q, a in pairs)
+        atomic_write_bytes(path, lines.encode("utf-8"))
+    return [(p.question, p.answer) for p in load_qa_pairs(path)[0]]

@@ -1,0 +1,168 @@
+"""Eval's library modes: build or check the run's adapter library and answer by routing."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from loramem.adapters.attach import detach_adapter
+from loramem.adapters.merge import MergeConfig
+from loramem.data.formats import DocRecord
+from loramem.errors import LoramemError
+from loramem.evaluation.config import Cell, EvalConfig, file_name
+from loramem.evaluation.doc_adapters import document_adapter
+from loramem.evaluation.rundir import LIBRARY, AnswerLog, answer_row
+from loramem.kv.cache import KVCache
+from loramem.library.embed import load_embedder
+from loramem.library.qa import context_cache, routed_adapter, use_adapter
+from loramem.library.store import (
+    AddOptions,
+    add_documents,
+    check_model,
+    library_embedder,
+    open_library,
+    retrieve_chunks,
+    route,
+)
+from loramem.model.generate import generate
+from loramem.model.loading import LoadedModel, sha256_text
+
+
+def library_path(config: EvalConfig, run: Path) -> Path:
+    """The library that library modes route over: --library, else the one the run builds in RUN_DIR/library."""
+    return Path(config.library) if config.library is not None else run / LIBRARY
+
+
+def check_library(model: dict[str, Any], documents: list[DocRecord], config: EvalConfig) -> None:
+    """Before the run starts: --library must be of this model and hold every document of the run, and the
+    library (given or to be built) must hold at least --library-top-k documents."""
+    n = len({sha256_text(r.document) for r in documents})
+    if config.library is not None:
+        lib = open_library(config.library)
+        check_model(lib, model)
+        held = {d["sha256"] for d in lib.documents}
+        missing = [r.id for r in documents if sha256_text(r.document) not in held]
+        if missing:
+            raise LoramemError(
+                f"--library {config.library} lacks {len(missing)} of the run's documents (first: "
+                f"{missing[0]}); add them with loramem library add, or leave out --library"
+            )
+        n = len(lib.documents)
+    if config.library_top_k > n:
+        raise LoramemError(f"--library-top-k {config.library_top_k} is more than the library's {n} documents")
+
+
+def build_library(
+    lm: LoadedModel,
+    documents: list[DocRecord],
+    config: EvalConfig,
+    run: Path,
+    status: Callable[[str], None] = lambda text: None,
+) -> Path:
+    """The run's library: --library as given, else RUN_DIR/library holding every document of the run (all shards,
+    so routing does not depend on sharding), each added once with the run's qa adapter (from --adapters or
+    RUN_DIR/adapters, trained there if missing). A resume with a wider --limit adds the new documents; each answer
+    records how many documents its routing chose from (`library_documents`)."""
+    path = library_path(config, run)
+    if config.library is not None:
+        return path
+    known = {d["sha256"] for d in open_library(path).documents} if path.exists() else set()
+    unique: dict[str, DocRecord] = {}
+    for record in documents:  # a text repeated in the dataset is one library document
+        unique.setdefault(sha256_text(record.document), record)
+    missing = [record for sha, record in unique.items() if sha not in known]
+    if not missing:
+        return path
+    embedder = load_embedder(device=str(lm.device))
+    with tempfile.TemporaryDirectory() as tmp:
+        for number, record in enumerate(missing, 1):
+
+            def step(text: str, prefix: str = f"library {number}/{len(missing)} {record.id}: ") -> None:
+                status(prefix + text)
+
+            adapter = document_adapter(lm, record, "qa", config, run, step)
+            source = Path(tmp) / f"{file_name(record.id)}.txt"
+            source.write_bytes(record.document.encode("utf-8"))
+            step("adding it to the library")
+            add_documents(
+                path, lm, [str(source)], AddOptions(adapter=str(adapter), doc_id=file_name(record.id)), embedder
+            )
+    return path
+
+
+def answer_library(
+    lm: LoadedModel,
+    record: DocRecord,
+    cells: list[Cell],
+    config: EvalConfig,
+    run: Path,
+    answers: AnswerLog,
+    status: Callable[[str], None],
+) -> None:
+    """Library cells of one document: each question routed once and its adapters merged first (a merge detaches
+    the model's adapter), then answered grouped by adapter, so each adapter is attached once."""
+    lib = open_library(library_path(config, run))
+    gold = {d["sha256"]: d["id"] for d in lib.documents}.get(sha256_text(record.document))
+    if gold is None:
+        raise LoramemError(f"library {lib.path} does not hold this document")
+    embedder = library_embedder(lib)
+    merge = MergeConfig(method=config.merge)
+    status("routing and merging")
+    routing: dict[int, dict[str, Any]] = {}
+    chunks: dict[int, list[Any]] = {}
+    for q in sorted({c.question_index for c in cells}):
+        question = record.qa[q].question
+        routed = route(lib, question, config.library_top_k, embedder)
+        ids = [i for i, _ in routed]
+        routing[q] = {
+            "routed": [{"id": i, "score": round(s, 6)} for i, s in routed],
+            "routed_gold": gold in ids,
+            "gold_rank": ids.index(gold) + 1 if gold in ids else None,
+            "library_documents": len(lib.documents),
+        }
+        if any(c.question_index == q and c.mode in ("hybrid", "rag") for c in cells):
+            chunks[q] = retrieve_chunks(lib, question, config.context_chunks, embedder)
+    jobs = []
+    for cell in cells:
+        ids = [r["id"] for r in routing[cell.question_index]["routed"]]
+        if cell.mode == "oracle":
+            adapter = lib.adapter_dir(gold)
+        elif cell.mode == "routed":
+            adapter = lib.adapter_dir(ids[0])
+        elif cell.mode in ("routed-merge", "hybrid"):
+            adapter = routed_adapter(lm, lib, ids, merge)
+        else:
+            adapter = None
+        jobs.append((cell, adapter))
+    contexts: dict[int, KVCache] = {}
+    status("answering from the library")
+    for cell, adapter in sorted(jobs, key=lambda job: str(job[1] or "")):
+        if adapter is None:
+            detach_adapter(lm)
+        else:
+            use_adapter(lm, adapter)
+        q = cell.question_index
+        cache = None
+        if cell.mode in ("hybrid", "rag"):
+            if q not in contexts:
+                contexts[q] = context_cache(lm, chunks[q])
+            cache = contexts[q]
+        started = time.perf_counter()
+        answer = generate(
+            lm, record.qa[q].question, cache, max_new_tokens=config.max_new_tokens, adapter_on=adapter is not None
+        )
+        row = answer_row(
+            record, cell, config, answer, time.perf_counter() - started, cache.nbytes_stored if cache else 0
+        )
+        answers.write(
+            {
+                **row,
+                **routing[q],
+                "adapter": str(adapter.relative_to(lib.path)) if adapter else None,
+                "context_chunks": [[c.doc_id, c.index] for c in chunks[q]] if cache else [],
+            }
+        )
+    detach_adapter(lm)

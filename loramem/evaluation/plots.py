@@ -1,0 +1,190 @@
+"""The run's plots: curves against ratio, bytes kept, byte budgets (matplotlib, imported lazily)."""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from loramem.fileio import atomic_write_bytes
+from loramem.sizes import format_size
+
+
+def series_label(mode: str, fmt: str | None) -> str:
+    return MODE_LABELS.get(mode, mode) + (f" · {fmt}" if fmt else "")
+
+
+def curve_points(summary: dict[str, Any], metric: str) -> dict[str, dict[tuple[str, str | None], list[dict[str, Any]]]]:
+    """press -> (mode, format) -> cells in ratio order."""
+    curves: dict[str, dict[tuple[str, str | None], list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for cell in summary["cells"]:
+        if cell[metric]["mean"] is not None:
+            curves[cell["press"]][(cell["mode"], cell["format"])].append(cell)
+    return curves
+
+
+def plot(summary: dict[str, Any], path: str | Path, metric: str = "rouge_l") -> None:
+    """Metric vs compression ratio, one panel per press and one line (with its 95% CI band) per mode and format.
+
+    Drawn on a plain Agg canvas, without pyplot, so the caller's matplotlib backend is left alone.
+    """
+    curves = curve_points(summary, metric)
+    fig, axes = _panels(len(curves))
+    for ax, (press, lines) in zip(axes, curves.items()):
+        for (mode, fmt), points in lines.items():
+            x = [p["ratio"] for p in points]
+            y = [p[metric]["mean"] for p in points]
+            style = {"color": "black", "linestyle": "--"} if mode == "none" else {}
+            (line,) = ax.plot(x, y, marker="o", label=series_label(mode, fmt), **style)
+            lows, highs = [p[metric]["low"] for p in points], [p[metric]["high"] for p in points]
+            if None not in lows and None not in highs:
+                ax.fill_between(x, lows, highs, color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.set_title(press)
+        ax.set_xlabel("compression ratio (share of document KV evicted)")
+    _save(
+        fig,
+        axes,
+        metric,
+        f"{summary['n_documents']} documents, {summary['n_questions']} questions "
+        f"(bands: {summary['confidence']:.0%} CI)",
+        path,
+    )
+
+
+def _panels(n: int) -> tuple[Any, Any]:
+    """A figure of n side-by-side panels sharing the y axis, on a plain Agg canvas (the caller's pyplot backend is
+    left alone)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2 * n, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, n, squeeze=False, sharey=True)[0]
+
+
+def _save(fig: Any, axes: Any, metric: str, title: str, path: str | Path) -> None:
+    """Grid, metric label, legend and title, then the PNG written atomically."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(METRIC_NAMES[metric])
+    axes[-1].legend(fontsize="small")
+    fig.suptitle(title, fontsize="medium")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_bytes(summary: dict[str, Any], path: str | Path, metric: str = "rouge_l") -> bool:
+    """Metric vs stored KV bytes, one line per series (press and variant) and mode/format: equal bytes compared.
+
+    Returns False (and draws nothing) when the answers carry no byte counts.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    lines: dict[tuple[str, str, str | None], list[dict[str, Any]]] = defaultdict(list)
+    for cell in summary["cells"]:
+        if cell.get("kv_bytes") is not None and cell[metric]["mean"] is not None:
+            lines[(cell["press"], cell["mode"], cell["format"])].append(cell)
+    if not lines:
+        return False
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for (name, mode, fmt), points in lines.items():
+        points = sorted(points, key=lambda p: p["kv_bytes"])
+        style = {"linestyle": "--"} if mode == "none" else {}
+        ax.plot(
+            [p["kv_bytes"] / 2**20 for p in points],
+            [p[metric]["mean"] for p in points],
+            marker="o",
+            label=f"{name} · {series_label(mode, fmt)}",
+            **style,
+        )
+    ax.set_xlabel("stored KV bytes per document (MiB, framing included)")
+    ax.set_ylabel(METRIC_NAMES[metric])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small")
+    ax.set_title(
+        f"{METRIC_NAMES[metric]} vs bytes kept · {summary['n_documents']} documents, "
+        f"{summary['n_questions']} questions",
+        fontsize="medium",
+    )
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    atomic_write_bytes(path, buffer.getvalue())
+    return True
+
+
+def budget_series(summary: dict[str, Any]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """(press, storage) -> budget points."""
+    series_: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for point in summary["budget"]:
+        series_[(point["press"], point["store"])].append(point)
+    return series_
+
+
+def plot_budget(summary: dict[str, Any], path: str | Path, metric: str = "rouge_l") -> None:
+    """Metric vs the share of each byte budget spent on the adapter (0: all on KV), one panel per press and storage,
+    one line per budget and format: where on the trade-off each budget is best served."""
+    panels = budget_series(summary)
+    fig, axes = _panels(len(panels))
+    for ax, ((press, store), points) in zip(axes, panels.items()):
+        for budget in sorted({p["budget_bytes"] for p in points}):
+            mine = [p for p in points if p["budget_bytes"] == budget and p[metric]["mean"] is not None]
+            kv_only = [p for p in mine if p["adapter_rank"] == 0]
+            for fmt in dict.fromkeys(p["format"] for p in mine if p["adapter_rank"]):
+                line = sorted(kv_only + [p for p in mine if p["format"] == fmt], key=lambda p: p["adapter_share"])
+                ax.plot(
+                    [p["adapter_share"] for p in line],
+                    [p[metric]["mean"] for p in line],
+                    marker="o",
+                    label=f"{format_size(budget)} · {fmt}",
+                )
+                for p in line:
+                    ax.annotate(
+                        f"r{p['adapter_rank']}",
+                        (p["adapter_share"], p[metric]["mean"]),
+                        textcoords="offset points",
+                        xytext=(3, 3),
+                        fontsize="x-small",
+                    )
+            if not any(p["adapter_rank"] for p in mine):
+                ax.plot(
+                    [p["adapter_share"] for p in kv_only],
+                    [p[metric]["mean"] for p in kv_only],
+                    marker="o",
+                    label=f"{format_size(budget)} · KV only",
+                )
+        ax.set_title(f"{press} · KV {store}")
+        ax.set_xlabel("share of the budget spent on the adapter")
+    _save(
+        fig,
+        axes,
+        metric,
+        f"{METRIC_NAMES[metric]} within byte budgets · {summary['n_documents']} documents, "
+        f"{summary['n_questions']} questions",
+        path,
+    )
+
+
+MODE_LABELS = {
+    "none": "base (no adapter)",
+    "decode": "base KV + adapter decode",
+    "all": "adapter prefill + scores + decode",
+    "base_scores": "base scores + adapter prefill",
+    "oracle": "gold document's adapter",
+    "routed": "top-1 routed adapter",
+    "routed-merge": "top-k routed, merged adapter",
+    "hybrid": "merged adapter + retrieved chunks",
+    "rag": "retrieved chunks, no adapter",
+}
+
+
+METRIC_NAMES = {
+    "rouge_l": "ROUGE-L",
+    "exact_match": "exact match",
+    "token_f1": "token F1",
+    "contains": "answer contains a reference",
+}

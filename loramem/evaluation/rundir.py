@@ -1,0 +1,248 @@
+"""The run folder: its files, config.json header checks, answers.jsonl I/O, resume, parts and shards."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from loramem._version import __version__
+from loramem.data.formats import DocRecord
+from loramem.errors import IncompatibleArtifactError, LoramemError
+from loramem.evaluation.config import ANSWER_FIELDS, Cell, EvalConfig
+from loramem.evaluation.metrics import score_answer
+from loramem.fileio import atomic_write_bytes
+from loramem.model.generate import Answer
+from loramem.model.loading import LoadedModel
+
+ADAPTERS = "adapters"
+
+
+PARTS = "parts"
+
+
+SYNTH_QA = "train_qa"
+
+
+LIBRARY = "library"
+
+
+ANSWERS = "answers.jsonl"
+
+
+CONFIG = "config.json"
+
+
+SUMMARY = "summary.json"
+
+
+CURVES = "curves.png"
+
+
+CURVES_CONTAINS = "curves-contains.png"
+
+
+BYTES_PLOT = "bytes.png"
+
+
+BUDGET_PLOT = "budget.png"
+
+
+BUDGET_PLOT_CONTAINS = "budget-contains.png"
+
+
+FAILURES = "failures.json"
+
+
+def cell_key(row: dict[str, Any]) -> CellKey:
+    """What makes an answer unique in a run: one question under one press, ratio, mode, format and KV variant."""
+    ratio = None if row["ratio"] is None else float(row["ratio"])  # budget points have no fixed ratio
+    return (
+        row["doc_id"],
+        int(row["question_index"]),
+        row["press"],
+        ratio,
+        row["mode"],
+        row["format"],
+        row.get("variant", "token"),
+    )
+
+
+def series(row: dict[str, Any]) -> str:
+    """The curve family of an answer: its press, plus the KV variant when not plain token eviction."""
+    variant = row.get("variant", "token")
+    return row["press"] if variant == "token" else f"{row['press']} [{variant}]"
+
+
+def read_answers(path: str | Path, *, repair: bool = False) -> list[dict[str, Any]]:
+    """The complete answer lines of an answers.jsonl; a trailing line without its newline is ignored.
+
+    Each answer is written as one line ending in a newline, so a last line without one is the
+    remainder of an interrupted write. `repair` cuts it off the file, so that appending continues
+    on a clean line; a damaged line anywhere else is refused.
+    """
+    file = Path(path)
+    if not file.exists():
+        return []
+    data = file.read_bytes()
+    *lines, tail = data.split(b"\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LoramemError(f"{file}:{number}: not a valid answer line ({exc.msg})") from exc
+        missing = [k for k in ANSWER_FIELDS if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise LoramemError(f"{file}:{number}: answer line without {', '.join(missing)}")
+        rows.append(row)
+    if tail and repair:
+        with file.open("r+b") as handle:
+            handle.truncate(len(data) - len(tail))
+            os.fsync(handle.fileno())
+    return rows
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object file of a run directory, with a clear error when it is missing or damaged."""
+    if not path.is_file():
+        raise LoramemError(f"{path.parent} is not an eval run directory (no {path.name}); {what}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LoramemError(f"{path} is damaged: {exc.msg}") from exc
+
+
+def check_same(
+    old: dict[str, Any], new: dict[str, Any], where: Path, action: str, ignore: tuple[str, ...] = ()
+) -> None:
+    """Refuse to combine answers made under another config, model or dataset."""
+    if old["model"].get("model") != new["model"].get("model"):
+        raise IncompatibleArtifactError(
+            f"{where} was made with another model ({old['model'].get('id')}); cannot {action}"
+        )
+    if old["dataset"]["sha256"] != new["dataset"]["sha256"]:
+        raise LoramemError(f"{where} was made from another dataset ({old['dataset']['path']}); cannot {action}")
+    changed = [
+        f"{k} (was {old['config'].get(k)!r}, now {new['config'].get(k)!r})"
+        for k in sorted({*old["config"], *new["config"]} - set(ignore))
+        if old["config"].get(k) != new["config"].get(k)
+    ]
+    if changed:
+        raise LoramemError(f"{where} was run with another config; cannot {action}: {'; '.join(changed)}")
+
+
+def open_run(run: Path, header: dict[str, Any], resume: bool) -> set[tuple]:
+    """Start a run directory, or (resume) check it matches and return the cells already answered."""
+    if run.exists() and not run.is_dir():
+        raise LoramemError(f"{run} is a file; --out needs a directory")
+    if run.exists() and any(run.iterdir()):
+        if not resume:
+            raise LoramemError(f"{run} is not empty; add --resume to continue that run, or choose another --out")
+        old = read_json(run / CONFIG, "cannot resume")
+        check_same(old, header, run, "resume it", ignore=("limit",))
+        if old["config"].get("limit") != header["config"]["limit"]:  # a resume may widen or narrow the run
+            atomic_write_bytes(
+                run / CONFIG, (json.dumps({**header, "created": old["created"]}, indent=2) + "\n").encode()
+            )
+        return done_cells(run)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LoramemError(f"cannot create {run}: {exc.strerror}") from exc
+    atomic_write_bytes(run / CONFIG, (json.dumps(header, indent=2) + "\n").encode())
+    return set()
+
+
+def done_cells(run: Path) -> set[tuple]:
+    """Cells answered in RUN_DIR/answers.jsonl or in a worker's part file (PARTS/*.jsonl) not yet folded in."""
+    files = [run / ANSWERS, *sorted((run / PARTS).glob("*.jsonl"))]
+    return {cell_key(row) for file in files for row in read_answers(file, repair=True)}
+
+
+def fold_parts(run: Path) -> None:
+    """Move the answers of workers' part files into RUN_DIR/answers.jsonl (atomically), then drop the parts."""
+    parts = sorted((run / PARTS).glob("*.jsonl"))
+    if not parts:
+        return
+    rows = {cell_key(row): row for row in read_answers(run / ANSWERS)}
+    for part in parts:
+        for row in read_answers(part):
+            rows.setdefault(cell_key(row), row)
+    atomic_write_bytes(run / ANSWERS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows.values()).encode())
+    for part in parts:
+        part.unlink()
+
+
+def model_info(lm: LoadedModel) -> dict[str, Any]:
+    """The model as a run's config.json records it; a resume or merge must match it."""
+    return {"id": lm.model_id, **lm.fingerprint}
+
+
+def run_header(
+    model: dict[str, Any], config: EvalConfig, dataset: Path, sha: str, plans: list[tuple[DocRecord, list[Cell]]]
+) -> dict[str, Any]:
+    return {
+        "loramem_version": __version__,
+        "config": config.to_dict(),
+        "model": model,
+        "dataset": {"path": str(dataset.resolve()), "sha256": sha},
+        "documents": {record.id: len(cells) for record, cells in plans},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+class AnswerLog:
+    """Appends answer lines durably (flush + fsync each), so an interruption loses at most the line being written."""
+
+    def __init__(self, path: Path, advance: Callable[..., None] = lambda n: None) -> None:
+        self.handle = path.open("a", encoding="utf-8")
+        self.advance = advance
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.advance(1)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def record_failures(run: Path, failures: list[dict[str, Any]]) -> None:
+    """RUN_DIR/failures.json lists documents whose cells could not be answered; none: the file is removed."""
+    if failures:
+        atomic_write_bytes(run / FAILURES, (json.dumps(failures, indent=2) + "\n").encode())
+    else:
+        (run / FAILURES).unlink(missing_ok=True)
+
+
+CellKey = tuple[str, int, str, "float | None", str, "str | None", str]
+
+
+def answer_row(
+    record: DocRecord, cell: Cell, config: EvalConfig, answer: Answer, seconds: float, kv_bytes: int
+) -> dict[str, Any]:
+    """An answer line of answers.jsonl, scored against the question's references."""
+    qa = record.qa[cell.question_index]
+    return {
+        "doc_id": record.id,
+        "question_index": cell.question_index,
+        "question": qa.question,
+        "references": qa.answers,
+        "press": cell.press,
+        "ratio": cell.ratio,
+        "mode": cell.mode,
+        "format": cell.format,
+        "variant": cell.variant(config.groups),
+        "answer": answer.answer,
+        **score_answer(answer.answer, qa.answers),
+        "cache_tokens": answer.cache_tokens,
+        "kv_bytes": kv_bytes,
+        "seconds": round(seconds, 4),
+    }

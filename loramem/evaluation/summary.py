@@ -1,0 +1,182 @@
+"""Summary statistics of a run's answers: cells, intervals, the LoRA margin, budgets, routing recall."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from loramem.errors import LoramemError
+from loramem.evaluation.config import LIBRARY_MODES, LIBRARY_SERIES, METRICS, MODES
+from loramem.evaluation.metrics import contains
+from loramem.evaluation.rundir import series
+from loramem.evaluation.stats import mean_ci, paired_bootstrap, paired_t_test
+
+CONFIDENCE = 0.95
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no NaN: an undetermined statistic (a single observation) is written as null."""
+    return None if math.isnan(x) else round(float(x), 6)
+
+
+def _order(cond: Condition, presses: list[str], formats: list[str | None]) -> tuple:
+    """Presses and formats in the order the run made them, modes in the paper's order, ratios ascending."""
+    press, ratio, mode, fmt = cond
+    return presses.index(press), MODES.index(mode) if mode in MODES else len(MODES), formats.index(fmt), ratio
+
+
+def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[str, Any]:
+    """Per condition: n and mean with a 95% CI of every metric; per adapter condition: the paired LoRA margin.
+
+    A condition's "press" is its series (press, plus the KV variant when not plain token eviction).
+    The margin of (press, ratio, mode, format) is mode minus `none` at the same press and ratio over
+    the questions answered in both, with a paired bootstrap and a paired t-test (two-sided p-values).
+    """
+    # Question order fixes the bootstrap's resamples: sorted, the summary is the same however the answers
+    # were interleaved (one process, shards merged, Ray workers); the sort is stable, so presses keep their order.
+    rows = sorted(rows, key=lambda r: (r["doc_id"], int(r["question_index"])))
+    for r in rows:  # answers written before the metric existed
+        r.setdefault("contains", contains(r["answer"], r["references"]))
+    if not rows:
+        raise LoramemError("no answers to summarize yet")
+    budget_rows = [r for r in rows if r.get("budget_bytes") is not None]
+    counts = {
+        "n_documents": len({r["doc_id"] for r in rows}),
+        "n_questions": len({(r["doc_id"], int(r["question_index"])) for r in rows}),
+        "n_answers": len(rows),
+    }
+    rows = [r for r in rows if r.get("budget_bytes") is None]
+    presses = sorted(dict.fromkeys(series(r) for r in rows), key=lambda name: name == LIBRARY_SERIES)  # library last
+    formats = list(dict.fromkeys(r["format"] for r in rows))
+    by_condition: dict[Condition, dict[tuple[str, int], dict[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        question = (r["doc_id"], int(r["question_index"]))
+        by_condition[(series(r), float(r["ratio"]), r["mode"], r["format"])][question] = r
+    conditions = sorted(by_condition, key=lambda c: _order(c, presses, formats))
+    # Library modes have no own-document KV: their baseline is the base model with none either (ratio 1.0).
+    closed_book = next((c for c in conditions if c[2] == "none" and c[1] == 1.0), None)
+    cells, margins = [], []
+    for cond in conditions:
+        answers = list(by_condition[cond].values())
+        cell = _condition_fields(cond)
+        cell.update(
+            n=len(answers),
+            n_documents=len({a["doc_id"] for a in answers}),
+            variant=answers[0].get("variant", "token"),
+            cache_tokens=round(sum(a["cache_tokens"] for a in answers) / len(answers), 1),
+        )
+        if all("kv_bytes" in a for a in answers):
+            cell["kv_bytes"] = round(sum(a["kv_bytes"] for a in answers) / len(answers), 1)
+        for metric in METRICS:
+            mean, low, high = mean_ci([a[metric] for a in answers], CONFIDENCE)
+            cell[metric] = {"mean": _finite(mean), "low": _finite(low), "high": _finite(high)}
+        cells.append(cell)
+        versus = closed_book if cond[2] in LIBRARY_MODES else (cond[0], cond[1], "none", None)
+        base = by_condition.get(versus) if versus else None
+        if cond[2] != "none" and base:
+            margin = _margin(by_condition[cond], base, n_resamples)
+            if margin is not None:
+                extra = {"versus": versus[0]} if cond[2] in LIBRARY_MODES else {}
+                margins.append({**_condition_fields(cond), **extra, **margin})
+    summary = {
+        **counts,
+        "confidence": CONFIDENCE,
+        "unit": "question",
+        "metrics": list(METRICS),
+        "cells": cells,
+        "margins": margins,
+    }
+    routing = routing_recall(rows)
+    if routing is not None:
+        summary["routing"] = routing
+    if budget_rows:
+        summary["budget"] = summarize_budget(budget_rows, n_resamples)
+    return summary
+
+
+def summarize_budget(rows: list[dict[str, Any]], n_resamples: int) -> list[dict[str, Any]]:
+    """Per budget point (press, storage, budget, adapter rank, format): bytes spent on each memory, tokens kept,
+    every metric with its CI, and the paired margin against spending the same budget on KV alone (rank 0)."""
+    points: dict[tuple, dict[tuple[str, int], dict[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        key = (r["press"], r["store"], int(r["budget_bytes"]), int(r["adapter_rank"]), r["mode"], r["format"])
+        points[key][(r["doc_id"], int(r["question_index"]))] = r
+    result = []
+    for key in sorted(points, key=lambda k: (k[:4], str(k[5]))):
+        press, store, budget, rank, mode, fmt = key
+        answers = list(points[key].values())
+
+        def mean(name: str) -> float:
+            return round(sum(a[name] for a in answers) / len(answers), 1)
+
+        point: dict[str, Any] = {
+            "press": press,
+            "store": store,
+            "budget_bytes": budget,
+            "adapter_rank": rank,
+            "mode": mode,
+            "format": fmt,
+            "n": len(answers),
+            "n_documents": len({a["doc_id"] for a in answers}),
+            "adapter_bytes": mean("adapter_bytes"),
+            "document_kv_bytes": mean("document_kv_bytes"),
+            "total_bytes": mean("total_bytes"),
+            "kv_tokens_kept": mean("kv_tokens_kept"),
+            "document_tokens": mean("document_tokens"),
+            "adapter_share": round(mean("adapter_bytes") / budget, 4),
+        }
+        for metric in METRICS:
+            m, low, high = mean_ci([a[metric] for a in answers], CONFIDENCE)
+            point[metric] = {"mean": _finite(m), "low": _finite(low), "high": _finite(high)}
+        kv_only = points.get((press, store, budget, 0, "none", None))
+        if rank and kv_only:
+            point["versus_kv_only"] = _margin(points[key], kv_only, n_resamples)
+        result.append(point)
+    return result
+
+
+def routing_recall(rows: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """How often routing found the question's own document: first (recall@1) or among the top k (recall@k), over
+    the questions that library modes answered (every library answer of a question carries the same routing)."""
+    routed: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in rows:
+        if "gold_rank" in r:
+            routed.setdefault((r["doc_id"], int(r["question_index"])), r)
+    if not routed:
+        return None
+    ranks = [r["gold_rank"] for r in routed.values()]
+    return {
+        "k": max(len(r["routed"]) for r in routed.values()),
+        "n": len(ranks),
+        "recall_at_1": round(sum(rank == 1 for rank in ranks) / len(ranks), 6),
+        "recall_at_k": round(sum(rank is not None for rank in ranks) / len(ranks), 6),
+    }
+
+
+def _condition_fields(cond: Condition) -> dict[str, Any]:
+    return dict(zip(("press", "ratio", "mode", "format"), cond))
+
+
+def _margin(
+    adapted: dict[tuple[str, int], dict[str, Any]], base: dict[tuple[str, int], dict[str, Any]], n_resamples: int
+) -> dict[str, Any] | None:
+    """Adapter minus base per metric over the questions both answered; None when they share none."""
+    shared = [q for q in adapted if q in base]
+    if not shared:
+        return None
+    result: dict[str, Any] = {"n": len(shared)}
+    for metric in METRICS:
+        a, b = [base[q][metric] for q in shared], [adapted[q][metric] for q in shared]
+        boot = paired_bootstrap(a, b, n_resamples=n_resamples, confidence=CONFIDENCE)
+        t = paired_t_test(a, b, confidence=CONFIDENCE)
+        result[metric] = {
+            "diff": _finite(boot["diff"]),
+            "bootstrap": {k: _finite(boot[k]) for k in ("low", "high", "p_value")},
+            "t_test": {k: _finite(t[k]) for k in ("low", "high", "p_value")},
+        }
+    return result
+
+
+Condition = tuple[str, float, str, "str | None"]  # (series, ratio, mode, format): one point of a curve
