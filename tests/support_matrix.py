@@ -87,6 +87,8 @@ def render(cells: dict[tuple[str, str], list[str]]) -> str:
         "- Gemma-2 loads with eager attention: SDPA drops its attention-logit softcapping.",
         "- On sliding-window layers a value-group cache keeps the window (tokens further back than the window are "
         "masked); after token eviction the window counts kept tokens, as kvpress does.",
+        "- Thinking templates (Qwen3) are framed with thinking off unless `--chat-template-kwargs` says otherwise; "
+        "date-stamped templates (Llama-3.2) are rendered on a fixed date recorded in the artifacts.",
         "",
     ]
     return "\n".join(lines)

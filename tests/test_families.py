@@ -108,7 +108,7 @@ def test_train_adapter_targets(fam, doc_text, targets):
     expected = fused if name == "phi3" else plain
     want = expected["attn"] | expected["mlp"] if targets == "all" else expected[targets]
     assert set(meta["target_modules"]) == want
-    ids = torch.tensor([closed_book_ids(lm.tokenizer, Framing.for_tokenizer(lm.tokenizer), FACT[0])])
+    ids = torch.tensor([closed_book_ids(lm.tokenizer, lm.framing(), FACT[0])])
     with torch.inference_mode():
         base = lm.model(ids).logits
         attach_adapter(lm, out)
@@ -169,4 +169,4 @@ def test_library(fam, embedder, tmp_path):
     add_documents(lib, lm, [str(tmp_path / n) for n in docs], options, embedder)
     answer = ask_library(lm, lib, "How many hives of bees?", top_k=1, with_caches=True, max_new_tokens=4)
     assert answer.routed[0][0] == "bees"
-    assert answer.answer.cache_tokens > len(prefix_ids(lm.tokenizer, Framing.for_tokenizer(lm.tokenizer)))
+    assert answer.answer.cache_tokens > len(prefix_ids(lm.tokenizer, lm.framing()))

@@ -17,6 +17,7 @@ from typing import Any
 
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.model.loading import LoadedModel, sha256_bytes
+from loramem.model.prompt import check_template_record
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -86,6 +87,8 @@ def attach_adapter(lm: LoadedModel, path: str | Path) -> Adapter:
         raise IncompatibleArtifactError(
             f"adapter {path} was trained on another base model ({meta['base_model'].get('id', '?')})"
         )
+    if meta.get("base_model"):
+        check_template_record(meta["base_model"], lm.fingerprint, f"adapter {path}")
     if config.get("peft_type", "LORA") != "LORA":
         raise LoramemError(f"{path} is a {config.get('peft_type')} adapter; loramem uses LoRA adapters")
     detach_adapter(lm)

@@ -19,6 +19,7 @@ from loramem.adapters.attach import LORAMEM_META, adapter_sha256, detach_adapter
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.fileio import atomic_directory
 from loramem.model.loading import LoadedModel
+from loramem.model.prompt import check_template_record
 
 METHODS = ("ties", "linear", "cat", "dare_ties", "svd")
 # PEFT's _check_add_weighted_adapter: these combine A and B matrices entry by entry, so ranks must agree;
@@ -116,6 +117,8 @@ def merge_adapters(
                 f"adapter {source.path} was trained on another base model "
                 f"({source.meta['base_model'].get('id', '?')}) than {lm.model_id}"
             )
+        if source.meta.get("base_model"):
+            check_template_record(source.meta["base_model"], lm.fingerprint, f"adapter {source.path}")
     weights = [float(w) for w in config.weights] if config.weights is not None else [1.0] * len(sources)
     density = config.density if config.method in DENSITY_METHODS else None
     names = [f"source{i}" for i in range(len(sources))]

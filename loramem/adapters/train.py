@@ -219,9 +219,12 @@ class Example:
     labels: list[int]
 
 
-def qa_examples(tokenizer: Any, qa: list[tuple[str, str]], max_length: int) -> list[Example]:
-    """Closed-book prompts exactly as `ask` sends them, with loss on the answer and its end-of-turn token."""
-    framing = Framing.for_tokenizer(tokenizer)
+def qa_examples(
+    tokenizer: Any, qa: list[tuple[str, str]], max_length: int, framing: Framing | None = None
+) -> list[Example]:
+    """Closed-book prompts exactly as `ask` sends them (`framing`: the model's, LoadedModel.framing()), with loss
+    on the answer and its end-of-turn token."""
+    framing = framing or Framing.for_tokenizer(tokenizer)
     examples = []
     for number, (question, answer) in enumerate(qa, 1):
         prompt, target = closed_book_ids(tokenizer, framing, question), answer_ids(tokenizer, framing, answer)
@@ -240,13 +243,15 @@ def ntp_examples(tokenizer: Any, document: str, chunk_size: int) -> list[Example
     return [Example(chunk, list(chunk)) for chunk in chunks if len(chunk) > 1]
 
 
-def build_examples(tokenizer: Any, document: str, qa: list[tuple[str, str]], config: TrainConfig) -> list[Example]:
+def build_examples(
+    tokenizer: Any, document: str, qa: list[tuple[str, str]], config: TrainConfig, framing: Framing | None = None
+) -> list[Example]:
     """The training set that config.format asks for."""
     if config.format in ("qa", "mixed") and not qa:
         raise LoramemError(f"format {config.format} needs question-answer pairs (give a QA file or synthesize some)")
     examples = []
     if config.format in ("qa", "mixed"):
-        examples += qa_examples(tokenizer, qa, config.max_length)
+        examples += qa_examples(tokenizer, qa, config.max_length, framing)
     if config.format in ("ntp", "mixed"):
         examples += ntp_examples(tokenizer, document, config.chunk_size)
     if not examples:
@@ -367,7 +372,7 @@ def train_adapter(
     if not document.strip():
         raise LoramemError("the document is empty; nothing to train on")
     detach_adapter(lm)
-    examples = build_examples(lm.tokenizer, document, qa, config)
+    examples = build_examples(lm.tokenizer, document, qa, config, lm.framing())
     modules = layer_modules(lm.model)
     targets = resolve_targets(lm.model, config.targets)
     layers = resolve_layers(config.layers, max(m.index for m in modules) + 1)

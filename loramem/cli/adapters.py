@@ -18,6 +18,7 @@ from loramem.cli.options import (
     RankOpt,
     StepsOpt,
     TargetsOpt,
+    TemplateKwargsOpt,
     load,
     print_json,
     split_list,
@@ -49,6 +50,7 @@ def train_adapter(
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    chat_template_kwargs: Optional[str] = TemplateKwargsOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Train a document LoRA (QA-supervised, raw-text or mixed) as a standard PEFT adapter directory."""
@@ -80,7 +82,7 @@ def train_adapter(
     if lr is not None:
         config = replace(config, lr=lr)
     pairs, qa_sha = load_qa_pairs(qa) if qa else (None, None)
-    lm = load(model, device, dtype)
+    lm = load(model, device, dtype, chat_template_kwargs=chat_template_kwargs)
     if fmt == "ntp":
         qa_pairs = []
     elif pairs is None:
@@ -128,6 +130,7 @@ def merge_cmd(
     ),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    chat_template_kwargs: Optional[str] = TemplateKwargsOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Combine document adapters into one PEFT LoRA adapter, recording its sources."""
@@ -141,7 +144,7 @@ def merge_cmd(
     if output.exists() and not force:
         raise LoramemError(f"{output} already exists; use --force to replace it")
     sources = check_sources(adapters, config)
-    lm = load(model or base_model_id(sources), device, dtype)
+    lm = load(model or base_model_id(sources), device, dtype, chat_template_kwargs=chat_template_kwargs)
     summary = merge_adapters(lm, adapters, output, config, force=force)
     if as_json:
         print_json(summary)

@@ -14,6 +14,7 @@ from loramem.cli.options import (
     DtypeOpt,
     JsonOpt,
     ModelOpt,
+    TemplateKwargsOpt,
     load,
     print_json,
     read_questions,
@@ -59,6 +60,7 @@ def ask(
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    chat_template_kwargs: Optional[str] = TemplateKwargsOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Answer questions from a stored cache, a document, an adapter, any mix of them, or an adapter library."""
@@ -85,6 +87,7 @@ def ask(
             device,
             dtype,
             as_json,
+            chat_template_kwargs,
         )
         return
     if top_k is not None or merge is not None or with_context is not None or with_caches:
@@ -95,7 +98,7 @@ def ask(
     cache = KVCache.load(cache_file) if cache_file else None
     text = read_text(doc) if doc else None
     items = read_questions(questions or [], questions_file, stdin_free="-" not in (cache_file, doc))
-    lm = load(model, device, dtype, adapter)
+    lm = load(model, device, dtype, adapter, chat_template_kwargs)
     if cache is not None:
         check_compatible(cache, lm.fingerprint, cache_file or "cache")
     doc_seconds = 0.0
@@ -138,13 +141,14 @@ def _ask_library(
     device: str,
     dtype: str,
     as_json: bool,
+    chat_template_kwargs: Optional[str],
 ) -> None:
     """`ask --library`: the library is checked before its base model (or --model, which must match) is loaded."""
     from loramem.library.qa import ask_library, check_request
     from loramem.library.store import library_embedder
 
     lib, _ = check_request(lib, top_k, merge, with_context, with_caches)
-    lm = load(model or lib.base_model_id, device, dtype)
+    lm = load(model or lib.base_model_id, device, dtype, chat_template_kwargs=chat_template_kwargs)
     embedder = library_embedder(lib)
     for item in items:
         result = ask_library(

@@ -19,6 +19,7 @@ from loramem.cli.options import (
     RankOpt,
     StepsOpt,
     TargetsOpt,
+    TemplateKwargsOpt,
     integers,
     load,
     parse_ratio,
@@ -119,6 +120,7 @@ def eval_run(
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    chat_template_kwargs: Optional[str] = TemplateKwargsOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Answer every question under every press, ratio, mode and format; score, summarize and plot."""
@@ -174,7 +176,9 @@ def eval_run(
             max_retries=max_retries,
         )
     else:
-        summary = run_eval(load(model, device, dtype), dataset, out, config, resume=resume)
+        summary = run_eval(
+            load(model, device, dtype, chat_template_kwargs=chat_template_kwargs), dataset, out, config, resume=resume
+        )
     _show_summary(summary, as_json)
     if summary.get("n_failed_cells"):
         raise typer.Exit(PARTIAL_EXIT)

@@ -15,6 +15,7 @@ from loramem.cli.options import (
     DtypeOpt,
     JsonOpt,
     ModelOpt,
+    TemplateKwargsOpt,
     load,
     print_json,
     read_questions,
@@ -38,6 +39,7 @@ def encode(
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    chat_template_kwargs: Optional[str] = TemplateKwargsOpt,
 ) -> None:
     """Prefill a document once and store its KV cache (with press scores) as safetensors."""
     from loramem.fileio import read_text, write_output
@@ -49,7 +51,7 @@ def encode(
     text = read_text(document)
     if output is None and sys.stdout.isatty():
         raise LoramemError("refusing to write a binary cache to the terminal; give -o FILE or pipe it")
-    lm = load(model, device, dtype, adapter)
+    lm = load(model, device, dtype, adapter, chat_template_kwargs)
     with progress_bar("prefill", lm.config.num_hidden_layers) as advance:
         cache = encode_document(
             lm,
@@ -117,6 +119,7 @@ def compress(
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    chat_template_kwargs: Optional[str] = TemplateKwargsOpt,
 ) -> None:
     """Evict KV states by recorded press scores; tensor work on the file, no model is loaded
     (except for query-aware value groups: --query/--questions run the model that made the cache)."""
@@ -153,7 +156,7 @@ def compress(
         scores = None
         if asked:
             items = read_questions(query or [], questions_file, stdin_free=False)
-            lm = load(model, device, dtype)
+            lm = load(model, device, dtype, chat_template_kwargs=chat_template_kwargs)
             check_compatible(cache, lm.fingerprint, cache_file)
             scores = query_group_scores(lm, cache, [item["question"] for item in items], groups)
             chosen_by = f"{len(items)} question(s)"

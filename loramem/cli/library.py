@@ -16,6 +16,7 @@ from loramem.cli.options import (
     LrOpt,
     RankOpt,
     StepsOpt,
+    TemplateKwargsOpt,
     load,
     print_json,
 )
@@ -54,6 +55,7 @@ def library_add(
     ),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    chat_template_kwargs: Optional[str] = TemplateKwargsOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Add documents to a library: train (or copy) each one's adapter and index its chunks; known ones are skipped."""
@@ -76,7 +78,9 @@ def library_add(
         embedder=str(embedder) if embedder else None,
     )
     recorded = open_library(lib).base_model_id if lib.exists() else None
-    added = add_documents(lib, load(model or recorded, device, dtype), documents, options)
+    added = add_documents(
+        lib, load(model or recorded, device, dtype, chat_template_kwargs=chat_template_kwargs), documents, options
+    )
     if as_json:
         print_json(added)
     else:

@@ -20,6 +20,12 @@ ModelOpt = typer.Option(
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on CUDA), float32, float16, bfloat16")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output on stdout")
+TemplateKwargsOpt = typer.Option(
+    None,
+    "--chat-template-kwargs",
+    help="JSON object of chat-template variables, e.g. '{\"enable_thinking\": true}'; recorded in caches and "
+    "adapters, which must then be used with the same [default: thinking off where the template has the switch]",
+)
 # Adapter-training options shared by train-adapter, library add, eval and probe capacity.
 RankOpt = typer.Option(16, "--rank", help="LoRA rank")
 TargetsOpt = typer.Option("all", "--targets", help="attn, mlp, all, or module names (comma-separated)")
@@ -28,11 +34,17 @@ LrOpt = typer.Option(None, "--lr", help="Learning rate [default: train-adapter's
 StepsOpt = typer.Option(None, "--steps", help="Train this many steps instead of --epochs")
 
 
-def load(model: Optional[str], device: str, dtype: str, adapter: Optional[Path] = None) -> Any:
+def load(
+    model: Optional[str],
+    device: str,
+    dtype: str,
+    adapter: Optional[Path] = None,
+    chat_template_kwargs: Optional[str] = None,
+) -> Any:
     from loramem.adapters.attach import attach_adapter
     from loramem.model.loading import load_model
 
-    lm = load_model(model, device=device, dtype=dtype)
+    lm = load_model(model, device=device, dtype=dtype, chat_template_kwargs=chat_template_kwargs)
     if adapter is not None:
         attach_adapter(lm, adapter)
     return lm

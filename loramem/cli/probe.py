@@ -17,6 +17,7 @@ from loramem.cli.options import (
     LrOpt,
     ModelOpt,
     TargetsOpt,
+    TemplateKwargsOpt,
     integers,
     load,
     print_json,
@@ -40,6 +41,7 @@ def probe_capacity(
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    chat_template_kwargs: Optional[str] = TemplateKwargsOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Train one adapter per (rank, number of facts) on invented facts and measure exact-match recall."""
@@ -56,7 +58,7 @@ def probe_capacity(
         seed=seed,
         **({"lr": lr} if lr is not None else {}),
     )
-    lm = load(model, device, dtype)
+    lm = load(model, device, dtype, chat_template_kwargs=chat_template_kwargs)
     with progress_bar("probing", len(config.ranks) * len(config.facts) * 2) as advance:
         result = run_probe(lm, config, out, on_step=lambda text: advance(1, status=text))
     if as_json:

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+from loramem.model.prompt import strip_thinking
+
 if TYPE_CHECKING:
     from rouge_score.rouge_scorer import RougeScorer
 
@@ -85,12 +87,13 @@ def contains(prediction: str, references: str | Sequence[str]) -> float:
     ROUGE-L and F1 punish a right answer given as a full sentence; a model (or adapter) that answers
     tersely then looks better than one that answers correctly at length. This metric does not.
     """
-    pred = f" {normalize_answer(prediction)} "
+    pred = f" {normalize_answer(strip_thinking(prediction))} "
     return max(float(bool(ref) and f" {ref} " in pred) for ref in map(normalize_answer, _reference_list(references)))
 
 
 def score_answer(prediction: str, references: str | Sequence[str]) -> dict[str, float]:
-    """All answer metrics at once, keyed as they appear in evaluation tables."""
+    """All answer metrics at once, keyed as they appear in evaluation tables; a think block is no part of the answer."""
+    prediction = strip_thinking(prediction)
     return {
         "rouge_l": rouge_l(prediction, references),
         "exact_match": exact_match(prediction, references),

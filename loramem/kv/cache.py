@@ -21,6 +21,7 @@ import torch
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.kv.quantize import Storage, dequantize, quantize
 from loramem.kv.validate import InvalidCache, check_meta, check_tensors
+from loramem.model.prompt import check_template_record
 from loramem.tensorfile import check_bytes, read_safetensors
 
 FORMAT = "loramem.kvcache"
@@ -175,3 +176,4 @@ def check_compatible(cache: KVCache, fingerprint: dict[str, str], source: str = 
             raise IncompatibleArtifactError(
                 f"{source} was made by another {what} ({made.get('id', '?')}); re-encode it with this model"
             )
+    check_template_record(made, fingerprint, source)

@@ -17,7 +17,7 @@ from loramem.kv.presses import DEFAULT_PRESSES, make_recorder, streaming_scores
 from loramem.kv.validate import FORMAT_VERSION
 from loramem.log import warn
 from loramem.model.loading import LoadedModel, sha256_text
-from loramem.model.prompt import Framing, document_ids, prefix_ids
+from loramem.model.prompt import document_ids, prefix_ids
 
 # Tokens left free after the document for a question and its answer.
 QUESTION_RESERVE = 256
@@ -88,7 +88,7 @@ def encode(
     if not document.strip():
         raise LoramemError("document is empty")
     presses = list(presses or DEFAULT_PRESSES)
-    frame = Framing.for_tokenizer(lm.tokenizer, framing)
+    frame = lm.framing(framing)
     head = prefix_ids(lm.tokenizer, frame)
     full = document_ids(lm.tokenizer, document)
     doc = _fit(lm, head, full, truncate)

