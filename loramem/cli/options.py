@@ -23,8 +23,8 @@ JsonOpt = typer.Option(False, "--json", help="Machine-readable output on stdout"
 TemplateKwargsOpt = typer.Option(
     None,
     "--chat-template-kwargs",
-    help="JSON object of chat-template variables, e.g. '{\"enable_thinking\": true}'; recorded in caches and "
-    "adapters, which must then be used with the same [default: thinking off where the template has the switch]",
+    help="JSON object of chat-template variables, e.g. '{\"enable_thinking\": true}' (thinking is off by default "
+    "where the template has the switch); recorded in caches and adapters, which then need the same",
 )
 # Adapter-training options shared by train-adapter, library add, eval and probe capacity.
 RankOpt = typer.Option(16, "--rank", help="LoRA rank")
