@@ -1,8 +1,9 @@
 """The `loramem` command line: a thin Typer layer over the library API, one module per command group.
 
-Results go to stdout, progress and logs to stderr. Exit codes: 0 success, 1 internal error,
-2 bad input, 3 incompatible artifact (another model, tokenizer, adapter or format), 4 an eval finished
-with failed cells (the rest is written; rerun with --resume), 130/143 interrupted.
+Results go to stdout, progress and logs to stderr. Exit codes (see `app.main`): 0 success, 1 internal error,
+2 usage or bad input (also a bare `loramem`, which prints the help), 3 incompatible artifact (another model,
+tokenizer, adapter or format), 4 an eval finished with failed cells (the rest is written; rerun with --resume),
+130 on SIGINT, 143 on SIGTERM.
 """
 
 # isort: off

@@ -120,13 +120,13 @@ def merge_cmd(
         "add_weighted_adapter; cat keeps every adapter's update exactly, rank = sum)",
     ),
     weights: Optional[str] = typer.Option(
-        None, "--weights", help="One weight per adapter, e.g. 1,1,0.5 [default: 1 each]"
+        None, "--weights", help="One weight per adapter, e.g. 1,1,0.5", show_default="1 each"
     ),
     density: float = typer.Option(0.5, "--density", help="ties, dare_ties: fraction of entries kept, in (0, 1]"),
     seed: int = typer.Option(0, "--seed", help="dare_ties: seed of the random drop"),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory"),
     model: Optional[str] = typer.Option(
-        None, "--model", "-m", help="Base model to load the adapters onto [default: the one the adapters name]"
+        None, "--model", "-m", help="Base model to load the adapters onto", show_default="the one the adapters name"
     ),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,

@@ -1,57 +1,119 @@
-"""The `loramem` Typer application and its entry point: one-line errors and the exit-code contract."""
+"""The `loramem` Typer application and its entry point: one-line errors and the exit-code contract.
+
+0 success; 1 internal error (a bug: LORAMEM_DEBUG=1 shows the traceback); 2 usage or bad input, including a
+bare `loramem` (it prints the help, but no command is a usage error to a script: git exits 1, click >= 8.2 2);
+3 incompatible artifact; 4 an eval finished with failed cells; 128 + N on signal N (130 SIGINT, 143 SIGTERM).
+"""
 
 from __future__ import annotations
 
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn, Optional
 
 import typer
+from rich.markup import escape
 
 from loramem.errors import LoramemError
 from loramem.log import console
 
 app = typer.Typer(
-    help="Document memory for language models: KV caches and LoRA adapters as files.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 PARTIAL_EXIT = 4
+INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# typer bundles its own click in recent versions, plain click in older ones: take the classes it really raises.
+_click_errors = sys.modules[typer.BadParameter.__module__]
+_received: list[int] = []  # the first interrupting signal, which decides the exit code
 
 
-def _terminate(signum: int, frame: Any) -> None:
+def _show_version(value: bool) -> None:
+    if value:
+        from loramem._version import __version__
+
+        sys.stdout.write(f"loramem {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", "-V", callback=_show_version, is_eager=True, help="Print the version and exit"
+    ),
+) -> None:
+    """Document memory for language models: KV caches and LoRA adapters as files."""
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """SIGINT and SIGTERM unwind like Ctrl-C, so the `finally` blocks remove half-written outputs."""
+    if not _received:
+        _received.append(signum)
     raise KeyboardInterrupt
 
 
-def main() -> None:
-    """Entry point: one-line errors, meaningful exit codes, no tracebacks unless LORAMEM_DEBUG=1."""
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        app(standalone_mode=False)
-    except LoramemError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+def _fail(message: str, code: int) -> NoReturn:
+    console.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def _interrupted() -> NoReturn:
+    console.print("[red]interrupted[/red]", highlight=False)
+    sys.exit(128 + (_received[0] if _received else signal.SIGINT))
+
+
+def _usage_error(exc: Any) -> NoReturn:
+    """A click usage error as one line: the message and where to find the command's help."""
+    if isinstance(exc, _click_errors.NoArgsIsHelpError):
+        if exc.format_message():  # rich help is printed while the error is made; plain help is its message
+            sys.stderr.write(exc.format_message().rstrip("\n") + "\n")
         sys.exit(exc.exit_code)
+    message = exc.format_message()
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None and isinstance(exc, _click_errors.UsageError):
+        message = f"{message.rstrip('.')} (see '{ctx.command_path} --help')"
+    _fail(message, exc.exit_code)
+
+
+def main(args: Optional[list[str]] = None) -> NoReturn:
+    """Entry point: one-line errors, meaningful exit codes, no tracebacks unless LORAMEM_DEBUG=1."""
+    for signum in INTERRUPT_SIGNALS:
+        signal.signal(signum, _on_signal)
+    _received.clear()
+    try:
+        # Not standalone, so that errors reach the mapping below; the return value is the exit code that
+        # `typer.Exit(n)` asked for (4 for failed eval cells), or 130 for a KeyboardInterrupt typer caught.
+        code = app(args=args, prog_name="loramem", standalone_mode=False)
+        sys.stdout.flush()  # a full disk or closed pipe is reported here, not at interpreter exit
+    except LoramemError as exc:
+        _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        console.print("[red]interrupted[/red]")
-        sys.exit(130)
+        _interrupted()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    except _click_errors.ClickException as exc:
+        _usage_error(exc)
+    except typer.Abort:
+        _interrupted()
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
+    except OSError as exc:
+        if os.environ.get("LORAMEM_DEBUG"):
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        _fail(f"{exc.strerror or exc}{where}", 2)
     except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
         if os.environ.get("LORAMEM_DEBUG"):
             raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        console.print(f"[red]internal error:[/red] {message} (set LORAMEM_DEBUG=1 for details)", highlight=False)
+        console.print(
+            f"[red]internal error:[/red] {escape(message)} (set LORAMEM_DEBUG=1 for details)", highlight=False
+        )
         sys.exit(1)
+    if _received or code == 130:
+        _interrupted()
+    sys.exit(code if isinstance(code, int) else 0)

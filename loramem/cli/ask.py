@@ -41,12 +41,17 @@ def ask(
         help="Answer from an adapter library: route the question, decode with the routed documents' (merged) adapter",
     ),
     top_k: Optional[int] = typer.Option(
-        None, "--top-k", "-k", help="--library: documents routed to; 1 uses that document's adapter as is [default: 3]"
+        None,
+        "--top-k",
+        "-k",
+        help="--library: documents routed to; 1 uses that document's adapter as is",
+        show_default="3",
     ),
     merge: Optional[str] = typer.Option(
         None,
         "--merge",
-        help="--library: how the top-k adapters merge: ties, linear, cat, dare_ties or svd [default: ties]",
+        help="--library: how the top-k adapters merge: ties, linear, cat, dare_ties or svd",
+        show_default="ties",
     ),
     with_context: Optional[int] = typer.Option(
         None, "--with-context", help="--library: also put the N best retrieved chunks in context (base-model cache)"

@@ -52,7 +52,7 @@ def eval_run(
     dataset: str = typer.Argument(..., metavar="DATA", help="Dataset JSONL (see `loramem data`)"),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: answers.jsonl, summary.json, curves.png"),
     ratios: Optional[str] = typer.Option(
-        None, "--ratios", help="Compression ratios [default: 0,0.25,0.5,0.75,0.9,1.0; none with --budget-bytes]"
+        None, "--ratios", help="Compression ratios", show_default="0,0.25,0.5,0.75,0.9,1.0; none with --budget-bytes"
     ),
     press: str = typer.Option("snapkv,knorm", "--press", help="Presses (comma-separated)"),
     mode: str = typer.Option(
@@ -73,7 +73,7 @@ def eval_run(
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out"),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N documents"),
-    shard: str = typer.Option("0/1", "--shard", help="I/N: this process takes documents i with i %% N == I"),
+    shard: str = typer.Option("0/1", "--shard", help="I/N: this process takes documents i with i % N == I"),
     adapters: Optional[Path] = typer.Option(
         None,
         "--adapters",

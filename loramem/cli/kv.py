@@ -91,8 +91,8 @@ def compress(
         "--score-groups",
         help="value-group rule: norm (token "
         "score x group's share of the value norm), uniform, or query "
-        "(question attention x group value norm) [default: query with "
-        "--query/--questions, else norm]",
+        "(question attention x group value norm)",
+        show_default="query with --query/--questions, else norm",
     ),
     query: Optional[list[str]] = typer.Option(
         None,

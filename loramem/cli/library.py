@@ -36,11 +36,14 @@ def library_add(
     adapter: Optional[Path] = typer.Option(
         None, "--adapter", help="Copy this adapter instead of training one (one DOC)"
     ),
-    doc_id: Optional[str] = typer.Option(None, "--id", help="Document id (one DOC) [default: the file name]"),
+    doc_id: Optional[str] = typer.Option(None, "--id", help="Document id (one DOC)", show_default="the file name"),
     with_cache: bool = typer.Option(False, "--with-cache", help="Also store each document's KV cache"),
     truncate: bool = typer.Option(False, "--truncate", help="--with-cache: cut a document longer than the context"),
     embedder: Optional[Path] = typer.Option(
-        None, "--embedder", help="Local sentence-embedding model directory (mean-pooled) [default: all-MiniLM-L6-v2]"
+        None,
+        "--embedder",
+        help="Local sentence-embedding model directory (mean-pooled)",
+        show_default="all-MiniLM-L6-v2",
     ),
     qa: Optional[str] = typer.Option(None, "--qa", help="JSONL of {question, answer} training pairs (one DOC)"),
     synth: int = typer.Option(16, "--synth", help="Without --qa: synthesize this many pairs per document"),
@@ -51,7 +54,7 @@ def library_add(
     steps: Optional[int] = StepsOpt,
     seed: int = typer.Option(0, "--seed"),
     model: Optional[str] = typer.Option(
-        None, "--model", "-m", help="Base model [default: the library's, else the embedded SmolLM2-135M-Instruct]"
+        None, "--model", "-m", help="Base model", show_default="the library's, else the embedded SmolLM2-135M-Instruct"
     ),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,

@@ -15,7 +15,8 @@ ModelOpt = typer.Option(
     None,
     "--model",
     "-m",
-    help="Hugging Face id, local model directory or .gguf file [default: embedded SmolLM2-135M-Instruct]",
+    help="Hugging Face id, local model directory or .gguf file",
+    show_default="embedded SmolLM2-135M-Instruct",
 )
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on CUDA), float32, float16, bfloat16")
@@ -30,7 +31,7 @@ TemplateKwargsOpt = typer.Option(
 RankOpt = typer.Option(16, "--rank", help="LoRA rank")
 TargetsOpt = typer.Option("all", "--targets", help="attn, mlp, all, or module names (comma-separated)")
 LayersOpt = typer.Option(None, "--layers", help="e.g. 0-14, 0,3,5, first-half, second-half")
-LrOpt = typer.Option(None, "--lr", help="Learning rate [default: train-adapter's, 1.5e-3]")
+LrOpt = typer.Option(None, "--lr", help="Learning rate", show_default="train-adapter's, 1.5e-3")
 StepsOpt = typer.Option(None, "--steps", help="Train this many steps instead of --epochs")
 
 
