@@ -127,15 +127,16 @@ def test_interrupted_encode_exits_128_plus_signal_and_writes_nothing(tiny_dir, t
 def test_a_bug_is_exit_1_with_one_line_and_a_traceback_under_debug(capsys, monkeypatch, cache_file):
     import loramem.describe
 
+    message = "division by zero, in a message longer than a terminal line " * 3
+
     def broken(*args, **kwargs):
-        raise ZeroDivisionError("division by zero")
+        raise ZeroDivisionError(message)
 
     monkeypatch.setattr(loramem.describe, "describe_cache", broken)
     monkeypatch.delenv("LORAMEM_DEBUG", raising=False)
     result = invoke(capsys, "inspect", str(cache_file))
-    assert result.code == 1 and result.stderr.strip().splitlines() == [
-        "internal error: division by zero (set LORAMEM_DEBUG=1 for details)"
-    ]
+    assert result.code == 1
+    assert result.stderr.strip().splitlines() == [f"internal error: {message} (set LORAMEM_DEBUG=1 for details)"]
     monkeypatch.setenv("LORAMEM_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         invoke(capsys, "inspect", str(cache_file))
@@ -147,7 +148,7 @@ def test_eval_with_failed_cells_exits_4(capsys, monkeypatch, tmp_path):
     import loramem.evaluation.runner as runner
 
     summary = {"complete": False, "n_failed_cells": 8, "failed": [{"doc_id": "d", "cells": 8, "error": "died"}]}
-    monkeypatch.setattr(cli_eval, "load", lambda *args: None)
+    monkeypatch.setattr(cli_eval, "load", lambda *args, **kwargs: None)
     monkeypatch.setattr(runner, "run_eval", lambda *args, **kwargs: summary)
     result = invoke(capsys, "eval", "data.jsonl", "--out", str(tmp_path / "run"), "--json")
     assert result.code == 4 and '"n_failed_cells": 8' in result.stdout

@@ -111,7 +111,9 @@ def main(args: Optional[list[str]] = None) -> NoReturn:
             raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         console.print(
-            f"[red]internal error:[/red] {escape(message)} (set LORAMEM_DEBUG=1 for details)", highlight=False
+            f"[red]internal error:[/red] {escape(message)} (set LORAMEM_DEBUG=1 for details)",
+            highlight=False,
+            soft_wrap=True,
         )
         sys.exit(1)
     if _received or code == 130:
