@@ -1,16 +1,41 @@
-"""File input and output: '-' for stdin/stdout, atomic writes (temp file + rename), clean errors."""
+"""File input and output: '-' for stdin/stdout, atomic writes (temp file + rename), clean errors.
+
+Every write to stdout goes through `write_stdout`, which checks that all bytes arrived: a full device or an I/O
+error ends the command with exit 2 and one line. A reader that closes the pipe early (`| head`) has not received
+the whole output, so that is a failure too: one line on stderr and exit 141 (128 + SIGPIPE, what a shell reports
+for a process killed by SIGPIPE, and what `set -o pipefail` passes on). A closed stdin or stdout is a one-line
+error (exit 2) when a command needs it.
+
+Temporary files and folders are named `.<target>.<pid>.<random>.tmp`, so a later write to the same target removes
+the ones that a killed process (`kill -9`) left behind, and never those of a process still running.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from loramem.errors import LoramemError
+
+# The largest text or JSON input read whole (documents, datasets, QA files): a bound, so a device or an endless
+# pipe is refused instead of filling memory.
+MAX_INPUT_BYTES = 4 * 1024**3
+EXIT_BROKEN_PIPE = 141
+
+
+class StdoutClosed(LoramemError):
+    """The reader of stdout went away before the whole output was written."""
+
+    exit_code = EXIT_BROKEN_PIPE
 
 
 def _os_error(exc: OSError, path: str | Path) -> LoramemError:
@@ -18,24 +43,54 @@ def _os_error(exc: OSError, path: str | Path) -> LoramemError:
     return LoramemError(f"cannot access {path}: {reason.lower()}")
 
 
-def read_input_bytes(path: str | Path, what: str = "file") -> tuple[bytes, str]:
-    """All bytes of a path, or of stdin for '-'; returns (data, name for messages)."""
+def stdout_is_terminal() -> bool:
+    """Whether stdout is an interactive terminal (a closed stdout is not)."""
+    return sys.stdout is not None and sys.stdout.isatty()
+
+
+def open_input(path: str | Path, what: str) -> tuple[IO[bytes], str, int | None]:
+    """A binary stream of a path (regular file or pipe) or of stdin for '-': (stream, name for messages, size
+    when known). Devices and other special files are refused, so `/dev/zero` is not read forever."""
     if str(path) == "-":
+        if sys.stdin is None:
+            raise LoramemError(f"expected a {what} on stdin, but stdin is closed")
         if sys.stdin.isatty():
             raise LoramemError(f"expected a {what} on stdin, but stdin is a terminal")
-        data = sys.stdin.buffer.read()
-        if not data:
-            raise LoramemError(f"stdin is empty; expected a {what}")
-        return data, "stdin"
-    p = Path(path)
-    if not p.exists():
-        raise LoramemError(f"{what} not found: {path}")
-    if p.is_dir():
-        raise LoramemError(f"{path} is a directory, expected a {what} file")
+        return sys.stdin.buffer, "stdin", None
     try:
-        return p.read_bytes(), str(path)
+        info = os.stat(path)
+    except FileNotFoundError as exc:
+        raise LoramemError(f"{what} not found: {path}") from exc
     except OSError as exc:
         raise _os_error(exc, path) from exc
+    if stat.S_ISDIR(info.st_mode):
+        raise LoramemError(f"{path} is a directory, expected a {what} file")
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISFIFO(info.st_mode)):
+        raise LoramemError(f"{path} is not a regular file or a pipe; expected a {what} file")
+    try:
+        return open(path, "rb"), str(path), info.st_size if stat.S_ISREG(info.st_mode) else None
+    except OSError as exc:
+        raise _os_error(exc, path) from exc
+
+
+def read_input_bytes(path: str | Path, what: str = "file", limit: int = MAX_INPUT_BYTES) -> tuple[bytes, str]:
+    """All bytes of a path, or of stdin for '-', at most `limit`; returns (data, name for messages)."""
+    stream, source, size = open_input(path, what)
+    if size is not None and size > limit:
+        stream.close()
+        raise LoramemError(f"{source} is {size} bytes, more than loramem reads as a {what} ({limit})")
+    try:
+        data = stream.read(limit + 1)
+    except OSError as exc:
+        raise _os_error(exc, source) from exc
+    finally:
+        if source != "stdin":
+            stream.close()
+    if len(data) > limit:
+        raise LoramemError(f"{source} is more than {limit} bytes, more than loramem reads as a {what}")
+    if not data and source == "stdin":
+        raise LoramemError(f"stdin is empty; expected a {what}")
+    return data, source
 
 
 def read_text(path: str | Path, what: str = "document") -> str:
@@ -52,20 +107,70 @@ def read_text(path: str | Path, what: str = "document") -> str:
     return text
 
 
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Remove the temporary files and folders of `target` that killed loramem processes left behind."""
+    parent = target.parent if str(target.parent) else Path(".")
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[^./]+\.(?:tmp|old)")
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or _alive(int(match[1])):
+            continue
+        if entry.name.endswith(".old") and not target.exists():
+            continue  # killed between the two renames of a replace: this holds the only copy
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def check_output_path(path: str | Path, force: bool = True, what: str = "output") -> None:
+    """Refuse an output path that cannot be written, before any long work starts: a missing or unwritable
+    folder, a directory in the way, or (unless `force`) an existing target."""
+    if str(path) == "-":
+        return
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise LoramemError(f"cannot write {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LoramemError(f"cannot write {path}: folder {parent} is not writable")
+    if target.exists() and not force:
+        raise LoramemError(f"{path} already exists; use --force to replace it")
+    if target.is_dir() and what != "directory":
+        raise LoramemError(f"cannot write {path}: it is a directory")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write via a temporary file in the same folder and rename, so no half-written file remains."""
     target = Path(path)
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise LoramemError(f"cannot write {path}: folder {parent} does not exist")
+    remove_stale_temporaries(target)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=parent)
     except OSError as exc:
         raise _os_error(exc, path) from exc
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the user's usual mode
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the user's usual mode
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -78,13 +183,65 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.unlink(tmp)
 
 
+def write_stdout(data: bytes | str) -> None:
+    """Write all of `data` to stdout or fail with one line: exit 141 when the reader closed the pipe, 2 otherwise."""
+    out = sys.stdout
+    if out is None:
+        raise LoramemError("stdout is closed; nothing can be written there")
+    payload = data if isinstance(data, bytes) else data.encode(out.encoding or "utf-8", out.errors or "strict")
+    try:
+        out.flush()  # text printed through sys.stdout before goes first
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):  # a stdout replaced in-process (tests, notebooks): no descriptor
+        fd = None
+    try:
+        if fd is None:
+            if hasattr(out, "buffer"):
+                out.buffer.write(payload)
+            else:
+                out.write(payload.decode(out.encoding or "utf-8"))
+            out.flush()
+            return
+        view = memoryview(payload)
+        while view:
+            written = os.write(fd, view)
+            if written <= 0:
+                raise OSError(errno.EIO, "short write")
+            view = view[written:]
+    except BrokenPipeError as exc:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd if fd is not None else 1)  # nothing more reaches the reader
+        raise StdoutClosed("stdout was closed before the whole output was written (broken pipe)") from exc
+    except OSError as exc:
+        raise LoramemError(f"cannot write to stdout: {(exc.strerror or str(exc)).lower()}") from exc
+
+
+class CheckedStdout:
+    """A text stream for rich's Console whose writes go through `write_stdout`."""
+
+    encoding = "utf-8"
+
+    def write(self, text: str) -> int:
+        write_stdout(text)
+        return len(text)
+
+    def flush(self) -> None:
+        return None
+
+    def isatty(self) -> bool:
+        return stdout_is_terminal()
+
+    def fileno(self) -> int:
+        if sys.stdout is None:
+            raise OSError(errno.EBADF, "stdout is closed")
+        return sys.stdout.fileno()
+
+
 def write_output(path: str | Path | None, data: bytes, what: str = "artifact") -> str:
     """Write to a path atomically, or stream to stdout for '-' or when stdout is a pipe."""
     if path is None or str(path) == "-":
-        if path is None and sys.stdout.isatty():
+        if path is None and stdout_is_terminal():
             raise LoramemError(f"refusing to write a binary {what} to the terminal; give -o FILE or pipe it")
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        write_stdout(data)
         return "stdout"
     atomic_write_bytes(path, data)
     return str(path)
@@ -99,14 +256,17 @@ def atomic_directory(path: str | Path, force: bool = False) -> Iterator[Path]:
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise LoramemError(f"cannot write {path}: folder {parent} does not exist")
+    remove_stale_temporaries(target)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the folder follows the user's umask like mkdir
     except OSError as exc:
         raise _os_error(exc, path) from exc
     try:
         yield tmp
+        _follow_umask(tmp)
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".old", dir=parent))
             os.replace(target, old / "x")
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
@@ -114,3 +274,19 @@ def atomic_directory(path: str | Path, force: bool = False) -> Iterator[Path]:
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _follow_umask(folder: Path) -> None:
+    """Give files that libraries wrote 0600 (safetensors, PEFT) the mode the user's umask gives new files."""
+    mode = 0o666 & ~_umask()
+    for entry in folder.rglob("*"):
+        if entry.is_file() and not entry.is_symlink():
+            entry.chmod(mode)
+        elif entry.is_dir() and not entry.is_symlink():
+            entry.chmod(0o777 & ~_umask())

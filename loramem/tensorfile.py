@@ -10,44 +10,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import stat
 import struct
-import sys
 from pathlib import Path
 from typing import IO, Any
 
 from loramem.errors import LoramemError
+from loramem.fileio import open_input
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 # The largest tensor file loramem reads: far above any cache or adapter it makes (a 128k-token cache of a 70B
 # model is ~40 GB), low enough that a bogus length is refused rather than attempted.
 MAX_FILE_BYTES = 256 * 1024**3
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-def open_input(path: str | Path, what: str) -> tuple[IO[bytes], str, int | None]:
-    """A binary stream of a path (regular file or pipe) or of stdin for '-': (stream, name for messages, size
-    when known). Devices and other special files are refused, so `/dev/zero` is not read forever."""
-    if str(path) == "-":
-        if sys.stdin is None or sys.stdin.isatty():
-            state = "closed" if sys.stdin is None else "a terminal"
-            raise LoramemError(f"expected a {what} on stdin, but stdin is {state}")
-        return sys.stdin.buffer, "stdin", None
-    try:
-        info = os.stat(path)
-    except FileNotFoundError as exc:
-        raise LoramemError(f"{what} not found: {path}") from exc
-    except OSError as exc:
-        raise LoramemError(f"cannot access {path}: {(exc.strerror or str(exc)).lower()}") from exc
-    if stat.S_ISDIR(info.st_mode):
-        raise LoramemError(f"{path} is a directory, expected a {what} file")
-    if not (stat.S_ISREG(info.st_mode) or stat.S_ISFIFO(info.st_mode)):
-        raise LoramemError(f"{path} is not a regular file or a pipe; expected a {what} file")
-    try:
-        return open(path, "rb"), str(path), info.st_size if stat.S_ISREG(info.st_mode) else None
-    except OSError as exc:
-        raise LoramemError(f"cannot access {path}: {(exc.strerror or str(exc)).lower()}") from exc
 
 
 def read_exactly(stream: IO[bytes], n: int) -> bytes:

@@ -6,22 +6,33 @@ for others (base-model prefill, adapter-only decoding), so an adapter is attache
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loramem.adapters.validate import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LORAMEM_META,
+    check_adapter,
+    check_base_model,
+)
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.model.loading import LoadedModel, sha256_bytes
 from loramem.model.prompt import check_template_record
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-LORAMEM_META = "loramem.json"
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "LORAMEM_META",
+    "Adapter",
+    "attach_adapter",
+    "detach_adapter",
+    "read_adapter_meta",
+]
 
 
 @dataclass
@@ -37,35 +48,22 @@ class Adapter:
         return {"path": str(self.path), "sha256": self.sha256}
 
 
-def read_adapter_meta(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(peft config, loramem metadata) of an adapter directory, checked for completeness."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise LoramemError(f"adapter not found: {path} (expected a PEFT adapter directory)")
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if not (folder / name).is_file():
-            raise LoramemError(f"{path} is not a PEFT adapter directory (no {name})")
-    try:
-        config = json.loads((folder / ADAPTER_CONFIG).read_text())
-        meta = json.loads((folder / LORAMEM_META).read_text()) if (folder / LORAMEM_META).exists() else {}
-    except json.JSONDecodeError as exc:
-        raise LoramemError(f"{path} has an unreadable JSON file: {exc}") from exc
-    return config, meta
+def read_adapter_meta(path: str | Path, values: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(peft config, loramem metadata) of an adapter directory, validated whole (`adapters.validate`);
+    `values=False` skips reading the weights' values (their header is still checked)."""
+    return check_adapter(path, values)
 
 
 def weights_size(path: str | Path) -> tuple[int, int]:
-    """(parameters, tensor bytes) of a safetensors file, from its header alone (adapters can be large)."""
-    try:
-        with Path(path).open("rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        tensors = [t for name, t in header.items() if name != "__metadata__"]
-        return (
-            sum(math.prod(t["shape"]) for t in tensors),
-            sum(t["data_offsets"][1] - t["data_offsets"][0] for t in tensors),
-        )
-    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise LoramemError(f"{path} is not a readable safetensors file") from exc
+    """(parameters, tensor bytes) of a safetensors file, from its checked header alone (adapters can be large)."""
+    from loramem.tensorfile import read_file_header
+
+    header, _ = read_file_header(path, "adapter weights")
+    tensors = [t for name, t in header.items() if name != "__metadata__"]
+    return (
+        sum(math.prod(t["shape"]) for t in tensors),
+        sum(t["data_offsets"][1] - t["data_offsets"][0] for t in tensors),
+    )
 
 
 def adapter_tensor_bytes(path: str | Path) -> int:
@@ -82,15 +80,9 @@ def attach_adapter(lm: LoadedModel, path: str | Path) -> Adapter:
     from peft import PeftModel
 
     config, meta = read_adapter_meta(path)
-    made_for = meta.get("base_model", {}).get("model")
-    if made_for and made_for != lm.fingerprint["model"]:
-        raise IncompatibleArtifactError(
-            f"adapter {path} was trained on another base model ({meta['base_model'].get('id', '?')})"
-        )
+    check_base_model(config, meta, lm, path)
     if meta.get("base_model"):
         check_template_record(meta["base_model"], lm.fingerprint, f"adapter {path}")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise LoramemError(f"{path} is a {config.get('peft_type')} adapter; loramem uses LoRA adapters")
     detach_adapter(lm)
     try:
         peft_model = PeftModel.from_pretrained(lm.model, str(path), is_trainable=False)

@@ -8,6 +8,7 @@ and records where the result came from.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ class MergeConfig:
             raise LoramemError(f"unknown merge method {self.method!r}; use one of {', '.join(METHODS)}")
         if not 0 < self.density <= 1:
             raise LoramemError(f"density must be in (0, 1], got {self.density}")
+        if self.weights is not None and not all(math.isfinite(w) for w in self.weights):
+            raise LoramemError(f"merge weights must be finite numbers, got {', '.join(map(str, self.weights))}")
 
 
 @dataclass
@@ -158,5 +161,5 @@ def merge_adapters(
             },
         }
         (tmp / LORAMEM_META).write_text(json.dumps(meta, indent=2) + "\n")
-        rank = json.loads((tmp / "adapter_config.json").read_text())["r"]
+        rank = read_adapter_meta(tmp)[0]["r"]  # what is written must be an adapter that loramem itself accepts
     return {"path": str(out_dir), "method": config.method, "rank": rank, "n_sources": len(sources)}

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from loramem._version import __version__
-from loramem.adapters.attach import LORAMEM_META, detach_adapter
+from loramem.adapters.attach import LORAMEM_META, detach_adapter, read_adapter_meta
 from loramem.errors import LoramemError
 from loramem.fileio import atomic_directory
 from loramem.model.loading import LoadedModel, sha256_text
@@ -73,9 +73,11 @@ class TrainConfig:
                 raise LoramemError(f"{name} must be positive, got {getattr(self, name)}")
         if self.steps is not None and self.steps <= 0:
             raise LoramemError(f"steps must be positive, got {self.steps}")
-        if not self.lr > 0 or not self.alpha > 0:
-            raise LoramemError(f"lr and alpha must be positive, got lr={self.lr}, alpha={self.alpha}")
-        if not 0 <= self.dropout < 1:
+        if not math.isfinite(self.lr) or not 0 < self.lr <= 1:  # AdamW steps overflow float32 far above 1
+            raise LoramemError(f"lr must be in (0, 1], got {self.lr}")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise LoramemError(f"alpha must be a finite number > 0, got {self.alpha}")
+        if not math.isfinite(self.dropout) or not 0 <= self.dropout < 1:
             raise LoramemError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.chunk_size > self.max_length:
             raise LoramemError(f"chunk_size {self.chunk_size} exceeds max_length {self.max_length}")
@@ -323,6 +325,10 @@ def fit(
     curve, tokens, started = [], 0, time.perf_counter()
     for step, batch in enumerate(batches, 1):
         loss = batch_loss(model, [examples[i] for i in batch], pad_id, device)
+        if not torch.isfinite(loss):  # an adapter trained on from here would hold NaN or infinite weights
+            raise LoramemError(
+                f"training diverged at step {step}: the loss became {loss.item()}; nothing was written (lower --lr)"
+            )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -330,6 +336,10 @@ def fit(
         tokens += sum(len(examples[i].ids) for i in batch)
         if on_step is not None:
             on_step(step, len(batches), curve[-1])
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise LoramemError(
+            "training diverged: the adapter's weights are no longer finite; nothing was written (lower --lr)"
+        )
     return FitResult(curve, time.perf_counter() - started, tokens)
 
 
@@ -410,4 +420,5 @@ def train_adapter(
             "n_train_qa": len(trained_qa),
         }
         _write_metadata(tmp, meta, trained_qa)
+        read_adapter_meta(tmp)  # what is written must be an adapter that loramem itself accepts
     return {**summary, "path": str(out_dir)}

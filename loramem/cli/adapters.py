@@ -24,6 +24,7 @@ from loramem.cli.options import (
     split_list,
 )
 from loramem.errors import LoramemError
+from loramem.fileio import check_output_path
 from loramem.log import log
 
 
@@ -63,8 +64,7 @@ def train_adapter(
     from loramem.log import progress_bar
 
     text = read_text(document)
-    if output.exists() and not force:
-        raise LoramemError(f"{output} already exists; use --force to replace it")
+    check_output_path(output, force, "directory")
     config = TrainConfig(
         format=fmt,
         rank=rank,
@@ -141,8 +141,7 @@ def merge_cmd(
     except ValueError as exc:
         raise LoramemError(f"--weights must be numbers separated by commas, got {weights!r}") from exc
     config = MergeConfig(method=method, weights=parsed, density=density, seed=seed)
-    if output.exists() and not force:
-        raise LoramemError(f"{output} already exists; use --force to replace it")
+    check_output_path(output, force, "directory")
     sources = check_sources(adapters, config)
     lm = load(model or base_model_id(sources), device, dtype, chat_template_kwargs=chat_template_kwargs)
     summary = merge_adapters(lm, adapters, output, config, force=force)

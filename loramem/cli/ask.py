@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,6 +19,7 @@ from loramem.cli.options import (
     read_questions,
 )
 from loramem.errors import LoramemError
+from loramem.fileio import write_stdout
 
 
 @app.command()
@@ -130,8 +130,7 @@ def ask(
             print_json(data)
         else:
             answer = result.answer if len(items) == 1 else " ".join(result.answer.split())
-            sys.stdout.write(answer + "\n")
-            sys.stdout.flush()
+            write_stdout(answer + "\n")
 
 
 def _ask_library(
@@ -171,5 +170,4 @@ def _ask_library(
             print_json({**{k: v for k, v in item.items() if k != "question"}, **result.to_dict()})
         else:
             text = result.answer.answer
-            sys.stdout.write((text if len(items) == 1 else " ".join(text.split())) + "\n")
-            sys.stdout.flush()
+            write_stdout((text if len(items) == 1 else " ".join(text.split())) + "\n")

@@ -25,6 +25,7 @@ from loramem.cli.options import (
     parse_ratio,
     print_json,
     split_list,
+    stdout_console,
 )
 from loramem.errors import LoramemError
 
@@ -216,8 +217,6 @@ def _show_summary(summary: dict[str, Any], as_json: bool, metric: str = "rouge_l
     if as_json:
         print_json(summary)
         return
-    from rich.console import Console
-
     from loramem.evaluation.tables import print_table
 
-    print_table(summary, Console(soft_wrap=False), metric)
+    print_table(summary, stdout_console(), metric)

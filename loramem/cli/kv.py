@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +18,7 @@ from loramem.cli.options import (
     load,
     print_json,
     read_questions,
+    stdout_console,
 )
 from loramem.errors import LoramemError
 from loramem.log import log
@@ -42,15 +42,16 @@ def encode(
     chat_template_kwargs: Optional[str] = TemplateKwargsOpt,
 ) -> None:
     """Prefill a document once and store its KV cache (with press scores) as safetensors."""
-    from loramem.fileio import read_text, write_output
+    from loramem.fileio import check_output_path, read_text, stdout_is_terminal, write_output
     from loramem.kv.encode import encode as encode_document
     from loramem.kv.presses import parse_presses
     from loramem.log import progress_bar
 
     presses = parse_presses(score)
     text = read_text(document)
-    if output is None and sys.stdout.isatty():
+    if output is None and stdout_is_terminal():
         raise LoramemError("refusing to write a binary cache to the terminal; give -o FILE or pipe it")
+    check_output_path(output or "-")
     lm = load(model, device, dtype, adapter, chat_template_kwargs)
     with progress_bar("prefill", lm.config.num_hidden_layers) as advance:
         cache = encode_document(
@@ -123,7 +124,7 @@ def compress(
 ) -> None:
     """Evict KV states by recorded press scores; tensor work on the file, no model is loaded
     (except for query-aware value groups: --query/--questions run the model that made the cache)."""
-    from loramem.fileio import write_output
+    from loramem.fileio import check_output_path, stdout_is_terminal, write_output
     from loramem.kv.cache import KVCache
     from loramem.kv.compress import compress as compress_cache
     from loramem.kv.quantize import make_storage
@@ -141,8 +142,9 @@ def compress(
         raise LoramemError("give --ratio R (in [0, 1]), --keep N or --store-dtype")
     if ratio is not None and not 0.0 <= ratio <= 1.0:
         raise LoramemError(f"--ratio must be in [0, 1], got {ratio}")
-    if output is None and sys.stdout.isatty():
+    if output is None and stdout_is_terminal():
         raise LoramemError("refusing to write a binary cache to the terminal; give -o FILE or pipe it")
+    check_output_path(output or "-")
     cache = KVCache.load(cache_file)
     storage = make_storage(store_dtype, quant_axis, quant_group, cache.meta["head_dim"]) if store_dtype else None
     press = chosen_by = press.replace("-", "_").lower()
@@ -188,7 +190,6 @@ def inspect(
     if as_json:
         print_json(info)
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(show_header=False, box=None, pad_edge=False)
@@ -203,4 +204,4 @@ def inspect(
         elif isinstance(value, (list, dict)):
             value = json.dumps(value) if value else "-"
         table.add_row(key.replace("_", " "), str(value).replace("\n", " "))
-    Console(soft_wrap=False).print(table)
+    stdout_console().print(table)

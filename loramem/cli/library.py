@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +18,9 @@ from loramem.cli.options import (
     TemplateKwargsOpt,
     load,
     print_json,
+    stdout_console,
 )
+from loramem.fileio import write_stdout
 from loramem.log import log
 
 library_app = typer.Typer(
@@ -102,14 +103,13 @@ def library_ls(
     if as_json:
         print_json(documents)
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("id", "words", "adapter", "cache", "chunks")
     for doc in documents:
         adapter = f"rank {doc['adapter']['rank']}, {doc['adapter']['format'] or '-'}"
         table.add_row(doc["id"], str(doc["words"]), adapter, "yes" if doc["cache"] else "no", str(doc["chunks"]))
-    Console(soft_wrap=False).print(table)
+    stdout_console().print(table)
 
 
 @app.command()
@@ -126,5 +126,4 @@ def route(
     if as_json:
         print_json({"question": question, "documents": [{"id": i, "score": round(s, 6)} for i, s in ranked]})
         return
-    sys.stdout.write("".join(f"{doc_id}\t{score:.4f}\n" for doc_id, score in ranked))
-    sys.stdout.flush()
+    write_stdout("".join(f"{doc_id}\t{score:.4f}\n" for doc_id, score in ranked))

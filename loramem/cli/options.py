@@ -52,8 +52,18 @@ def load(
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
+    from loramem.fileio import write_stdout
+
+    write_stdout(json.dumps(data, ensure_ascii=False) + "\n")
+
+
+def stdout_console() -> Any:
+    """A rich Console for results on stdout whose every write is checked (`fileio.write_stdout`)."""
+    from rich.console import Console
+
+    from loramem.fileio import CheckedStdout
+
+    return Console(file=CheckedStdout(), soft_wrap=False)
 
 
 def read_questions(questions: list[str], questions_file: Optional[str], stdin_free: bool) -> list[dict[str, Any]]:
@@ -64,7 +74,7 @@ def read_questions(questions: list[str], questions_file: Optional[str], stdin_fr
     text = None
     if questions_file:
         text = read_text(questions_file, what="questions file")
-    elif not items and stdin_free and not sys.stdin.isatty():
+    elif not items and stdin_free and sys.stdin is not None and not sys.stdin.isatty():
         text = read_text("-", what="questions")
     for number, line in enumerate((text or "").splitlines(), 1):
         line = line.strip()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +20,7 @@ from loramem.cli.options import (
     integers,
     load,
     print_json,
+    stdout_console,
 )
 
 probe_app = typer.Typer(help="Probes of what adapters can hold.", no_args_is_help=True)
@@ -64,8 +64,9 @@ def probe_capacity(
     if as_json:
         print_json(result)
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from loramem.fileio import write_stdout
 
     table = Table(
         title=f"LoRA capacity · {result['model']} · targets {targets}" + (f" · layers {layers}" if layers else "")
@@ -81,9 +82,9 @@ def probe_capacity(
             f"{r['facts_stored']:g}",
             f"{r['facts_per_million_parameters']:.2f}",
         )
-    Console(soft_wrap=False).print(table)
+    stdout_console().print(table)
     for s in result["saturation"]:
-        sys.stdout.write(
+        write_stdout(
             f"rank {s['rank']}: saturates at {s['saturation_facts'] or '<' + str(config.facts[0])} "
             f"facts (recall >= {threshold}); at most {s['max_facts_stored']:g} stored\n"
         )
