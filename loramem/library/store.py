@@ -67,7 +67,13 @@ class Library:
         return self.manifest["base_model"]["id"] if self.manifest else None
 
     def doc_dir(self, doc_id: str) -> Path:
-        return self.path / DOCS / doc_id
+        return self.inside(self.path / DOCS / doc_id)
+
+    def inside(self, path: Path) -> Path:
+        """`path`, refused unless it resolves inside the library: metadata must never reach a file elsewhere."""
+        if not path.resolve().is_relative_to(self.path.resolve()):
+            raise LoramemError(f"library {self.path} is damaged: {path.relative_to(self.path)} leads outside it")
+        return path
 
     def adapter_dir(self, doc_id: str) -> Path:
         return self.doc_dir(doc_id) / ADAPTER_DIR
@@ -86,7 +92,7 @@ class Library:
                 "chunk": torch.zeros(0, dtype=torch.int32),
             }
         if self._index is None:
-            where = self.path / self.manifest["index"]
+            where = self.inside(self.path / self.manifest["index"])
             if not where.is_file():
                 raise LoramemError(f"library {self.path} is damaged: its index {where.name} is missing")
             self._index = load_file(str(where))
@@ -111,12 +117,40 @@ def open_library(path: str | Path) -> Library:
         raise LoramemError(f"{manifest_file} is not readable JSON") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise LoramemError(f"{manifest_file} is not a loramem library manifest")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
+    version = manifest.get("format_version", 0)
+    if type(version) is not int:
+        raise LoramemError(f"{manifest_file} has a format_version that is not an integer")
+    if version > FORMAT_VERSION:
         raise IncompatibleArtifactError(
             f"library {path} has format version {manifest['format_version']}; this "
             f"loramem reads version {FORMAT_VERSION} (upgrade loramem)"
         )
+    _check_manifest(manifest, manifest_file)
     return Library(folder, manifest)
+
+
+def _check_manifest(manifest: dict[str, Any], where: Path) -> None:
+    """The manifest fields that name files or are read as structures: the index a plain index file name, every
+    document id a plain folder name, so nothing in the manifest can point outside the library."""
+    index = manifest.get("index")
+    if index is not None and (not isinstance(index, str) or not _INDEX.fullmatch(index)):
+        raise LoramemError(f"{where} is damaged: its index {index!r} is not an index file name of this library")
+    documents = manifest.get("documents")
+    if not isinstance(documents, list) or not all(isinstance(d, dict) for d in documents):
+        raise LoramemError(f"{where} is damaged: documents must be a list of objects")
+    ids = [d.get("id") for d in documents]
+    for doc_id in ids:
+        if not isinstance(doc_id, str) or not _ID.fullmatch(doc_id):
+            raise LoramemError(f"{where} is damaged: document id {doc_id!r} is not a plain folder name")
+    if len(set(ids)) != len(ids):
+        raise LoramemError(f"{where} is damaged: a document id appears twice")
+    if documents and index is None:
+        raise LoramemError(f"{where} is damaged: it lists documents but no index")
+    for key in ("base_model", "embedder"):
+        if not isinstance(manifest.get(key), dict):
+            raise LoramemError(f"{where} is damaged: {key} must be an object")
+    if not isinstance(manifest["base_model"].get("model"), str):
+        raise LoramemError(f"{where} is damaged: base_model has no model fingerprint")
 
 
 @dataclass
@@ -144,37 +178,76 @@ class _Planned:
 
 
 @contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the library folder, so two adds cannot overwrite each other's manifest."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
+def _locked(folder: Path) -> Iterator[bool]:
+    """Create the library folder if needed and hold an exclusive lock on it, waiting for another add to finish, so
+    two adds never overwrite each other's manifest; yields whether this process created the folder.
+
+    On failure the folder is removed again, under the lock, only if this process created it and no add has
+    committed a manifest in it; a process that was waiting on a folder removed meanwhile starts over.
+    """
+    if not folder.parent.is_dir():
+        raise LoramemError(f"cannot create library {folder}: folder {folder.parent} does not exist")
+    while True:
+        created = False
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise LoramemError(
-                f"library {folder} is being changed by another loramem process; try again after it finishes"
-            ) from exc
-        yield
-    finally:
-        os.close(fd)
+            folder.mkdir()
+            created = True
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise LoramemError(f"cannot create library {folder}: {(exc.strerror or str(exc)).lower()}") from exc
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue  # removed between mkdir and open by an add that failed: start over
+        except OSError as exc:
+            raise LoramemError(f"library {folder} is not a folder loramem can open") from exc
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log(f"library {folder} is being changed by another loramem process; waiting for it to finish")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(folder))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                continue  # the folder was removed (and maybe made again) while this process waited
+            try:
+                yield created
+            except BaseException:
+                if created and not (folder / MANIFEST).exists():
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise
+            return
+        finally:
+            os.close(fd)
 
 
 def _sweep(lib: Library) -> None:
     """Remove what a killed add left behind: staging folders, unreferenced document folders and indexes."""
     keep_docs = {d["id"] for d in lib.documents}
     keep_index = lib.manifest["index"] if lib.manifest else None
+    docs = lib.path / DOCS
+    if docs.is_symlink() or (docs.exists() and not docs.is_dir()):
+        raise LoramemError(f"library {lib.path} is damaged: {DOCS} is not a folder of its own")
     for entry in lib.path.iterdir():
         leftover = (entry.name.startswith(".") and entry.name.endswith(".tmp")) or (
             _INDEX.fullmatch(entry.name) is not None and entry.name != keep_index
         )
-        if leftover and entry.is_dir():
+        if leftover and entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         elif leftover:
-            entry.unlink()
-    if (lib.path / DOCS).is_dir():
-        for entry in (lib.path / DOCS).iterdir():
-            if entry.name not in keep_docs:
+            entry.unlink()  # a file, or a link (never what it points to)
+    if docs.is_dir():
+        for entry in docs.iterdir():
+            if entry.name in keep_docs:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink()
 
 
 def _new_id(source: str, taken: set[str]) -> str:
@@ -396,36 +469,28 @@ def add_documents(
         pairs, qa_sha = load_qa_pairs(options.qa)
         qa = [(p.question, p.answer) for p in pairs]
     target = Path(path)
-    created = not target.exists()
-    if created:
-        if not target.parent.is_dir():
-            raise LoramemError(f"cannot create library {path}: folder {target.parent} does not exist")
-        target.mkdir()
-    try:
-        with _locked(target):
-            lib = open_library(target)
-            _sweep(lib)
-            check_model(lib, lm.fingerprint)
-            planned = _plan(lib, texts, options.doc_id)
-            if not planned:
-                return []
-            if options.adapter:
-                _check_adapter(lm, options.adapter, planned[0].sha256)
-            if embedder is None:
-                recorded = lib.manifest["embedder"]["path"] if lib.manifest else None
-                embedder = load_embedder(options.embedder or recorded, device=str(lm.device))
-            manifest = lib.manifest or _new_manifest(lm, embedder)
-            _check_embedder(manifest, embedder)
-            staging = Path(tempfile.mkdtemp(prefix=".add-", suffix=".tmp", dir=target))
-            try:
-                built = [_build(lm, item, staging / item.doc_id, options, embedder, qa, qa_sha) for item in planned]
-                _commit(lib, manifest, staging, [r for r, _ in built], [e for _, e in built])
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        if created:
-            shutil.rmtree(target, ignore_errors=True)
-        raise
+    if target.exists() and not target.is_dir():
+        raise LoramemError(f"{path} is a file, not a library folder")
+    with _locked(target):
+        lib = open_library(target)
+        _sweep(lib)
+        check_model(lib, lm.fingerprint)
+        planned = _plan(lib, texts, options.doc_id)
+        if not planned:
+            return []
+        if options.adapter:
+            _check_adapter(lm, options.adapter, planned[0].sha256)
+        if embedder is None:
+            recorded = lib.manifest["embedder"]["path"] if lib.manifest else None
+            embedder = load_embedder(options.embedder or recorded, device=str(lm.device))
+        manifest = lib.manifest or _new_manifest(lm, embedder)
+        _check_embedder(manifest, embedder)
+        staging = Path(tempfile.mkdtemp(prefix=".add-", suffix=".tmp", dir=target))
+        try:
+            built = [_build(lm, item, staging / item.doc_id, options, embedder, qa, qa_sha) for item in planned]
+            _commit(lib, manifest, staging, [r for r, _ in built], [e for _, e in built])
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return [r for r, _ in built]
 
 
