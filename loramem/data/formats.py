@@ -139,6 +139,8 @@ def _parse_record(obj: object, where: str, base: Path) -> DocRecord:
     else:
         document = read_text(base / _string(obj, "document_path", where), f"document_path of {where}")
     qa = [_parse_qa(item, f"{where}: qa[{i}]") for i, item in enumerate(_list(obj, "qa", where))]
+    if not qa:
+        raise LoramemError(f"{where}: `qa` is empty; every document needs at least one held-out question")
     train_qa = [
         _parse_train_qa(item, f"{where}: train_qa[{i}]")
         for i, item in enumerate(_list(obj, "train_qa", where) if "train_qa" in obj else [])
