@@ -17,7 +17,7 @@ def kvpress_keep(lm, cache, press: str, ratio: float):
     """
     small = DynamicCache()
     with torch.inference_mode(), make_kvpress(press, ratio)(lm.model):
-        lm.model.model(input_ids=cache.token_ids[None], past_key_values=small, use_cache=True)
+        lm.model.model(input_ids=cache.token_ids[None].to(lm.device), past_key_values=small, use_cache=True)
     probe = torch.randint(1, 2**31, (cache.keys[0].shape[-1],), generator=torch.Generator().manual_seed(0)) * 2 + 1
 
     def signature(rows: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,7 @@ def kvpress_keep(lm, cache, press: str, ratio: float):
 
     result = []
     for layer, kept_layer in enumerate(small.layers):
-        keys_full, keys_kept = cache.keys[layer], kept_layer.keys[0]
+        keys_full, keys_kept = cache.keys[layer], kept_layer.keys[0].to("cpu")
         sig_full, sig_kept = signature(keys_full), signature(keys_kept)
         order = sig_full.sort(-1)
         found = torch.searchsorted(order.values, sig_kept).clamp(max=sig_full.shape[-1] - 1)
@@ -34,7 +34,7 @@ def kvpress_keep(lm, cache, press: str, ratio: float):
         assert torch.equal(cache.keys[layer].gather(1, positions.unsqueeze(-1).expand_as(keys_kept)), keys_kept)
         ordered = positions.sort(-1)
         gather = ordered.indices.unsqueeze(-1).expand_as(keys_kept)
-        result.append((ordered.values, keys_kept.gather(1, gather), kept_layer.values[0].gather(1, gather)))
+        result.append((ordered.values, keys_kept.gather(1, gather), kept_layer.values[0].to("cpu").gather(1, gather)))
     return result
 
 

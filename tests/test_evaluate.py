@@ -71,7 +71,7 @@ def dataset(tmp_path_factory) -> Path:
 
 
 # Where the eval modules look each counted function up.
-WHERE = {"encode": ev, "compress": ev, "generate": ev, "train_adapter": doc_adapters, "synthesize": doc_adapters}
+WHERE = {"encode": ev, "compress": ev, "generate": ev, "train_adapter": doc_adapters, "synthesize_pairs": doc_adapters}
 
 
 class Counter:
@@ -92,7 +92,7 @@ class Counter:
 
 def counted_run(tiny, dataset, out, cfg, *, resume=False, fail_after=None) -> dict[str, Counter]:
     with pytest.MonkeyPatch.context() as mp:
-        counters = {name: Counter(mp, name) for name in ("encode", "compress", "train_adapter", "synthesize")}
+        counters = {name: Counter(mp, name) for name in ("encode", "compress", "train_adapter", "synthesize_pairs")}
         counters["generate"] = Counter(mp, "generate", fail_after)
         run_eval(tiny, dataset, out, cfg, resume=resume)
     return counters
@@ -117,7 +117,7 @@ def test_work_is_shared_and_every_cell_answered_once(reference):
     assert [c.get("with_adapter", False) for c in encodes].count(False) == N_DOCS  # one base prefill per document
     assert [c.get("with_adapter", False) for c in encodes].count(True) == N_DOCS * 2  # one per (document, format)
     assert len(counts["train_adapter"].calls) == N_DOCS * 2
-    assert len(counts["synthesize"].calls) == 1  # only doc c has no train_qa, and only the qa format needs pairs
+    assert len(counts["synthesize_pairs"].calls) == 1  # only doc c has no train_qa, and only the qa format needs pairs
     # One compress per (press, ratio) for none, and per format for decode, all and base_scores.
     assert len(counts["compress"].calls) == N_DOCS * 6 * (1 + 3 * 2)
     assert sum(1 for c in counts["compress"].calls if c.get("scores_from") is not None) == N_DOCS * 6 * 2
@@ -247,7 +247,7 @@ def test_adapters_are_reused_from_another_run(tiny, dataset, reference, tmp_path
     adapters = reference[0] / "adapters"
     cfg = config(modes=["none", "decode"], adapters=str(adapters))
     counts = counted_run(tiny, dataset, tmp_path / "run", cfg)
-    assert not counts["train_adapter"].calls and not counts["synthesize"].calls
+    assert not counts["train_adapter"].calls and not counts["synthesize_pairs"].calls
     assert [c.get("with_adapter", False) for c in counts["encode"].calls] == [False] * N_DOCS
     mine, theirs = answers_by_cell(tmp_path / "run"), answers_by_cell(reference[0])
     assert mine == {key: row for key, row in theirs.items() if row["mode"] in ("none", "decode")}

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from conftest import DEMO_DOC, run_cli
+from test_cli import one_line_error
 
 from loramem.adapters import synth
 from loramem.adapters.synth import (
@@ -12,7 +16,9 @@ from loramem.adapters.synth import (
     rule_qa,
     sentences,
     supported,
+    synth_writer,
     synthesize,
+    synthesize_pairs,
     trim_restated,
 )
 from loramem.errors import LoramemError
@@ -100,6 +106,14 @@ def test_passages_cut_at_sentences(doc_text):
     assert all(len(p.split()) <= 40 or p in sentences(doc_text) for p in parts)
 
 
+class Calls(list):
+    """Prompts asked, with (model, framing) of each call in .framings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.framings: list = []
+
+
 @pytest.fixture
 def canned_model(monkeypatch):
     """generate() replaced by replies in the model's usual shape: two good pairs, an invented one, a repeat."""
@@ -107,10 +121,12 @@ def canned_model(monkeypatch):
         "Q: Who designed the lighthouse? A: Orla Quenby\nQ: Who designed the lighthouse? A: Orla Quenby\n"
         "Q: Who painted the tower? A: Vincent van Gogh\nQ: What was the first keeper's name? A: Hobart Fennick"
     ]
-    prompts = []
+    prompts = Calls()
+    framings = prompts.framings
 
     def fake_generate(lm, question, cache, **kwargs):
         prompts.append(question)
+        framings.append((lm, kwargs.get("framing")))
         text = replies[0] if "Orla Quenby" in question else "I cannot help with that."
         return type("Answer", (), {"answer": text})()
 
@@ -118,26 +134,26 @@ def canned_model(monkeypatch):
     return prompts
 
 
-def test_model_qa_keeps_only_supported_new_pairs(canned_model, doc_text):
-    pairs = model_qa(None, doc_text, 10)
+def test_model_qa_keeps_only_supported_new_pairs(canned_model, tiny, doc_text):
+    pairs = model_qa(tiny, doc_text, 10)
     assert pairs == [
         ("Who designed the lighthouse?", "Orla Quenby"),
         ("What was the first keeper's name?", "Hobart Fennick"),
     ]
     assert len(canned_model) == len(passages(doc_text)) and "Format:\nQ: Who ...?" in canned_model[0]
-    assert set(model_qa(None, doc_text, 1)) <= set(pairs[:1])  # one passage asked at most
+    assert set(model_qa(tiny, doc_text, 1)) <= set(pairs[:1])  # one passage asked at most
 
 
-def test_synthesize_puts_model_pairs_first_and_tops_up_with_rules(canned_model, doc_text):
-    pairs = synthesize(None, doc_text, 12, seed=0)
-    assert len(pairs) == 12 and pairs[:2] == model_qa(None, doc_text, 12)
+def test_synthesize_puts_model_pairs_first_and_tops_up_with_rules(canned_model, tiny, doc_text):
+    pairs = synthesize(tiny, doc_text, 12, seed=0)
+    assert len(pairs) == 12 and pairs[:2] == model_qa(tiny, doc_text, 12)
     assert pairs[2:] == [p for p in rule_qa(doc_text, 14) if p not in pairs[:2]][:10]
     calls = len(canned_model)
     assert synthesize(None, doc_text, 3, sources=("rule",)) == rule_qa(doc_text, 3)
     assert len(canned_model) == calls  # no model call
     for bad in ({"n": 0}, {"document": " "}, {"sources": ("llm",)}):
         with pytest.raises(LoramemError):
-            synthesize(None, **{"document": doc_text, "n": 3, **bad})
+            synthesize(tiny, **{"document": doc_text, "n": 3, **bad})
 
 
 def test_model_qa_on_the_tiny_model_returns_only_supported_pairs(tiny, doc_text):
@@ -151,3 +167,39 @@ def test_default_model_writes_some_supported_pairs(real, doc_text):
     pairs = model_qa(real, doc_text, 2)
     print(f"\nthe default model wrote {len(pairs)} supported pairs: {pairs}")
     assert all(supported(q, a, doc_text) for q, a in pairs)
+
+
+def test_the_request_is_not_prefixed_with_the_answer_instruction(canned_model, tiny, doc_text):
+    """ask's "Answer in a few words." would contradict "Write k questions ..."."""
+    model_qa(tiny, doc_text, 2)
+    for lm, framing in canned_model.framings:
+        assert lm is tiny and framing.instruction == "" and framing.suffix == tiny.framing().suffix
+
+
+def test_another_model_writes_the_pairs_and_is_named(canned_model, tiny, other_tiny_dir, doc_text):
+    writer = synth_writer(str(other_tiny_dir), tiny)
+    assert writer is not tiny and writer.fingerprint["model"] != tiny.fingerprint["model"]
+    assert synth_writer(str(other_tiny_dir), tiny) is writer  # loaded once per process
+    assert synth_writer(None, tiny) is tiny
+    pairs, written_by = synthesize_pairs(writer, doc_text, 6)
+    assert canned_model.framings and all(lm is writer for lm, _ in canned_model.framings)
+    assert written_by == [str(other_tiny_dir.resolve())] * 2 + ["rules"] * 4 and len(pairs) == 6
+
+
+def test_train_adapter_with_a_local_synth_model(tiny_dir, other_tiny_dir, tmp_path):
+    """--synth-model takes a local model directory; the adapter's pairs say who wrote them."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DEMO_DOC.read_text())
+    out = tmp_path / "adapter"
+    args = ("--model", str(tiny_dir), "--synth-model", str(other_tiny_dir), "--synth", "4", "--steps", "1")
+    done = run_cli("train-adapter", str(doc), "-o", str(out), *args)
+    assert done.returncode == 0, done.stderr.decode()
+    lines = [json.loads(line) for line in (out / "train_qa.jsonl").read_text().splitlines()]
+    writers = {str(other_tiny_dir.resolve()), "rules"}
+    assert len(lines) == 4 and all(line["written_by"] in writers for line in lines)
+    meta = json.loads((out / "loramem.json").read_text())
+    assert sum(meta["qa_written_by"].values()) == 4 and set(meta["qa_written_by"]) <= writers
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"question": "Who?", "answer": "Ada"}\n')
+    refused = run_cli("train-adapter", str(doc), "-o", str(tmp_path / "b"), "--qa", str(qa), *args)
+    assert refused.returncode == 2 and "--synth-model" in one_line_error(refused)

@@ -1,12 +1,15 @@
 """Question-answer pairs made from a document, for training an adapter when no QA file is given.
 
-Two sources: the model itself, asked per passage and kept only where the answer is found in the
-passage (a small model invents a lot), and deterministic rules (cloze and entity questions) that
-work on any text and top the set up to the size asked for.
+Two sources: a model, asked per passage and kept only where the answer is found in the passage (a
+small model invents a lot), and deterministic rules (cloze and entity questions) that work on any
+text and top the set up to the size asked for. The model is the one being trained unless another,
+stronger one is named (`--synth-model`, as the paper writes its QA with a strong model); every pair
+records who wrote it: the writer's model id, or "rules".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from collections.abc import Iterable
@@ -15,10 +18,13 @@ from loramem.errors import LoramemError
 from loramem.evaluation.metrics import normalize_answer
 from loramem.log import log
 from loramem.model.generate import generate
-from loramem.model.loading import LoadedModel
+from loramem.model.loading import LoadedModel, load_model
+from loramem.model.prompt import strip_thinking
 
 QA = tuple[str, str]
 SOURCES = ("model", "rule")
+RULES = "rules"  # written_by of rule-made pairs
+_writers: dict[tuple[str, str, str], LoadedModel] = {}  # a --synth-model is loaded once per process
 _STOPWORDS = frozenset(
     (
         "a an the and or but if of in on at to for from by with as is are was were be been it its he she his "
@@ -194,10 +200,12 @@ def model_qa(lm: LoadedModel, document: str, n: int, seed: int = 0) -> list[QA]:
     """
     chosen = passages(document)
     random.Random(seed).shuffle(chosen)
+    plain = dataclasses.replace(lm.framing(), instruction="")
     pairs: list[QA] = []
     for passage in chosen[: max(n, 0)]:
         k = min(_PAIRS_PER_PASSAGE, n - len(pairs))
-        reply = generate(lm, _prompt(passage, k), None, max_new_tokens=30 * k).answer
+        # The prompt is the whole request: without the closed-book "Answer in a few words." in front of it.
+        reply = strip_thinking(generate(lm, _prompt(passage, k), None, max_new_tokens=30 * k, framing=plain).answer)
         found = [(q, trim_restated(q, a)) for q, a in parse_pairs(reply)]
         pairs = dedupe(pairs + [(q, a) for q, a in found if supported(q, a, passage)])
         if len(pairs) >= n:
@@ -205,10 +213,23 @@ def model_qa(lm: LoadedModel, document: str, n: int, seed: int = 0) -> list[QA]:
     return pairs[: max(n, 0)]
 
 
-def synthesize(
-    lm: LoadedModel | None, document: str, n: int, seed: int = 0, sources: Iterable[str] = SOURCES
-) -> list[QA]:
-    """n training pairs: the model's own first, topped up with rule-based ones."""
+def synth_writer(name: str | None, lm: LoadedModel) -> LoadedModel:
+    """The model that writes QA pairs: `lm` itself, or model `name` (any id or local directory) loaded once per
+    process on `lm`'s device and in its dtype."""
+    if not name:
+        return lm
+    key = (name, str(lm.device), str(lm.dtype).removeprefix("torch."))
+    if key not in _writers:
+        log(f"loading {name} to write the QA pairs")
+        _writers[key] = load_model(name, device=key[1], dtype=key[2])
+    return _writers[key]
+
+
+def synthesize_pairs(
+    writer: LoadedModel | None, document: str, n: int, seed: int = 0, sources: Iterable[str] = SOURCES
+) -> tuple[list[QA], list[str]]:
+    """n training pairs, the writer model's first, topped up with rule-based ones; and who wrote each (the writer's
+    model id or "rules")."""
     sources = tuple(sources)
     unknown = [s for s in sources if s not in SOURCES]
     if unknown:
@@ -217,9 +238,20 @@ def synthesize(
         raise LoramemError(f"the number of pairs to synthesize must be at least 1, got {n}")
     if not document.strip():
         raise LoramemError("the document is empty; nothing to make questions from")
-    pairs = model_qa(lm, document, n, seed) if "model" in sources else []
+    if "model" in sources and writer is None:
+        raise LoramemError("model-written pairs need a model")
+    pairs = model_qa(writer, document, n, seed) if "model" in sources else []
     from_model = len(pairs)
     if "rule" in sources:
         pairs = dedupe(pairs + rule_qa(document, n + from_model, seed))
-    log(f"synthesized {min(len(pairs), n)} pairs ({min(from_model, n)} written by the model, the rest by rules)")
-    return pairs[:n]
+    pairs, by_model = pairs[:n], min(from_model, n)
+    name = writer.model_id if writer is not None else RULES
+    log(f"synthesized {len(pairs)} pairs ({by_model} written by {name}, the rest by rules)")
+    return pairs, [name] * by_model + [RULES] * (len(pairs) - by_model)
+
+
+def synthesize(
+    lm: LoadedModel | None, document: str, n: int, seed: int = 0, sources: Iterable[str] = SOURCES
+) -> list[QA]:
+    """n training pairs: the model's own first, topped up with rule-based ones."""
+    return synthesize_pairs(lm, document, n, seed, sources)[0]

@@ -12,6 +12,7 @@ import math
 import random
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -359,9 +360,14 @@ def _lora_config(config: TrainConfig, targets: list[str], layers: list[int] | No
     )
 
 
-def _write_metadata(folder: Path, meta: dict[str, Any], qa: list[tuple[str, str]]) -> None:
+def _write_metadata(
+    folder: Path, meta: dict[str, Any], qa: list[tuple[str, str]], written_by: list[str] | None
+) -> None:
     (folder / LORAMEM_META).write_text(json.dumps(meta, indent=2) + "\n")
-    lines = [json.dumps({"question": q, "answer": a}, ensure_ascii=False) + "\n" for q, a in qa]
+    records = [{"question": q, "answer": a} for q, a in qa]
+    for record, writer in zip(records, written_by or []):
+        record["written_by"] = writer
+    lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in records]
     (folder / TRAIN_QA).write_text("".join(lines))
 
 
@@ -374,13 +380,18 @@ def train_adapter(
     *,
     force: bool = False,
     qa_file_sha256: str | None = None,
+    qa_written_by: list[str] | None = None,
     on_step: StepCallback | None = None,
 ) -> dict[str, Any]:
-    """Train a document LoRA on `lm` and write it as a PEFT adapter directory; `lm` is left as it was."""
+    """Train a document LoRA on `lm` and write it as a PEFT adapter directory; `lm` is left as it was.
+
+    `qa_written_by` names who wrote each synthesized pair (synthesize_pairs); it is kept with the pairs."""
     from peft import get_peft_model
 
     if not document.strip():
         raise LoramemError("the document is empty; nothing to train on")
+    if qa_written_by is not None and len(qa_written_by) != len(qa):
+        raise LoramemError(f"{len(qa_written_by)} writers named for {len(qa)} QA pairs")
     detach_adapter(lm)
     examples = build_examples(lm.tokenizer, document, qa, config, lm.framing())
     modules = layer_modules(lm.model)
@@ -418,7 +429,8 @@ def train_adapter(
             "qa_file_sha256": qa_file_sha256,
             "n_train_examples": len(examples),
             "n_train_qa": len(trained_qa),
+            "qa_written_by": dict(Counter(qa_written_by)) if qa_written_by and trained_qa else None,
         }
-        _write_metadata(tmp, meta, trained_qa)
+        _write_metadata(tmp, meta, trained_qa, qa_written_by)
         read_adapter_meta(tmp)  # what is written must be an adapter that loramem itself accepts
     return {**summary, "path": str(out_dir)}

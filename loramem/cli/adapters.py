@@ -17,6 +17,7 @@ from loramem.cli.options import (
     ModelOpt,
     RankOpt,
     StepsOpt,
+    SynthModelOpt,
     TargetsOpt,
     TemplateKwargsOpt,
     load,
@@ -34,6 +35,7 @@ def train_adapter(
     output: Path = typer.Option(..., "-o", "--output", help="Output adapter directory (PEFT layout)"),
     qa: Optional[str] = typer.Option(None, "--qa", help="JSONL of {question, answer} training pairs"),
     synth: int = typer.Option(16, "--synth", help="Without --qa: synthesize this many pairs from the document"),
+    synth_model: Optional[str] = SynthModelOpt,
     fmt: str = typer.Option("qa", "--format", help="qa (closed-book QA), ntp (raw text) or mixed"),
     rank: int = RankOpt,
     alpha: float = typer.Option(32.0, "--alpha"),
@@ -82,14 +84,17 @@ def train_adapter(
     if lr is not None:
         config = replace(config, lr=lr)
     pairs, qa_sha = load_qa_pairs(qa) if qa else (None, None)
+    if synth_model and (fmt == "ntp" or pairs is not None):
+        raise LoramemError("--synth-model writes the QA pairs of formats qa and mixed when no --qa is given")
     lm = load(model, device, dtype, chat_template_kwargs=chat_template_kwargs)
+    written_by = None
     if fmt == "ntp":
         qa_pairs = []
     elif pairs is None:
-        from loramem.adapters.synth import synthesize
+        from loramem.adapters.synth import synth_writer, synthesize_pairs
 
         log(f"no --qa given: synthesizing {synth} question-answer pairs from the document")
-        qa_pairs = synthesize(lm, text, synth, seed)
+        qa_pairs, written_by = synthesize_pairs(synth_writer(synth_model, lm), text, synth, seed)
     else:
         qa_pairs = [(p.question, p.answer) for p in pairs]
     with progress_bar("training", None) as advance:
@@ -101,6 +106,7 @@ def train_adapter(
             config,
             force=force,
             qa_file_sha256=qa_sha,
+            qa_written_by=written_by,
             on_step=lambda step, total, loss: advance(1, total=total, status=f"loss {loss:.3f}"),
         )
     if as_json:

@@ -15,6 +15,7 @@ from loramem.cli.options import (
     LrOpt,
     RankOpt,
     StepsOpt,
+    SynthModelOpt,
     TemplateKwargsOpt,
     load,
     print_json,
@@ -48,6 +49,7 @@ def library_add(
     ),
     qa: Optional[str] = typer.Option(None, "--qa", help="JSONL of {question, answer} training pairs (one DOC)"),
     synth: int = typer.Option(16, "--synth", help="Without --qa: synthesize this many pairs per document"),
+    synth_model: Optional[str] = SynthModelOpt,
     fmt: str = typer.Option("qa", "--format", help="qa (closed-book QA), ntp (raw text) or mixed"),
     rank: int = RankOpt,
     lr: Optional[float] = LrOpt,
@@ -74,6 +76,7 @@ def library_add(
     options = AddOptions(
         train=config,
         synth=synth,
+        synth_model=synth_model,
         qa=qa,
         adapter=str(adapter) if adapter else None,
         doc_id=doc_id,

@@ -30,6 +30,12 @@ TemplateKwargsOpt = typer.Option(
 # Adapter-training options shared by train-adapter, library add, eval and probe capacity.
 RankOpt = typer.Option(16, "--rank", help="LoRA rank")
 TargetsOpt = typer.Option("all", "--targets", help="attn, mlp, all, or module names (comma-separated)")
+SynthModelOpt = typer.Option(
+    None,
+    "--synth-model",
+    help="Model that writes the synthesized QA pairs: any Hugging Face id or local model directory "
+    "(the paper writes its QA with a strong model) (default: the model being trained)",
+)
 LayersOpt = typer.Option(None, "--layers", help="e.g. 0-14, 0,3,5, first-half, second-half")
 LrOpt = typer.Option(None, "--lr", help="Learning rate", show_default="train-adapter's, 1.5e-3")
 StepsOpt = typer.Option(None, "--steps", help="Train this many steps instead of --epochs")

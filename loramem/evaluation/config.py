@@ -52,6 +52,7 @@ class EvalConfig:
     shard: tuple[int, int] = (0, 1)
     seed: int = 0
     synth_pairs: int = 16
+    synth_model: str | None = None  # writes the synthesized pairs (id or directory); default: the model evaluated
     adapters: str | None = None
     rank: int = TrainConfig.rank
     alpha: float = TrainConfig.alpha
@@ -140,6 +141,7 @@ class EvalConfig:
         library modes or budgets leave those settings out, so runs made before they existed still resume and merge."""
         data = json.loads(json.dumps(asdict(self)))
         unused = (() if self.uses_library else LIBRARY_SETTINGS) + (() if self.budget_bytes else BUDGET_SETTINGS)
+        unused += () if self.synth_model else ("synth_model",)
         return {k: v for k, v in data.items() if k not in unused}
 
 

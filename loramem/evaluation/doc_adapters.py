@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from loramem.adapters.attach import read_adapter_meta
-from loramem.adapters.synth import synthesize
+from loramem.adapters.synth import synth_writer, synthesize_pairs
 from loramem.adapters.train import train_adapter
 from loramem.data.formats import DocRecord, load_qa_pairs
 from loramem.errors import IncompatibleArtifactError
@@ -75,8 +75,12 @@ def training_pairs(
     path = run / SYNTH_QA / f"{file_name(record.id)}.jsonl"
     if not path.exists():
         status(f"synthesizing {config.synth_pairs} training pairs")
-        pairs = synthesize(lm, record.document, config.synth_pairs, config.seed)
+        writer = synth_writer(config.synth_model, lm)
+        pairs, written_by = synthesize_pairs(writer, record.document, config.synth_pairs, config.seed)
         path.parent.mkdir(exist_ok=True)
-        lines = "".join(json.dumps({"question": q, "answer": a}, ensure_ascii=False) + "\n" for q, a in pairs)
+        lines = "".join(
+            json.dumps({"question": q, "answer": a, "written_by": w}, ensure_ascii=False) + "\n"
+            for (q, a), w in zip(pairs, written_by)
+        )
         atomic_write_bytes(path, lines.encode("utf-8"))
     return [(p.question, p.answer) for p in load_qa_pairs(path)[0]]

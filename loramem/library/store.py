@@ -159,6 +159,7 @@ class AddOptions:
 
     train: TrainConfig = field(default_factory=TrainConfig)
     synth: int = 16  # QA pairs synthesized per document when no qa file is given (qa and mixed formats)
+    synth_model: str | None = None  # the model that writes them (id or directory); default: the one trained
     qa: str | None = None  # JSONL of training pairs: one document only
     adapter: str | None = None  # copy this adapter instead of training one: one document only
     doc_id: str | None = None  # one document only; default: the file name
@@ -326,14 +327,15 @@ def check_model(lib: Library, fingerprint: dict[str, Any]) -> None:
 
 def _training_pairs(
     lm: LoadedModel, text: str, options: AddOptions, qa: list[tuple[str, str]] | None
-) -> list[tuple[str, str]]:
+) -> tuple[list[tuple[str, str]], list[str] | None]:
+    """The pairs an adapter is trained on, and who wrote each when they were synthesized."""
     if options.train.format == "ntp":
-        return []
+        return [], None
     if qa is not None:
-        return qa
-    from loramem.adapters.synth import synthesize
+        return qa, None
+    from loramem.adapters.synth import synth_writer, synthesize_pairs
 
-    return synthesize(lm, text, options.synth, options.train.seed)
+    return synthesize_pairs(synth_writer(options.synth_model, lm), text, options.synth, options.train.seed)
 
 
 def _build(
@@ -355,13 +357,9 @@ def _build(
         origin = str(options.adapter)
     else:
         log(f"{item.doc_id}: training its adapter")
+        pairs, written_by = _training_pairs(lm, item.text, options, qa)
         train_adapter(
-            lm,
-            item.text,
-            _training_pairs(lm, item.text, options, qa),
-            folder / ADAPTER_DIR,
-            options.train,
-            qa_file_sha256=qa_sha,
+            lm, item.text, pairs, folder / ADAPTER_DIR, options.train, qa_file_sha256=qa_sha, qa_written_by=written_by
         )
         origin = "trained"
     if options.with_cache:
@@ -461,6 +459,8 @@ def add_documents(
         raise LoramemError("no document given")
     if len(documents) > 1 and (options.adapter or options.qa or options.doc_id):
         raise LoramemError("--adapter, --qa and --id describe one document; add such documents one at a time")
+    if options.synth_model and (options.qa or options.adapter or options.train.format == "ntp"):
+        raise LoramemError("--synth-model writes the QA pairs of formats qa and mixed when no --qa or --adapter is given")
     texts = [(source, read_text(source)) for source in documents]  # a bad file fails before any training
     qa, qa_sha = None, None
     if options.qa:
