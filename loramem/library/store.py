@@ -460,7 +460,7 @@ def add_documents(
     if len(documents) > 1 and (options.adapter or options.qa or options.doc_id):
         raise LoramemError("--adapter, --qa and --id describe one document; add such documents one at a time")
     if options.synth_model and (options.qa or options.adapter or options.train.format == "ntp"):
-        raise LoramemError("--synth-model writes the QA pairs of formats qa and mixed when no --qa or --adapter is given")
+        raise LoramemError("--synth-model writes the pairs of formats qa and mixed when no --qa or --adapter is given")
     texts = [(source, read_text(source)) for source in documents]  # a bad file fails before any training
     qa, qa_sha = None, None
     if options.qa:
