@@ -8,6 +8,7 @@ from typing import Any
 
 from loramem.errors import LoramemError
 from loramem.evaluation.metrics import rouge_l
+from loramem.fileio import CheckedStdout
 from loramem.kv.compress import compress
 from loramem.kv.encode import encode
 from loramem.log import log, progress_bar
@@ -67,4 +68,4 @@ def print_table(rows: list[dict[str, Any]], ratios: list[float]) -> None:
         for ratio in ratios
     ]
     table.add_row("[bold]mean ROUGE-L[/bold]", *[f"[bold]{m:.2f}[/bold]" for m in means])
-    Console(width=160).print(table)
+    Console(file=CheckedStdout(), width=160).print(table)

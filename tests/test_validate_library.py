@@ -71,6 +71,7 @@ def _manifest(**fields: object) -> dict:
         {"index": "../victim.safetensors"},
         {"index": "/tmp/victim.safetensors"},
         {"index": "index-0123456789abcdef.safetensors", "documents": [{"id": "../../victim", "sha256": "x"}]},
+        {"index": "index-0123456789abcdef.safetensors", "documents": [{"id": "a", "sha256": "x"}]},
         {"documents": "all"},
         {"base_model": "tiny"},
     ],
@@ -107,3 +108,22 @@ def test_docs_linked_elsewhere_is_never_swept(tiny, tmp_path):
     with pytest.raises(LoramemError, match="damaged"):
         add_documents(lib, tiny, [str(doc)], AddOptions())
     assert (elsewhere / "photos" / "a.jpg").read_bytes() == b"jpeg"
+
+
+def test_document_folders_linked_elsewhere_are_refused(tmp_path):
+    from loramem import LoramemError
+    from loramem.library.store import Library
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    lib = Library(tmp_path / "lib", _manifest(documents=[{"id": "a", "sha256": "x", "adapter": {"sha256": "y"}}]))
+    (lib.path / "docs" / "a").mkdir(parents=True)
+    (lib.path / "docs" / "a" / "adapter").symlink_to(elsewhere)
+    (lib.path / "merged").symlink_to(elsewhere)
+    with pytest.raises(LoramemError, match="leads outside"):
+        lib.adapter_dir("a")
+    from loramem.adapters.merge import MergeConfig
+    from loramem.library.qa import merged_folder
+
+    with pytest.raises(LoramemError, match="leads outside"):
+        merged_folder(lib, ["a"], MergeConfig(method="cat"))

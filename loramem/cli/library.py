@@ -21,7 +21,7 @@ from loramem.cli.options import (
     print_json,
     stdout_console,
 )
-from loramem.fileio import write_stdout
+from loramem.fileio import check_output_path, write_stdout
 from loramem.log import log
 
 library_app = typer.Typer(
@@ -84,6 +84,8 @@ def library_add(
         truncate=truncate,
         embedder=str(embedder) if embedder else None,
     )
+    if not lib.exists():
+        check_output_path(lib, what="directory")  # before the model loads, not after
     recorded = open_library(lib).base_model_id if lib.exists() else None
     added = add_documents(
         lib, load(model or recorded, device, dtype, chat_template_kwargs=chat_template_kwargs), documents, options

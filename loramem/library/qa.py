@@ -81,7 +81,7 @@ def merged_folder(lib: Library, doc_ids: list[str], config: MergeConfig) -> tupl
         "density": config.density if config.method in DENSITY_METHODS else None,
         "seed": config.seed if config.method == "dare_ties" else None,
     }
-    folder = lib.path / MERGED / sha256_text(json.dumps(key, sort_keys=True))[:16]
+    folder = lib.inside(lib.path / MERGED / sha256_text(json.dumps(key, sort_keys=True))[:16])
     return folder, [i for _, i, _ in ordered], [w for *_, w in ordered]
 
 
@@ -125,7 +125,7 @@ def context_cache(lm: LoadedModel, chunks: list[Chunk]) -> KVCache:
 
 def stored_cache(lm: LoadedModel, lib: Library, doc_id: str) -> KVCache:
     """A document's cache stored in the library (`library add --with-cache`), checked against the model."""
-    path = lib.doc_dir(doc_id) / CACHE_FILE
+    path = lib.inside(lib.doc_dir(doc_id) / CACHE_FILE)
     if not path.is_file():
         raise LoramemError(
             f"document {doc_id} of library {lib.path} has no stored KV cache; add documents with "

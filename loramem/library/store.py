@@ -76,10 +76,10 @@ class Library:
         return path
 
     def adapter_dir(self, doc_id: str) -> Path:
-        return self.doc_dir(doc_id) / ADAPTER_DIR
+        return self.inside(self.doc_dir(doc_id) / ADAPTER_DIR)
 
     def chunks(self, doc_id: str) -> list[str]:
-        return json.loads((self.doc_dir(doc_id) / CHUNKS_FILE).read_text())
+        return json.loads(self.inside(self.doc_dir(doc_id) / CHUNKS_FILE).read_text())
 
     def index(self) -> dict[str, torch.Tensor]:
         """embeddings [n, dim] float32, document [n] (position in `documents`), chunk [n] (number in its document)."""
@@ -142,6 +142,9 @@ def _check_manifest(manifest: dict[str, Any], where: Path) -> None:
     for doc_id in ids:
         if not isinstance(doc_id, str) or not _ID.fullmatch(doc_id):
             raise LoramemError(f"{where} is damaged: document id {doc_id!r} is not a plain folder name")
+    for doc in documents:
+        if not isinstance(doc.get("sha256"), str) or not isinstance(doc.get("adapter"), dict):
+            raise LoramemError(f"{where} is damaged: document {doc['id']} lacks its sha256 or adapter record")
     if len(set(ids)) != len(ids):
         raise LoramemError(f"{where} is damaged: a document id appears twice")
     if documents and index is None:
