@@ -49,6 +49,14 @@ eval_app = typer.Typer(
 app.add_typer(eval_app, name="eval")
 
 
+AllowMixedOpt = typer.Option(
+    False,
+    "--allow-mixed",
+    help="Combine answers made in another precision (dtype) or on another kind of device; each answer keeps its "
+    "runtime",
+)
+
+
 @eval_app.command("run")
 def eval_run(
     dataset: str = typer.Argument(..., metavar="DATA", help="Dataset JSONL (see `loramem data`)"),
@@ -74,6 +82,7 @@ def eval_run(
         help="KV storage: native, fp16, bf16, int8, int4 (comma-separated: one curve each; bytes.png compares them)",
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out"),
+    allow_mixed: bool = AllowMixedOpt,
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N documents"),
     shard: str = typer.Option("0/1", "--shard", help="I/N: this process takes documents i with i % N == I"),
     adapters: Optional[Path] = typer.Option(
@@ -175,14 +184,15 @@ def eval_run(
             device=device,
             dtype=dtype,
             resume=resume,
+            allow_mixed=allow_mixed,
+            chat_template_kwargs=chat_template_kwargs,
             cpus_per_worker=cpus_per_worker,
             gpus_per_worker=gpus_per_worker,
             max_retries=max_retries,
         )
     else:
-        summary = run_eval(
-            load(model, device, dtype, chat_template_kwargs=chat_template_kwargs), dataset, out, config, resume=resume
-        )
+        lm = load(model, device, dtype, chat_template_kwargs=chat_template_kwargs)
+        summary = run_eval(lm, dataset, out, config, resume=resume, allow_mixed=allow_mixed)
     _show_summary(summary, as_json)
     if summary.get("n_failed_cells"):
         raise typer.Exit(PARTIAL_EXIT)
@@ -192,12 +202,13 @@ def eval_run(
 def eval_merge(
     runs: list[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Run directories of one config (shards)"),
     out: Path = typer.Option(..., "--out", "-o", help="New run directory for the merged answers"),
+    allow_mixed: bool = AllowMixedOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Combine shard runs into one run directory, then summarize and plot it."""
     from loramem.evaluation.shards import merge
 
-    _show_summary(merge(runs, out), as_json)
+    _show_summary(merge(runs, out, allow_mixed=allow_mixed), as_json)
 
 
 @eval_app.command("report")

@@ -40,7 +40,7 @@ def _import_ray() -> Any:
     return ray
 
 
-def _worker_model(spec: tuple[str | None, str, str], threads: int) -> LoadedModel:
+def _worker_model(spec: tuple, threads: int) -> LoadedModel:
     import torch
 
     torch.set_num_threads(max(1, threads))
@@ -49,9 +49,7 @@ def _worker_model(spec: tuple[str | None, str, str], threads: int) -> LoadedMode
     return _models[spec]
 
 
-def _describe_model(
-    spec: tuple[str | None, str, str], threads: int, config: EvalConfig
-) -> tuple[dict[str, Any], dict[int, int]]:
+def _describe_model(spec: tuple, threads: int, config: EvalConfig) -> tuple[dict[str, Any], dict[int, int]]:
     """The model's identity as config.json records it and its adapter sizes at the budget ranks, taken on a worker
     (the driver may have no GPU)."""
     lm = _worker_model(spec, threads)
@@ -79,7 +77,7 @@ def _unanswered(part: Path, record: DocRecord, cells: list[Any], groups: int, re
 
 
 def _document_task(
-    spec: tuple[str | None, str, str],
+    spec: tuple,
     threads: int,
     record: DocRecord,
     cells: list[Any],
@@ -94,7 +92,7 @@ def _document_task(
     if remaining:
         _inject_fault(record, part)
         lm = _worker_model(spec, threads)
-        answers = AnswerLog(part)
+        answers = AnswerLog(part, runtime=lm.runtime())
         try:
             evaluate_document(lm, record, remaining, config, run, answers)
         finally:
@@ -103,9 +101,7 @@ def _document_task(
     return len(remaining)
 
 
-def _library_task(
-    spec: tuple[str | None, str, str], threads: int, documents: list[DocRecord], config: EvalConfig, run_dir: str
-) -> None:
+def _library_task(spec: tuple, threads: int, documents: list[DocRecord], config: EvalConfig, run_dir: str) -> None:
     """Build the run's library once, before any document task routes over it."""
     build_library(_worker_model(spec, threads), documents, config, Path(run_dir))
 
@@ -126,6 +122,8 @@ def run_eval_ray(
     device: str = "auto",
     dtype: str = "auto",
     resume: bool = False,
+    allow_mixed: bool = False,
+    chat_template_kwargs: str | None = None,
     cpus_per_worker: float = 1,
     gpus_per_worker: float = 0,
     max_retries: int = 2,
@@ -147,11 +145,11 @@ def run_eval_ray(
             logging_level="ERROR",
         )
     try:
-        spec, threads = (model, device, dtype), int(max(1, cpus_per_worker))
+        spec, threads = (model, device, dtype, False, chat_template_kwargs), int(max(1, cpus_per_worker))
         resources = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
         describe = ray.remote(_describe_model).options(**resources, max_retries=max_retries)
         model_ids, sizes = ray.get(describe.remote(spec, threads, config))
-        plan = prepare_run(model_ids, dataset, run_dir, config, resume=resume, sizes=sizes)
+        plan = prepare_run(model_ids, dataset, run_dir, config, resume=resume, sizes=sizes, allow_mixed=allow_mixed)
         if plan.needs_library:
             library = ray.remote(_library_task).options(**resources, max_retries=max_retries)
             try:

@@ -17,6 +17,7 @@ from loramem.evaluation.metrics import score_answer
 from loramem.fileio import atomic_write_bytes
 from loramem.model.generate import Answer
 from loramem.model.loading import LoadedModel
+from loramem.model.prompt import check_template_record
 
 ADAPTERS = "adapters"
 
@@ -118,13 +119,31 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
         raise LoramemError(f"{path} is damaged: {exc.msg}") from exc
 
 
+def _precision(model: dict[str, Any]) -> tuple[str, str] | None:
+    runtime = model.get("runtime")
+    return (runtime["dtype"], runtime["device"].split(":")[0]) if runtime else None
+
+
 def check_same(
-    old: dict[str, Any], new: dict[str, Any], where: Path, action: str, ignore: tuple[str, ...] = ()
+    old: dict[str, Any],
+    new: dict[str, Any],
+    where: Path,
+    action: str,
+    ignore: tuple[str, ...] = (),
+    allow_mixed: bool = False,
 ) -> None:
-    """Refuse to combine answers made under another config, model or dataset."""
+    """Refuse to combine answers made under another config, model or dataset, or (unless `allow_mixed`) in another
+    precision or on another kind of device (runs from before the runtime was recorded are not checked for it)."""
     if old["model"].get("model") != new["model"].get("model"):
         raise IncompatibleArtifactError(
             f"{where} was made with another model ({old['model'].get('id')}); cannot {action}"
+        )
+    check_template_record(old["model"], new["model"], f"{where} (cannot {action})")
+    was, now = _precision(old["model"]), _precision(new["model"])
+    if not allow_mixed and was and now and was != now:
+        raise IncompatibleArtifactError(
+            f"{where} was answered in {was[0]} on {was[1]}, this run is {now[0]} on {now[1]}; cannot {action} "
+            "(--allow-mixed combines them, each answer keeps its runtime)"
         )
     if old["dataset"]["sha256"] != new["dataset"]["sha256"]:
         raise LoramemError(f"{where} was made from another dataset ({old['dataset']['path']}); cannot {action}")
@@ -137,7 +156,7 @@ def check_same(
         raise LoramemError(f"{where} was run with another config; cannot {action}: {'; '.join(changed)}")
 
 
-def open_run(run: Path, header: dict[str, Any], resume: bool) -> set[tuple]:
+def open_run(run: Path, header: dict[str, Any], resume: bool, allow_mixed: bool = False) -> set[tuple]:
     """Start a run directory, or (resume) check it matches and return the cells already answered."""
     if run.exists() and not run.is_dir():
         raise LoramemError(f"{run} is a file; --out needs a directory")
@@ -145,7 +164,7 @@ def open_run(run: Path, header: dict[str, Any], resume: bool) -> set[tuple]:
         if not resume:
             raise LoramemError(f"{run} is not empty; add --resume to continue that run, or choose another --out")
         old = read_json(run / CONFIG, "cannot resume")
-        check_same(old, header, run, "resume it", ignore=("limit",))
+        check_same(old, header, run, "resume it", ignore=("limit",), allow_mixed=allow_mixed)
         if old["config"].get("limit") != header["config"]["limit"]:  # a resume may widen or narrow the run
             atomic_write_bytes(
                 run / CONFIG, (json.dumps({**header, "created": old["created"]}, indent=2) + "\n").encode()
@@ -180,8 +199,9 @@ def fold_parts(run: Path) -> None:
 
 
 def model_info(lm: LoadedModel) -> dict[str, Any]:
-    """The model as a run's config.json records it; a resume or merge must match it."""
-    return {"id": lm.model_id, **lm.fingerprint}
+    """The model as a run's config.json records it; a resume or merge must match it (its runtime too, unless
+    mixing is allowed)."""
+    return {"id": lm.model_id, **lm.fingerprint, "runtime": lm.runtime()}
 
 
 def run_header(
@@ -200,11 +220,16 @@ def run_header(
 class AnswerLog:
     """Appends answer lines durably (flush + fsync each), so an interruption loses at most the line being written."""
 
-    def __init__(self, path: Path, advance: Callable[..., None] = lambda n: None) -> None:
+    def __init__(
+        self, path: Path, advance: Callable[..., None] = lambda n: None, runtime: dict[str, str] | None = None
+    ) -> None:
         self.handle = path.open("a", encoding="utf-8")
         self.advance = advance
+        self.runtime = runtime  # LoadedModel.runtime() of the answering model: kept on every line
 
     def write(self, row: dict[str, Any]) -> None:
+        if self.runtime is not None:
+            row = {**row, "runtime": self.runtime}
         self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.handle.flush()
         os.fsync(self.handle.fileno())

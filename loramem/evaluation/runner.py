@@ -93,6 +93,7 @@ def prepare_run(
     *,
     resume: bool = False,
     sizes: dict[int, int] | None = None,
+    allow_mixed: bool = False,
 ) -> RunPlan:
     """Read and check the dataset, open (or resume) RUN_DIR, and list the cells still to answer.
 
@@ -136,7 +137,7 @@ def prepare_run(
             check_adapter(path, record, fmt, rank)
     if config.uses_library:
         check_library(model, documents, config)
-    done = open_run(run, run_header(model, config, Path(dataset), sha256_bytes(data), grids), resume)
+    done = open_run(run, run_header(model, config, Path(dataset), sha256_bytes(data), grids), resume, allow_mixed)
     todo = [(record, [c for c in cells if key_of(record, c, config.groups) not in done]) for record, cells in grids]
     plan = RunPlan(run, [(record, cells) for record, cells in todo if cells], documents)
     log(
@@ -153,14 +154,18 @@ def run_eval(
     config: EvalConfig,
     *,
     resume: bool = False,
+    allow_mixed: bool = False,
 ) -> dict[str, Any]:
     """Answer every cell of the grid not yet in RUN_DIR/answers.jsonl, then write the summary and curves.
+    A resume refuses answers of another precision or device unless `allow_mixed`.
 
     Returns the summary (see `loramem.evaluation.report.summarize`). `lm` is left without an adapter.
     """
-    plan = prepare_run(model_info(lm), dataset, run_dir, config, resume=resume, sizes=budget_sizes(lm, config))
+    plan = prepare_run(
+        model_info(lm), dataset, run_dir, config, resume=resume, sizes=budget_sizes(lm, config), allow_mixed=allow_mixed
+    )
     with progress_bar("evaluating", plan.n_cells) as advance:
-        answers = AnswerLog(plan.run / ANSWERS, advance)
+        answers = AnswerLog(plan.run / ANSWERS, advance, lm.runtime())
         try:
             if plan.needs_library:
                 build_library(lm, plan.documents, config, plan.run, lambda text: advance(0, status=text))

@@ -15,8 +15,9 @@ from loramem.fileio import atomic_write_bytes
 from loramem.log import warn
 
 
-def merge(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
+def merge(run_dirs: Sequence[str | Path], out_dir: str | Path, *, allow_mixed: bool = False) -> dict[str, Any]:
     """Combine shard runs of one config into a new run directory (answers deduplicated by cell) and summarize it.
+    Shards answered in other precisions or on other devices are refused unless `allow_mixed`.
 
     The merged config.json covers the whole dataset (shard 0/1), so `--resume` on it fills any gap.
     """
@@ -25,7 +26,7 @@ def merge(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]
     dirs = [Path(d) for d in run_dirs]
     headers = [read_json(d / CONFIG, "cannot merge it") for d in dirs]
     for where, header in zip(dirs[1:], headers[1:]):
-        check_same(headers[0], header, where, f"merge it with {dirs[0]}", ignore=("shard",))
+        check_same(headers[0], header, where, f"merge it with {dirs[0]}", ignore=("shard",), allow_mixed=allow_mixed)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LoramemError(f"{out} is not empty; merge into a new directory")

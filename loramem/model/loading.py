@@ -77,6 +77,19 @@ class LoadedModel:
     adapter: Any = None  # a loramem.adapters.attach.Adapter once one is attached
     template: TemplateOptions = field(default_factory=TemplateOptions)  # chat-template variables, in the fingerprint
 
+    def runtime(self) -> dict[str, str]:
+        """What a number measured with this model depends on besides the weights: precision, device, library
+        versions. Recorded in eval runs, whose resumes and merges refuse to mix precisions or devices."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        found = {}
+        for package in ("torch", "transformers", "kvpress", "peft"):
+            try:
+                found[package] = version(package)
+            except PackageNotFoundError:
+                found[package] = "not installed"
+        return {"dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device), **found}
+
     def framing(self, style: str = "chat") -> Framing:
         """How this model frames a document and a question (its template rendered with `template`)."""
         return Framing.for_tokenizer(self.tokenizer, style, self.template)
@@ -114,12 +127,14 @@ def _require_gguf_package() -> None:
         raise LoramemError("loading a GGUF file needs the 'gguf' package; run: pip install gguf")
 
 
-def _load_gguf(path: Path, torch_dtype: Any) -> tuple[Any, Any]:
+def _load_gguf(path: Path, torch_dtype: Any, placement: dict[str, Any] | None = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _require_gguf_package()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch_dtype, **(placement or {})
+    )
     # save_pretrained refuses a GGUF-loaded model while it still looks quantized.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -161,10 +176,17 @@ def resolve_device(device: str) -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LoramemError(f"--device {device} asked for, but torch sees no CUDA device")
-    if device != "cpu" and not device.startswith("cuda") and device != "mps":
-        raise LoramemError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if device.startswith("cuda"):
+        index = device.removeprefix("cuda").removeprefix(":")
+        if device != "cuda" and (not device.startswith("cuda:") or not index.isdigit()):
+            raise LoramemError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+        if not torch.cuda.is_available():
+            raise LoramemError(f"--device {device} asked for, but torch sees no CUDA device")
+        if index and int(index) >= torch.cuda.device_count():
+            raise LoramemError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    if device not in ("cpu", "mps"):
+        raise LoramemError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
     return device
 
 
@@ -274,16 +296,18 @@ def load_model(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     model_id = str(where)
+    # Weights go straight to the accelerator (no whole copy in host memory first: 16 GB for an 8B model in bf16).
+    placement = {"device_map": {"": torch.device(dev)}} if dev != "cpu" else {}
     try:
         if kind == "gguf":
-            model, tokenizer = _load_gguf(Path(where), torch_dtype)
+            model, tokenizer = _load_gguf(Path(where), torch_dtype, placement)
             model_id = Path(where).name
         else:
             folder = default_model_dir() if kind == "default" else where
             kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
             tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
             model = AutoModelForCausalLM.from_pretrained(
-                str(folder), dtype=torch_dtype, attn_implementation="sdpa", **kwargs
+                str(folder), dtype=torch_dtype, attn_implementation="sdpa", **placement, **kwargs
             )
             if kind == "dir":
                 model_id = str(Path(where).resolve())
@@ -291,10 +315,9 @@ def load_model(
         raise
     except OSError as exc:
         if kind == "hub":
-            raise LoramemError(
-                f"cannot load model {name!r}: not a local path and not reachable on the Hugging Face hub "
-                f"(offline?); omit --model to use the embedded default ({_INSTALL_HINT})"
-            ) from exc
+            from loramem.model.hub import hub_error
+
+            raise hub_error(str(name), exc) from exc
         raise LoramemError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from exc
     except ValueError as exc:
         raise LoramemError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from exc
