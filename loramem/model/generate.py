@@ -1,20 +1,21 @@
 """Answering: greedy decoding over a stored (possibly compressed) KV cache, or with no document.
 
+Questions over one document are answered in batches (`answer_batch`, engine in `loramem.model.batch`);
+`generate` is the one-question case.
+
 Stored keys are post-RoPE at their original positions, so the question continues at position
 `n_tokens` of the original prefill whatever was evicted: RoPE stays consistent after eviction.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-
 from loramem.adapters.attach import adapter_scope
+from loramem.errors import LoramemError
 from loramem.kv.cache import KVCache
-from loramem.kv.value_groups import head_masks
+from loramem.model.batch import Decoded, decode
 from loramem.model.loading import LoadedModel
 from loramem.model.prompt import Framing, closed_book_ids, question_ids, stop_token_ids
 
@@ -38,11 +39,82 @@ class Answer:
         return asdict(self)
 
 
-def clock(device: Any) -> float:
-    """perf_counter once the device has finished its queued work (CUDA runs asynchronously)."""
-    if getattr(device, "type", str(device)).startswith("cuda"):
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+MAX_BATCH_TOKENS = 32768
+MAX_BATCH = 16
+
+
+def batch_rows(cache: KVCache | None, width: int, max_new_tokens: int, max_batch_tokens: int) -> int:
+    """Rows that fit `max_batch_tokens` cached tokens (each row holds the document, its question and answer)."""
+    per_row = (max(cache.kept_per_layer) if cache is not None and cache.n_layers else 0) + width + max_new_tokens
+    return max(1, min(MAX_BATCH, max_batch_tokens // per_row))
+
+
+def answer_batch(
+    lm: LoadedModel,
+    questions: list[str],
+    cache: KVCache | None = None,
+    *,
+    max_new_tokens: int = 64,
+    adapter_on: bool = False,
+    framing: str | Framing = "chat",
+    batch_size: int | None = None,
+    max_batch_tokens: int = MAX_BATCH_TOKENS,
+) -> list[Answer]:
+    """Answer every question from `cache` (None: closed-book, framed as `framing`: a style or a Framing), in
+    batches over one shared document.
+
+    Greedy and token for token the answers `generate` gives one at a time (up to floating-point ties).
+    `batch_size` None: as many rows as `max_batch_tokens` cached tokens allow (at most 16).
+    """
+    if batch_size is not None and batch_size < 1:
+        raise LoramemError(f"batch size must be at least 1, got {batch_size}")
+    if max_batch_tokens < 1:
+        raise LoramemError(f"max batch tokens must be at least 1, got {max_batch_tokens}")
+    if max_new_tokens < 1:
+        raise LoramemError(f"max new tokens must be at least 1, got {max_new_tokens}")
+    tok = lm.tokenizer
+    if cache is not None:
+        frame = Framing.from_dict(cache.meta["framing"])
+        prompts = [question_ids(tok, frame, q, after_document=True) for q in questions]
+    else:
+        frame = framing if isinstance(framing, Framing) else lm.framing(framing)
+        prompts = [closed_book_ids(tok, frame, q) for q in questions]
+    stops = stop_token_ids(tok, frame, lm.model.generation_config)
+    pad_id = next((t for t in (tok.pad_token_id, tok.eos_token_id) if isinstance(t, int)), 0)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
+    answers: list[Answer | None] = [None] * len(prompts)
+    start = 0
+    with adapter_scope(lm, adapter_on):
+        while start < len(order):
+            rows = batch_size or batch_rows(cache, len(prompts[order[start]]), max_new_tokens, max_batch_tokens)
+            chunk = order[start : start + rows]
+            if batch_size is None:  # the longest question of the chunk decides what fits
+                while len(chunk) > 1 and len(chunk) > batch_rows(
+                    cache, len(prompts[chunk[-1]]), max_new_tokens, max_batch_tokens
+                ):
+                    chunk.pop()
+            decoded = decode(lm.model, [prompts[i] for i in chunk], cache, stops, max_new_tokens, pad_id)
+            for i, row in zip(chunk, decoded):
+                answers[i] = _answer(tok, questions[i], cache, row)
+            start += len(chunk)
+    return [a for a in answers if a is not None]
+
+
+def _answer(tok: Any, question: str, cache: KVCache | None, row: Decoded) -> Answer:
+    return Answer(
+        question=question,
+        answer=tok.decode(row.tokens, skip_special_tokens=True).strip(),
+        new_tokens=len(row.tokens),
+        stopped_at_end_of_turn=row.stopped,
+        cache_tokens=max(cache.kept_per_layer) if cache is not None and cache.n_layers else 0,
+        document_tokens=cache.n_tokens if cache is not None else 0,
+        question_tokens=row.prompt_tokens,
+        prefill_seconds=round(row.prefill_seconds, 4),
+        time_to_first_token_seconds=round(row.first_token_seconds, 4),
+        decode_tokens_per_second=round((len(row.tokens) - 1) / row.decode_seconds, 2)
+        if len(row.tokens) > 1 and row.decode_seconds > 0
+        else 0.0,
+    )
 
 
 def generate(
@@ -56,62 +128,6 @@ def generate(
 ) -> Answer:
     """Answer `question` from `cache` (None: closed-book, framed as `framing`: a style or a Framing), greedily,
     stopping at the end of the turn."""
-    from transformers import DynamicCache
-
-    started = clock(lm.device)  # time to first token counts putting the stored cache on the device
-    tok = lm.tokenizer
-    if cache is not None:
-        frame = Framing.from_dict(cache.meta["framing"])
-        ids = question_ids(tok, frame, question, after_document=True)
-        past, start = cache.to_dynamic_cache(lm.device, lm.dtype), cache.n_tokens
-        cache_tokens = max(cache.kept_per_layer)
-    else:
-        frame = framing if isinstance(framing, Framing) else lm.framing(framing)
-        ids = closed_book_ids(tok, frame, question)
-        past, start, cache_tokens = DynamicCache(), 0, 0
-    stops = stop_token_ids(tok, frame, lm.model.generation_config)
-    generated: list[int] = []
-    stopped = False
-    present = [m.any(-1) for m in cache.masks] if cache is not None and cache.masks is not None else None
-    with torch.inference_mode(), adapter_scope(lm, adapter_on), head_masks(lm.model, present):
-        input_ids = torch.tensor([ids], device=lm.device)
-        position = torch.arange(start, start + len(ids), device=lm.device).unsqueeze(0)
-        prefill_started = clock(lm.device)
-        out = lm.model(
-            input_ids=input_ids, past_key_values=past, position_ids=position, use_cache=True, logits_to_keep=1
-        )
-        prefilled = clock(lm.device)
-        next_id = int(out.logits[0, -1].argmax())
-        first = clock(lm.device)
-        position = position[:, -1:]
-        while True:
-            if next_id in stops:
-                stopped = True
-                break
-            generated.append(next_id)
-            if len(generated) >= max_new_tokens:
-                break
-            position = position + 1
-            out = lm.model(
-                input_ids=torch.tensor([[next_id]], device=lm.device),
-                past_key_values=past,
-                position_ids=position,
-                use_cache=True,
-            )
-            next_id = int(out.logits[0, -1].argmax())
-    done = clock(lm.device)
-    decode_time = done - first
-    return Answer(
-        question=question,
-        answer=tok.decode(generated, skip_special_tokens=True).strip(),
-        new_tokens=len(generated),
-        stopped_at_end_of_turn=stopped,
-        cache_tokens=cache_tokens,
-        document_tokens=cache.n_tokens if cache is not None else 0,
-        question_tokens=len(ids),
-        prefill_seconds=round(prefilled - prefill_started, 4),
-        time_to_first_token_seconds=round(first - started, 4),
-        decode_tokens_per_second=round((len(generated) - 1) / decode_time, 2)
-        if len(generated) > 1 and decode_time > 0
-        else 0.0,
-    )
+    return answer_batch(
+        lm, [question], cache, max_new_tokens=max_new_tokens, adapter_on=adapter_on, framing=framing, batch_size=1
+    )[0]

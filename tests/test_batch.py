@@ -1,0 +1,160 @@
+"""Batched answering: every row of a batch equals the question asked alone, token for token (CPU fp32).
+
+A batch row and a lone question go through the same arithmetic except for the matrix shapes (batch rows, left
+padding), so their logits agree to ~1e-6, not bit for bit. A greedy token could therefore flip only where the two
+best logits tie to that precision; `assert_same_tokens` says so explicitly when it happens instead of failing on it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import REPO
+
+from loramem import compress, encode
+from loramem.kv.value_groups import compress_value_groups, head_masks
+from loramem.model.batch import build_cache, decode
+from loramem.model.generate import answer_batch, batch_rows, generate
+from loramem.model.prompt import Framing, closed_book_ids, question_ids
+
+QUESTIONS = [
+    "Who designed the lighthouse?",
+    "When?",
+    "What did the keeper write in the logbook on the night of the great storm, and why did he stop?",
+    "Which island?",
+    "How tall is the tower and what is it made of?",
+]
+TIE = 1e-4  # two best logits closer than this: a tie that floating-point order may break either way
+
+
+def prompts_for(lm, cache, questions=QUESTIONS):
+    frame = Framing.from_dict(cache.meta["framing"])
+    return [question_ids(lm.tokenizer, frame, q, after_document=True) for q in questions]
+
+
+def full_prompt_tokens(lm, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens of the whole prompt, one plain forward pass per token (no cache), with each step's top-2 gap."""
+    ids, gaps = list(prompt), []
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
+            top = logits.topk(2).values
+            gaps.append(float(top[0] - top[1]))
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt) :], gaps
+
+
+def assert_same_tokens(got: list[int], expected: list[int], gaps: list[float]) -> None:
+    """Equal, or equal up to a step where the reference's two best logits tie (reported, not hidden)."""
+    for step, (a, b) in enumerate(zip(got, expected)):
+        if a != b:
+            assert gaps[step] < TIE, f"step {step}: {a} != {b} with a top-2 gap of {gaps[step]:.2e} (no tie)"
+            pytest.skip(f"floating-point tie at step {step} (top-2 gap {gaps[step]:.1e}): tokens may differ here")
+    assert len(got) == len(expected)
+
+
+@pytest.fixture(scope="module")
+def cache(tiny, doc_text):
+    return encode(tiny, doc_text, presses=["snapkv", "knorm"])
+
+
+def batched_logits(lm, cache, prompts) -> torch.Tensor:
+    """Last-token logits of every row after the (left-padded) question block of one batch."""
+    width = max(len(p) for p in prompts)
+    batch = build_cache(lm.model, cache, prompts, width + 1, lm.device, lm.dtype)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    with torch.inference_mode(), batch.active(lm.model):
+        batch.prepare(width)
+        out = lm.model(input_ids=ids, past_key_values=batch, position_ids=batch.new_positions[:, :width])
+    return out.logits[:, -1]
+
+
+@pytest.mark.parametrize("kind", ["full", "snapkv", "per-layer"])
+def test_batch_rows_equal_full_prompt(tiny, cache, one_thread, kind):
+    """Padded rows over a full, a per-head evicted, and a per-layer different cache: the logits and greedy tokens
+    of the whole prompt run in plain transformers."""
+    if kind == "snapkv":
+        cache = compress(cache, "snapkv", ratio=0.6)
+    elif kind == "per-layer":  # layer 1 keeps half of what layer 0 keeps
+        cache = compress(cache, "snapkv", ratio=0.6)
+        for kept in (cache.keys, cache.values, cache.positions):
+            kept[1] = kept[1][:, ::2].clone()
+    prompts = prompts_for(tiny, cache)
+    rows = batched_logits(tiny, cache, prompts)
+    decoded = decode(tiny.model, prompts, cache, set(), 8, 0)
+    for prompt, row, got in zip(prompts, rows, decoded):
+        if kind == "full":
+            with torch.inference_mode():
+                full = tiny.model(input_ids=torch.tensor([cache.token_ids.tolist() + prompt])).logits[0, -1]
+            assert torch.allclose(row, full, atol=1e-4)
+            assert_same_tokens(got.tokens, *full_prompt_tokens(tiny, cache.token_ids.tolist() + prompt, 8))
+        lone = decode(tiny.model, [prompt], cache, set(), 8, 0)[0]
+        assert torch.allclose(row, batched_logits(tiny, cache, [prompt])[0], atol=1e-5)
+        assert got.tokens == lone.tokens
+
+
+def test_value_group_batch_equals_head_masked_reference(tiny, cache, one_thread):
+    """Per-head kept tokens (value groups): batched logits equal the reference head-masked DynamicCache pass."""
+    small = compress_value_groups(cache, "knorm", groups=4, budget=0.3)
+    prompts = prompts_for(tiny, small)
+    rows = batched_logits(tiny, small, prompts)
+    present = [m.any(-1) for m in small.masks]
+    for prompt, row in zip(prompts, rows):
+        position = torch.arange(small.n_tokens, small.n_tokens + len(prompt))[None]
+        with torch.inference_mode(), head_masks(tiny.model, present):
+            ref = tiny.model(
+                input_ids=torch.tensor([prompt]), past_key_values=small.to_dynamic_cache(), position_ids=position
+            ).logits[0, -1]
+        assert torch.allclose(row, ref, atol=1e-5)
+    batched = answer_batch(tiny, QUESTIONS, small, max_new_tokens=8, batch_size=5)
+    assert [a.answer for a in batched] == [generate(tiny, q, small, max_new_tokens=8).answer for q in QUESTIONS]
+
+
+def test_closed_book_batch_equals_one_at_a_time(tiny, one_thread):
+    frame = Framing.for_tokenizer(tiny.tokenizer)
+    prompts = [closed_book_ids(tiny.tokenizer, frame, q) for q in QUESTIONS]
+    decoded = decode(tiny.model, prompts, None, set(), 6, 0)
+    for prompt, got in zip(prompts, decoded):
+        assert_same_tokens(got.tokens, *full_prompt_tokens(tiny, prompt, 6))
+    assert [a.answer for a in answer_batch(tiny, QUESTIONS, None, max_new_tokens=6)] == [
+        generate(tiny, q, None, max_new_tokens=6).answer for q in QUESTIONS
+    ]
+
+
+def test_rows_stop_at_their_own_end(tiny, cache, one_thread):
+    """A row that meets a stop token ends there; the others run on to their own end or the limit."""
+    prompts = prompts_for(tiny, cache)
+    free = decode(tiny.model, prompts, cache, set(), 6, 0)
+    stop = free[2].tokens[1]  # row 2's second token becomes a stop token
+    stopped = decode(tiny.model, prompts, cache, {stop}, 6, 0)
+    for before, after in zip(free, stopped):
+        cut = before.tokens.index(stop) if stop in before.tokens else len(before.tokens)
+        assert after.tokens == before.tokens[:cut]
+        assert after.stopped == (stop in before.tokens)
+    assert stopped[2].tokens == free[2].tokens[:1] and stopped[2].stopped
+
+
+def test_batch_size_follows_the_memory_budget(tiny, cache):
+    assert batch_rows(cache, 20, 30, 10**9) == 16
+    assert batch_rows(cache, 20, 30, 3 * (cache.n_tokens + 50)) == 3
+    assert batch_rows(cache, 20, 30, 1) == 1
+    with pytest.raises(Exception, match="batch size"):
+        answer_batch(tiny, QUESTIONS, cache, batch_size=0)
+
+
+@pytest.mark.real
+def test_default_model_demo_questions_batched(real):
+    """The bundled demo questions over the demo document: batch 4 gives the answers of batch 1, token for token."""
+    questions = [json.loads(line)["question"] for line in (REPO / "examples/demo/questions.jsonl").open()]
+    cache = encode(real, (REPO / "examples/demo/lighthouse.txt").read_text())
+    prompts = prompts_for(real, cache, questions)
+    lone = [decode(real.model, [p], cache, set(), 24, 0)[0].tokens for p in prompts]
+    together = [row.tokens for row in decode(real.model, prompts, cache, set(), 24, 0)]
+    for prompt, got, expected in zip(prompts, together, lone):
+        if got != expected:  # only a tie may separate them: check the margin at the first difference
+            _, gaps = full_prompt_tokens(real, cache.token_ids.tolist() + prompt, 24)
+            assert_same_tokens(got, expected, gaps)
+    answers = answer_batch(real, questions, cache, max_new_tokens=24)
+    assert [a.answer for a in answers] == [generate(real, q, cache, max_new_tokens=24).answer for q in questions]
