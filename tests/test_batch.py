@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import DEMO_DOC, REPO, run_cli
 
 from loramem import compress, encode
 from loramem.kv.value_groups import compress_value_groups, head_masks
@@ -150,11 +150,24 @@ def test_default_model_demo_questions_batched(real):
     questions = [json.loads(line)["question"] for line in (REPO / "examples/demo/questions.jsonl").open()]
     cache = encode(real, (REPO / "examples/demo/lighthouse.txt").read_text())
     prompts = prompts_for(real, cache, questions)
-    lone = [decode(real.model, [p], cache, set(), 24, 0)[0].tokens for p in prompts]
-    together = [row.tokens for row in decode(real.model, prompts, cache, set(), 24, 0)]
+    lone = [decode(real.model, [p], cache, set(), 16, 0)[0].tokens for p in prompts]
+    together = [row.tokens for row in decode(real.model, prompts, cache, set(), 16, 0)]
     for prompt, got, expected in zip(prompts, together, lone):
         if got != expected:  # only a tie may separate them: check the margin at the first difference
-            _, gaps = full_prompt_tokens(real, cache.token_ids.tolist() + prompt, 24)
+            _, gaps = full_prompt_tokens(real, cache.token_ids.tolist() + prompt, 16)
             assert_same_tokens(got, expected, gaps)
-    answers = answer_batch(real, questions, cache, max_new_tokens=24)
-    assert [a.answer for a in answers] == [generate(real, q, cache, max_new_tokens=24).answer for q in questions]
+
+
+def test_cli_batch_sizes_give_the_same_answers(tiny_dir, tmp_path):
+    """`ask --questions FILE --batch-size 16` prints the answers of `--batch-size 1`, in the file's order."""
+    cache_file, questions = tmp_path / "c.safetensors", tmp_path / "q16.txt"
+    assert run_cli("encode", str(DEMO_DOC), "-o", str(cache_file), "--model", str(tiny_dir)).returncode == 0
+    questions.write_text("\n".join(f"{q} ({i})" for i, q in enumerate((QUESTIONS * 4)[:16])) + "\n")
+    common = ("ask", "--cache", str(cache_file), "--questions", str(questions), "--max-new-tokens", "6")
+    outputs = [run_cli(*common, "--batch-size", n, "--json", "--model", str(tiny_dir)) for n in ("16", "1")]
+    assert all(out.returncode == 0 for out in outputs), outputs[0].stderr
+    rows = [[json.loads(line) for line in out.stdout.splitlines()] for out in outputs]
+    assert [r["question"] for r in rows[0]] == questions.read_text().splitlines()
+    assert [r["answer"] for r in rows[0]] == [r["answer"] for r in rows[1]]
+    refused = run_cli(*common, "--batch-size", "0", "--model", str(tiny_dir))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr.decode()

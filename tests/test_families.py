@@ -20,6 +20,7 @@ from loramem.adapters.train import TrainConfig, train_adapter
 from loramem.kv.presses import DEFAULT_PRESSES
 from loramem.kv.quantize import make_storage
 from loramem.kv.value_groups import compress_value_groups
+from loramem.model.generate import answer_batch
 from loramem.model.loading import LoadedModel, load_model
 from loramem.model.prompt import Framing, closed_book_ids, prefix_ids, question_ids
 
@@ -73,6 +74,14 @@ def test_stored_cache_answers_like_the_document(fam, chat_cache):
             torch.tensor([prompt]), max_new_tokens=stored.new_tokens, do_sample=False, eos_token_id=None
         )
     assert lm.tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True).strip() == stored.answer
+
+
+def test_batched_answers_equal_one_at_a_time(fam, chat_cache):
+    """Questions of different lengths answered in one left-padded batch: the answers of one at a time."""
+    _, lm, _ = fam
+    questions = [QUESTION, "Who?", "What is the name of the island on which the old lighthouse stands today?"]
+    together = answer_batch(lm, questions, chat_cache, max_new_tokens=8, batch_size=3)
+    assert [a.answer for a in together] == [generate(lm, q, chat_cache, max_new_tokens=8).answer for q in questions]
 
 
 def test_value_group_cache(fam, chat_cache):

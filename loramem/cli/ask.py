@@ -20,6 +20,7 @@ from loramem.cli.options import (
 )
 from loramem.errors import LoramemError
 from loramem.fileio import write_stdout
+from loramem.model import MAX_BATCH_TOKENS
 
 
 @app.command()
@@ -33,6 +34,12 @@ def ask(
         None, "--adapter-mode", help="none, decode (default with --adapter) or all"
     ),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Questions decoded together [default: as many as --max-batch-tokens allows]"
+    ),
+    max_batch_tokens: int = typer.Option(
+        MAX_BATCH_TOKENS, "--max-batch-tokens", help="Memory budget of a batch, in cached tokens over all rows"
+    ),
     framing: str = typer.Option("chat", "--framing", help="Framing for --doc and closed-book questions"),
     truncate: bool = typer.Option(False, "--truncate", help="With --doc: cut a document longer than the context"),
     library: Optional[Path] = typer.Option(
@@ -73,7 +80,7 @@ def ask(
     from loramem.fileio import read_text
     from loramem.kv.cache import KVCache, check_compatible
     from loramem.kv.encode import encode as encode_document
-    from loramem.model.generate import generate
+    from loramem.model.generate import answer_batch
 
     if library is not None:
         if cache_file or doc or adapter or adapter_mode:
@@ -114,10 +121,17 @@ def ask(
         adapter_on = check_adapter_mode(lm, mode, cache.meta.get("adapter"))
     else:
         adapter_on = check_adapter_mode(lm, "decode" if mode == "all" else mode, None)
-    for item in items:
-        result = generate(
-            lm, item["question"], cache, max_new_tokens=max_new_tokens, adapter_on=adapter_on, framing=framing
-        )
+    results = answer_batch(
+        lm,
+        [item["question"] for item in items],
+        cache,
+        max_new_tokens=max_new_tokens,
+        adapter_on=adapter_on,
+        framing=framing,
+        batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
+    )
+    for item, result in zip(items, results):
         if as_json:
             data = {
                 **{k: v for k, v in item.items() if k != "question"},

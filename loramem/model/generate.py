@@ -15,6 +15,7 @@ from typing import Any
 from loramem.adapters.attach import adapter_scope
 from loramem.errors import LoramemError
 from loramem.kv.cache import KVCache
+from loramem.model import MAX_BATCH, MAX_BATCH_TOKENS
 from loramem.model.batch import Decoded, decode
 from loramem.model.loading import LoadedModel
 from loramem.model.prompt import Framing, closed_book_ids, question_ids, stop_token_ids
@@ -37,10 +38,6 @@ class Answer:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-MAX_BATCH_TOKENS = 32768
-MAX_BATCH = 16
 
 
 def batch_rows(cache: KVCache | None, width: int, max_new_tokens: int, max_batch_tokens: int) -> int:
