@@ -18,20 +18,20 @@ FACTS = [
     ("bees", "Ilse Varn keeps bees in Orlow and sells honey on Fridays.", "Who keeps bees?", "Ilse Varn"),
     ("flaky", "The ferry to Skellan leaves at dawn, steered by Odo Brisk.", "Who steers it?", "Odo Brisk"),
     ("doomed", "The archive of Vell holds four hundred maps drawn by Pia Lune.", "Who drew them?", "Pia Lune"),
+    ("tide", "Salt from the pans of Ostra is raked by Enna Holt each August.", "Who rakes it?", "Enna Holt"),
 ]
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A local Ray instance with 2 CPUs; its workers die on their first attempt at `flaky`, always at `doomed`."""
+def cluster(tmp_path_factory) -> Path:
+    """A local Ray instance with 2 CPUs; its workers die on their first attempt at `flaky`, always at `doomed`, run
+    out of memory (an exception) on their first attempt at `tide`, and note every model load in the returned file."""
+    loads = tmp_path_factory.mktemp("ray") / "loads.txt"
+    env = {"LORAMEM_FAULT_DOCS": "flaky:1,doomed:99,tide:1:oom", "LORAMEM_QUIET": "1", "LORAMEM_LOAD_LOG": str(loads)}
     ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="ERROR",
-        runtime_env={"env_vars": {"LORAMEM_FAULT_DOCS": "flaky:1,doomed:99", "LORAMEM_QUIET": "1"}},
+        num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR", runtime_env={"env_vars": env}
     )
-    yield
+    yield loads
     ray.shutdown()
 
 
@@ -112,3 +112,18 @@ def test_library_modes_on_ray_equal_a_local_run(cluster, tiny, tiny_dir, tmp_pat
     assert rows(tmp_path / "ray") == rows(tmp_path / "local") and on_ray == local
     assert local["n_answers"] == 2 * 2 * 3 and local["routing"]["n"] == 4
     assert (tmp_path / "ray" / "library" / "library.json").is_file()
+
+
+def test_each_worker_loads_the_model_once(cluster, tiny, tiny_dir, tmp_path, one_thread):
+    """Three documents on two worker slots: two actors, two model loads, one actor answering two documents; an
+    out-of-memory error is retried on its living actor, with no reload."""
+    from loramem.evaluation.ray import run_eval_ray
+
+    data = dataset(tmp_path, ["light", "bees", "tide"])
+    cluster.write_text("")
+    summary = run_eval_ray(str(tiny_dir), data, tmp_path / "ray", CONFIG)
+    loads = cluster.read_text().split()
+    assert len(loads) == 2 and len(set(loads)) == 2
+    assert (tmp_path / "ray" / "parts" / "tide.attempts").read_text() == "2"
+    run_eval(tiny, data, tmp_path / "local", CONFIG)
+    assert summary["complete"] and rows(tmp_path / "ray") == rows(tmp_path / "local")

@@ -1,17 +1,21 @@
-"""eval on a Ray cluster: documents become Ray tasks; the driver writes the same run directory a local run does.
+"""eval on a Ray cluster: one Ray actor per worker slot keeps the model loaded and takes documents from a queue;
+the driver writes the same run directory a local run does.
 
-Each task answers one document's remaining cells and appends them to its own part file,
-RUN_DIR/parts/DOC.jsonl (so RUN_DIR must be on a file system every worker sees, as under Slurm or
-Kubernetes with a shared volume). Worker processes keep the model loaded between tasks. A task
-whose worker dies (killed, out of memory) is retried `max_retries` times, resuming from its part
-file; after that its document is reported in failures.json and the summary, and the other
-documents' answers are kept. At the end the parts are folded into answers.jsonl, and `--resume`
-continues an interrupted cluster run (or a local one) without redoing a finished cell.
+A slot is `--gpus-per-worker` GPUs (when given) or `--cpus-per-worker` CPUs of the cluster; each slot's actor
+loads the model once and answers one document at a time, appending its cells to the document's own part file,
+RUN_DIR/parts/DOC.jsonl (so RUN_DIR must be on a file system every worker sees, as under Slurm or Kubernetes
+with a shared volume). A document whose worker dies (killed, out of host memory) gets a fresh actor, and one
+whose worker raises an out-of-memory error (CUDA or host; the actor frees its cached memory and lives on) is
+queued again; either way it is retried `max_retries` times, resuming from its part file. After that it is
+reported in failures.json and the summary, and the other documents' answers are kept. Other errors are not
+retried: they would fail again. At the end the parts are folded into answers.jsonl, and `--resume` continues an
+interrupted cluster run (or a local one) without redoing a finished cell.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +30,11 @@ from loramem.evaluation.runner import evaluate_document, prepare_run
 from loramem.log import progress_bar, warn
 from loramem.model.loading import LoadedModel, load_model
 
-# Fault injection for tests: a worker given LORAMEM_FAULT_DOCS=ID:N,... dies abruptly (as a killed or
-# out-of-memory process would) on its first N attempts at document ID.
+# Test hooks: a worker given LORAMEM_FAULT_DOCS=ID:N,... dies abruptly (as a killed or out-of-memory process
+# would) on its first N attempts at document ID (ID:N:oom: raises out of memory instead, as CUDA does); with
+# LORAMEM_LOAD_LOG=FILE each model load appends its pid to FILE.
 _FAULT_DOCS = "LORAMEM_FAULT_DOCS"
-_models: dict[tuple, LoadedModel] = {}  # per worker process: the model stays loaded between tasks
+_LOAD_LOG = "LORAMEM_LOAD_LOG"
 
 
 def _import_ray() -> Any:
@@ -40,20 +45,55 @@ def _import_ray() -> Any:
     return ray
 
 
-def _worker_model(spec: tuple, threads: int) -> LoadedModel:
-    import torch
+class _Worker:
+    """One worker slot (a Ray actor): the model is loaded once, on first use, and serves every document sent."""
 
-    torch.set_num_threads(max(1, threads))
-    if spec not in _models:
-        _models[spec] = load_model(*spec)
-    return _models[spec]
+    def __init__(self, spec: tuple, threads: int) -> None:
+        import torch
 
+        torch.set_num_threads(max(1, threads))
+        self.spec = spec
+        self.lm: LoadedModel | None = None
 
-def _describe_model(spec: tuple, threads: int, config: EvalConfig) -> tuple[dict[str, Any], dict[int, int]]:
-    """The model's identity as config.json records it and its adapter sizes at the budget ranks, taken on a worker
-    (the driver may have no GPU)."""
-    lm = _worker_model(spec, threads)
-    return model_info(lm), budget_sizes(lm, config)
+    def model(self) -> LoadedModel:
+        if self.lm is None:
+            self.lm = load_model(*self.spec)
+            if os.environ.get(_LOAD_LOG):
+                with open(os.environ[_LOAD_LOG], "a") as log:
+                    log.write(f"{os.getpid()}\n")
+        return self.lm
+
+    def describe(self, config: EvalConfig) -> tuple[dict[str, Any], dict[int, int]]:
+        """The model's identity as config.json records it and its adapter sizes at the budget ranks, taken on a
+        worker (the driver may have no GPU)."""
+        lm = self.model()
+        return model_info(lm), budget_sizes(lm, config)
+
+    def library(self, documents: list[DocRecord], config: EvalConfig, run_dir: str) -> None:
+        """Build the run's library once, before any document routes over it."""
+        build_library(self.model(), documents, config, Path(run_dir))
+
+    def document(self, record: DocRecord, cells: list[Any], config: EvalConfig, run_dir: str) -> int:
+        """Answer one document's cells not yet in its part file (a retry continues where the last attempt stopped)."""
+        import torch
+
+        run = Path(run_dir)
+        part = _part(run, record)
+        part.parent.mkdir(exist_ok=True)
+        remaining = _unanswered(part, record, cells, config.groups, repair=True)
+        if remaining:
+            _inject_fault(record, part)
+            lm = self.model()
+            answers = AnswerLog(part, runtime=lm.runtime())
+            try:
+                evaluate_document(lm, record, remaining, config, run, answers)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()  # so that this actor can take the retry or the next document
+                raise
+            finally:
+                answers.close()
+                detach_adapter(lm)
+        return len(remaining)
 
 
 def _part(run: Path, record: DocRecord) -> Path:
@@ -61,13 +101,23 @@ def _part(run: Path, record: DocRecord) -> Path:
 
 
 def _inject_fault(record: DocRecord, part: Path) -> None:
-    faults = dict(item.rsplit(":", 1) for item in os.environ.get(_FAULT_DOCS, "").split(",") if ":" in item)
+    """LORAMEM_FAULT_DOCS=ID:N dies on the first N attempts at document ID; ID:N:oom raises out of memory instead."""
+    faults = {}
+    for item in os.environ.get(_FAULT_DOCS, "").split(","):
+        kind = "oom" if item.endswith(":oom") else "die"
+        if ":" in item.removesuffix(":oom"):
+            doc, count = item.removesuffix(":oom").rsplit(":", 1)
+            faults[doc] = (int(count), kind)
     if record.id not in faults:
         return
     attempts = part.with_suffix(".attempts")
     count = int(attempts.read_text()) if attempts.exists() else 0
     attempts.write_text(str(count + 1))
-    if count < int(faults[record.id]):
+    if count < faults[record.id][0]:
+        if faults[record.id][1] == "oom":
+            import torch
+
+            raise torch.OutOfMemoryError("injected: out of memory")
         os._exit(137)
 
 
@@ -76,34 +126,57 @@ def _unanswered(part: Path, record: DocRecord, cells: list[Any], groups: int, re
     return [c for c in cells if key_of(record, c, groups) not in done]
 
 
-def _document_task(
-    spec: tuple,
-    threads: int,
-    record: DocRecord,
-    cells: list[Any],
-    config: EvalConfig,
-    run_dir: str,
-) -> int:
-    """Answer one document's cells not yet in its part file (a retry continues where the dead worker stopped)."""
-    run = Path(run_dir)
-    part = _part(run, record)
-    part.parent.mkdir(exist_ok=True)
-    remaining = _unanswered(part, record, cells, config.groups, repair=True)
-    if remaining:
-        _inject_fault(record, part)
-        lm = _worker_model(spec, threads)
-        answers = AnswerLog(part, runtime=lm.runtime())
-        try:
-            evaluate_document(lm, record, remaining, config, run, answers)
-        finally:
-            answers.close()
-            detach_adapter(lm)
-    return len(remaining)
+def _retryable(exc: BaseException) -> bool:
+    """A dead worker, or an out-of-memory error inside one: another attempt may succeed."""
+    import torch
+
+    ray = _import_ray()
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return True
+    cause = getattr(exc, "cause", None)
+    return isinstance(cause, (torch.OutOfMemoryError, MemoryError))
 
 
-def _library_task(spec: tuple, threads: int, documents: list[DocRecord], config: EvalConfig, run_dir: str) -> None:
-    """Build the run's library once, before any document task routes over it."""
-    build_library(_worker_model(spec, threads), documents, config, Path(run_dir))
+class _Pool:
+    """The worker actors, one per slot; a dead one is replaced by a fresh one."""
+
+    def __init__(self, spec: tuple, threads: int, resources: dict[str, float]) -> None:
+        ray = _import_ray()
+        self.make = lambda: ray.remote(_Worker).options(**resources).remote(spec, threads)
+        self.actors = [self.make()]
+
+    def grow(self, size: int) -> None:
+        self.actors += [self.make() for _ in range(size - len(self.actors))]
+
+    def replace(self, index: int) -> None:
+        _import_ray().kill(self.actors[index], no_restart=True)
+        self.actors[index] = self.make()
+
+    def close(self) -> None:
+        for actor in self.actors:
+            _import_ray().kill(actor, no_restart=True)
+        self.actors = []
+
+    def call(self, method: str, *args: Any, max_retries: int, what: str) -> Any:
+        """One call on the first actor, retried like a document."""
+        ray = _import_ray()
+        for attempt in range(max_retries + 1):
+            try:
+                return ray.get(getattr(self.actors[0], method).remote(*args))
+            except ray.exceptions.RayError as exc:
+                if isinstance(exc, ray.exceptions.RayActorError):
+                    self.replace(0)
+                if attempt == max_retries or not _retryable(exc):
+                    raise LoramemError(f"{what} failed: {_reason(exc)}") from exc
+        raise AssertionError("unreachable")
+
+
+def _slots(cpus_per_worker: float, gpus_per_worker: float) -> int:
+    """Worker slots the cluster holds: by GPUs when workers take GPUs, else by CPUs."""
+    total = _import_ray().cluster_resources()
+    if gpus_per_worker:
+        return int(total.get("GPU", 0) // gpus_per_worker)
+    return int(total.get("CPU", 1) // cpus_per_worker)
 
 
 def _reason(exc: BaseException) -> str:
@@ -128,7 +201,7 @@ def run_eval_ray(
     gpus_per_worker: float = 0,
     max_retries: int = 2,
 ) -> dict[str, Any]:
-    """`run_eval` with one Ray task per document; returns the same summary.
+    """`run_eval` with the documents answered by one Ray actor per worker slot; returns the same summary.
 
     `address`: "local" starts a Ray instance on this machine, "auto" or "HOST:PORT" joins a cluster;
     when Ray is already initialised in this process (a script, a test) that instance is used.
@@ -144,38 +217,64 @@ def run_eval_ray(
             log_to_driver=False,
             logging_level="ERROR",
         )
+    pool = None
     try:
         spec, threads = (model, device, dtype, False, chat_template_kwargs), int(max(1, cpus_per_worker))
         resources = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
-        describe = ray.remote(_describe_model).options(**resources, max_retries=max_retries)
-        model_ids, sizes = ray.get(describe.remote(spec, threads, config))
+        pool = _Pool(spec, threads, resources)
+        model_ids, sizes = pool.call("describe", config, max_retries=max_retries, what="loading the model")
         plan = prepare_run(model_ids, dataset, run_dir, config, resume=resume, sizes=sizes, allow_mixed=allow_mixed)
         if plan.needs_library:
-            library = ray.remote(_library_task).options(**resources, max_retries=max_retries)
-            try:
-                ray.get(library.remote(spec, threads, plan.documents, config, str(plan.run)))
-            except ray.exceptions.RayError as exc:
-                raise LoramemError(f"building the run's library failed: {_reason(exc)}") from exc
-        task = ray.remote(_document_task).options(**resources, max_retries=max_retries, retry_exceptions=False)
-        pending = {
-            task.remote(spec, threads, record, cells, config, str(plan.run)): (record, cells)
-            for record, cells in plan.todo
-        }
-        failures = []
-        with progress_bar("evaluating on Ray", plan.n_cells) as advance:
-            while pending:
-                (ref,), _ = ray.wait(list(pending), num_returns=1)
-                record, cells = pending.pop(ref)
-                try:
-                    ray.get(ref)
-                except ray.exceptions.RayError as exc:
-                    missing = len(_unanswered(_part(plan.run, record), record, cells, config.groups))
-                    failures.append({"doc_id": record.id, "cells": missing, "error": _reason(exc)})
-                    warn(f"document {record.id} failed after {max_retries} retries: {_reason(exc)}")
-                advance(len(cells), status=f"{len(failures)} failed" if failures else "")
+            args = (plan.documents, config, str(plan.run))
+            pool.call("library", *args, max_retries=max_retries, what="building the run's library")
+        failures = _answer(
+            pool, plan, config, max_retries, max(1, min(_slots(cpus_per_worker, gpus_per_worker), len(plan.todo)))
+        )
     finally:
+        if pool is not None:
+            pool.close()  # their slots go back to the cluster (and to the next run in this process)
         if started_here:
             ray.shutdown()
     fold_parts(plan.run)
     record_failures(plan.run, failures)
     return write_report(plan.run)
+
+
+def _answer(pool: _Pool, plan: Any, config: EvalConfig, max_retries: int, size: int) -> list[dict[str, Any]]:
+    """Send the documents to the actors as they come free; retry retryable failures; return the documents that
+    failed for good."""
+    ray = _import_ray()
+    pool.grow(size)
+    queue = deque(plan.todo)
+    attempts: Counter[str] = Counter()
+    running: dict[Any, tuple[int, DocRecord, list[Any]]] = {}
+    failures: list[dict[str, Any]] = []
+
+    def send(index: int) -> None:
+        if queue:
+            record, cells = queue.popleft()
+            ref = pool.actors[index].document.remote(record, cells, config, str(plan.run))
+            running[ref] = (index, record, cells)
+
+    with progress_bar("evaluating on Ray", plan.n_cells) as advance:
+        for index in range(len(pool.actors)):
+            send(index)
+        while running:
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            index, record, cells = running.pop(ref)
+            try:
+                ray.get(ref)
+                advance(len(cells))
+            except ray.exceptions.RayError as exc:
+                if isinstance(exc, ray.exceptions.RayActorError):
+                    pool.replace(index)
+                attempts[record.id] += 1
+                if _retryable(exc) and attempts[record.id] <= max_retries:
+                    queue.appendleft((record, cells))
+                else:
+                    missing = len(_unanswered(_part(plan.run, record), record, cells, config.groups))
+                    failures.append({"doc_id": record.id, "cells": missing, "error": _reason(exc)})
+                    warn(f"document {record.id} failed after {attempts[record.id] - 1} retries: {_reason(exc)}")
+                    advance(len(cells), status=f"{len(failures)} failed")
+            send(index)
+    return failures
