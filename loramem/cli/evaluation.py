@@ -126,9 +126,9 @@ def eval_run(
         help="Run documents as Ray tasks: local (start Ray here), "
         "auto or HOST:PORT (join a cluster; RUN_DIR must be shared)",
     ),
-    cpus_per_worker: float = typer.Option(1, "--cpus-per-worker", help="--ray: CPUs per task"),
-    gpus_per_worker: float = typer.Option(0, "--gpus-per-worker", help="--ray: GPUs per task"),
-    max_retries: int = typer.Option(2, "--max-retries", help="--ray: retries of a task whose worker died"),
+    cpus_per_worker: float = typer.Option(1, "--cpus-per-worker", help="--ray: CPUs per worker slot"),
+    gpus_per_worker: float = typer.Option(0, "--gpus-per-worker", help="--ray: GPUs per worker slot"),
+    max_retries: int = typer.Option(2, "--max-retries", help="--ray: retries of a document whose worker died or ran out of memory"),
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
