@@ -128,7 +128,9 @@ def eval_run(
     ),
     cpus_per_worker: float = typer.Option(1, "--cpus-per-worker", help="--ray: CPUs per worker slot"),
     gpus_per_worker: float = typer.Option(0, "--gpus-per-worker", help="--ray: GPUs per worker slot"),
-    max_retries: int = typer.Option(2, "--max-retries", help="--ray: retries of a document whose worker died or ran out of memory"),
+    max_retries: int = typer.Option(
+        2, "--max-retries", help="--ray: retries of a document whose worker died or ran out of memory"
+    ),
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
