@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -16,6 +15,7 @@ from loramem.kv.cache import KVCache
 from loramem.kv.presses import DEFAULT_PRESSES, make_recorder, streaming_scores
 from loramem.kv.validate import FORMAT_VERSION
 from loramem.log import warn
+from loramem.model.batch import clock
 from loramem.model.loading import LoadedModel, sha256_text
 from loramem.model.prompt import document_ids, prefix_ids
 
@@ -95,10 +95,10 @@ def encode(
     if not doc:
         raise LoramemError("document is empty after tokenization")
     input_ids = head + doc
-    started = time.perf_counter()
+    started = clock(lm.device)
     with adapter_scope(lm, with_adapter):
         kv, scores, skipped, adjusted = prefill(lm, input_ids, presses, on_layer)
-    elapsed = time.perf_counter() - started
+    elapsed = clock(lm.device) - started  # synchronized: CUDA runs the prefill asynchronously
     for name, reason in skipped.items():
         warn(f"press {name} not recorded: {reason}")
     for name, change in adjusted.items():
