@@ -89,6 +89,9 @@ def render(cells: dict[tuple[str, str], list[str]]) -> str:
         "masked); after token eviction the window counts kept tokens, as kvpress does.",
         "- Thinking templates (Qwen3) are framed with thinking off unless `--chat-template-kwargs` says otherwise; "
         "date-stamped templates (Llama-3.2) are rendered on a fixed date recorded in the artifacts.",
+        "- Refused with a one-line message: a chat template that raises on a single user turn or rewrites, repeats "
+        "or reorders the message text (use `--framing raw`); a `--chat-template-kwargs` key the template does not "
+        "use; an artifact framed with other template kwargs or date (exit 3).",
         "",
     ]
     return "\n".join(lines)

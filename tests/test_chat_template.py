@@ -125,3 +125,24 @@ def test_old_artifacts_without_a_record_still_load(tiny):
 def test_think_blocks_are_not_scored(raw, answer):
     assert strip_thinking(raw) == answer
     assert score_answer(raw, "Ada Marr")["exact_match"] == float(answer == "Ada Marr")
+
+
+@pytest.mark.parametrize(
+    "template, words",
+    [
+        ("{{ raise_exception('Conversation roles must alternate system/user') }}", "cannot frame a question"),
+        ("{% for m in messages %}{{ m['content'] | lower }}{% endfor %}", "rewrites or repeats"),
+        ("{% for m in messages %}{{ m['content'] ~ m['content'] }}{% endfor %}", "rewrites or repeats"),
+        ("{% for m in messages %}{{ m['content'].split('\\n\\n') | reverse | join('\\n\\n') }}{% endfor %}",
+         "question before the document"),
+    ],
+)  # fmt: skip
+def test_templates_that_cannot_frame_are_refused(template, words):
+    """A combination that cannot work says so in one line and points to --framing raw."""
+    from loramem.model.prompt import Framing
+
+    tok = family_tokenizer(FAMILIES["mistral"], template=template)
+    with pytest.raises(LoramemError, match=words) as caught:
+        Framing.for_tokenizer(tok)
+    assert "--framing raw" in str(caught.value) and "\n" not in str(caught.value)
+    assert Framing.for_tokenizer(tok, "raw").style == "raw"

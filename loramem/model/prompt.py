@@ -152,19 +152,36 @@ class Framing:
         eos = tokenizer.eos_token or ""
         if style == "raw" or not getattr(tokenizer, "chat_template", None):
             return cls("raw", "", SEPARATOR, INSTRUCTION + "Question: ", "\nAnswer:", eos)
+        from jinja2 import TemplateError
+
         variables = (template or TemplateOptions.resolve(tokenizer)).render_kwargs()
-        asked = tokenizer.apply_chat_template(
-            [{"role": "user", "content": _DOC + SEPARATOR + _QUESTION}],
-            tokenize=False,
-            add_generation_prompt=True,
-            **variables,
-        )
-        answered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": _QUESTION}, {"role": "assistant", "content": _ANSWER}],
-            tokenize=False,
-            **variables,
-        )
+        try:
+            asked = tokenizer.apply_chat_template(
+                [{"role": "user", "content": _DOC + SEPARATOR + _QUESTION}],
+                tokenize=False,
+                add_generation_prompt=True,
+                **variables,
+            )
+            answered = tokenizer.apply_chat_template(
+                [{"role": "user", "content": _QUESTION}, {"role": "assistant", "content": _ANSWER}],
+                tokenize=False,
+                **variables,
+            )
+        except (TemplateError, TypeError, ValueError) as exc:  # the template's raise_exception raises TemplateError
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise LoramemError(
+                f"this model's chat template cannot frame a question ({reason}); use --framing raw"
+            ) from exc
+        # A document and a question must pass through the template unchanged, each exactly once, so that a question
+        # continues a stored prefill token for token: a template that rewrites, cuts or repeats them cannot be used.
+        if asked.count(_DOC) != 1 or asked.count(_QUESTION) != 1 or answered.count(_ANSWER) != 1:
+            raise LoramemError(
+                "this model's chat template rewrites or repeats the message text, so a stored document cannot be "
+                "continued by a question; use --framing raw"
+            )
         prefix, rest = asked.split(_DOC)
+        if _QUESTION not in rest:
+            raise LoramemError("this model's chat template puts the question before the document; use --framing raw")
         separator, suffix = rest.split(_QUESTION)
         end_of_turn = answered.split(_ANSWER)[1] or eos
         return cls("chat", prefix, separator, INSTRUCTION, suffix, end_of_turn)
