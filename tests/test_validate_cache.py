@@ -271,3 +271,27 @@ def test_some_mutants_through_the_real_entry_point(caches, tmp_path):
         result = run_cli("inspect", "-", input=data)
         assert result.returncode in (2, 3), (label, result.stderr)
         assert len(result.stderr.decode().strip().splitlines()) == 1, (label, result.stderr)
+
+
+def _one_layer(t: dict[str, torch.Tensor], m: dict) -> None:
+    for name in [n for n in t if n.startswith("layers.1.")]:
+        t.pop(name)
+    t["scores.knorm"] = t["scores.knorm"][:1].contiguous()
+    t["scores.snapkv"] = t["scores.snapkv"][:1].contiguous()
+    m["n_layers"] = 1
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "message"),
+    [
+        (_one_layer, 2, "n_layers is 1, but the model it names has 2"),
+        (lambda t, m: m.update(n_protected=0), 2, "framing prefix"),
+        (lambda t, m: m["framing"].update(suffix="Answer:"), 3, "frames the document differently"),
+    ],
+)
+def test_cache_that_does_not_fit_its_model_is_refused_by_ask(caches, tiny_dir, tmp_path, capsys, change, code, message):
+    """Self-consistent, but not what the model it names makes: refused before anything is generated."""
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(edit(caches["plain"], change))
+    result = invoke(capsys, "ask", "--cache", str(bad), "Who?", "--max-new-tokens", "2", "--model", str(tiny_dir))
+    assert message in assert_refused(result, (code,))

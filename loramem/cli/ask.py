@@ -112,7 +112,7 @@ def ask(
     items = read_questions(questions or [], questions_file, stdin_free="-" not in (cache_file, doc))
     lm = load(model, device, dtype, adapter, chat_template_kwargs)
     if cache is not None:
-        check_compatible(cache, lm.fingerprint, cache_file or "cache")
+        check_compatible(cache, lm.fingerprint, cache_file or "cache", lm)
     doc_seconds = 0.0
     if text is not None:
         cache = encode_document(lm, text, framing=framing, truncate=truncate, with_adapter=mode == "all")

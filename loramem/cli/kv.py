@@ -159,7 +159,7 @@ def compress(
         if asked:
             items = read_questions(query or [], questions_file, stdin_free=False)
             lm = load(model, device, dtype, chat_template_kwargs=chat_template_kwargs)
-            check_compatible(cache, lm.fingerprint, cache_file)
+            check_compatible(cache, lm.fingerprint, cache_file, lm)
             scores = query_group_scores(lm, cache, [item["question"] for item in items], groups)
             chosen_by = f"{len(items)} question(s)"
         small = compress_value_groups(cache, press, groups, float(budget), rule, scores)

@@ -20,7 +20,7 @@ import torch
 
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.kv.quantize import Storage, dequantize, quantize
-from loramem.kv.validate import InvalidCache, check_meta, check_tensors
+from loramem.kv.validate import InvalidCache, check_fits, check_meta, check_tensors
 from loramem.model.prompt import check_template_record
 from loramem.tensorfile import check_bytes, read_safetensors
 
@@ -168,8 +168,9 @@ def _unpack_groups(keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor)
     return dense_keys, dense_values.reshape(h, n, -1)
 
 
-def check_compatible(cache: KVCache, fingerprint: dict[str, str], source: str = "cache") -> None:
-    """Refuse a cache made by another model or tokenizer before anything is generated."""
+def check_compatible(cache: KVCache, fingerprint: dict[str, str], source: str = "cache", lm: Any = None) -> None:
+    """Refuse a cache made by another model or tokenizer before anything is generated; given the loaded model
+    `lm`, also one whose shape or framing does not fit it (`kv.validate.check_fits`)."""
     made = cache.meta.get("model", {})
     for key, what in (("model", "model"), ("tokenizer_sha256", "tokenizer"), ("chat_template_sha256", "chat template")):
         if made.get(key) != fingerprint.get(key):
@@ -177,3 +178,5 @@ def check_compatible(cache: KVCache, fingerprint: dict[str, str], source: str = 
                 f"{source} was made by another {what} ({made.get('id', '?')}); re-encode it with this model"
             )
     check_template_record(made, fingerprint, source)
+    if lm is not None:
+        check_fits(cache.meta, cache.token_ids, lm, source)

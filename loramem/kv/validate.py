@@ -250,3 +250,32 @@ def check_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], source
     unexpected = sorted(set(tensors) - expected)
     if unexpected:
         raise rules.fail(f"unexpected tensor {unexpected[0]}")
+
+
+def check_fits(meta: dict[str, Any], token_ids: torch.Tensor, lm: Any, source: str) -> None:
+    """A cache whose fingerprint names the loaded model must also have its shape and its framing: the layers, KV
+    heads and head dim of the model's config, the framing its chat template gives (another loramem's framing
+    is exit 3) and that framing's tokens as the protected prefix."""
+    from loramem.model.prompt import FRAMINGS, Framing, prefix_ids
+
+    rules = _Rules(source)
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    heads = config.num_attention_heads
+    expected = {
+        "n_layers": config.num_hidden_layers,
+        "n_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+    }
+    for key, value in expected.items():
+        if meta[key] != value:
+            raise rules.fail(f"{key} is {meta[key]}, but the model it names has {value}")
+    style = meta["framing"]["style"]
+    if style not in FRAMINGS:
+        raise rules.fail(f"framing style {style!r} is not one of {', '.join(FRAMINGS)}")
+    if meta["framing"] != lm.framing(style).to_dict():
+        raise IncompatibleArtifactError(
+            f"{source} frames the document differently than this loramem frames it for this model; re-encode it"
+        )
+    prefix = prefix_ids(lm.tokenizer, Framing.from_dict(meta["framing"]))
+    if meta["n_protected"] != len(prefix) or token_ids[: len(prefix)].tolist() != prefix:
+        raise rules.fail(f"n_protected is {meta['n_protected']}, but its framing prefix is {len(prefix)} tokens")

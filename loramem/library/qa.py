@@ -132,7 +132,7 @@ def stored_cache(lm: LoadedModel, lib: Library, doc_id: str) -> KVCache:
             "--with-cache, or use --with-context N"
         )
     cache = KVCache.load(path)
-    check_compatible(cache, lm.fingerprint, str(path))
+    check_compatible(cache, lm.fingerprint, str(path), lm)
     return cache
 
 
