@@ -71,29 +71,49 @@ def dataset(tmp_path_factory) -> Path:
 
 
 # Where the eval modules look each counted function up.
-WHERE = {"encode": ev, "compress": ev, "generate": ev, "train_adapter": doc_adapters, "synthesize_pairs": doc_adapters}
+WHERE = {
+    "encode": ev,
+    "compress": ev,
+    "iter_answers": ev,
+    "train_adapter": doc_adapters,
+    "synthesize_pairs": doc_adapters,
+}
 
 
 class Counter:
-    """Wraps the eval modules' view of a function and counts its calls (with their keyword arguments)."""
+    """Wraps the eval modules' view of a function and counts its calls (with their keyword arguments), or with
+    `per_item` the items a generator function yields (iter_answers: one per answer)."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str, fail_after: int | None = None) -> None:
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, name: str, fail_after: int | None = None, per_item: bool = False
+    ) -> None:
         self.calls: list[dict] = []
         self.real = getattr(WHERE[name], name)
         self.fail_after = fail_after
+        self.per_item = per_item
         monkeypatch.setattr(WHERE[name], name, self)
 
-    def __call__(self, *args, **kwargs):
+    def tick(self, kwargs: dict) -> None:
         if self.fail_after is not None and len(self.calls) == self.fail_after:
             raise KeyboardInterrupt
         self.calls.append(kwargs)
+
+    def __call__(self, *args, **kwargs):
+        if self.per_item:
+            return self.items(*args, **kwargs)
+        self.tick(kwargs)
         return self.real(*args, **kwargs)
+
+    def items(self, *args, **kwargs):
+        for item in self.real(*args, **kwargs):
+            self.tick(kwargs)
+            yield item
 
 
 def counted_run(tiny, dataset, out, cfg, *, resume=False, fail_after=None) -> dict[str, Counter]:
     with pytest.MonkeyPatch.context() as mp:
         counters = {name: Counter(mp, name) for name in ("encode", "compress", "train_adapter", "synthesize_pairs")}
-        counters["generate"] = Counter(mp, "generate", fail_after)
+        counters["answers"] = Counter(mp, "iter_answers", fail_after, per_item=True)
         run_eval(tiny, dataset, out, cfg, resume=resume)
     return counters
 
@@ -122,7 +142,7 @@ def test_work_is_shared_and_every_cell_answered_once(reference):
     assert len(counts["compress"].calls) == N_DOCS * 6 * (1 + 3 * 2)
     assert sum(1 for c in counts["compress"].calls if c.get("scores_from") is not None) == N_DOCS * 6 * 2
     rows = read_answers(run / ANSWERS)
-    assert len(rows) == len({cell_key(r) for r in rows}) == N_DOCS * CELLS_PER_DOC == len(counts["generate"].calls)
+    assert len(rows) == len({cell_key(r) for r in rows}) == N_DOCS * CELLS_PER_DOC == len(counts["answers"].calls)
     assert {r["format"] for r in rows if r["mode"] == "none"} == {None}
     assert {r["format"] for r in rows if r["mode"] != "none"} == {"qa", "ntp"}
     assert min(r["cache_tokens"] for r in rows if r["ratio"] == 0) > max(
@@ -148,7 +168,7 @@ def test_resume_after_interruption_redoes_nothing(tiny, dataset, reference, tmp_
         run_eval(tiny, dataset, out, config())
 
     counts = counted_run(tiny, dataset, out, config(), resume=True)
-    assert len(counts["generate"].calls) == N_DOCS * CELLS_PER_DOC - k
+    assert len(counts["answers"].calls) == N_DOCS * CELLS_PER_DOC - k
     assert len(counts["train_adapter"].calls) == N_DOCS * 2 - 1  # doc-a's qa adapter is reused
     assert answers_by_cell(out) == answers_by_cell(reference[0])
     lines = (out / ANSWERS).read_text().splitlines()
@@ -167,7 +187,7 @@ def test_resume_refuses_another_config_model_or_dataset(tiny, dataset, reference
     other_data.write_text(dataset.read_text().replace("Hobart", "Hubert"))
     with pytest.raises(LoramemError, match="another dataset"):
         run_eval(tiny, other_data, run, config(), resume=True)
-    assert len(counted_run(tiny, dataset, run, config(), resume=True)["generate"].calls) == 0  # finished: no work
+    assert len(counted_run(tiny, dataset, run, config(), resume=True)["answers"].calls) == 0  # finished: no work
 
 
 def test_resume_with_a_wider_limit_adds_only_the_new_documents(tiny, dataset, reference, tmp_path):
@@ -175,7 +195,7 @@ def test_resume_with_a_wider_limit_adds_only_the_new_documents(tiny, dataset, re
     run = tmp_path / "run"
     run_eval(tiny, dataset, run, config(limit=1, **small))
     counters = counted_run(tiny, dataset, run, config(limit=2, **small), resume=True)
-    assert len(counters["encode"].calls) == 1 and len(counters["generate"].calls) == N_QUESTIONS * 3
+    assert len(counters["encode"].calls) == 1 and len(counters["answers"].calls) == N_QUESTIONS * 3
     assert json.loads((run / CONFIG).read_text())["config"]["limit"] == 2
     assert {key[0] for key in answers_by_cell(run)} == {"doc-a", "doc-b"}
 

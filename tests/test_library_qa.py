@@ -77,11 +77,25 @@ class Count:
         self.fail_after = fail_after
         monkeypatch.setattr(module, name, self)
 
-    def __call__(self, *args, **kwargs):
+    def tick(self) -> None:
         if self.fail_after is not None and self.calls == self.fail_after:
             raise KeyboardInterrupt
         self.calls += 1
+
+    def __call__(self, *args, **kwargs):
+        self.tick()
         return self.real(*args, **kwargs)
+
+    def per_item(self, monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> None:
+        """Also count the items a generator function of `module` yields (iter_answers: one per answer)."""
+        real = getattr(module, name)
+
+        def items(*args, **kwargs):
+            for item in real(*args, **kwargs):
+                self.tick()
+                yield item
+
+        monkeypatch.setattr(module, name, items)
 
 
 # --- ask_library ----------------------------------------------------------------------------------------------
@@ -300,7 +314,7 @@ def counted(monkeypatch: pytest.MonkeyPatch, fail_after: int | None = None) -> d
     counts = {"train_adapter": Count(monkeypatch, doc_adapters, "train_adapter")}
     counts["add_documents"] = Count(monkeypatch, library_modes, "add_documents")
     counts["generate"] = Count(monkeypatch, library_modes, "generate", fail_after)
-    monkeypatch.setattr(runner, "generate", counts["generate"])  # mode none answers in the runner
+    counts["generate"].per_item(monkeypatch, runner, "iter_answers")  # mode none answers in the runner
     counts["merge_adapters"] = Count(monkeypatch, qa_module, "merge_adapters")
     return counts
 

@@ -9,9 +9,11 @@ import typer
 
 from loramem.cli.app import app
 from loramem.cli.options import (
+    AnswerBatchOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    MaxBatchTokensOpt,
     ModelOpt,
     TemplateKwargsOpt,
     load,
@@ -20,7 +22,6 @@ from loramem.cli.options import (
 )
 from loramem.errors import LoramemError
 from loramem.fileio import write_stdout
-from loramem.model import MAX_BATCH_TOKENS
 
 
 @app.command()
@@ -34,12 +35,8 @@ def ask(
         None, "--adapter-mode", help="none, decode (default with --adapter) or all"
     ),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
-    batch_size: Optional[int] = typer.Option(
-        None, "--batch-size", help="Questions decoded together [default: as many as --max-batch-tokens allows]"
-    ),
-    max_batch_tokens: int = typer.Option(
-        MAX_BATCH_TOKENS, "--max-batch-tokens", help="Memory budget of a batch, in cached tokens over all rows"
-    ),
+    batch_size: Optional[int] = AnswerBatchOpt,
+    max_batch_tokens: int = MaxBatchTokensOpt,
     framing: str = typer.Option("chat", "--framing", help="Framing for --doc and closed-book questions"),
     truncate: bool = typer.Option(False, "--truncate", help="With --doc: cut a document longer than the context"),
     library: Optional[Path] = typer.Option(

@@ -10,11 +10,13 @@ from typer.core import TyperGroup
 
 from loramem.cli.app import PARTIAL_EXIT, app
 from loramem.cli.options import (
+    AnswerBatchOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
     LayersOpt,
     LrOpt,
+    MaxBatchTokensOpt,
     ModelOpt,
     RankOpt,
     StepsOpt,
@@ -111,6 +113,8 @@ def eval_run(
         "(0: the whole budget on KV); a rank whose adapter exceeds a budget is left out",
     ),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+    batch_size: Optional[int] = AnswerBatchOpt,
+    max_batch_tokens: int = MaxBatchTokensOpt,
     synth: int = typer.Option(16, "--synth", help="Training pairs synthesized for documents without train_qa"),
     synth_model: Optional[str] = SynthModelOpt,
     rank: int = RankOpt,
@@ -172,6 +176,8 @@ def eval_run(
         context_chunks=context_chunks,
         budget_bytes=budgets,
         budget_ranks=integers(budget_ranks, "--budget-ranks"),
+        answer_batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
         **extra,
     )
     if ray is not None:

@@ -10,6 +10,7 @@ from typing import Any, Optional
 import typer
 
 from loramem.errors import LoramemError
+from loramem.model import MAX_BATCH_TOKENS
 
 ModelOpt = typer.Option(
     None,
@@ -21,6 +22,15 @@ ModelOpt = typer.Option(
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on CUDA), float32, float16, bfloat16")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output on stdout")
+AnswerBatchOpt = typer.Option(
+    None,
+    "--batch-size",
+    help="Questions over one cache decoded together (answers do not change) [default: as many as "
+    "--max-batch-tokens allows, at most 16]",
+)
+MaxBatchTokensOpt = typer.Option(
+    MAX_BATCH_TOKENS, "--max-batch-tokens", help="Memory budget of a decoding batch, in cached tokens over all rows"
+)
 TemplateKwargsOpt = typer.Option(
     None,
     "--chat-template-kwargs",

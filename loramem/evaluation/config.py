@@ -15,6 +15,7 @@ from loramem.data.formats import DocRecord
 from loramem.errors import LoramemError
 from loramem.kv.presses import parse_presses
 from loramem.log import warn
+from loramem.model import MAX_BATCH_TOKENS
 from loramem.model.loading import LoadedModel, sha256_text
 from loramem.sizes import format_size
 
@@ -31,6 +32,7 @@ LIBRARY_SETTINGS = ("library", "library_top_k", "merge", "context_chunks")
 
 
 BUDGET_SETTINGS = ("budget_bytes", "budget_ranks")
+RUNTIME_SETTINGS = ("answer_batch_size", "max_batch_tokens")
 
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -71,6 +73,9 @@ class EvalConfig:
     context_chunks: int = 2  # hybrid, rag: retrieved chunks in context
     budget_bytes: list[int] = field(default_factory=list)  # byte budgets split between kept KV and an adapter
     budget_ranks: list[int] = field(default_factory=lambda: [0, 2, 8, 32])  # the split's points; 0: KV only
+    # Decoding batches: how answers are computed, not what they are, so config.json leaves them out (RUNTIME_SETTINGS).
+    answer_batch_size: int | None = None  # questions of a cell decoded together; None: what max_batch_tokens allows
+    max_batch_tokens: int = MAX_BATCH_TOKENS
 
     def __post_init__(self) -> None:
         """Refuse a bad grid before the model does any work; ratios are deduplicated and sorted."""
@@ -102,7 +107,15 @@ class EvalConfig:
         index, count = self.shard = (int(self.shard[0]), int(self.shard[1]))
         if not 0 <= index < count:
             raise LoramemError(f"bad shard {index}/{count}; use I/N with 0 <= I < N")
-        for name in ("limit", "max_new_tokens", "synth_pairs", "library_top_k", "context_chunks"):
+        for name in (
+            "limit",
+            "max_new_tokens",
+            "synth_pairs",
+            "library_top_k",
+            "context_chunks",
+            "answer_batch_size",
+            "max_batch_tokens",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise LoramemError(f"{name} must be at least 1, got {value}")
@@ -141,7 +154,7 @@ class EvalConfig:
         library modes or budgets leave those settings out, so runs made before they existed still resume and merge."""
         data = json.loads(json.dumps(asdict(self)))
         unused = (() if self.uses_library else LIBRARY_SETTINGS) + (() if self.budget_bytes else BUDGET_SETTINGS)
-        unused += () if self.synth_model else ("synth_model",)
+        unused += (() if self.synth_model else ("synth_model",)) + RUNTIME_SETTINGS
         return {k: v for k, v in data.items() if k not in unused}
 
 

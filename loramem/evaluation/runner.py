@@ -24,7 +24,6 @@ kept depends on the document's length) and the bytes and tokens spent."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +63,7 @@ from loramem.kv.encode import encode
 from loramem.kv.quantize import Storage, make_storage
 from loramem.kv.value_groups import compress_value_groups
 from loramem.log import log, progress_bar
-from loramem.model.generate import generate
+from loramem.model.generate import iter_answers
 from loramem.model.loading import LoadedModel, sha256_bytes
 
 
@@ -278,19 +277,27 @@ def _answer(
     answers: AnswerLog,
     extra: Callable[[Cell, KVCache], dict[str, Any]] = lambda cell, cache: {},
 ) -> None:
-    """Answer cells, building each kept cache once; `seconds` is the answer's own generation time, `extra` adds
-    fields to each answer line from its cache."""
+    """Answer cells, building each kept cache (and its stored size) once and answering its questions in batches;
+    `seconds` is the answer's share of its batch's generation time, `extra` adds fields to each answer line from its
+    cache."""
     groups: dict[tuple, list[Cell]] = {}
     for cell in cells:
         groups.setdefault((cell.press, cell.ratio, cell.granularity, cell.store, cell.budget), []).append(cell)
     for group in groups.values():
         cache = cache_for(group[0])
-        for cell in group:
-            qa = record.qa[cell.question_index]
-            started = time.perf_counter()
-            answer = generate(lm, qa.question, cache, max_new_tokens=config.max_new_tokens, adapter_on=adapter_on)
-            row = answer_row(record, cell, config, answer, time.perf_counter() - started, cache.nbytes_stored)
-            answers.write({**row, **extra(cell, cache)})
+        stored = cache.nbytes_stored
+        replies = iter_answers(
+            lm,
+            [record.qa[cell.question_index].question for cell in group],
+            cache,
+            max_new_tokens=config.max_new_tokens,
+            adapter_on=adapter_on,
+            batch_size=config.answer_batch_size,
+            max_batch_tokens=config.max_batch_tokens,
+        )
+        for index, answer, seconds in replies:
+            cell = group[index]
+            answers.write({**answer_row(record, cell, config, answer, seconds, stored), **extra(cell, cache)})
 
 
 def _answer_budget(

@@ -38,6 +38,7 @@ class KVCache:
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     masks: list[torch.Tensor] | None = None  # value-group caches: [H, n, groups] kept groups per layer
+    _stored: tuple[Any, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def n_tokens(self) -> int:
@@ -58,12 +59,23 @@ class KVCache:
 
     @property
     def nbytes_stored(self) -> int:
-        """Bytes of keys and values as stored on disk (quantized data and scales included)."""
-        return sum(
-            t.numel() * t.element_size()
-            for name, t in self.to_tensors().items()
-            if ".keys" in name or ".values" in name
+        """Bytes of keys and values as stored on disk (quantized data and scales included).
+
+        Computed once per layout: the bytes depend on the shapes, the storage and the kept groups, not on the values.
+        """
+        layout = (
+            self.storage,
+            [(tuple(k.shape), tuple(v.shape), k.dtype) for k, v in zip(self.keys, self.values)],
+            [id(m) for m in self.masks] if self.masks is not None else None,
         )
+        if self._stored is None or self._stored[0] != layout:
+            nbytes = sum(
+                t.numel() * t.element_size()
+                for name, t in self.to_tensors().items()
+                if ".keys" in name or ".values" in name
+            )
+            self._stored = (layout, nbytes)
+        return self._stored[1]
 
     def to_dynamic_cache(self, device: Any = None, dtype: torch.dtype | None = None) -> Any:
         """The kept keys and values as a transformers DynamicCache, dequantized (fresh tensors on each call).

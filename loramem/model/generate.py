@@ -9,6 +9,8 @@ Stored keys are post-RoPE at their original positions, so the question continues
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -63,6 +65,33 @@ def answer_batch(
     Greedy and token for token the answers `generate` gives one at a time (up to floating-point ties).
     `batch_size` None: as many rows as `max_batch_tokens` cached tokens allow (at most 16).
     """
+    answers: list[Answer | None] = [None] * len(questions)
+    for index, answer, _ in iter_answers(
+        lm,
+        questions,
+        cache,
+        max_new_tokens=max_new_tokens,
+        adapter_on=adapter_on,
+        framing=framing,
+        batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
+    ):
+        answers[index] = answer
+    return [a for a in answers if a is not None]
+
+
+def iter_answers(
+    lm: LoadedModel,
+    questions: list[str],
+    cache: KVCache | None = None,
+    *,
+    max_new_tokens: int = 64,
+    adapter_on: bool = False,
+    framing: str | Framing = "chat",
+    batch_size: int | None = None,
+    max_batch_tokens: int = MAX_BATCH_TOKENS,
+) -> Iterator[tuple[int, Answer, float]]:
+    """`answer_batch` as each batch finishes: (question index, answer, the batch's seconds per answer)."""
     if batch_size is not None and batch_size < 1:
         raise LoramemError(f"batch size must be at least 1, got {batch_size}")
     if max_batch_tokens < 1:
@@ -79,7 +108,6 @@ def answer_batch(
     stops = stop_token_ids(tok, frame, lm.model.generation_config)
     pad_id = next((t for t in (tok.pad_token_id, tok.eos_token_id) if isinstance(t, int)), 0)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
-    answers: list[Answer | None] = [None] * len(prompts)
     start = 0
     with adapter_scope(lm, adapter_on):
         while start < len(order):
@@ -90,11 +118,12 @@ def answer_batch(
                     cache, len(prompts[chunk[-1]]), max_new_tokens, max_batch_tokens
                 ):
                     chunk.pop()
+            started = time.perf_counter()
             decoded = decode(lm.model, [prompts[i] for i in chunk], cache, stops, max_new_tokens, pad_id)
+            seconds = (time.perf_counter() - started) / len(chunk)
             for i, row in zip(chunk, decoded):
-                answers[i] = _answer(tok, questions[i], cache, row)
+                yield i, _answer(tok, questions[i], cache, row), seconds
             start += len(chunk)
-    return [a for a in answers if a is not None]
 
 
 def _answer(tok: Any, question: str, cache: KVCache | None, row: Decoded) -> Answer:
