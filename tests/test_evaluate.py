@@ -371,9 +371,16 @@ def test_summary_statistics_on_known_answers(tmp_path):
     cells = {(c["mode"], c["ratio"]): c for c in summary["cells"]}
     assert list(cells) == [("none", 0.0), ("none", 1.0), ("decode", 0.0), ("decode", 1.0)]
     cell = cells[("decode", 1.0)]
-    mean, low, high = mean_ci([0.5, 0.7, 0.4, 0.9])
-    assert cell["n"] == 4 and cell["n_documents"] == 2 and cell["cache_tokens"] == 10
-    assert cell["rouge_l"] == {"mean": round(mean, 6), "low": round(low, 6), "high": round(high, 6)}
+    _, low, high = mean_ci([0.5, 0.7, 0.4, 0.9])  # beside it: questions as if independent
+    assert cell["n"] == cell["n_questions"] == 4 and cell["n_documents"] == 2 and cell["cache_tokens"] == 10
+    # documents d0 (0.5, 0.7) and d1 (0.4, 0.9) resampled: 0.6, 0.625 or 0.65, so the 95% interval is [0.6, 0.65]
+    assert cell["rouge_l"] == {
+        "mean": 0.625,
+        "low": 0.6,
+        "high": 0.65,
+        "question": {"low": round(low, 6), "high": round(high, 6)},
+    }
+    assert summary["unit"] == "document"
     assert cells[("none", 0.0)]["exact_match"]["mean"] == 0.5
 
     margins = {m["ratio"]: m for m in summary["margins"]}
@@ -381,7 +388,8 @@ def test_summary_statistics_on_known_answers(tmp_path):
     m = margins[1.0]["rouge_l"]
     base, lora = [0.0, 0.1, 0.0, 0.2], [0.5, 0.7, 0.4, 0.9]
     boot, t = paired_bootstrap(base, lora), paired_t_test(base, lora)
-    assert m["diff"] == pytest.approx(0.55) and margins[1.0]["n"] == 4
+    assert m["diff"] == pytest.approx(0.55) and margins[1.0]["n"] == 4 and margins[1.0]["n_documents"] == 2
+    assert (m["documents"]["low"], m["documents"]["high"]) == pytest.approx((0.55, 0.55))  # both documents +0.55
     assert m["bootstrap"]["p_value"] == pytest.approx(boot["p_value"], abs=1e-6)
     assert m["t_test"] == pytest.approx({"low": t["low"], "high": t["high"], "p_value": t["p_value"]}, abs=1e-6)
     assert m["t_test"]["p_value"] < 0.05 and margins[0.0]["rouge_l"]["t_test"]["p_value"] > 0.05
@@ -389,7 +397,7 @@ def test_summary_statistics_on_known_answers(tmp_path):
     assert json.loads((run / SUMMARY).read_text()) == summary
     assert (run / CURVES).read_bytes().startswith(b"\x89PNG")
     table = console.export_text()
-    assert "ratio 1" in table and "Δ+0.550" in table and "2 documents, 4 questions" in table
+    assert "ratio 1" in table and "Δ+0.550" in table and "2 documents, 4 questions" in table and "n=4/2" in table
 
 
 def test_single_question_cells_have_no_interval(tmp_path):

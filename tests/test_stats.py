@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from loramem.evaluation.stats import mean_ci, paired_bootstrap, paired_t_test
+from loramem.evaluation.stats import (
+    cluster_bootstrap_mean,
+    mean_ci,
+    paired_bootstrap,
+    paired_cluster_bootstrap,
+    paired_t_test,
+)
 
 # Student's sleep data (Cushny & Peebles; R's `sleep`): extra hours of sleep per patient.
 SLEEP_DRUG_1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
@@ -178,3 +184,58 @@ def test_bootstrap_long_input_resamples_in_chunks() -> None:
 def test_bootstrap_rejects_no_resamples() -> None:
     with pytest.raises(ValueError, match="n_resamples"):
         paired_bootstrap([1.0, 2.0], [2.0, 3.0], n_resamples=0)
+
+
+# --- document-clustered bootstrap ----------------------------------------------------------------------------------
+
+
+def test_cluster_bootstrap_two_documents_by_hand() -> None:
+    """Two documents of two questions (means 0.6 and 0.65): a resample is (d0, d0) 0.6, (d1, d1) 0.65 or mixed
+    0.625, each pair with probability 1/4, 1/4, 1/2; the 2.5% and 97.5% quantiles are exactly 0.6 and 0.65."""
+    mean, low, high = cluster_bootstrap_mean([0.5, 0.7, 0.4, 0.9], ["d0", "d0", "d1", "d1"])
+    assert (mean, low, high) == pytest.approx((0.625, 0.6, 0.65))
+    result = paired_cluster_bootstrap([0.0] * 4, [0.5, 0.7, 0.4, 0.9], ["d0", "d0", "d1", "d1"])
+    assert (result["low"], result["high"], result["n"], result["n_clusters"]) == pytest.approx((0.6, 0.65, 4, 2))
+
+
+def test_one_question_per_document_is_the_question_bootstrap() -> None:
+    """Every question its own document: the same resamples as the question-level bootstrap (same seed)."""
+    a, b = SLEEP_DRUG_1, SLEEP_DRUG_2
+    clustered = paired_cluster_bootstrap(a, b, list(range(len(a))), n_resamples=2000, seed=3)
+    plain = paired_bootstrap(a, b, n_resamples=2000, seed=3)
+    assert {k: clustered[k] for k in plain} == pytest.approx(plain)
+
+
+def test_documents_that_differ_widen_the_interval() -> None:
+    """Ten documents whose questions share a document effect: resampling questions as if independent gives an
+    interval far narrower than resampling documents."""
+    rng = np.random.default_rng(0)
+    docs = np.repeat(np.arange(10), 30)
+    values = rng.normal(0, 1, 10)[docs] + rng.normal(0, 0.1, docs.size)
+    mean, low, high = cluster_bootstrap_mean(values, docs.tolist(), n_resamples=4000)
+    _, q_low, q_high = mean_ci(values)
+    assert mean == pytest.approx(values.mean())
+    assert high - low > 3 * (q_high - q_low)
+
+
+def test_a_gain_in_one_document_is_not_significant_by_documents() -> None:
+    """All of the gain comes from one of two documents: significant over 40 'independent' questions, not over 2
+    documents (p well above 0.05: half the resamples hold the document without gain or only the one with)."""
+    base = [0.0] * 40
+    adapted = [1.0] * 20 + [0.0] * 20
+    docs = ["gain"] * 20 + ["none"] * 20
+    assert paired_bootstrap(base, adapted)["p_value"] < 0.001
+    assert paired_cluster_bootstrap(base, adapted, docs)["p_value"] > 0.2
+
+
+def test_cluster_bootstrap_edge_cases() -> None:
+    assert all(math.isnan(x) for x in cluster_bootstrap_mean([1.0, 2.0], ["d", "d"])[1:])
+    single = paired_cluster_bootstrap([0.0, 0.0], [1.0, 0.5], ["d", "d"])
+    assert single["diff"] == 0.75 and math.isnan(single["p_value"]) and single["n_clusters"] == 1
+    with pytest.raises(ValueError, match="labels"):
+        cluster_bootstrap_mean([1.0, 2.0], ["d"])
+    with pytest.raises(ValueError, match="n_resamples"):
+        cluster_bootstrap_mean([1.0, 2.0], ["a", "b"], n_resamples=0)
+    assert cluster_bootstrap_mean([1.0, 2.0, 3.0], ["a", "b", "a"], seed=5) == cluster_bootstrap_mean(
+        [1.0, 2.0, 3.0], ["a", "b", "a"], seed=5
+    )

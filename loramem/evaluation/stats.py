@@ -128,3 +128,88 @@ def paired_t_test(
         "p_value": float(result.pvalue),
         "n": n,
     }
+
+
+def _clusters(values: np.ndarray, clusters: Sequence[object]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster sums and sizes of `values`, clusters in order of first appearance."""
+    if len(clusters) != values.size:
+        raise ValueError(f"clusters has {len(clusters)} labels for {values.size} values")
+    index: dict[object, int] = {}
+    labels = np.fromiter((index.setdefault(c, len(index)) for c in clusters), dtype=np.int64, count=values.size)
+    return np.bincount(labels, weights=values), np.bincount(labels).astype(float)
+
+
+def _resampled_means(sums: np.ndarray, sizes: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
+    """Means over all items of k clusters drawn with replacement (k = the number of clusters), per resample."""
+    rng = np.random.default_rng(seed)
+    k = sums.size
+    chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // k)
+    parts = []
+    for start in range(0, n_resamples, chunk):
+        drawn = rng.integers(0, k, size=(min(chunk, n_resamples - start), k))
+        parts.append(sums[drawn].sum(axis=1) / sizes[drawn].sum(axis=1))
+    return np.concatenate(parts)
+
+
+def cluster_bootstrap_mean(
+    values: Sequence[float] | np.ndarray,
+    clusters: Sequence[object],
+    n_resamples: int = 10000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float, float]:
+    """(mean, low, high): the mean over all items with a percentile interval that resamples whole clusters.
+
+    Questions are nested in documents: questions of one document share its difficulty, so resampling questions as
+    if independent understates the uncertainty. Each resample draws as many documents as there are, with
+    replacement, and takes the mean over all their questions (documents weigh by their number of questions, as in
+    the point estimate). One cluster gives (mean, nan, nan): nothing varies between documents to resample.
+    """
+    _check_confidence(confidence)
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
+    arr = _as_vector(values, "values")
+    sums, sizes = _clusters(arr, clusters)
+    mean = float(arr.mean())
+    if sums.size == 1:
+        return mean, math.nan, math.nan
+    boot = _resampled_means(sums, sizes, n_resamples, seed)
+    alpha = 1.0 - confidence
+    low, high = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+    return mean, float(low), float(high)
+
+
+def paired_cluster_bootstrap(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    clusters: Sequence[object],
+    n_resamples: int = 10000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, float | int]:
+    """`paired_bootstrap` of mean(b - a) resampling whole clusters (documents) instead of items (questions).
+
+    Same percentile interval and shift-method two-sided p-value; `n` items in `n_clusters` clusters. One cluster
+    leaves the uncertainty undetermined (nan).
+    """
+    _check_confidence(confidence)
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
+    a_arr, b_arr = _paired(a, b)
+    d = b_arr - a_arr
+    sums, sizes = _clusters(d, clusters)
+    diff = float(d.mean())
+    if sums.size == 1:
+        return {**_undetermined(diff, d.size), "n_clusters": 1}
+    boot = _resampled_means(sums, sizes, n_resamples, seed)
+    alpha = 1.0 - confidence
+    low, high = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+    extreme = int(np.count_nonzero(np.abs(boot - diff) >= abs(diff)))
+    return {
+        "diff": diff,
+        "low": float(low),
+        "high": float(high),
+        "p_value": (extreme + 1) / (n_resamples + 1),
+        "n": int(d.size),
+        "n_clusters": int(sums.size),
+    }

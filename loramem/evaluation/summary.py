@@ -11,7 +11,13 @@ from loramem.errors import LoramemError
 from loramem.evaluation.config import LIBRARY_MODES, LIBRARY_SERIES, METRICS, MODES
 from loramem.evaluation.metrics import contains
 from loramem.evaluation.rundir import series
-from loramem.evaluation.stats import mean_ci, paired_bootstrap, paired_t_test
+from loramem.evaluation.stats import (
+    cluster_bootstrap_mean,
+    mean_ci,
+    paired_bootstrap,
+    paired_cluster_bootstrap,
+    paired_t_test,
+)
 
 CONFIDENCE = 0.95
 
@@ -28,11 +34,14 @@ def _order(cond: Condition, presses: list[str], formats: list[str | None]) -> tu
 
 
 def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[str, Any]:
-    """Per condition: n and mean with a 95% CI of every metric; per adapter condition: the paired LoRA margin.
+    """Per condition: questions and documents, and the mean with a 95% CI of every metric; per adapter condition:
+    the paired LoRA margin.
 
-    A condition's "press" is its series (press, plus the KV variant when not plain token eviction).
-    The margin of (press, ratio, mode, format) is mode minus `none` at the same press and ratio over
-    the questions answered in both, with a paired bootstrap and a paired t-test (two-sided p-values).
+    Questions are nested in documents, so intervals and tests resample documents (cluster bootstrap: `low`/`high`,
+    `documents`); the question-level figures, as if questions were independent, stand beside them (`question`:
+    Student-t interval; margins' `bootstrap` and `t_test`). A condition's "press" is its series (press, plus the KV
+    variant when not plain token eviction). The margin of (press, ratio, mode, format) is mode minus `none` at the
+    same press and ratio over the questions answered in both (two-sided p-values).
     """
     # Question order fixes the bootstrap's resamples: sorted, the summary is the same however the answers
     # were interleaved (one process, shards merged, Ray workers); the sort is stable, so presses keep their order.
@@ -63,6 +72,7 @@ def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[
         cell = _condition_fields(cond)
         cell.update(
             n=len(answers),
+            n_questions=len(answers),
             n_documents=len({a["doc_id"] for a in answers}),
             variant=answers[0].get("variant", "token"),
             cache_tokens=round(sum(a["cache_tokens"] for a in answers) / len(answers), 1),
@@ -70,8 +80,7 @@ def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[
         if all("kv_bytes" in a for a in answers):
             cell["kv_bytes"] = round(sum(a["kv_bytes"] for a in answers) / len(answers), 1)
         for metric in METRICS:
-            mean, low, high = mean_ci([a[metric] for a in answers], CONFIDENCE)
-            cell[metric] = {"mean": _finite(mean), "low": _finite(low), "high": _finite(high)}
+            cell[metric] = _interval(answers, metric, n_resamples)
         cells.append(cell)
         versus = closed_book if cond[2] in LIBRARY_MODES else (cond[0], cond[1], "none", None)
         base = by_condition.get(versus) if versus else None
@@ -83,7 +92,7 @@ def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[
     summary = {
         **counts,
         "confidence": CONFIDENCE,
-        "unit": "question",
+        "unit": "document",  # what intervals and tests resample; question-level figures stand beside
         "metrics": list(METRICS),
         "cells": cells,
         "margins": margins,
@@ -128,8 +137,7 @@ def summarize_budget(rows: list[dict[str, Any]], n_resamples: int) -> list[dict[
             "adapter_share": round(mean("adapter_bytes") / budget, 4),
         }
         for metric in METRICS:
-            m, low, high = mean_ci([a[metric] for a in answers], CONFIDENCE)
-            point[metric] = {"mean": _finite(m), "low": _finite(low), "high": _finite(high)}
+            point[metric] = _interval(answers, metric, n_resamples)
         kv_only = points.get((press, store, budget, 0, "none", None))
         if rank and kv_only:
             point["versus_kv_only"] = _margin(points[key], kv_only, n_resamples)
@@ -159,20 +167,39 @@ def _condition_fields(cond: Condition) -> dict[str, Any]:
     return dict(zip(("press", "ratio", "mode", "format"), cond))
 
 
+def _interval(answers: list[dict[str, Any]], metric: str, n_resamples: int) -> dict[str, Any]:
+    """Mean with the document-clustered bootstrap interval, and the question-level t interval beside it."""
+    values = [a[metric] for a in answers]
+    mean, low, high = cluster_bootstrap_mean(
+        values, [a["doc_id"] for a in answers], n_resamples=n_resamples, confidence=CONFIDENCE
+    )
+    _, q_low, q_high = mean_ci(values, CONFIDENCE)
+    return {
+        "mean": _finite(mean),
+        "low": _finite(low),
+        "high": _finite(high),
+        "question": {"low": _finite(q_low), "high": _finite(q_high)},
+    }
+
+
 def _margin(
     adapted: dict[tuple[str, int], dict[str, Any]], base: dict[tuple[str, int], dict[str, Any]], n_resamples: int
 ) -> dict[str, Any] | None:
-    """Adapter minus base per metric over the questions both answered; None when they share none."""
+    """Adapter minus base per metric over the questions both answered; None when they share none. `documents`
+    resamples documents (the test to read); `bootstrap` and `t_test` treat questions as independent."""
     shared = [q for q in adapted if q in base]
     if not shared:
         return None
-    result: dict[str, Any] = {"n": len(shared)}
+    docs = [doc for doc, _ in shared]
+    result: dict[str, Any] = {"n": len(shared), "n_questions": len(shared), "n_documents": len(set(docs))}
     for metric in METRICS:
         a, b = [base[q][metric] for q in shared], [adapted[q][metric] for q in shared]
+        clustered = paired_cluster_bootstrap(a, b, docs, n_resamples=n_resamples, confidence=CONFIDENCE)
         boot = paired_bootstrap(a, b, n_resamples=n_resamples, confidence=CONFIDENCE)
         t = paired_t_test(a, b, confidence=CONFIDENCE)
         result[metric] = {
             "diff": _finite(boot["diff"]),
+            "documents": {k: _finite(clustered[k]) for k in ("low", "high", "p_value")},
             "bootstrap": {k: _finite(boot[k]) for k in ("low", "high", "p_value")},
             "t_test": {k: _finite(t[k]) for k in ("low", "high", "p_value")},
         }

@@ -23,8 +23,9 @@ def print_table(summary: dict[str, Any], console: Any, metric: str = "rouge_l") 
     for press, lines in curve_points(summary, metric).items():
         ratios = sorted({p["ratio"] for points in lines.values() for p in points})
         caption = (
-            f"mean ±{summary['confidence']:.0%} CI half-width over questions; Δ adapter − base, paired by "
-            "question (bootstrap p)"
+            f"mean ±{summary['confidence']:.0%} CI half-width, documents resampled (q: questions as if "
+            "independent); n questions / documents; Δ adapter − base, paired by question, documents resampled "
+            "(bootstrap p)"
         )
         if press == LIBRARY_SERIES:
             caption += _library_caption(summary)
@@ -78,8 +79,8 @@ def print_budget_table(summary: dict[str, Any], console: Any, metric: str = "rou
             title=f"{METRIC_NAMES[metric]} within a byte budget · {escape(press)} · KV stored {store} · "
             f"{summary['n_documents']} documents, {summary['n_questions']} questions",
             caption="adapter bytes + kept document KV tokens (mean per document; framing not counted); Δ "
-            "against the whole budget on KV (rank 0), paired by question (bootstrap p); the adapter "
-            "decodes over base-model KV",
+            "against the whole budget on KV (rank 0), paired by question, documents resampled (bootstrap p); the "
+            "adapter decodes over base-model KV",
             show_lines=True,
         )
         table.add_column("adapter rank")
@@ -100,7 +101,7 @@ def _budget_cell(point: dict[str, Any], metric: str, best: float | None) -> str:
     text = _mean_text(point[metric], bold=point[metric]["mean"] == best)
     text += (
         f"\n[dim]{format_size(point['adapter_bytes'])} + {point['kv_tokens_kept']:g} tok "
-        f"({format_size(point['document_kv_bytes'])}) n={point['n']}[/dim]"
+        f"({format_size(point['document_kv_bytes'])}) n={point['n']}/{point['n_documents']}[/dim]"
     )
     return text + _margin_text(point.get("versus_kv_only"), metric)
 
@@ -120,14 +121,21 @@ def _library_caption(summary: dict[str, Any]) -> str:
     return text
 
 
+def _half(stat: dict[str, Any]) -> str:
+    return f"±{(stat['high'] - stat['low']) / 2:.3f}" if stat.get("high") is not None else ""
+
+
 def _mean_text(stat: dict[str, Any], bold: bool = False) -> str:
+    """Mean ±document-level half-width (q ±question-level half-width, when the summary has it)."""
     mean = f"[bold]{stat['mean']:.3f}[/bold]" if bold else f"{stat['mean']:.3f}"
-    return mean + (f" ±{(stat['high'] - stat['low']) / 2:.3f}" if stat["high"] is not None else "")
+    text = mean + (f" {_half(stat)}" if _half(stat) else "")
+    question = _half(stat.get("question") or {})
+    return text + (f" [dim](q {question})[/dim]" if question else "")
 
 
 def _table_cell(cell: dict[str, Any], margin: dict[str, Any] | None, metric: str) -> str:
     text = _mean_text(cell[metric])
-    text += f"\n[dim]n={cell['n']}[/dim]"
+    text += f"\n[dim]n={cell['n']}/{cell['n_documents']}[/dim]"
     return text + _margin_text(margin, metric)
 
 
@@ -136,7 +144,7 @@ def _margin_text(margin: dict[str, Any] | None, metric: str) -> str:
     if margin is None:
         return ""
     m = margin[metric]
-    p = m["bootstrap"]["p_value"]
+    p = (m.get("documents") or m["bootstrap"])["p_value"]  # summaries from before clustering: by question
     colour = (
         "green" if p is not None and p < 0.05 and m["diff"] > 0 else ("red" if p is not None and p < 0.05 else "dim")
     )
