@@ -44,13 +44,13 @@ def test_probe_runs_and_recall_is_measured_by_asking(tiny, tmp_path, monkeypatch
     import loramem.evaluation.probe as probe
 
     asked = []
-    real = probe.generate
+    real = probe.answer_batch
 
-    def counting(lm, question, cache, **kwargs):
-        asked.append((question, kwargs["adapter_on"], lm.adapter is not None))
-        return real(lm, question, cache, **kwargs)
+    def counting(lm, questions, cache, **kwargs):
+        asked.extend((question, kwargs["adapter_on"], lm.adapter is not None) for question in questions)
+        return real(lm, questions, cache, **kwargs)
 
-    monkeypatch.setattr(probe, "generate", counting)
+    monkeypatch.setattr(probe, "answer_batch", counting)
     result = run_probe(tiny, ProbeConfig(ranks=[1, 2], facts=[3, 5], epochs=1, batch_size=4), tmp_path)
     assert [(r["rank"], r["facts"]) for r in result["rows"]] == [(1, 3), (1, 5), (2, 3), (2, 5)]
     assert len(asked) == 2 * (3 + 5) and all(on and attached for _, on, attached in asked)

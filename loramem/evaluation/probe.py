@@ -24,7 +24,7 @@ from loramem.adapters.train import TrainConfig, train_adapter
 from loramem.data.fiction import Names
 from loramem.errors import LoramemError
 from loramem.fileio import atomic_write_bytes
-from loramem.model.generate import generate
+from loramem.model.generate import answer_batch
 from loramem.model.loading import LoadedModel
 
 RESULTS, PLOT = "capacity.json", "capacity.png"
@@ -84,9 +84,9 @@ def phonebook(n: int, seed: int = 0) -> list[tuple[str, str]]:
 
 
 def recall(lm: LoadedModel, pairs: list[tuple[str, str]]) -> float:
-    """Share of questions answered with exactly the number (closed book, adapter on)."""
-    hits = sum(generate(lm, q, None, max_new_tokens=12, adapter_on=True).answer.strip() == a for q, a in pairs)
-    return hits / len(pairs)
+    """Share of questions answered with exactly the number (closed book, adapter on), asked in batches."""
+    replies = answer_batch(lm, [q for q, _ in pairs], None, max_new_tokens=12, adapter_on=True)
+    return sum(reply.answer.strip() == a for reply, (_, a) in zip(replies, pairs)) / len(pairs)
 
 
 def run_probe(

@@ -1,0 +1,86 @@
+"""Benchmark: greedy decoding speed over a stored cache as the document grows, one run.
+
+For each document length: batch-1 decode tokens/s of loramem's pre-sized cache against the plain transformers loop
+that grows a DynamicCache by concatenation (what `generate` did before), both forced to run `--new` tokens with the
+same greedy tokens; then the batched engine's aggregate tokens/s at larger batches. Prints JSON lines and a table.
+Usage: python benchmarks/decode_speed.py [--tokens 600,2700] [--new 48] [--batches 8,16] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from ask_from_cache import QUESTIONS, document_of
+
+from loramem import encode, load_model
+from loramem.model.batch import decode
+from loramem.model.prompt import Framing, question_ids
+
+
+def dynamic_cache_tokens(lm, cache, prompt: list[int], new: int) -> tuple[list[int], float]:
+    """The plain transformers loop: DynamicCache grown token by token; (tokens, decode tokens/s after the first)."""
+    past = cache.to_dynamic_cache(lm.device, lm.dtype)
+    position = torch.arange(cache.n_tokens, cache.n_tokens + len(prompt))[None]
+    with torch.inference_mode():
+        out = lm.model(input_ids=torch.tensor([prompt]), past_key_values=past, position_ids=position, logits_to_keep=1)
+        tokens = [int(out.logits[0, -1].argmax())]
+        first = time.perf_counter()
+        for _ in range(new - 1):
+            position = position[:, -1:] + 1
+            out = lm.model(input_ids=torch.tensor([tokens[-1:]]), past_key_values=past, position_ids=position)
+            tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens, (new - 1) / (time.perf_counter() - first)
+
+
+def engine_rate(lm, cache, prompts: list[list[int]], new: int) -> tuple[list[list[int]], float]:
+    """loramem's batched engine: (tokens per row, aggregate decode tokens/s after the first token)."""
+    rows = decode(lm.model, prompts, cache, set(), new, 0)
+    return [r.tokens for r in rows], len(rows) * (new - 1) / max(r.decode_seconds for r in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", default="600,2700")
+    parser.add_argument("--new", type=int, default=48)
+    parser.add_argument("--batches", default="8,16")
+    parser.add_argument("--repeats", type=int, default=3, help="best of N interleaved runs of each side")
+    parser.add_argument("--model", default=None)
+    args = parser.parse_args()
+    lm = load_model(args.model) if args.model else load_model()
+    results = []
+    for n_tokens in [int(t) for t in args.tokens.split(",")]:
+        cache = encode(lm, document_of(lm, n_tokens))
+        frame = Framing.from_dict(cache.meta["framing"])
+        prompts = [question_ids(lm.tokenizer, frame, q, after_document=True) for q in QUESTIONS]
+        old, new = [], []
+        for _ in range(args.repeats):  # interleaved, so a busy moment slows both sides alike
+            old_tokens, old_rate = dynamic_cache_tokens(lm, cache, prompts[0], args.new)
+            new_tokens, new_rate = engine_rate(lm, cache, prompts[:1], args.new)
+            assert new_tokens[0] == old_tokens, "the engine's greedy tokens differ from the plain loop's"
+            old.append(old_rate)
+            new.append(new_rate)
+        row = {
+            "document_tokens": cache.n_tokens,
+            "batch1_dynamic_cache_tok_s": round(max(old), 1),
+            "batch1_presized_tok_s": round(max(new), 1),
+        }
+        for batch in [int(b) for b in args.batches.split(",")]:
+            rows = [prompts[i % len(prompts)] for i in range(batch)]
+            row[f"batch{batch}_tok_s"] = round(max(engine_rate(lm, cache, rows, args.new)[1] for _ in range(2)), 1)
+        row.update(threads=torch.get_num_threads(), load_average=[round(x, 2) for x in os.getloadavg()])
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    for row in results:
+        batched = [f"{k.split('_')[0]} {v} tok/s" for k, v in row.items() if k.startswith("batch") and "1_" not in k]
+        print(
+            f"{row['document_tokens']:>6} tokens: batch 1 {row['batch1_presized_tok_s']} tok/s pre-sized vs "
+            f"{row['batch1_dynamic_cache_tok_s']} DynamicCache; " + ", ".join(batched)
+        )
+
+
+if __name__ == "__main__":
+    main()
