@@ -8,7 +8,6 @@ and records where the result came from.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,35 +16,13 @@ import torch
 
 from loramem._version import __version__
 from loramem.adapters.attach import LORAMEM_META, adapter_sha256, detach_adapter, read_adapter_meta
+from loramem.adapters.config import DENSITY_METHODS, EQUAL_RANK_METHODS, MergeConfig
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.fileio import atomic_directory
 from loramem.model.loading import LoadedModel
 from loramem.model.prompt import check_template_record
 
-METHODS = ("ties", "linear", "cat", "dare_ties", "svd")
-# PEFT's _check_add_weighted_adapter: these combine A and B matrices entry by entry, so ranks must agree;
-# cat stacks them (rank = sum) and svd refactors the summed update (rank = the largest).
-EQUAL_RANK_METHODS = ("ties", "linear", "dare_ties")
-DENSITY_METHODS = ("ties", "dare_ties")
 _MERGED = "default"  # PEFT saves the adapter named "default" at the top of the output folder
-
-
-@dataclass
-class MergeConfig:
-    """How adapters are combined; recorded in the merged adapter's loramem.json."""
-
-    method: str = "cat"
-    weights: list[float] | None = None  # one per adapter; None: 1 each
-    density: float = 0.5  # ties, dare_ties: fraction of entries kept
-    seed: int = 0  # dare_ties drops entries at random
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise LoramemError(f"unknown merge method {self.method!r}; use one of {', '.join(METHODS)}")
-        if not 0 < self.density <= 1:
-            raise LoramemError(f"density must be in (0, 1], got {self.density}")
-        if self.weights is not None and not all(math.isfinite(w) for w in self.weights):
-            raise LoramemError(f"merge weights must be finite numbers, got {', '.join(map(str, self.weights))}")
 
 
 @dataclass

@@ -22,13 +22,12 @@ import torch
 
 from loramem._version import __version__
 from loramem.adapters.attach import LORAMEM_META, detach_adapter, read_adapter_meta
+from loramem.adapters.config import TARGET_PRESETS, TrainConfig, layer_ranges
 from loramem.errors import LoramemError
 from loramem.fileio import atomic_directory
 from loramem.model.loading import LoadedModel, sha256_text
 from loramem.model.prompt import Framing, answer_ids, closed_book_ids, document_ids
 
-FORMATS = ("qa", "ntp", "mixed")
-TARGET_PRESETS = ("attn", "mlp", "all")
 TRAIN_QA = "train_qa.jsonl"
 IGNORE = -100
 # A module path inside a decoder layer is classified by its parent modules' names, which covers
@@ -38,54 +37,8 @@ _ATTN_WORDS = ("attn", "attention")
 _MLP_WORDS = ("mlp", "feed_forward", "ffn", "moe", "expert")
 # The first numbered segment is the layer index (lazy match: MoE experts are numbered inside layers).
 _LAYER_KEY = re.compile(r"^(?:.*?\.)?(?P<pattern>[^.]+)\.(?P<index>\d+)\.(?P<inner>.+)$")
-_LAYER_RANGE = re.compile(r"(\d+)(?:-(\d+))?")
-_HALVES = ("first-half", "second-half")
-_LAYERS_HINT = "use e.g. 0-14, 0,3,5, first-half or second-half"
 
 StepCallback = Callable[[int, int, float], None]
-
-
-@dataclass
-class TrainConfig:
-    """Hyperparameters of one adapter; recorded in the adapter's loramem.json."""
-
-    format: str = "qa"
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    targets: str = "all"
-    layers: str | None = None
-    # On SmolLM2-135M with 10-20 QA pairs and 8 epochs: 5e-4 leaves trained questions wrong and 3e-3 is
-    # unstable across seeds; 1.5e-3 recalled every trained answer in each run tried, and paraphrases too.
-    lr: float = 1.5e-3
-    epochs: int = 8
-    steps: int | None = None
-    batch_size: int = 4
-    seed: int = 0
-    max_length: int = 512
-    chunk_size: int = 128
-
-    def __post_init__(self) -> None:
-        """Refuse bad values before any model work; names and layer numbers are checked against the model later."""
-        if self.format not in FORMATS:
-            raise LoramemError(f"unknown format {self.format!r}; use one of {', '.join(FORMATS)}")
-        for name in ("rank", "epochs", "batch_size", "max_length", "chunk_size"):
-            if getattr(self, name) <= 0:
-                raise LoramemError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.steps is not None and self.steps <= 0:
-            raise LoramemError(f"steps must be positive, got {self.steps}")
-        if not math.isfinite(self.lr) or not 0 < self.lr <= 1:  # AdamW steps overflow float32 far above 1
-            raise LoramemError(f"lr must be in (0, 1], got {self.lr}")
-        if not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise LoramemError(f"alpha must be a finite number > 0, got {self.alpha}")
-        if not math.isfinite(self.dropout) or not 0 <= self.dropout < 1:
-            raise LoramemError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.chunk_size > self.max_length:
-            raise LoramemError(f"chunk_size {self.chunk_size} exceeds max_length {self.max_length}")
-        if not self.targets.strip(" ,"):
-            raise LoramemError("targets is empty; use attn, mlp, all or module names")
-        if self.layers is not None:
-            _layer_ranges(self.layers)
 
 
 @dataclass(frozen=True)
@@ -164,28 +117,11 @@ def resolve_targets(model: Any, targets: str) -> list[str]:
     return _unique(names)
 
 
-def _layer_ranges(spec: str) -> list[tuple[int, int]] | str:
-    """A --layers spec parsed into inclusive ranges, or one of the half keywords."""
-    text = spec.strip().lower().replace(" ", "")
-    if text in _HALVES:
-        return text
-    ranges = []
-    for part in text.split(","):
-        match = _LAYER_RANGE.fullmatch(part)
-        if not match:
-            raise LoramemError(f"bad layers {spec!r}; {_LAYERS_HINT}")
-        low, high = int(match[1]), int(match[2] or match[1])
-        if low > high:
-            raise LoramemError(f"bad layers {spec!r}: range {part} runs backwards")
-        ranges.append((low, high))
-    return ranges
-
-
 def resolve_layers(spec: str | None, n_layers: int) -> list[int] | None:
     """Layer indices for PEFT's layers_to_transform; None trains every layer."""
     if spec is None:
         return None
-    parsed = _layer_ranges(spec)
+    parsed = layer_ranges(spec)
     if parsed == "first-half":
         return list(range(n_layers // 2))
     if parsed == "second-half":

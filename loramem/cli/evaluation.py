@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -10,18 +11,10 @@ from typer.core import TyperGroup
 
 from loramem.cli.app import PARTIAL_EXIT, app
 from loramem.cli.options import (
-    AnswerBatchOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
-    LayersOpt,
-    LrOpt,
-    MaxBatchTokensOpt,
     ModelOpt,
-    RankOpt,
-    StepsOpt,
-    SynthModelOpt,
-    TargetsOpt,
     TemplateKwargsOpt,
     integers,
     load,
@@ -31,6 +24,8 @@ from loramem.cli.options import (
     stdout_console,
 )
 from loramem.errors import LoramemError
+from loramem.evaluation.config import EvalConfig, parse_shard, read_config_file, resumed_config
+from loramem.sizes import parse_size
 
 
 class _EvalGroup(TyperGroup):
@@ -59,71 +54,133 @@ AllowMixedOpt = typer.Option(
 )
 
 
+def _shown(name: str) -> str:
+    """EvalConfig's default for a setting, as its flag takes it (comma-separated lists, I/N shard)."""
+    value = getattr(_EVAL_DEFAULTS, name)
+    if value is None:
+        return ""
+    if name == "shard":
+        return "/".join(map(str, value))
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+_EVAL_DEFAULTS = EvalConfig()
+# Each eval option that sets an EvalConfig field: its flag and how the flag's text becomes the field's value.
+_SETTINGS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "ratios": ("--ratios", lambda v: [parse_ratio(r) for r in split_list(v)]),
+    "presses": ("--press", split_list),
+    "modes": ("--mode", split_list),
+    "formats": ("--format", split_list),
+    "granularities": ("--granularity", split_list),
+    "store_dtypes": ("--store-dtype", split_list),
+    "groups": ("--groups", int),
+    "limit": ("--limit", int),
+    "shard": ("--shard", parse_shard),
+    "adapters": ("--adapters", str),
+    "library": ("--library", str),
+    "library_top_k": ("--library-top-k", int),
+    "merge": ("--merge", str),
+    "context_chunks": ("--context-chunks", int),
+    "budget_bytes": ("--budget-bytes", lambda v: [parse_size(b) for b in split_list(v)]),
+    "budget_ranks": ("--budget-ranks", lambda v: integers(v, "--budget-ranks")),
+    "max_new_tokens": ("--max-new-tokens", int),
+    "answer_batch_size": ("--batch-size", int),
+    "max_batch_tokens": ("--max-batch-tokens", int),
+    "synth_pairs": ("--synth", int),
+    "synth_model": ("--synth-model", str),
+    "rank": ("--rank", int),
+    "targets": ("--targets", str),
+    "layers": ("--layers", str),
+    "lr": ("--lr", float),
+    "epochs": ("--epochs", int),
+    "steps": ("--steps", int),
+    "seed": ("--seed", int),
+}
+
+
+def _setting(name: str, help: str = "", show_default: str = "") -> Any:
+    """An eval option whose default is EvalConfig's (None in the signature: given flags are told apart)."""
+    default = show_default or (_shown(name) if name != "ratios" else f"{_shown(name)}; none with --budget-bytes")
+    return typer.Option(None, _SETTINGS[name][0], help=help, show_default=default or None)
+
+
 @eval_app.command("run")
 def eval_run(
-    dataset: str = typer.Argument(..., metavar="DATA", help="Dataset JSONL (see `loramem data`)"),
+    ctx: typer.Context,
+    dataset: Optional[str] = typer.Argument(
+        None, metavar="DATA", help="Dataset JSONL (see `loramem data`); with --resume, the run's own by default"
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: answers.jsonl, summary.json, curves.png"),
-    ratios: Optional[str] = typer.Option(
-        None, "--ratios", help="Compression ratios", show_default="0,0.25,0.5,0.75,0.9,1.0; none with --budget-bytes"
+    config_file: Optional[Path] = typer.Option(
+        None,
+        "--config",
+        help='TOML file of settings named as EvalConfig\'s fields (e.g. ratios = [0, 0.5], presses = "snapkv"); '
+        "flags given as well override it",
     ),
-    press: str = typer.Option("snapkv,knorm", "--press", help="Presses (comma-separated)"),
-    mode: str = typer.Option(
-        "none,decode,all",
-        "--mode",
-        help="Inference modes: none, decode, all, base_scores; "
-        "library modes: oracle, routed, routed-merge, hybrid, rag",
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue the run in --out with the settings, dataset and model it recorded; "
+        "settings given again must agree (--limit may change)",
     ),
-    fmt: str = typer.Option("qa,ntp", "--format", help="Adapter training formats: qa, ntp, mixed"),
-    granularity: str = typer.Option(
-        "token", "--granularity", help="KV eviction: token, value-group (budget = 1 - ratio of value bytes), or both"
-    ),
-    groups: int = typer.Option(4, "--groups", help="value-group: groups per value head vector"),
-    store_dtype: str = typer.Option(
-        "native",
-        "--store-dtype",
-        help="KV storage: native, fp16, bf16, int8, int4 (comma-separated: one curve each; bytes.png compares them)",
-    ),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out"),
     allow_mixed: bool = AllowMixedOpt,
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N documents"),
-    shard: str = typer.Option("0/1", "--shard", help="I/N: this process takes documents i with i % N == I"),
-    adapters: Optional[Path] = typer.Option(
-        None,
-        "--adapters",
-        help="Reuse adapters from this directory (DOCID-FORMAT subfolders, e.g. another run's adapters/)",
+    ratios: Optional[str] = _setting("ratios", "Compression ratios"),
+    press: Optional[str] = _setting("presses", "Presses (comma-separated)"),
+    mode: Optional[str] = _setting(
+        "modes",
+        "Inference modes: none, decode, all, base_scores; library modes: oracle, routed, routed-merge, hybrid, rag",
     ),
-    library: Optional[Path] = typer.Option(
-        None,
-        "--library",
-        help="Library modes: route over this library "
-        "(holding every document of the run) instead of building RUN_DIR/library",
+    fmt: Optional[str] = _setting("formats", "Adapter training formats: qa, ntp, mixed"),
+    granularity: Optional[str] = _setting(
+        "granularities", "KV eviction: token, value-group (budget = 1 - ratio of value bytes), or both"
     ),
-    library_top_k: int = typer.Option(3, "--library-top-k", help="routed-merge, hybrid: documents routed and merged"),
-    merge: str = typer.Option("ties", "--merge", help="routed-merge, hybrid: ties, linear, cat, dare_ties or svd"),
-    context_chunks: int = typer.Option(2, "--context-chunks", help="hybrid, rag: retrieved chunks in context"),
-    budget_bytes: Optional[str] = typer.Option(
-        None,
-        "--budget-bytes",
-        help="Byte budgets (e.g. 8MB,32MiB), each split between kept KV and an adapter at every --budget-ranks point",
+    groups: Optional[int] = _setting("groups", "value-group: groups per value head vector"),
+    store_dtype: Optional[str] = _setting(
+        "store_dtypes",
+        "KV storage: native, fp16, bf16, int8, int4 (comma-separated: one curve each; bytes.png compares them)",
     ),
-    budget_ranks: str = typer.Option(
-        "0,2,8,32",
-        "--budget-ranks",
-        help="Adapter ranks of the budget split "
-        "(0: the whole budget on KV); a rank whose adapter exceeds a budget is left out",
+    limit: Optional[int] = _setting("limit", "Only the first N documents"),
+    shard: Optional[str] = _setting("shard", "I/N: this process takes documents i with i % N == I"),
+    adapters: Optional[str] = _setting(
+        "adapters", "Reuse adapters from this directory (DOCID-FORMAT subfolders, e.g. another run's adapters/)"
     ),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
-    batch_size: Optional[int] = AnswerBatchOpt,
-    max_batch_tokens: int = MaxBatchTokensOpt,
-    synth: int = typer.Option(16, "--synth", help="Training pairs synthesized for documents without train_qa"),
-    synth_model: Optional[str] = SynthModelOpt,
-    rank: int = RankOpt,
-    targets: str = TargetsOpt,
-    layers: Optional[str] = LayersOpt,
-    lr: Optional[float] = LrOpt,
-    epochs: int = typer.Option(8, "--epochs"),
-    steps: Optional[int] = StepsOpt,
-    seed: int = typer.Option(0, "--seed"),
+    library: Optional[str] = _setting(
+        "library",
+        "Library modes: route over this library (holding every document of the run) instead of building "
+        "RUN_DIR/library",
+    ),
+    library_top_k: Optional[int] = _setting("library_top_k", "routed-merge, hybrid: documents routed and merged"),
+    merge: Optional[str] = _setting("merge", "routed-merge, hybrid: ties, linear, cat, dare_ties or svd"),
+    context_chunks: Optional[int] = _setting("context_chunks", "hybrid, rag: retrieved chunks in context"),
+    budget_bytes: Optional[str] = _setting(
+        "budget_bytes",
+        "Byte budgets (e.g. 8MB,32MiB), each split between kept KV and an adapter at every --budget-ranks point",
+    ),
+    budget_ranks: Optional[str] = _setting(
+        "budget_ranks",
+        "Adapter ranks of the budget split (0: the whole budget on KV); a rank whose adapter exceeds a budget is "
+        "left out",
+    ),
+    max_new_tokens: Optional[int] = _setting("max_new_tokens", "Answer length limit"),
+    batch_size: Optional[int] = _setting(
+        "answer_batch_size",
+        "Questions over one cache decoded together (answers do not change; not recorded)",
+        show_default="as many as --max-batch-tokens allows, at most 16",
+    ),
+    max_batch_tokens: Optional[int] = _setting(
+        "max_batch_tokens", "Memory budget of a decoding batch, in cached tokens over all rows (not recorded)"
+    ),
+    synth: Optional[int] = _setting("synth_pairs", "Training pairs synthesized for documents without train_qa"),
+    synth_model: Optional[str] = _setting(
+        "synth_model", "Model that writes the synthesized QA pairs (default: the model being trained)"
+    ),
+    rank: Optional[int] = _setting("rank", "LoRA rank"),
+    targets: Optional[str] = _setting("targets", "attn, mlp, all, or module names (comma-separated)"),
+    layers: Optional[str] = _setting("layers", "e.g. 0-14, 0,3,5, first-half, second-half"),
+    lr: Optional[float] = _setting("lr", "Learning rate"),
+    epochs: Optional[int] = _setting("epochs", "Training epochs"),
+    steps: Optional[int] = _setting("steps", "Train this many steps instead of --epochs"),
+    seed: Optional[int] = _setting("seed", "Seed of the synthesized pairs and the training"),
     ray: Optional[str] = typer.Option(
         None,
         "--ray",
@@ -142,44 +199,36 @@ def eval_run(
     as_json: bool = JsonOpt,
 ) -> None:
     """Answer every question under every press, ratio, mode and format; score, summarize and plot."""
-    from loramem.evaluation.config import EvalConfig, parse_shard
+    from loramem.evaluation.rundir import CONFIG, read_json
     from loramem.evaluation.runner import run_eval
-    from loramem.sizes import parse_size
 
-    extra = {"lr": lr} if lr is not None else {}
-    budgets = [parse_size(b) for b in split_list(budget_bytes or "")]
-    if ratios is None:
-        ratios = "" if budgets else "0,0.25,0.5,0.75,0.9,1.0"
-    config = EvalConfig(
-        ratios=[parse_ratio(r) for r in split_list(ratios)],
-        presses=split_list(press),
-        modes=split_list(mode),
-        formats=split_list(fmt),
-        granularities=split_list(granularity),
-        store_dtypes=split_list(store_dtype),
-        groups=groups,
-        max_new_tokens=max_new_tokens,
-        limit=limit,
-        shard=parse_shard(shard),
-        seed=seed,
-        synth_pairs=synth,
-        synth_model=synth_model,
-        adapters=str(adapters) if adapters else None,
-        rank=rank,
-        targets=targets,
-        layers=layers,
-        epochs=epochs,
-        steps=steps,
-        library=str(library) if library else None,
-        library_top_k=library_top_k,
-        merge=merge,
-        context_chunks=context_chunks,
-        budget_bytes=budgets,
-        budget_ranks=integers(budget_ranks, "--budget-ranks"),
-        answer_batch_size=batch_size,
-        max_batch_tokens=max_batch_tokens,
-        **extra,
-    )
+    names = {"presses": "press", "modes": "mode", "formats": "fmt", "granularities": "granularity"}
+    names |= {"store_dtypes": "store_dtype", "synth_pairs": "synth", "answer_batch_size": "batch_size"}
+    given = {
+        field: parse(ctx.params[names.get(field, field)])
+        for field, (_, parse) in _SETTINGS.items()
+        if ctx.params[names.get(field, field)] is not None
+    }
+    settings = {**(read_config_file(config_file) if config_file else {}), **given}
+    if resume and (out / CONFIG).is_file():
+        header = read_json(out / CONFIG, "cannot resume")
+        config, disagree = resumed_config(header["config"], settings)
+        if disagree:
+            flags = ", ".join(_SETTINGS[name][0] if name in given else f"{name} in {config_file}" for name in disagree)
+            raise LoramemError(
+                f"{flags} disagree with the run being resumed in {out}; leave them out to resume it as recorded "
+                "(see its config.json), or choose another --out"
+            )
+        dataset = dataset or header["dataset"]["path"]
+        model = model or header["model"].get("id")
+        if chat_template_kwargs is None:
+            chat_template_kwargs = header["model"].get("chat_template_kwargs")
+    else:
+        if "budget_bytes" in settings and "ratios" not in settings:
+            settings["ratios"] = []  # a budget sweep replaces the ratio curves unless both are asked for
+        config = EvalConfig.from_dict(settings, str(config_file) if config_file else "flags")
+    if dataset is None:
+        raise LoramemError("give DATA (a dataset JSONL), or --resume a run in --out that recorded one")
     if ray is not None:
         from loramem.evaluation.ray import run_eval_ray
 

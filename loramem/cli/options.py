@@ -25,8 +25,8 @@ JsonOpt = typer.Option(False, "--json", help="Machine-readable output on stdout"
 AnswerBatchOpt = typer.Option(
     None,
     "--batch-size",
-    help="Questions over one cache decoded together (answers do not change) [default: as many as "
-    "--max-batch-tokens allows, at most 16]",
+    help="Questions over one cache decoded together (answers do not change)",
+    show_default="as many as --max-batch-tokens allows, at most 16",
 )
 MaxBatchTokensOpt = typer.Option(
     MAX_BATCH_TOKENS, "--max-batch-tokens", help="Memory budget of a decoding batch, in cached tokens over all rows"

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from loramem.adapters.merge import MergeConfig
-from loramem.adapters.train import FORMATS, TrainConfig, adapter_element_bytes, lora_parameters
+from loramem.adapters.config import FORMATS, MergeConfig, TrainConfig
 from loramem.data.formats import DocRecord
 from loramem.errors import LoramemError
 from loramem.kv.presses import parse_presses
 from loramem.log import warn
 from loramem.model import MAX_BATCH_TOKENS
-from loramem.model.loading import LoadedModel, sha256_text
-from loramem.sizes import format_size
+from loramem.model.loading import sha256_text
+from loramem.sizes import format_size, parse_size
+
+if TYPE_CHECKING:
+    from loramem.model.loading import LoadedModel
 
 ADAPTER_MODES = ("decode", "all", "base_scores")
 
@@ -149,6 +151,27 @@ class EvalConfig:
     def uses_library(self) -> bool:
         return any(m in LIBRARY_MODES for m in self.modes)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> EvalConfig:
+        """A config from settings named as its fields (dashes allowed), as config.json or an --config TOML file
+        holds them: lists as lists or comma-separated text, shard as [I, N] or "I/N", byte budgets as sizes."""
+        kinds = {f.name: str(f.type) for f in fields(cls)}
+        values = {str(key).replace("-", "_"): value for key, value in data.items()}
+        unknown = sorted(set(values) - set(kinds))
+        if unknown:
+            raise LoramemError(f"{source}: unknown setting {unknown[0]!r}; known: {', '.join(kinds)}")
+        for name, value in values.items():
+            kind = kinds[name].removesuffix(" | None")
+            if kind.startswith("list[") and isinstance(value, str):
+                value = values[name] = [_scalar(part, kind[5:-1], f"{source}: {name}") for part in value.split(",")]
+            if name == "shard":
+                values[name] = parse_shard(value if isinstance(value, str) else "/".join(map(str, value)))
+            elif name == "budget_bytes":
+                values[name] = [parse_size(v) if isinstance(v, str) else v for v in value]
+            elif not _is_a(value, kind):
+                raise LoramemError(f"{source}: {name} must be {kind}, got {value!r}")
+        return cls(**values)
+
     def to_dict(self) -> dict[str, Any]:
         """As config.json stores it (JSON types), so a stored config compares equal to a fresh one. Runs without
         library modes or budgets leave those settings out, so runs made before they existed still resume and merge."""
@@ -156,6 +179,43 @@ class EvalConfig:
         unused = (() if self.uses_library else LIBRARY_SETTINGS) + (() if self.budget_bytes else BUDGET_SETTINGS)
         unused += (() if self.synth_model else ("synth_model",)) + RUNTIME_SETTINGS
         return {k: v for k, v in data.items() if k not in unused}
+
+
+def resumed_config(recorded: Mapping[str, Any], given: Mapping[str, Any]) -> tuple[EvalConfig, list[str]]:
+    """A run's recorded config (config.json's "config") with the settings given again, and the names of those
+    that disagree with the record (all but `limit`, which a resume may widen or narrow)."""
+    config = EvalConfig.from_dict({**recorded, **given}, "config.json")
+    again, before = config.to_dict(), EvalConfig.from_dict(recorded, "config.json").to_dict()
+    return config, [name for name in given if name != "limit" and again.get(name) != before.get(name)]
+
+
+def _is_a(value: Any, kind: str) -> bool:
+    """Whether a setting read from a file has the type its field declares (`kind` as annotated, e.g. list[float])."""
+    if value is None:
+        return True  # fields that may not be None refuse it in __post_init__
+    if kind.startswith("list["):
+        return isinstance(value, list) and all(_is_a(v, kind[5:-1]) for v in value)
+    allowed = {"int": (int,), "float": (int, float), "str": (str,)}.get(kind)
+    return allowed is None or (isinstance(value, allowed) and not isinstance(value, bool))
+
+
+def _scalar(text: str, kind: str, what: str) -> Any:
+    try:
+        return {"int": int, "float": float}.get(kind, str)(text.strip())
+    except ValueError as exc:
+        raise LoramemError(f"{what}: {text.strip()!r} is not {kind}") from exc
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """An eval grid from a TOML file: EvalConfig's fields as keys (e.g. `ratios = [0, 0.5]`, `presses = "snapkv"`)."""
+    import tomllib
+
+    from loramem.fileio import read_text
+
+    try:
+        return tomllib.loads(read_text(path, what="config file"))
+    except tomllib.TOMLDecodeError as exc:
+        raise LoramemError(f"{path}: not valid TOML ({exc})") from exc
 
 
 def known(names: Sequence[str], allowed: Sequence[str], what: str) -> list[str]:
@@ -217,6 +277,8 @@ def variant_name(granularity: str, groups: int, store: str) -> str:
 
 def budget_sizes(lm: LoadedModel, config: EvalConfig) -> dict[int, int]:
     """Stored bytes of the run's adapter at each budget rank (0 for rank 0), from the model before any training."""
+    from loramem.adapters.train import adapter_element_bytes, lora_parameters
+
     element = adapter_element_bytes(lm.model)
     return (
         {

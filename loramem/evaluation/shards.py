@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ def merge(run_dirs: Sequence[str | Path], out_dir: str | Path, *, allow_mixed: b
         "config": {**headers[0]["config"], "shard": [0, 1]},
         "documents": documents,
         "merged_from": [str(d.resolve()) for d in dirs],
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import torch
@@ -126,7 +126,7 @@ def encode(
         "score_adjustments": adjusted,
         "compression": None,
         "prefill_seconds": round(elapsed, 4),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return KVCache(
         keys=keys,

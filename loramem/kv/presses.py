@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from loramem.errors import LoramemError
 
@@ -65,6 +66,8 @@ def make_kvpress(name: str, compression_ratio: float = 0.0) -> Any:
 
 def streaming_scores(n_heads: int, n_tokens: int) -> torch.Tensor:
     """StreamingLLM as a ratio-free score: the sink tokens rank first, then the most recent."""
+    import torch
+
     score = torch.arange(n_tokens, dtype=torch.float32)
     score[: min(STREAMING_SINKS, n_tokens)] += n_tokens + 1
     return score.expand(n_heads, n_tokens).clone()
@@ -91,6 +94,8 @@ def _shorter_window(scorer: Any, n_tokens: int) -> Any | None:
 
 def make_recorder(names: list[str]) -> Any:
     """A kvpress press that leaves the cache intact and records every scorer's scores per layer."""
+    import torch
+
     base = _recorder_base()
 
     @dataclass

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -328,19 +328,6 @@ def check_model(lib: Library, fingerprint: dict[str, Any]) -> None:
         check_template_record(lib.manifest["base_model"], fingerprint, f"library {lib.path}")
 
 
-def _training_pairs(
-    lm: LoadedModel, text: str, options: AddOptions, qa: list[tuple[str, str]] | None
-) -> tuple[list[tuple[str, str]], list[str] | None]:
-    """The pairs an adapter is trained on, and who wrote each when they were synthesized."""
-    if options.train.format == "ntp":
-        return [], None
-    if qa is not None:
-        return qa, None
-    from loramem.adapters.synth import synth_writer, synthesize_pairs
-
-    return synthesize_pairs(synth_writer(options.synth_model, lm), text, options.synth, options.train.seed)
-
-
 def _build(
     lm: LoadedModel,
     item: _Planned,
@@ -360,7 +347,11 @@ def _build(
         origin = str(options.adapter)
     else:
         log(f"{item.doc_id}: training its adapter")
-        pairs, written_by = _training_pairs(lm, item.text, options, qa)
+        from loramem.adapters.synth import training_pairs
+
+        pairs, written_by = training_pairs(
+            lm, item.text, options.train.format, qa, options.synth, options.train.seed, options.synth_model
+        )
         train_adapter(
             lm, item.text, pairs, folder / ADAPTER_DIR, options.train, qa_file_sha256=qa_sha, qa_written_by=written_by
         )
@@ -384,7 +375,7 @@ def _build(
             "sha256": adapter_sha256(folder / ADAPTER_DIR),
         },
         "cache": options.with_cache,
-        "added": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "added": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return record, embeddings
 
@@ -462,8 +453,9 @@ def add_documents(
         raise LoramemError("no document given")
     if len(documents) > 1 and (options.adapter or options.qa or options.doc_id):
         raise LoramemError("--adapter, --qa and --id describe one document; add such documents one at a time")
-    if options.synth_model and (options.qa or options.adapter or options.train.format == "ntp"):
-        raise LoramemError("--synth-model writes the pairs of formats qa and mixed when no --qa or --adapter is given")
+    from loramem.adapters.synth import check_synth_request
+
+    check_synth_request(options.train.format, options.synth_model, bool(options.qa or options.adapter))
     texts = [(source, read_text(source)) for source in documents]  # a bad file fails before any training
     qa, qa_sha = None, None
     if options.qa:
