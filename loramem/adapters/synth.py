@@ -225,6 +225,32 @@ def synth_writer(name: str | None, lm: LoadedModel) -> LoadedModel:
     return _writers[key]
 
 
+def check_synth_request(fmt: str, synth_model: str | None, pairs_given: bool) -> None:
+    """A writer model is only for pairs that get synthesized: formats qa and mixed, no pairs given."""
+    if synth_model and (fmt == "ntp" or pairs_given):
+        raise LoramemError("--synth-model writes the QA pairs of formats qa and mixed when no pairs are given")
+
+
+def training_pairs(
+    lm: LoadedModel,
+    text: str,
+    fmt: str,
+    given: list[QA] | None,
+    n: int,
+    seed: int = 0,
+    synth_model: str | None = None,
+) -> tuple[list[QA], list[str] | None]:
+    """The one rule for the pairs a document's adapter trains on: none for ntp, else the given pairs, else n pairs
+    synthesized (by `synth_model`, else `lm`, topped up by rules); and who wrote each synthesized pair. Commands
+    with one document refuse a `synth_model` that would go unused (check_synth_request); an eval uses it for the
+    documents that come without pairs."""
+    if fmt == "ntp":
+        return [], None
+    if given is not None:
+        return given, None
+    return synthesize_pairs(synth_writer(synth_model, lm), text, n, seed)
+
+
 def synthesize_pairs(
     writer: LoadedModel | None, document: str, n: int, seed: int = 0, sources: Iterable[str] = SOURCES
 ) -> tuple[list[QA], list[str]]:

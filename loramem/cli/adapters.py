@@ -59,6 +59,7 @@ def train_adapter(
     """Train a document LoRA (QA-supervised, raw-text or mixed) as a standard PEFT adapter directory."""
     from dataclasses import replace
 
+    from loramem.adapters.synth import check_synth_request, training_pairs
     from loramem.adapters.train import TrainConfig
     from loramem.adapters.train import train_adapter as train
     from loramem.data.formats import load_qa_pairs
@@ -84,19 +85,10 @@ def train_adapter(
     if lr is not None:
         config = replace(config, lr=lr)
     pairs, qa_sha = load_qa_pairs(qa) if qa else (None, None)
-    if synth_model and (fmt == "ntp" or pairs is not None):
-        raise LoramemError("--synth-model writes the QA pairs of formats qa and mixed when no --qa is given")
+    given = None if pairs is None else [(p.question, p.answer) for p in pairs]
+    check_synth_request(fmt, synth_model, given is not None)
     lm = load(model, device, dtype, chat_template_kwargs=chat_template_kwargs)
-    written_by = None
-    if fmt == "ntp":
-        qa_pairs = []
-    elif pairs is None:
-        from loramem.adapters.synth import synth_writer, synthesize_pairs
-
-        log(f"no --qa given: synthesizing {synth} question-answer pairs from the document")
-        qa_pairs, written_by = synthesize_pairs(synth_writer(synth_model, lm), text, synth, seed)
-    else:
-        qa_pairs = [(p.question, p.answer) for p in pairs]
+    qa_pairs, written_by = training_pairs(lm, text, fmt, given, synth, seed, synth_model)
     with progress_bar("training", None) as advance:
         summary = train(
             lm,

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from loramem.adapters.attach import read_adapter_meta
-from loramem.adapters.synth import synth_writer, synthesize_pairs
+from loramem.adapters.synth import training_pairs
 from loramem.adapters.train import train_adapter
 from loramem.data.formats import DocRecord, load_qa_pairs
 from loramem.errors import IncompatibleArtifactError
@@ -40,7 +40,7 @@ def document_adapter(
     path = run / ADAPTERS / name
     what = f"{fmt} adapter" + (f" (rank {rank})" if rank is not None else "")
     if not path.exists():
-        qa = training_pairs(lm, record, config, run, status) if fmt in ("qa", "mixed") else []
+        qa = run_training_pairs(lm, record, fmt, config, run, status)
         path.parent.mkdir(exist_ok=True)
         status(f"training the {what}")
         train_adapter(
@@ -66,21 +66,28 @@ def check_adapter(path: Path, record: DocRecord, fmt: str, rank: int | None = No
         raise IncompatibleArtifactError(f"adapter {path} has rank {config.get('r')}, not {rank}")
 
 
-def training_pairs(
-    lm: LoadedModel, record: DocRecord, config: EvalConfig, run: Path, status: Callable[[str], None]
+def run_training_pairs(
+    lm: LoadedModel, record: DocRecord, fmt: str, config: EvalConfig, run: Path, status: Callable[[str], None]
 ) -> list[tuple[str, str]]:
-    """The record's train_qa, or pairs synthesized once and kept in RUN_DIR/train_qa/ for resumes."""
-    if record.train_qa:
-        return [(t.question, t.answer) for t in record.train_qa]
+    """The pairs of `training_pairs` with the record's train_qa as the given pairs; synthesized pairs are kept in
+    RUN_DIR/train_qa/ so that a resume and every format train on the same ones."""
     path = run / SYNTH_QA / f"{file_name(record.id)}.jsonl"
-    if not path.exists():
-        status(f"synthesizing {config.synth_pairs} training pairs")
-        writer = synth_writer(config.synth_model, lm)
-        pairs, written_by = synthesize_pairs(writer, record.document, config.synth_pairs, config.seed)
+    if record.train_qa:
+        given: list[tuple[str, str]] | None = [(t.question, t.answer) for t in record.train_qa]
+    elif path.exists():
+        given = [(p.question, p.answer) for p in load_qa_pairs(path)[0]]
+    else:
+        given = None
+        if fmt != "ntp":
+            status(f"synthesizing {config.synth_pairs} training pairs")
+    pairs, written_by = training_pairs(
+        lm, record.document, fmt, given, config.synth_pairs, config.seed, config.synth_model
+    )
+    if written_by is not None:
         path.parent.mkdir(exist_ok=True)
         lines = "".join(
             json.dumps({"question": q, "answer": a, "written_by": w}, ensure_ascii=False) + "\n"
             for (q, a), w in zip(pairs, written_by)
         )
         atomic_write_bytes(path, lines.encode("utf-8"))
-    return [(p.question, p.answer) for p in load_qa_pairs(path)[0]]
+    return pairs
