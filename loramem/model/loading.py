@@ -7,6 +7,7 @@ into the user cache directory and later loads read that copy (~2 s).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from loramem.errors import LoramemError
+from loramem.fileio import atomic_write_bytes
 from loramem.log import log, quiet_libraries
 from loramem.model.prompt import Framing, TemplateOptions, check_template_kwargs
 
@@ -237,6 +239,28 @@ def model_fingerprint(model: Any, tokenizer: Any) -> dict[str, str]:
     }
 
 
+_FINGERPRINT = "loramem-fingerprint.json"
+
+
+def _kept_fingerprint(folder: Path, model: Any, tokenizer: Any) -> dict[str, str]:
+    """The fingerprint of loramem's own converted copy, computed once and kept beside it (hashing the vocabulary
+    and a weights sample costs a one-off `ask` a noticeable part of its start); recomputed if the weights file
+    changed since."""
+    weights = (folder / "model.safetensors").stat()
+    stamp = {"weights_size": weights.st_size, "weights_mtime_ns": weights.st_mtime_ns}
+    path = folder / _FINGERPRINT
+    try:
+        kept = json.loads(path.read_text())
+        if kept.get("stamp") == stamp and isinstance(kept.get("fingerprint"), dict):
+            return kept["fingerprint"]
+    except (OSError, ValueError):
+        pass
+    fingerprint = model_fingerprint(model, tokenizer)
+    with contextlib.suppress(OSError, LoramemError):  # a read-only cache directory: compute it each time
+        atomic_write_bytes(path, json.dumps({"stamp": stamp, "fingerprint": fingerprint}, indent=1).encode())
+    return fingerprint
+
+
 def _source(name: str) -> tuple[str, Path | str]:
     """Classify --model as the default, a GGUF file, a local directory or a hub id."""
     if name in ("", "default", DEFAULT_MODEL, DEFAULT_MODEL.lower()):
@@ -328,5 +352,9 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     template = TemplateOptions.resolve(tokenizer, given)
-    fingerprint = {**model_fingerprint(model, tokenizer), **template.record()}
+    if kind == "default":
+        identity = _kept_fingerprint(Path(folder), model, tokenizer)
+    else:
+        identity = model_fingerprint(model, tokenizer)
+    fingerprint = {**identity, **template.record()}
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, fingerprint=fingerprint, template=template)

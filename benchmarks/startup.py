@@ -1,0 +1,124 @@
+"""Benchmark: a one-off `loramem ask --cache` as a process, stage by stage, and `ask --doc` / `ask --cache`.
+
+A user who asks one question from a stored cache pays for a whole process: imports, model load, cache load,
+the question's prefill and the decode. This prints those stages (timed inside one fresh process), then the
+wall time of the real commands `loramem ask --doc DOC` and `loramem ask --cache DOC.kv` on the same document
+(fastest of --repeats interleaved runs each; the answers must agree) and their ratio.
+Usage: python benchmarks/startup.py [--tokens 2700] [--max-new-tokens 32] [--repeats 2] [--model ID]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+QUESTION = "Who designed the lighthouse at Varnaby Point?"
+
+
+def stages(cache_path: str, model: str | None, max_new_tokens: int) -> None:
+    """Run in a fresh process: time each stage of what `ask --cache` does, print them as JSON."""
+    started = time.perf_counter()
+    import loramem.cli  # noqa: F401  (what the command imports before any work)
+    from loramem.kv.cache import KVCache, check_compatible
+    from loramem.model.generate import generate
+    from loramem.model.loading import load_model
+
+    imported = time.perf_counter()
+    lm = load_model(model)
+    loaded = time.perf_counter()
+    cache = KVCache.load(cache_path)
+    check_compatible(cache, lm.fingerprint, cache_path)
+    cache_loaded = time.perf_counter()
+    answer = generate(lm, QUESTION, cache, max_new_tokens=max_new_tokens)
+    done = time.perf_counter()
+    question = answer.time_to_first_token_seconds
+    print(
+        json.dumps(
+            {
+                "imports_s": round(imported - started, 3),
+                "model_load_s": round(loaded - imported, 3),
+                "cache_load_s": round(cache_loaded - loaded, 3),
+                "question_s": round(question, 3),
+                "decode_s": round(done - cache_loaded - question, 3),
+                "new_tokens": answer.new_tokens,
+                "document_tokens": cache.n_tokens,
+                "in_process_total_s": round(done - started, 3),
+            }
+        )
+    )
+
+
+def run(*args: str) -> tuple[float, str]:
+    """Wall time of `python -m loramem ARGS` and its stdout."""
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "loramem", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LORAMEM_QUIET": "1"},
+        check=False,
+    )
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"loramem {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
+    return elapsed, result.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=2700, help="document length in the model's tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--stages-of", help=argparse.SUPPRESS)  # internal: the stage-timing child process
+    args = parser.parse_args()
+    if args.stages_of:
+        stages(args.stages_of, args.model, args.max_new_tokens)
+        return
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ask_from_cache import document_of
+
+    from loramem import load_model
+
+    lm = load_model(args.model)  # also converts the default model once, outside the timings
+    doc = document_of(lm, args.tokens)
+    del lm
+    model = ["--model", args.model] if args.model else []
+    asked = ["--max-new-tokens", str(args.max_new_tokens), *model, QUESTION]
+    with tempfile.TemporaryDirectory() as tmp:
+        doc_path, cache_path = Path(tmp) / "doc.txt", Path(tmp) / "doc.kv.safetensors"
+        doc_path.write_text(doc)
+        run("encode", str(doc_path), "-o", str(cache_path), "--score", "snapkv", *model)
+        child = [sys.executable, __file__, "--stages-of", str(cache_path), "--max-new-tokens", str(args.max_new_tokens)]
+        shown = subprocess.run([*child, *model], capture_output=True, text=True, check=True)
+        result = json.loads(shown.stdout)
+        times: dict[str, list[float]] = {"cache": [], "doc": []}
+        answers: dict[str, str] = {}
+        for _ in range(args.repeats):
+            for kind, source in (("cache", ["--cache", str(cache_path)]), ("doc", ["--doc", str(doc_path)])):
+                elapsed, answers[kind] = run("ask", *source, *asked)
+                times[kind].append(elapsed)
+    if answers["cache"] != answers["doc"]:
+        raise SystemExit(f"answers differ: cache {answers['cache']!r} vs doc {answers['doc']!r}")
+    result["ask_cache_process_s"] = round(min(times["cache"]), 2)
+    result["ask_doc_process_s"] = round(min(times["doc"]), 2)
+    result["ask_doc_over_ask_cache"] = round(min(times["doc"]) / min(times["cache"]), 2)
+    print(json.dumps(result))
+    print(
+        f"one-off ask --cache on {result['document_tokens']} tokens: imports {result['imports_s']} s, model load "
+        f"{result['model_load_s']} s, cache load {result['cache_load_s']} s, question {result['question_s']} s, "
+        f"decode {result['decode_s']} s ({result['new_tokens']} tokens); as processes: ask --doc "
+        f"{result['ask_doc_process_s']} s / ask --cache {result['ask_cache_process_s']} s = "
+        f"{result['ask_doc_over_ask_cache']}x"
+    )
+
+
+if __name__ == "__main__":
+    main()

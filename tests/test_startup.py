@@ -1,0 +1,66 @@
+"""Fast start: what a one-off `ask --cache` or `compress` process pays for before its work."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def test_the_default_models_fingerprint_is_kept_beside_its_copy(tiny, tiny_dir, tmp_path, monkeypatch):
+    from loramem.model import loading
+
+    copy = shutil.copytree(tiny_dir, tmp_path / "copy")
+    first = loading._kept_fingerprint(copy, tiny.model, tiny.tokenizer)
+    assert first == loading.model_fingerprint(tiny.model, tiny.tokenizer)
+    assert (copy / "loramem-fingerprint.json").is_file()
+
+    def recomputed(*args):
+        raise AssertionError("the kept fingerprint was not used")
+
+    monkeypatch.setattr(loading, "model_fingerprint", recomputed)
+    assert loading._kept_fingerprint(copy, tiny.model, tiny.tokenizer) == first
+    stat = (copy / "model.safetensors").stat()
+    os.utime(copy / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the weights changed
+    with pytest.raises(AssertionError, match="not used"):
+        loading._kept_fingerprint(copy, tiny.model, tiny.tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("command", "unwanted"),
+    [
+        (["ask", "--help"], ("torch", "transformers", "kvpress", "peft", "scipy", "matplotlib")),
+        (["compress", "--help"], ("torch", "transformers", "kvpress", "peft", "scipy", "matplotlib")),
+        (["eval", "run", "--help"], ("torch", "transformers", "kvpress", "peft", "scipy", "matplotlib")),
+    ],
+)
+def test_help_imports_no_heavy_library(command, unwanted):
+    code = (
+        "import sys\nsys.argv = ['loramem', *sys.argv[1:]]\nfrom loramem.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        f"print([m for m in {unwanted!r} if m in sys.modules], file=sys.stderr)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True, timeout=120)
+    assert result.stderr.strip().splitlines()[-1] == "[]", result.stderr
+
+
+def test_ask_and_compress_from_a_cache_do_not_import_kvpress_or_peft(tiny_dir, tmp_path, doc_text):
+    from conftest import run_cli
+
+    cache = tmp_path / "doc.kv"
+    assert run_cli("encode", "-", "-o", str(cache), "--model", str(tiny_dir), input=doc_text.encode()).returncode == 0
+    code = (
+        "import sys\nsys.argv = ['loramem', *sys.argv[1:]]\nfrom loramem.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        "print([m for m in ('kvpress', 'peft', 'matplotlib') if m in sys.modules], file=sys.stderr)"
+    )
+    env = {**os.environ, "LORAMEM_QUIET": "1"}
+    for args in (
+        ["ask", "--cache", str(cache), "--model", str(tiny_dir), "--max-new-tokens", "2", "Who?"],
+        ["compress", str(cache), "--ratio", "0.5", "-o", str(tmp_path / "half.kv")],
+    ):
+        result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+        assert result.stderr.strip().splitlines()[-1] == "[]", (args, result.stderr)
