@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loramem.adapters.config import FORMATS, MergeConfig, TrainConfig
-from loramem.data.formats import DocRecord
 from loramem.errors import LoramemError
 from loramem.kv.presses import parse_presses
 from loramem.log import warn
@@ -19,6 +18,7 @@ from loramem.model.loading import sha256_text
 from loramem.sizes import format_size, parse_size
 
 if TYPE_CHECKING:
+    from loramem.data.formats import DocRecord
     from loramem.model.loading import LoadedModel
 
 ADAPTER_MODES = ("decode", "all", "base_scores")
