@@ -8,7 +8,7 @@ import pytest
 from conftest import DEMO_DOC, REPO, run_cli
 from kvpress_reference import assert_agrees
 
-from loramem import compress, encode, generate
+from loramem import KVCache, compress, encode, generate
 from loramem.kv.presses import DEFAULT_PRESSES
 
 pytestmark = pytest.mark.real
@@ -48,11 +48,13 @@ def test_pipeline_answers_from_the_document(tmp_path):
     assert asked.returncode == 0 and asked.stdout.strip()
 
 
-def test_ask_doc_equals_ask_cache(real):
+def test_ask_doc_equals_ask_cache(real, tmp_path):
+    """The cache goes through its file, as `ask --cache` reads it, and answers as a fresh prefill does."""
     document = DEMO_DOC.read_text()
-    cache = encode(real, document)
+    stored = tmp_path / "doc.kv.safetensors"
+    stored.write_bytes(encode(real, document).to_bytes())
     question = "In which year was the light automated?"
-    from_cache = generate(real, question, cache, max_new_tokens=16)
+    from_cache = generate(real, question, KVCache.load(stored), max_new_tokens=16)
     fresh = generate(real, question, encode(real, document), max_new_tokens=16)
     assert from_cache.answer == fresh.answer
     assert "1988" in from_cache.answer

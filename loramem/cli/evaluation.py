@@ -101,7 +101,7 @@ _SETTINGS: dict[str, tuple[str, Callable[[Any], Any]]] = {
 def _setting(name: str, help: str = "", show_default: str = "") -> Any:
     """An eval option whose default is EvalConfig's (None in the signature: given flags are told apart)."""
     default = show_default or (_shown(name) if name != "ratios" else f"{_shown(name)}; none with --budget-bytes")
-    return typer.Option(None, _SETTINGS[name][0], help=help, show_default=default or None)
+    return typer.Option(None, _SETTINGS[name][0], help=help, show_default=default or False)
 
 
 @eval_app.command("run")
