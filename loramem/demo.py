@@ -30,7 +30,7 @@ from loramem.kv.cache import KVCache
 from loramem.kv.compress import compress
 from loramem.kv.encode import encode
 from loramem.log import log, progress_bar
-from loramem.model.generate import generate
+from loramem.model.generate import answer_batch
 from loramem.model.loading import LoadedModel
 
 DATA = "demo_data"
@@ -90,23 +90,23 @@ def with_endpoints(ratios: list[float]) -> list[float]:
 def _answer_all(
     lm: LoadedModel, example: Example, cache: KVCache, ratio: float, press: str, adapter: bool, advance: Callable
 ) -> list[Row]:
-    rows = []
-    for item in example.questions:
-        answer = generate(lm, item["question"], cache, max_new_tokens=MAX_NEW_TOKENS, adapter_on=adapter)
-        rows.append(
-            Row(
-                ratio=ratio,
-                adapter=adapter,
-                press=press,
-                kept_tokens=answer.cache_tokens,
-                question=item["question"],
-                answer=answer.answer,
-                rouge_l=round(rouge_l(answer.answer, item["answers"]), 3),
-                contains=contains(answer.answer, item["answers"]),
-            )
+    """Every question over one cache, in one batch."""
+    questions = [item["question"] for item in example.questions]
+    answers = answer_batch(lm, questions, cache, max_new_tokens=MAX_NEW_TOKENS, adapter_on=adapter)
+    advance(len(answers))
+    return [
+        Row(
+            ratio=ratio,
+            adapter=adapter,
+            press=press,
+            kept_tokens=answer.cache_tokens,
+            question=item["question"],
+            answer=answer.answer,
+            rouge_l=round(rouge_l(answer.answer, item["answers"]), 3),
+            contains=contains(answer.answer, item["answers"]),
         )
-        advance()
-    return rows
+        for item, answer in zip(example.questions, answers)
+    ]
 
 
 def run_demo(
