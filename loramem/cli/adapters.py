@@ -7,18 +7,25 @@ from typing import Optional
 
 import typer
 
+from loramem.adapters.config import TrainConfig
 from loramem.cli.app import app
 from loramem.cli.options import (
+    Alpha,
+    BatchSize,
     DeviceOpt,
+    Dropout,
     DtypeOpt,
+    Epochs,
+    Format,
     JsonOpt,
-    LayersOpt,
-    LrOpt,
+    Layers,
+    Lr,
     ModelOpt,
-    RankOpt,
-    StepsOpt,
+    Rank,
+    Seed,
+    Steps,
     SynthModelOpt,
-    TargetsOpt,
+    Targets,
     TemplateKwargsOpt,
     load,
     print_json,
@@ -36,19 +43,19 @@ def train_adapter(
     qa: Optional[str] = typer.Option(None, "--qa", help="JSONL of {question, answer} training pairs"),
     synth: int = typer.Option(16, "--synth", help="Without --qa: synthesize this many pairs from the document"),
     synth_model: Optional[str] = SynthModelOpt,
-    fmt: str = typer.Option("qa", "--format", help="qa (closed-book QA), ntp (raw text) or mixed"),
-    rank: int = RankOpt,
-    alpha: float = typer.Option(32.0, "--alpha"),
-    dropout: float = typer.Option(0.0, "--dropout"),
-    targets: str = TargetsOpt,
-    layers: Optional[str] = LayersOpt,
-    lr: Optional[float] = LrOpt,
-    epochs: int = typer.Option(8, "--epochs"),
-    steps: Optional[int] = StepsOpt,
-    batch_size: int = typer.Option(4, "--batch-size"),
-    seed: int = typer.Option(0, "--seed"),
-    max_length: int = typer.Option(512, "--max-length"),
-    chunk_size: int = typer.Option(128, "--chunk-size", help="ntp: tokens per training chunk"),
+    fmt: Format = TrainConfig.format,
+    rank: Rank = TrainConfig.rank,
+    alpha: Alpha = TrainConfig.alpha,
+    dropout: Dropout = TrainConfig.dropout,
+    targets: Targets = TrainConfig.targets,
+    layers: Layers = TrainConfig.layers,
+    lr: Lr = TrainConfig.lr,
+    epochs: Epochs = TrainConfig.epochs,
+    steps: Steps = TrainConfig.steps,
+    batch_size: BatchSize = TrainConfig.batch_size,
+    seed: Seed = TrainConfig.seed,
+    max_length: int = typer.Option(TrainConfig.max_length, "--max-length", help="Tokens per training example"),
+    chunk_size: int = typer.Option(TrainConfig.chunk_size, "--chunk-size", help="ntp: tokens per training chunk"),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory"),
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
@@ -57,10 +64,7 @@ def train_adapter(
     as_json: bool = JsonOpt,
 ) -> None:
     """Train a document LoRA (QA-supervised, raw-text or mixed) as a standard PEFT adapter directory."""
-    from dataclasses import replace
-
     from loramem.adapters.synth import check_synth_request, training_pairs
-    from loramem.adapters.train import TrainConfig
     from loramem.adapters.train import train_adapter as train
     from loramem.data.formats import load_qa_pairs
     from loramem.fileio import read_text
@@ -75,6 +79,7 @@ def train_adapter(
         dropout=dropout,
         targets=targets,
         layers=layers,
+        lr=lr,
         epochs=epochs,
         steps=steps,
         batch_size=batch_size,
@@ -82,8 +87,6 @@ def train_adapter(
         max_length=max_length,
         chunk_size=chunk_size,
     )
-    if lr is not None:
-        config = replace(config, lr=lr)
     pairs, qa_sha = load_qa_pairs(qa) if qa else (None, None)
     given = None if pairs is None else [(p.question, p.answer) for p in pairs]
     check_synth_request(fmt, synth_model, given is not None)

@@ -7,14 +7,18 @@ from typing import Optional
 
 import typer
 
+from loramem.adapters.config import TrainConfig
 from loramem.cli.app import app
 from loramem.cli.options import (
     DeviceOpt,
     DtypeOpt,
+    Epochs,
+    Format,
     JsonOpt,
-    LrOpt,
-    RankOpt,
-    StepsOpt,
+    Lr,
+    Rank,
+    Seed,
+    Steps,
     SynthModelOpt,
     TemplateKwargsOpt,
     load,
@@ -50,12 +54,12 @@ def library_add(
     qa: Optional[str] = typer.Option(None, "--qa", help="JSONL of {question, answer} training pairs (one DOC)"),
     synth: int = typer.Option(16, "--synth", help="Without --qa: synthesize this many pairs per document"),
     synth_model: Optional[str] = SynthModelOpt,
-    fmt: str = typer.Option("qa", "--format", help="qa (closed-book QA), ntp (raw text) or mixed"),
-    rank: int = RankOpt,
-    lr: Optional[float] = LrOpt,
-    epochs: int = typer.Option(8, "--epochs"),
-    steps: Optional[int] = StepsOpt,
-    seed: int = typer.Option(0, "--seed"),
+    fmt: Format = TrainConfig.format,
+    rank: Rank = TrainConfig.rank,
+    lr: Lr = TrainConfig.lr,
+    epochs: Epochs = TrainConfig.epochs,
+    steps: Steps = TrainConfig.steps,
+    seed: Seed = TrainConfig.seed,
     model: Optional[str] = typer.Option(
         None, "--model", "-m", help="Base model", show_default="the library's, else the embedded SmolLM2-135M-Instruct"
     ),
@@ -65,14 +69,9 @@ def library_add(
     as_json: bool = JsonOpt,
 ) -> None:
     """Add documents to a library: train (or copy) each one's adapter and index its chunks; known ones are skipped."""
-    from dataclasses import replace
-
-    from loramem.adapters.train import TrainConfig
     from loramem.library.store import AddOptions, add_documents, open_library
 
-    config = TrainConfig(format=fmt, rank=rank, epochs=epochs, steps=steps, seed=seed)
-    if lr is not None:
-        config = replace(config, lr=lr)
+    config = TrainConfig(format=fmt, rank=rank, lr=lr, epochs=epochs, steps=steps, seed=seed)
     options = AddOptions(
         train=config,
         synth=synth,

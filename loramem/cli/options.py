@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -37,18 +37,26 @@ TemplateKwargsOpt = typer.Option(
     help="JSON object of chat-template variables, e.g. '{\"enable_thinking\": true}' (thinking is off by default "
     "where the template has the switch); recorded in caches and adapters, which then need the same",
 )
-# Adapter-training options shared by train-adapter, library add, eval and probe capacity.
-RankOpt = typer.Option(16, "--rank", help="LoRA rank")
-TargetsOpt = typer.Option("all", "--targets", help="attn, mlp, all, or module names (comma-separated)")
+# Adapter-training options of train-adapter, library add and probe capacity, declared once; each command gives its
+# settings dataclass's default (`rank: Rank = TrainConfig.rank`). eval's, which tell given flags from defaults for
+# --resume and --config, are made from the same EvalConfig fields in cli/evaluation.py.
+Rank = Annotated[int, typer.Option("--rank", help="LoRA rank")]
+Alpha = Annotated[float, typer.Option("--alpha", help="LoRA alpha (the update is scaled by alpha / rank)")]
+Dropout = Annotated[float, typer.Option("--dropout", help="LoRA dropout")]
+Targets = Annotated[str, typer.Option("--targets", help="attn, mlp, all, or module names (comma-separated)")]
+Layers = Annotated[Optional[str], typer.Option("--layers", help="e.g. 0-14, 0,3,5, first-half, second-half")]
+Lr = Annotated[float, typer.Option("--lr", help="Learning rate")]
+Epochs = Annotated[int, typer.Option("--epochs", help="Passes over the training examples")]
+Steps = Annotated[Optional[int], typer.Option("--steps", help="Train this many steps instead of --epochs")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Training examples per step")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of the training and of synthesized pairs")]
+Format = Annotated[str, typer.Option("--format", help="qa (closed-book QA), ntp (raw text) or mixed")]
 SynthModelOpt = typer.Option(
     None,
     "--synth-model",
     help="Model that writes the synthesized QA pairs: any Hugging Face id or local model directory "
     "(the paper writes its QA with a strong model) (default: the model being trained)",
 )
-LayersOpt = typer.Option(None, "--layers", help="e.g. 0-14, 0,3,5, first-half, second-half")
-LrOpt = typer.Option(None, "--lr", help="Learning rate", show_default="train-adapter's, 1.5e-3")
-StepsOpt = typer.Option(None, "--steps", help="Train this many steps instead of --epochs")
 
 
 def load(

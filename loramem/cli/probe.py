@@ -7,15 +7,17 @@ from typing import Optional
 
 import typer
 
+from loramem.adapters.config import TrainConfig
 from loramem.cli.app import app
 from loramem.cli.options import (
     DeviceOpt,
     DtypeOpt,
+    Epochs,
     JsonOpt,
-    LayersOpt,
-    LrOpt,
+    Layers,
+    Lr,
     ModelOpt,
-    TargetsOpt,
+    Targets,
     TemplateKwargsOpt,
     integers,
     load,
@@ -32,10 +34,10 @@ def probe_capacity(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for capacity.json, capacity.png and the adapters"),
     ranks: str = typer.Option("4,16,64", "--ranks", help="LoRA ranks"),
     facts: str = typer.Option("50,200,800", "--facts", help="Fact-set sizes (invented phone numbers)"),
-    targets: str = TargetsOpt,
-    layers: Optional[str] = LayersOpt,
-    epochs: int = typer.Option(10, "--epochs"),
-    lr: Optional[float] = LrOpt,
+    targets: Targets = TrainConfig.targets,
+    layers: Layers = TrainConfig.layers,
+    epochs: Epochs = 10,
+    lr: Lr = TrainConfig.lr,
     threshold: float = typer.Option(0.9, "--threshold", help="Recall that counts as stored, for saturation"),
     seed: int = typer.Option(0, "--seed"),
     model: Optional[str] = ModelOpt,
@@ -56,7 +58,7 @@ def probe_capacity(
         epochs=epochs,
         threshold=threshold,
         seed=seed,
-        **({"lr": lr} if lr is not None else {}),
+        lr=lr,
     )
     lm = load(model, device, dtype, chat_template_kwargs=chat_template_kwargs)
     with progress_bar("probing", len(config.ranks) * len(config.facts) * 2) as advance:
