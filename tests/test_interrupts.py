@@ -25,8 +25,16 @@ def interrupt_when(args: list[str], started: callable, signum: int) -> subproces
         time.sleep(0.05)
     assert process.poll() is None, process.communicate()[1].decode()
     time.sleep(0.3)
-    process.send_signal(signum)
-    out, err = process.communicate(timeout=120)
+    for _ in range(3):  # a signal that lands in a finalizer is lost (Python ignores errors there): send it again
+        process.send_signal(signum)
+        try:
+            out, err = process.communicate(timeout=30)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    else:
+        process.kill()
+        out, err = process.communicate()
     return subprocess.CompletedProcess(args, process.returncode, out, err)
 
 
@@ -39,8 +47,8 @@ def test_interrupted_training_leaves_no_adapter(tiny_dir, tmp_path):
     result = interrupt_when(
         [*args, "--rank", "2", "--model", str(tiny_dir)], lambda: any(out_dir.iterdir()), signal.SIGINT
     )
-    assert "Traceback" not in result.stderr.decode()  # the exit code (128 + signal) is the CLI mapping's to test
-    assert list(out_dir.iterdir()) == []
+    assert result.returncode == 130 and "interrupted" in result.stderr.decode()
+    assert "Traceback" not in result.stderr.decode() and list(out_dir.iterdir()) == []
 
 
 def test_interrupted_first_library_add_leaves_no_library(tiny_dir, tmp_path):
@@ -49,7 +57,7 @@ def test_interrupted_first_library_add_leaves_no_library(tiny_dir, tmp_path):
     result = interrupt_when(
         [*args, "--model", str(tiny_dir)], lambda: lib.is_dir() and any(lib.glob(".add-*")), signal.SIGTERM
     )
-    assert "Traceback" not in result.stderr.decode()
+    assert result.returncode == 143 and "Traceback" not in result.stderr.decode()
     assert not lib.exists()
 
 

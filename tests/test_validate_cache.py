@@ -205,7 +205,9 @@ def _tensor_mutation(rng: random.Random, tensors: dict, meta: dict) -> str:
 def _byte_mutation(rng: random.Random, data: bytes) -> tuple[bytes, str]:
     """Byte-level damage that no valid file survives: cut short, extended, or a broken header."""
     (size,) = struct.unpack("<Q", data[:8])
-    choice = rng.randrange(4)
+    choice = rng.randrange(5)
+    if choice == 4:
+        return _header_entry_mutation(rng, data, size)
     if choice == 0:
         return data[: rng.randrange(len(data))], "truncated"
     if choice == 1:
@@ -214,6 +216,26 @@ def _byte_mutation(rng: random.Random, data: bytes) -> tuple[bytes, str]:
         return struct.pack("<Q", rng.choice([0, size + 1 + rng.randrange(1000), 2**63])) + data[8:], "header length"
     cut = rng.randrange(1, size)
     return data[:8] + data[8 : 8 + cut] + b"\xff" + data[9 + cut :], "header byte"
+
+
+def _header_entry_mutation(rng: random.Random, data: bytes, size: int) -> tuple[bytes, str]:
+    """One tensor's header entry rewritten over the same data: another dtype, shape or offsets."""
+    header = json.loads(data[8 : 8 + size])
+    name = rng.choice(sorted(k for k in header if k != "__metadata__"))
+    entry = header[name]
+    field = rng.choice(["dtype", "shape", "data_offsets"])
+    if field == "dtype":
+        entry["dtype"] = rng.choice(
+            [d for d in ("F32", "F16", "BF16", "I32", "I8", "U8", "F64", "Q4") if d != entry["dtype"]]
+        )
+    elif field == "shape":
+        entry["shape"] = rng.choice([[*entry["shape"], 1], [*entry["shape"][::-1], 2], [-1], "3", []])
+    else:
+        begin, end = entry["data_offsets"]
+        entry["data_offsets"] = rng.choice([[begin, end + 4], [begin + 4, end], [end, begin], [begin]])
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data[8 + size :], f"header {field} of {name}"
 
 
 _REQUIRED = {
