@@ -129,13 +129,14 @@ def test_scores_from_another_model_is_incompatible(caches, other_tiny_dir, doc_t
     assert not out.exists()
 
 
-def test_devices_are_refused_at_once():
+def test_devices_are_refused_at_once(capsys):
     started = time.perf_counter()
+    assert "not a regular file" in assert_refused(invoke(capsys, "inspect", "/dev/zero"), (2,))
+    with open("/dev/zero", "rb") as zeros:  # an endless stdin: the header is read first, and refused
+        assert_refused(invoke_with_stdin(capsys, zeros, "inspect", "-"), (2,))
+    assert time.perf_counter() - started < 5
     result = run_cli("inspect", "/dev/zero")
     assert result.returncode == 2 and b"not a regular file" in result.stderr
-    piped = run_cli("inspect", "-", input=b"\0" * (1 << 20))
-    assert piped.returncode == 2 and b"not a safetensors file" in piped.stderr
-    assert time.perf_counter() - started < 30
 
 
 def test_header_claiming_huge_data_is_refused(caches, tmp_path, capsys):
@@ -143,6 +144,20 @@ def test_header_claiming_huge_data_is_refused(caches, tmp_path, capsys):
     bad = tmp_path / "huge.safetensors"
     bad.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 64)
     assert_refused(invoke(capsys, "inspect", str(bad)), (2,))
+
+
+def invoke_with_stdin(capsys: pytest.CaptureFixture, stream, *args: str):
+    """`invoke` with `stream` as stdin."""
+    import io
+    import sys
+
+    saved = sys.stdin
+    sys.stdin = io.TextIOWrapper(stream)
+    try:
+        return invoke(capsys, *args)
+    finally:
+        sys.stdin.detach()
+        sys.stdin = saved
 
 
 # --- the seeded mutation loop -------------------------------------------------------------------------------------
