@@ -289,3 +289,34 @@ def test_document_adapter_recalls_invented_facts(real, tmp_path):
     assert tuned >= base + 0.3
     assert correct >= len(HARBOUR_QA) - 1
     assert all(a.stopped_at_end_of_turn for a in trained)
+
+
+def test_switching_back_to_an_adapter_does_not_load_it_again(tiny, doc_text, tmp_path, monkeypatch):
+    """Alternating adapters: each is read once, switching back is set_adapter, outputs are each adapter's own."""
+    from peft import PeftModel
+
+    from loramem.adapters import attach
+
+    paths = [tmp_path / name for name in ("a", "b", "c")]
+    for seed, path in enumerate(paths):
+        train_adapter(tiny, doc_text, QA[seed:] + QA[:seed], path, TrainConfig(**FAST, seed=seed))
+    base = _logits(tiny)
+    alone = []
+    for path in paths:
+        attach_adapter(tiny, path)
+        alone.append(_logits(tiny))
+        detach_adapter(tiny)
+    loads = []
+    real = PeftModel.load_adapter
+    monkeypatch.setattr(PeftModel, "load_adapter", lambda self, *a, **k: loads.append(a[0]) or real(self, *a, **k))
+    monkeypatch.setattr(attach, "MAX_LOADED_ADAPTERS", 2)
+    try:
+        for index in (0, 1, 0, 1, 2, 1, 0):
+            adapter = attach_adapter(tiny, paths[index])
+            assert torch.equal(_logits(tiny), alone[index]) and adapter.path == paths[index]
+            assert len(adapter.peft_model.peft_config) <= 2
+    finally:
+        detach_adapter(tiny)
+    # a (through from_pretrained) and b are read once; c pushes a out (least recently used), so a is read again
+    assert loads == [str(paths[0]), str(paths[1]), str(paths[2]), str(paths[0])]
+    assert torch.equal(_logits(tiny), base)

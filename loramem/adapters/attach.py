@@ -43,6 +43,8 @@ class Adapter:
     sha256: str
     peft_model: Any
     meta: dict[str, Any] = field(default_factory=dict)
+    name: str = "default"  # its PEFT adapter name
+    loaded: list[str] = field(default_factory=list)  # adapter names loaded on peft_model, least recently used first
 
     def identity(self) -> dict[str, str]:
         return {"path": str(self.path), "sha256": self.sha256}
@@ -75,22 +77,49 @@ def adapter_sha256(path: str | Path) -> str:
     return sha256_bytes((Path(path) / ADAPTER_WEIGHTS).read_bytes())
 
 
+# Adapters kept loaded beside the active one, so switching back to one (routed libraries, alternating formats)
+# is a `set_adapter` instead of reading and injecting it again; the least recently used goes first.
+MAX_LOADED_ADAPTERS = 8
+
+
 def attach_adapter(lm: LoadedModel, path: str | Path) -> Adapter:
-    """Load a LoRA onto `lm`, switched on, replacing any attached one; refuses another base model's."""
+    """Switch `lm` to a LoRA, replacing the active one; refuses another base model's.
+
+    The first adapter wraps the model (PEFT); later ones are loaded beside it (`load_adapter`) and activated
+    (`set_adapter`), and one loaded before (same weights) is activated without reading it again.
+    """
     from peft import PeftModel
 
     config, meta = read_adapter_meta(path)
     check_base_model(config, meta, lm, path)
     if meta.get("base_model"):
         check_template_record(meta["base_model"], lm.fingerprint, f"adapter {path}")
-    detach_adapter(lm)
+    sha = adapter_sha256(path)
+    name = f"doc_{sha[:16]}"
+    current = lm.adapter
     try:
-        peft_model = PeftModel.from_pretrained(lm.model, str(path), is_trainable=False)
+        if current is None:
+            peft_model = PeftModel.from_pretrained(lm.model, str(path), adapter_name=name, is_trainable=False)
+        else:
+            peft_model = current.peft_model
+            if name not in peft_model.peft_config:
+                _make_room(peft_model, current.loaded, keep=current.name)
+                peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            peft_model.set_adapter(name)
     except (ValueError, RuntimeError, KeyError) as exc:
+        detach_adapter(lm)
         raise IncompatibleArtifactError(f"adapter {path} does not fit this model: {str(exc).splitlines()[0]}") from exc
     peft_model.eval()
-    lm.adapter = Adapter(path=Path(path), sha256=adapter_sha256(path), peft_model=peft_model, meta=meta)
+    used = [n for n in (current.loaded if current else []) if n != name and n in peft_model.peft_config] + [name]
+    lm.adapter = Adapter(path=Path(path), sha256=sha, peft_model=peft_model, meta=meta, name=name, loaded=used)
     return lm.adapter
+
+
+def _make_room(peft_model: Any, loaded: list[str], keep: str) -> None:
+    """Delete the least recently used adapters (never the active `keep`) while MAX_LOADED_ADAPTERS are loaded."""
+    while len(peft_model.peft_config) >= MAX_LOADED_ADAPTERS:
+        oldest = next(n for n in [*loaded, *peft_model.peft_config] if n != keep and n in peft_model.peft_config)
+        peft_model.delete_adapter(oldest)
 
 
 def detach_adapter(lm: LoadedModel) -> None:

@@ -113,7 +113,7 @@ def routed_adapter(lm: LoadedModel, lib: Library, doc_ids: list[str], config: Me
 
 
 def use_adapter(lm: LoadedModel, folder: Path) -> None:
-    """Attach the adapter unless it is the one attached already (attaching loads it anew)."""
+    """Switch to the adapter unless it is the active one (one loaded before is switched to without reading it)."""
     if lm.adapter is None or Path(lm.adapter.path).resolve() != folder.resolve():
         attach_adapter(lm, folder)
 
