@@ -30,7 +30,7 @@ from loramem.evaluation.summary import routing_recall, summarize
 from loramem.evaluation.tables import print_table
 from loramem.kv.encode import encode
 from loramem.library.embed import load_embedder
-from loramem.library.qa import ask_library, merged_folder, parallel_cache, stored_cache
+from loramem.library.qa import ask_library, ask_library_batch, merged_folder, parallel_cache, stored_cache
 from loramem.library.store import AddOptions, add_documents, open_library, retrieve_chunks
 from loramem.model.generate import generate
 
@@ -109,6 +109,18 @@ def test_top_1_uses_the_documents_own_adapter(tiny, library, embedder):
     assert result.context_chunks == [] and result.context_caches == []
     assert result.answer.answer == generate(tiny, question, max_new_tokens=TOKENS, adapter_on=True).answer
     assert not (library / qa_module.MERGED).exists()
+
+
+@pytest.mark.parametrize("options", [{"top_k": 1}, {"top_k": 1, "with_caches": True}, {"top_k": 2, "with_context": 1}])
+def test_batched_questions_answer_as_one_at_a_time(tiny, library, embedder, options):
+    """Questions routed to alternating adapters, answered in groups, give each question's own answer and routing."""
+    questions = [PARAPHRASES[name] for name in ("bees", "railway", "bees", "glass", "railway")]
+    together = ask_library_batch(tiny, library, questions, max_new_tokens=TOKENS, embedder=embedder, **options)
+    for question, batched in zip(questions, together):
+        alone = ask_library(tiny, library, question, max_new_tokens=TOKENS, embedder=embedder, **options)
+        for field in ("routed", "adapter", "context_chunks", "context_caches"):
+            assert getattr(batched, field) == getattr(alone, field)
+        assert batched.answer.answer == alone.answer.answer
 
 
 def test_merged_adapter_is_the_merge_of_the_routed_set_made_once(tiny, library, embedder, monkeypatch, tmp_path):

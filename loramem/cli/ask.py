@@ -92,6 +92,7 @@ def ask(
             with_context or 0,
             with_caches,
             max_new_tokens,
+            (batch_size, max_batch_tokens),
             model,
             device,
             dtype,
@@ -152,31 +153,34 @@ def _ask_library(
     with_context: int,
     with_caches: bool,
     max_new_tokens: int,
+    batching: tuple[Optional[int], int],
     model: Optional[str],
     device: str,
     dtype: str,
     as_json: bool,
     chat_template_kwargs: Optional[str],
 ) -> None:
-    """`ask --library`: the library is checked before its base model (or --model, which must match) is loaded."""
-    from loramem.library.qa import ask_library, check_request
+    """`ask --library`: the library is checked before its base model (or --model, which must match) is loaded;
+    questions routed to the same adapter are answered together (`batching`: batch size, max batch tokens)."""
+    from loramem.library.qa import ask_library_batch, check_request
     from loramem.library.store import library_embedder
 
     lib, _ = check_request(lib, top_k, merge, with_context, with_caches)
     lm = load(model or lib.base_model_id, device, dtype, chat_template_kwargs=chat_template_kwargs)
-    embedder = library_embedder(lib)
-    for item in items:
-        result = ask_library(
-            lm,
-            lib,
-            item["question"],
-            top_k=top_k,
-            merge=merge,
-            with_context=with_context,
-            with_caches=with_caches,
-            max_new_tokens=max_new_tokens,
-            embedder=embedder,
-        )
+    results = ask_library_batch(
+        lm,
+        lib,
+        [item["question"] for item in items],
+        top_k=top_k,
+        merge=merge,
+        with_context=with_context,
+        with_caches=with_caches,
+        max_new_tokens=max_new_tokens,
+        embedder=library_embedder(lib),
+        batch_size=batching[0],
+        max_batch_tokens=batching[1],
+    )
+    for item, result in zip(items, results):
         if as_json:
             print_json({**{k: v for k, v in item.items() if k != "question"}, **result.to_dict()})
         else:

@@ -32,7 +32,8 @@ from loramem.library.store import (
     retrieve_chunks,
     route,
 )
-from loramem.model.generate import Answer, generate
+from loramem.model import MAX_BATCH_TOKENS
+from loramem.model.generate import Answer, answer_batch
 from loramem.model.loading import LoadedModel, sha256_text
 
 MERGED = "merged"
@@ -215,25 +216,78 @@ def ask_library(
     """Route the question to the top_k documents and answer with their adapter on: the document's own for top_k 1,
     else their merge. with_context N puts the N best retrieved chunks in context, with_caches the routed documents'
     stored caches side by side. `weights` (one per routed document, best first) and `density` tune the merge."""
+    return ask_library_batch(
+        lm,
+        library,
+        [question],
+        top_k=top_k,
+        merge=merge,
+        with_context=with_context,
+        with_caches=with_caches,
+        max_new_tokens=max_new_tokens,
+        weights=weights,
+        density=density,
+        embedder=embedder,
+    )[0]
+
+
+def ask_library_batch(
+    lm: LoadedModel,
+    library: str | Path | Library,
+    questions: list[str],
+    *,
+    top_k: int = 3,
+    merge: str = "ties",
+    with_context: int = 0,
+    with_caches: bool = False,
+    max_new_tokens: int = 64,
+    weights: list[float] | None = None,
+    density: float = MergeConfig.density,
+    embedder: Embedder | None = None,
+    batch_size: int | None = None,
+    max_batch_tokens: int = MAX_BATCH_TOKENS,
+) -> list[LibraryAnswer]:
+    """`ask_library` for many questions: questions routed to the same adapter (and, with_caches, the same documents)
+    are answered together in batches; a question with retrieved chunks has a context of its own."""
     lib, config = check_request(library, top_k, merge, with_context, with_caches, weights, density)
     check_model(lib, lm.fingerprint)
     embedder = library_embedder(lib, embedder)
-    routed = route(lib, question, top_k, embedder)
-    ids = [i for i, _ in routed]
-    adapter = routed_adapter(lm, lib, ids, config)
-    chunks = retrieve_chunks(lib, question, with_context, embedder) if with_context else []
-    cache = None
-    if chunks:
-        cache = context_cache(lm, chunks)
-    elif with_caches:
-        cache = parallel_cache([stored_cache(lm, lib, i) for i in ids])
-    use_adapter(lm, adapter)
-    answer = generate(lm, question, cache, max_new_tokens=max_new_tokens, adapter_on=True)
-    return LibraryAnswer(
-        routed=routed,
-        adapter=adapter,
-        context_chunks=chunks,
-        context_caches=ids if with_caches else [],
-        answer=answer,
-        context_prefill_seconds=cache.meta["prefill_seconds"] if chunks else 0.0,
-    )
+    plans = []
+    groups: dict[tuple, list[int]] = {}
+    for index, question in enumerate(questions):
+        routed = route(lib, question, top_k, embedder)
+        ids = [i for i, _ in routed]
+        adapter = routed_adapter(lm, lib, ids, config)
+        chunks = retrieve_chunks(lib, question, with_context, embedder) if with_context else []
+        plans.append((routed, ids, adapter, chunks))
+        key = (str(adapter), tuple(ids) if with_caches else (), index if chunks else -1)
+        groups.setdefault(key, []).append(index)
+    results: list[LibraryAnswer | None] = [None] * len(questions)
+    for members in groups.values():
+        _, ids, adapter, chunks = plans[members[0]]
+        cache = None
+        if chunks:
+            cache = context_cache(lm, chunks)
+        elif with_caches:
+            cache = parallel_cache([stored_cache(lm, lib, i) for i in ids])
+        use_adapter(lm, adapter)
+        answers = answer_batch(
+            lm,
+            [questions[i] for i in members],
+            cache,
+            max_new_tokens=max_new_tokens,
+            adapter_on=True,
+            batch_size=batch_size,
+            max_batch_tokens=max_batch_tokens,
+        )
+        for index, answer in zip(members, answers):
+            routed, ids, adapter, chunks = plans[index]
+            results[index] = LibraryAnswer(
+                routed=routed,
+                adapter=adapter,
+                context_chunks=chunks,
+                context_caches=ids if with_caches else [],
+                answer=answer,
+                context_prefill_seconds=cache.meta["prefill_seconds"] if cache is not None and chunks else 0.0,
+            )
+    return [r for r in results if r is not None]
