@@ -85,7 +85,7 @@ def test_ntp_needs_no_question_answer_pairs(tiny_dir, tmp_path):
         (["--rank", "0"], "rank must be positive"),
         (["--targets", "nonsense_proj"], "unknown target module 'nonsense_proj'"),
         (["--layers", "5-1"], "runs backwards"),
-        (["--format", "raw"], "unknown format"),
+        (["--format", "raw"], "unknown --format"),
     ],
 )
 def test_train_adapter_bad_options(tiny_dir, qa_file, tmp_path, args, message):

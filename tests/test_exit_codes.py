@@ -202,3 +202,21 @@ def test_every_help_text_and_default_is_visible(capsys, monkeypatch):
                 assert f"{help_text} [default: ({param.show_default})]" in shown, (path, param.name)
             elif param.default not in (None, False, ()) and not getattr(param, "is_flag", False):
                 assert f"[default: {param.default}]" in shown, (path, param.name)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["train-adapter", "DOC", "-o", "OUT", "--epochs", "0"], "--epochs must be positive, got 0"),
+        (["train-adapter", "DOC", "-o", "OUT", "--chunk-size", "600"], "--chunk-size 600 exceeds --max-length 512"),
+        (["library", "add", "OUT", "DOC", "--epochs", "0"], "--epochs must be positive"),
+        (["eval", "DOC", "--out", "OUT", "--limit", "0"], "--limit must be at least 1"),
+        (["eval", "DOC", "--out", "OUT", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    ],
+)
+def test_library_errors_name_the_flags(capsys, tmp_path, args, expected):
+    """The settings dataclasses check values and name their fields; the command line names its flags."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The lighthouse was designed by Mara Quell.")
+    args = [str(doc) if a == "DOC" else str(tmp_path / "out") if a == "OUT" else a for a in args]
+    assert expected in assert_refused(invoke(capsys, *args), codes=(2,))

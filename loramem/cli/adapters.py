@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +28,8 @@ from loramem.cli.options import (
     SynthModelOpt,
     Targets,
     TemplateKwargsOpt,
+    field_flags,
+    flags_named,
     load,
     print_json,
     split_list,
@@ -72,21 +75,22 @@ def train_adapter(
 
     text = read_text(document)
     check_output_path(output, force, "directory")
-    config = TrainConfig(
-        format=fmt,
-        rank=rank,
-        alpha=alpha,
-        dropout=dropout,
-        targets=targets,
-        layers=layers,
-        lr=lr,
-        epochs=epochs,
-        steps=steps,
-        batch_size=batch_size,
-        seed=seed,
-        max_length=max_length,
-        chunk_size=chunk_size,
-    )
+    with flags_named(field_flags([f.name for f in fields(TrainConfig)])):
+        config = TrainConfig(
+            format=fmt,
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+            targets=targets,
+            layers=layers,
+            lr=lr,
+            epochs=epochs,
+            steps=steps,
+            batch_size=batch_size,
+            seed=seed,
+            max_length=max_length,
+            chunk_size=chunk_size,
+        )
     pairs, qa_sha = load_qa_pairs(qa) if qa else (None, None)
     given = None if pairs is None else [(p.question, p.answer) for p in pairs]
     check_synth_request(fmt, synth_model, given is not None)

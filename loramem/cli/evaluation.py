@@ -16,6 +16,7 @@ from loramem.cli.options import (
     JsonOpt,
     ModelOpt,
     TemplateKwargsOpt,
+    flags_named,
     integers,
     load,
     parse_ratio,
@@ -226,7 +227,8 @@ def eval_run(
     else:
         if "budget_bytes" in settings and "ratios" not in settings:
             settings["ratios"] = []  # a budget sweep replaces the ratio curves unless both are asked for
-        config = EvalConfig.from_dict(settings, str(config_file) if config_file else "flags")
+        with flags_named({} if config_file else {field: flag for field, (flag, _) in _SETTINGS.items()}):
+            config = EvalConfig.from_dict(settings, str(config_file) if config_file else "flags")
     if dataset is None:
         raise LoramemError("give DATA (a dataset JSONL), or --resume a run in --out that recorded one")
     if ray is not None:

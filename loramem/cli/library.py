@@ -21,6 +21,8 @@ from loramem.cli.options import (
     Steps,
     SynthModelOpt,
     TemplateKwargsOpt,
+    field_flags,
+    flags_named,
     load,
     print_json,
     stdout_console,
@@ -71,7 +73,8 @@ def library_add(
     """Add documents to a library: train (or copy) each one's adapter and index its chunks; known ones are skipped."""
     from loramem.library.store import AddOptions, add_documents, open_library
 
-    config = TrainConfig(format=fmt, rank=rank, lr=lr, epochs=epochs, steps=steps, seed=seed)
+    with flags_named(field_flags(["format", "rank", "lr", "epochs", "steps", "seed"])):
+        config = TrainConfig(format=fmt, rank=rank, lr=lr, epochs=epochs, steps=steps, seed=seed)
     options = AddOptions(
         train=config,
         synth=synth,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -73,6 +76,25 @@ def load(
     if adapter is not None:
         attach_adapter(lm, adapter)
     return lm
+
+
+@contextmanager
+def flags_named(flags: Mapping[str, str]) -> Iterator[None]:
+    """Library errors name a setting by its field (`epochs must be positive`); on the command line it is a flag
+    (`--epochs must be positive`). `flags` maps field names to flags."""
+    try:
+        yield
+    except LoramemError as exc:
+        message = str(exc)
+        for field in sorted(flags, key=len, reverse=True):
+            message = re.sub(rf"(?<![\w-]){re.escape(field)}(?![\w-])", flags[field], message)
+        exc.args = (message,)
+        raise
+
+
+def field_flags(names: Iterator[str] | list[str]) -> dict[str, str]:
+    """Field names to the flags spelled after them (batch_size -> --batch-size)."""
+    return {name: "--" + name.replace("_", "-") for name in names}
 
 
 def print_json(data: Any) -> None:
