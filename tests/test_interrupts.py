@@ -25,10 +25,10 @@ def interrupt_when(args: list[str], started: callable, signum: int) -> subproces
         time.sleep(0.05)
     assert process.poll() is None, process.communicate()[1].decode()
     time.sleep(0.3)
-    for _ in range(3):  # a signal that lands in a finalizer is lost (Python ignores errors there): send it again
+    for _ in range(2):  # a signal that lands in a finalizer is lost (Python ignores errors there): send it again
         process.send_signal(signum)
         try:
-            out, err = process.communicate(timeout=30)
+            out, err = process.communicate(timeout=120)  # a loaded machine can take long to unwind and exit
             break
         except subprocess.TimeoutExpired:
             continue
@@ -36,6 +36,12 @@ def interrupt_when(args: list[str], started: callable, signum: int) -> subproces
         process.kill()
         out, err = process.communicate()
     return subprocess.CompletedProcess(args, process.returncode, out, err)
+
+
+def last_line(result: subprocess.CompletedProcess) -> str:
+    """The run's own last word. (A signal that lands in a finalizer is reported by Python as "Exception ignored"
+    with a traceback and lost; `interrupt_when` then sends it again, as a user presses Ctrl-C again.)"""
+    return result.stderr.decode().strip().splitlines()[-1]
 
 
 def test_interrupted_training_leaves_no_adapter(tiny_dir, tmp_path):
@@ -47,8 +53,8 @@ def test_interrupted_training_leaves_no_adapter(tiny_dir, tmp_path):
     result = interrupt_when(
         [*args, "--rank", "2", "--model", str(tiny_dir)], lambda: any(out_dir.iterdir()), signal.SIGINT
     )
-    assert result.returncode == 130 and "interrupted" in result.stderr.decode()
-    assert "Traceback" not in result.stderr.decode() and list(out_dir.iterdir()) == []
+    assert result.returncode == 130 and last_line(result) == "interrupted"
+    assert list(out_dir.iterdir()) == []
 
 
 def test_interrupted_first_library_add_leaves_no_library(tiny_dir, tmp_path):
@@ -57,7 +63,7 @@ def test_interrupted_first_library_add_leaves_no_library(tiny_dir, tmp_path):
     result = interrupt_when(
         [*args, "--model", str(tiny_dir)], lambda: lib.is_dir() and any(lib.glob(".add-*")), signal.SIGTERM
     )
-    assert result.returncode == 143 and "Traceback" not in result.stderr.decode()
+    assert result.returncode == 143 and last_line(result) == "interrupted"
     assert not lib.exists()
 
 
