@@ -124,6 +124,35 @@ def test_interrupted_encode_exits_128_plus_signal_and_writes_nothing(tiny_dir, t
     assert not out.exists() and list(tmp_path.iterdir()) == [fifo]
 
 
+SIGNAL_IN_FINALIZER = """
+import os, signal, time
+import loramem.cli
+from loramem.cli.app import app, main
+
+class Finalizer:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # the handler runs here, inside __del__, where Python ignores what it raises
+
+@app.command("spin")
+def spin() -> None:
+    Finalizer()
+    time.sleep(30)
+    print("finished")
+
+main(["spin"])
+"""
+
+
+def test_a_signal_landing_in_a_finalizer_still_interrupts():
+    """Python swallows an exception raised in `__del__`; the CLI must deliver the interrupt again, not lose it."""
+    result = subprocess.run([sys.executable, "-c", SIGNAL_IN_FINALIZER], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 143, result.stderr
+    assert result.stdout == ""
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "interrupted"
+
+
 def test_a_bug_is_exit_1_with_one_line_and_a_traceback_under_debug(capsys, monkeypatch, cache_file):
     import loramem.describe
 

@@ -16,6 +16,7 @@ import typer
 from rich.markup import escape
 
 from loramem.errors import LoramemError
+from loramem.fileio import EXIT_BROKEN_PIPE
 from loramem.log import console
 
 app = typer.Typer(
@@ -55,6 +56,19 @@ def _on_signal(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _redeliver(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _swallowed_interrupt(unraisable: Any) -> None:
+    """Python ignores an exception raised in a finalizer (`__del__`), so a signal landing there would be lost
+    (with an "Exception ignored" traceback): deliver the interrupt again from a timer a moment later."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and _received:
+        signal.setitimer(signal.ITIMER_REAL, 0.01)
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def _fail(message: str, code: int) -> NoReturn:
     console.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
     sys.exit(code)
@@ -82,6 +96,8 @@ def main(args: Optional[list[str]] = None) -> NoReturn:
     """Entry point: one-line errors, meaningful exit codes, no tracebacks unless LORAMEM_DEBUG=1."""
     for signum in INTERRUPT_SIGNALS:
         signal.signal(signum, _on_signal)
+    signal.signal(signal.SIGALRM, _redeliver)
+    sys.unraisablehook = _swallowed_interrupt
     _received.clear()
     try:
         # Not standalone, so that errors reach the mapping below; the return value is the exit code that
@@ -92,9 +108,9 @@ def main(args: Optional[list[str]] = None) -> NoReturn:
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         _interrupted()
-    except BrokenPipeError:
+    except BrokenPipeError:  # a write that bypassed fileio.write_stdout: the same exit, 128 + SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+        sys.exit(EXIT_BROKEN_PIPE)
     except _click_errors.ClickException as exc:
         _usage_error(exc)
     except typer.Abort:
