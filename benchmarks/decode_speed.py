@@ -49,7 +49,10 @@ def main() -> None:
     parser.add_argument("--batches", default="8,16")
     parser.add_argument("--repeats", type=int, default=3, help="best of N interleaved runs of each side")
     parser.add_argument("--model", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lm = load_model(args.model) if args.model else load_model()
     results = []
     for n_tokens in [int(t) for t in args.tokens.split(",")]:
