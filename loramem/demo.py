@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 from loramem.adapters.attach import attach_adapter, detach_adapter
 from loramem.adapters.train import TrainConfig, train_adapter
@@ -215,11 +215,12 @@ def print_table(rows: list[Row]) -> None:
         table.add_column(f"{label}\n({kept} tokens)", overflow="fold")
     for question in dict.fromkeys(r.question for r in rows):
         cells = {(r.ratio, r.adapter): r for r in rows if r.question == question}
-        table.add_row(question, *[f"{c.answer}\n[dim]ROUGE-L {c.rouge_l:.2f}[/dim]" for c in map(cells.get, columns)])
+        answers = [cells[k] for k in columns]
+        table.add_row(question, *[f"{c.answer}\n[dim]ROUGE-L {c.rouge_l:.2f}[/dim]" for c in answers])
     scores = [column_score(rows, ratio, adapter) for ratio, adapter in columns]
     means = [f"[bold]{s.rouge_l:.2f}\n{s.correct}/{s.total}[/bold]" for s in scores]
     table.add_row("[bold]mean ROUGE-L\nanswers with a reference[/bold]", *means)
-    console = Console(file=CheckedStdout(), width=160)
+    console = Console(file=cast(IO[str], CheckedStdout()), width=160)
     console.print(table)
     if any(r.adapter for r in rows):
         console.print(margin_line(rows), highlight=False, soft_wrap=True)

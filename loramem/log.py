@@ -6,6 +6,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -51,7 +52,7 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[..., 
     with Progress(*columns, console=console, transient=True, disable=bool(os.environ.get("LORAMEM_QUIET"))) as progress:
         task = progress.add_task(description, total=total, status="")
 
-        def advance(n: int = 1, **fields: object) -> None:
+        def advance(n: int = 1, **fields: Any) -> None:
             progress.update(task, advance=n, **fields)
 
         yield advance

@@ -13,6 +13,7 @@ from rich.console import Console
 
 import loramem.evaluation.doc_adapters as doc_adapters
 import loramem.evaluation.runner as ev
+from loramem.adapters import synth
 from loramem.data.formats import QA, DocRecord, TrainQA, write_dataset
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.evaluation.config import EvalConfig, file_name, parse_shard, select_documents
@@ -76,7 +77,7 @@ WHERE = {
     "compress": ev,
     "iter_answers": ev,
     "train_adapter": doc_adapters,
-    "synthesize_pairs": doc_adapters,
+    "synthesize_pairs": synth,  # called by adapters.synth.training_pairs, the one rule for training pairs
 }
 
 

@@ -8,6 +8,7 @@ and records where the result came from.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ class Source:
         return self.meta.get("base_model", {}).get("model")
 
 
-def check_sources(paths: list[str | Path], config: MergeConfig) -> list[Source]:
+def check_sources(paths: Sequence[str | Path], config: MergeConfig) -> list[Source]:
     """Read and check the adapters before any model is loaded: count, weights, base model, ranks, layers."""
     if len(paths) < 2:
         raise LoramemError(f"merging needs at least 2 adapters, got {len(paths)}")
@@ -85,7 +86,7 @@ def base_model_id(sources: list[Source]) -> str | None:
 
 
 def merge_adapters(
-    lm: LoadedModel, paths: list[str | Path], out_dir: str | Path, config: MergeConfig, *, force: bool = False
+    lm: LoadedModel, paths: Sequence[str | Path], out_dir: str | Path, config: MergeConfig, *, force: bool = False
 ) -> dict[str, Any]:
     """Load the adapters onto `lm`, combine them with PEFT and write the result; `lm` is left as it was."""
     from peft import PeftModel

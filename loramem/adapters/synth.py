@@ -140,7 +140,8 @@ def rule_qa(document: str, n: int, seed: int = 0) -> list[QA]:
 
 def passages(document: str, words: int = _PASSAGE_WORDS) -> list[str]:
     """The document as consecutive passages of about `words` words, cut at sentence ends."""
-    chunks, current = [], []
+    chunks: list[str] = []
+    current: list[str] = []
     for sentence in sentences(document):
         if current and len(" ".join([*current, sentence]).split()) > words:
             chunks.append(" ".join(current))
@@ -266,7 +267,7 @@ def synthesize_pairs(
         raise LoramemError("the document is empty; nothing to make questions from")
     if "model" in sources and writer is None:
         raise LoramemError("model-written pairs need a model")
-    pairs = model_qa(writer, document, n, seed) if "model" in sources else []
+    pairs = model_qa(writer, document, n, seed) if "model" in sources and writer is not None else []
     from_model = len(pairs)
     if "rule" in sources:
         pairs = dedupe(pairs + rule_qa(document, n + from_model, seed))

@@ -126,6 +126,7 @@ def resolve_layers(spec: str | None, n_layers: int) -> list[int] | None:
         return list(range(n_layers // 2))
     if parsed == "second-half":
         return list(range(n_layers // 2, n_layers))
+    assert not isinstance(parsed, str)  # the half keywords are handled above
     indices = sorted({i for low, high in parsed for i in range(low, high + 1)})
     if indices[-1] >= n_layers:
         raise LoramemError(f"layers {spec!r} names layer {indices[-1]}, but the model has layers 0-{n_layers - 1}")
@@ -285,7 +286,7 @@ def _lora_config(config: TrainConfig, targets: list[str], layers: list[int] | No
 
     return LoraConfig(
         r=config.rank,
-        lora_alpha=config.alpha,
+        lora_alpha=config.alpha,  # type: ignore[arg-type]  # PEFT scales by alpha / r: a float works
         lora_dropout=config.dropout,
         target_modules=targets,
         layers_to_transform=layers,

@@ -165,18 +165,18 @@ def _ask_library(
     from loramem.library.qa import ask_library_batch, check_request
     from loramem.library.store import library_embedder
 
-    lib, _ = check_request(lib, top_k, merge, with_context, with_caches)
-    lm = load(model or lib.base_model_id, device, dtype, chat_template_kwargs=chat_template_kwargs)
+    library, _ = check_request(lib, top_k, merge, with_context, with_caches)
+    lm = load(model or library.base_model_id, device, dtype, chat_template_kwargs=chat_template_kwargs)
     results = ask_library_batch(
         lm,
-        lib,
+        library,
         [item["question"] for item in items],
         top_k=top_k,
         merge=merge,
         with_context=with_context,
         with_caches=with_caches,
         max_new_tokens=max_new_tokens,
-        embedder=library_embedder(lib),
+        embedder=library_embedder(library),
         batch_size=batching[0],
         max_batch_tokens=batching[1],
     )

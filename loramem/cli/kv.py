@@ -149,12 +149,13 @@ def compress(
     storage = make_storage(store_dtype, quant_axis, quant_group, cache.meta["head_dim"]) if store_dtype else None
     press = chosen_by = press.replace("-", "_").lower()
     if granularity == "value-group":
+        assert budget is not None  # refused above
         from loramem.kv.cache import check_compatible
         from loramem.kv.compress import restore
         from loramem.kv.value_groups import check_request, compress_value_groups, query_group_scores
 
         rule = score_groups or ("query" if asked else "norm")
-        check_request(cache, press, groups, float(budget), rule, query=asked)
+        check_request(cache, press, groups, budget, rule, query=asked)
         scores = None
         if asked:
             items = read_questions(query or [], questions_file, stdin_free=False)
@@ -162,7 +163,7 @@ def compress(
             check_compatible(cache, lm.fingerprint, cache_file, lm)
             scores = query_group_scores(lm, cache, [item["question"] for item in items], groups)
             chosen_by = f"{len(items)} question(s)"
-        small = compress_value_groups(cache, press, groups, float(budget), rule, scores)
+        small = compress_value_groups(cache, press, groups, budget, rule, scores)
         small = restore(small, storage) if storage else small
     else:
         base = KVCache.load(scores_from) if scores_from else None

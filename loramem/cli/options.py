@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import IO, Annotated, Any, Optional, cast
 
 import typer
 
@@ -109,7 +109,7 @@ def stdout_console() -> Any:
 
     from loramem.fileio import CheckedStdout
 
-    return Console(file=CheckedStdout(), soft_wrap=False)
+    return Console(file=cast(IO[str], CheckedStdout()), soft_wrap=False)
 
 
 def read_questions(questions: list[str], questions_file: Optional[str], stdin_free: bool) -> list[dict[str, Any]]:

@@ -292,7 +292,8 @@ def budget_sizes(lm: LoadedModel, config: EvalConfig) -> dict[int, int]:
 
 def budget_points(config: EvalConfig, sizes: dict[int, int]) -> list[tuple[int, int]]:
     """(budget, rank) points of the trade-off: every budget with every rank whose adapter alone fits in it."""
-    points, dropped = [], []
+    points: list[tuple[int, int]] = []
+    dropped: list[tuple[int, int]] = []
     for budget in config.budget_bytes:
         for rank in config.budget_ranks:
             (points if sizes[rank] < budget else dropped).append((budget, rank))

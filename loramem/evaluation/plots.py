@@ -94,7 +94,7 @@ def plot_bytes(summary: dict[str, Any], path: str | Path, metric: str = "rouge_l
     ax = fig.subplots()
     for (name, mode, fmt), points in lines.items():
         points = sorted(points, key=lambda p: p["kv_bytes"])
-        style = {"linestyle": "--"} if mode == "none" else {}
+        style: dict[str, Any] = {"linestyle": "--"} if mode == "none" else {}
         ax.plot(
             [p["kv_bytes"] / 2**20 for p in points],
             [p[metric]["mean"] for p in points],

@@ -73,7 +73,7 @@ def phonebook(n: int, seed: int = 0) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     names = Names(rng)
     numbers: set[str] = set()
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     while len(pairs) < n:
         number = f"{rng.randint(200, 999)}-{rng.randint(0, 9999):04d}"
         if number in numbers:

@@ -106,8 +106,8 @@ def _inject_fault(record: DocRecord, part: Path) -> None:
     for item in os.environ.get(_FAULT_DOCS, "").split(","):
         kind = "oom" if item.endswith(":oom") else "die"
         if ":" in item.removesuffix(":oom"):
-            doc, count = item.removesuffix(":oom").rsplit(":", 1)
-            faults[doc] = (int(count), kind)
+            doc, times = item.removesuffix(":oom").rsplit(":", 1)
+            faults[doc] = (int(times), kind)
     if record.id not in faults:
         return
     attempts = part.with_suffix(".attempts")

@@ -111,7 +111,7 @@ def prepare_run(
     points = budget_points(config, sizes or {})
     grids = [(record, grid(record, config, points)) for record in records]
     if config.adapters is not None:
-        needed = (
+        needed: list[tuple[DocRecord, str, int | None]] = (
             [(r, fmt, None) for r in records for fmt in config.formats]
             if any(m in ADAPTER_MODES for m in config.modes) and config.ratios
             else []
@@ -220,6 +220,7 @@ def _evaluate_document(
         status("base prefill")
         base = encode(lm, record.document, presses=config.presses)
     if budget_cells:
+        assert base is not None  # prefilled above for budget cells
         _answer_budget(lm, record, budget_cells, base, config, run, answers, status)
     status("answering")
     _answer(
@@ -258,8 +259,9 @@ def _storage(store: str, cache: KVCache) -> Storage | None:
     return None if store == "native" else make_storage(store, head_dim=cache.meta["head_dim"])
 
 
-def _kept(cache: KVCache, cell: Cell, config: EvalConfig, scores_from: KVCache | None = None) -> KVCache:
+def _kept(cache: KVCache | None, cell: Cell, config: EvalConfig, scores_from: KVCache | None = None) -> KVCache:
     """What a cell's cache keeps: token eviction at its ratio, or value groups at budget 1 - ratio, as stored."""
+    assert cache is not None and cell.ratio is not None  # ratio cells always have their prefill and a ratio
     storage = _storage(cell.store, cache)
     if cell.granularity == "value-group" and cell.ratio < 1.0:  # at 1.0 no document KV remains either way
         small = compress_value_groups(cache, cell.press, config.groups, 1.0 - cell.ratio)
@@ -342,7 +344,7 @@ def _answer_budget(
             lm,
             record,
             mine,
-            lambda c: within_budget(base, c.press, c.budget - adapter_bytes, _storage(c.store, base)),
+            lambda c: within_budget(base, c.press, (c.budget or 0) - adapter_bytes, _storage(c.store, base)),
             fmt is not None,
             config,
             answers,

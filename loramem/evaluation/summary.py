@@ -87,7 +87,7 @@ def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[
         if cond[2] != "none" and base:
             margin = _margin(by_condition[cond], base, n_resamples)
             if margin is not None:
-                extra = {"versus": versus[0]} if cond[2] in LIBRARY_MODES else {}
+                extra = {"versus": versus[0]} if versus and cond[2] in LIBRARY_MODES else {}
                 margins.append({**_condition_fields(cond), **extra, **margin})
     summary = {
         **counts,

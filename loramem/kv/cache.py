@@ -152,7 +152,8 @@ class KVCache:
         masks = None
         if "layers.0.group_mask" in tensors:
             masks = [tensors[f"layers.{i}.group_mask"].bool() for i in range(n_layers)]
-            keys, values = zip(*(_unpack_groups(k, v, m) for k, v, m in zip(keys, values, masks)))
+            unpacked = [_unpack_groups(k, v, m) for k, v, m in zip(keys, values, masks)]
+            keys, values = [k for k, _ in unpacked], [v for _, v in unpacked]
         return cls(
             keys=list(keys),
             values=list(values),

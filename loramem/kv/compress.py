@@ -85,7 +85,11 @@ def compress(
         )
     n_protected = int(cache.meta.get("n_protected", 0))
     n_doc = cache.n_tokens - n_protected
-    n_doc_kept = min(keep, n_doc) if keep is not None else n_kept(n_doc, float(ratio))
+    if keep is not None:
+        n_doc_kept = min(keep, n_doc)
+    else:
+        assert ratio is not None  # one of the two (checked above)
+        n_doc_kept = n_kept(n_doc, float(ratio))
     available = None
     if cache.meta.get("compression"):
         available = torch.zeros(source.scores[press].shape, dtype=torch.bool)

@@ -65,7 +65,9 @@ def prefill(
         if len(per_layer) == n_layers
     }
     if "streaming_llm" in presses:
-        n_heads = cache.layers[0].keys.shape[1]
+        first_keys = cache.layers[0].keys
+        assert first_keys is not None  # filled by the prefill above
+        n_heads = first_keys.shape[1]
         scores["streaming_llm"] = streaming_scores(n_heads, len(input_ids)).expand(n_layers, -1, -1).clone()
     return cache, scores, dict(recorder.skipped), dict(recorder.adjusted)
 

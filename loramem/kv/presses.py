@@ -89,7 +89,7 @@ def _shorter_window(scorer: Any, n_tokens: int) -> Any | None:
     window = getattr(scorer, "window_size", None)
     if window is None or n_tokens < 2 or window < n_tokens or not dataclasses.is_dataclass(scorer):
         return None
-    return dataclasses.replace(scorer, window_size=max(1, n_tokens // 4))
+    return dataclasses.replace(scorer, window_size=max(1, n_tokens // 4))  # type: ignore[type-var]
 
 
 def make_recorder(names: list[str]) -> Any:

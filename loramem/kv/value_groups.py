@@ -179,7 +179,7 @@ def compress_value_groups(
         positions.append(torch.arange(cache.n_tokens)[union].expand(h, -1).clone())
         masks.append(mask)
     meta = copy.deepcopy(cache.meta)
-    step = {
+    step: dict[str, Any] = {
         "press": None if scores is not None else press,
         "granularity": "value-group",
         "groups": groups,

@@ -129,7 +129,9 @@ def chunk_text(document: str, target: int = CHUNK_TARGET_WORDS, limit: int = CHU
     for sentence in sentences(document):
         words = sentence.split()
         pieces += [" ".join(words[i : i + limit]) for i in range(0, len(words), limit)]
-    chunks, current, count = [], [], 0
+    chunks: list[str] = []
+    current: list[str] = []
+    count = 0
     for piece in pieces:
         n = len(piece.split())
         if current and count + n > limit:

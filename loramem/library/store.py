@@ -312,8 +312,11 @@ def _check_embedder(manifest: dict[str, Any], embedder: Embedder) -> None:
 def library_embedder(lib: Library, embedder: Embedder | None = None) -> Embedder:
     """The given embedder checked against the library's, or the library's own loaded (load it once for many
     questions)."""
-    embedder = embedder or load_embedder(lib.manifest["embedder"]["path"])
-    _check_embedder(lib.manifest, embedder)
+    manifest = lib.manifest
+    if manifest is None:
+        raise LoramemError(f"{lib.path} holds no documents yet; add some with `loramem library add`")
+    embedder = embedder or load_embedder(manifest["embedder"]["path"])
+    _check_embedder(manifest, embedder)
     return embedder
 
 

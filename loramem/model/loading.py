@@ -138,7 +138,7 @@ def _load_gguf(path: Path, torch_dtype: Any, placement: dict[str, Any] | None = 
         str(path.parent), gguf_file=path.name, dtype=torch_dtype, **(placement or {})
     )
     # save_pretrained refuses a GGUF-loaded model while it still looks quantized.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model, tokenizer
@@ -284,6 +284,7 @@ def local_config(name: str) -> dict[str, Any] | None:
 
     For `inspect`, which must stay instant and offline: never downloads, never converts the GGUF default.
     """
+    path: Path | None
     try:
         kind, where = _source(name)
         if kind == "default":
