@@ -75,6 +75,20 @@ def test_tiny_cache_refused_by_default_model(tiny_dir, tmp_path):
     assert result.returncode == 3 and b"another model" in result.stderr
 
 
+def test_new_options_on_default_model_refuse_bad_input_in_one_line(tmp_path):
+    """The default model's template takes no `enable_thinking`; batch settings must be positive."""
+    kv = tmp_path / "doc.safetensors"
+    assert run_cli("encode", str(DEMO_DOC), "-o", str(kv)).returncode == 0
+    unused = run_cli("ask", "--cache", str(kv), "--chat-template-kwargs", '{"enable_thinking": false}', "Who?")
+    assert unused.returncode == 2 and unused.stderr.decode().count("\n") == 1
+    assert b"does not use 'enable_thinking'" in unused.stderr
+    for flag in ("--batch-size", "--max-batch-tokens"):
+        bad = run_cli("ask", "--cache", str(kv), flag, "0", "Who?")
+        assert bad.returncode == 2 and bad.stderr.decode().count("\n") == 1, bad.stderr
+    answer = run_cli("ask", "--cache", str(kv), "--batch-size", "2", "--max-batch-tokens", "100000", "Who?")
+    assert answer.returncode == 0 and answer.stdout.strip()
+
+
 def test_eval_with_adapter_and_library_modes_on_default_model(real, tmp_path):
     """The eval grid end to end on the default model: prefill, compression, a QA adapter, a library, routing."""
     from loramem.evaluation.config import EvalConfig
