@@ -14,9 +14,10 @@ import torch
 from conftest import DEMO_DOC, REPO, run_cli
 
 from loramem import compress, encode
+from loramem.errors import LoramemError
 from loramem.kv.value_groups import compress_value_groups, head_masks
 from loramem.model.batch import build_cache, decode
-from loramem.model.generate import answer_batch, batch_rows, generate
+from loramem.model.generate import _chunks, answer_batch, batch_rows, generate
 from loramem.model.prompt import Framing, closed_book_ids, question_ids
 
 QUESTIONS = [
@@ -71,6 +72,15 @@ def batched_logits(lm, cache, prompts) -> torch.Tensor:
     return out.logits[:, -1]
 
 
+def lone_gaps(lm, cache, prompt: list[int], tokens: list[int]) -> list[float]:
+    """The top-2 logit gap of a lone row before each of its `tokens` (question and answer so far as one block)."""
+    gaps = []
+    for step in range(len(tokens)):
+        top = batched_logits(lm, cache, [prompt + tokens[:step]])[0].topk(2).values
+        gaps.append(float(top[0] - top[1]))
+    return gaps
+
+
 @pytest.mark.parametrize("kind", ["full", "snapkv", "per-layer"])
 def test_batch_rows_equal_full_prompt(tiny, cache, one_thread, kind):
     """Padded rows over a full, a per-head evicted, and a per-layer different cache: the logits and greedy tokens
@@ -110,6 +120,58 @@ def test_value_group_batch_equals_head_masked_reference(tiny, cache, one_thread)
         assert torch.allclose(row, ref, atol=1e-5)
     batched = answer_batch(tiny, QUESTIONS, small, max_new_tokens=8, batch_size=5)
     assert [a.answer for a in batched] == [generate(tiny, q, small, max_new_tokens=8).answer for q in QUESTIONS]
+
+
+def cache_variants(cache):
+    """What an eval's cells of one document hold: the whole cache, evictions at two ratios and two presses, per-head
+    value groups, and no document at all."""
+    return [
+        cache,
+        compress(cache, "snapkv", ratio=0.5),
+        compress(cache, "knorm", ratio=0.9),
+        compress_value_groups(cache, "knorm", groups=4, budget=0.3),
+        None,
+    ]
+
+
+def test_rows_over_different_caches_equal_each_alone(tiny, cache, one_thread):
+    """One batch whose rows carry different caches (padded to the longest, masked): every row's logits and greedy
+    tokens equal that row decoded alone over its own cache."""
+    variants = cache_variants(cache)
+    frame = Framing.for_tokenizer(tiny.tokenizer)
+    rows = [(variants[i % len(variants)], QUESTIONS[i % len(QUESTIONS)]) for i in range(2 * len(variants) + 1)]
+    caches = [c for c, _ in rows]
+    prompts = [
+        prompts_for(tiny, c, [q])[0] if c is not None else closed_book_ids(tiny.tokenizer, frame, q) for c, q in rows
+    ]
+    logits = batched_logits(tiny, caches, prompts)
+    decoded = decode(tiny.model, prompts, caches, set(), 8, 0)
+    for c, prompt, row, got in zip(caches, prompts, logits, decoded):
+        assert torch.allclose(row, batched_logits(tiny, c, [prompt])[0], atol=1e-5)
+        assert got.tokens == decode(tiny.model, [prompt], c, set(), 8, 0)[0].tokens
+    questions = [q for _, q in rows]
+    together = answer_batch(tiny, questions, caches, max_new_tokens=8)
+    assert [a.answer for a in together] == [generate(tiny, q, c, max_new_tokens=8).answer for c, q in rows]
+    assert [a.cache_tokens for a in together] == [max(c.kept_per_layer) if c else 0 for c in caches]
+    with pytest.raises(LoramemError, match="one per question"):
+        answer_batch(tiny, questions, caches[:-1])
+
+
+def test_batches_of_different_caches_fit_the_memory_budget(cache):
+    """Rows are counted at their batch's largest cache and longest question: no batch exceeds --max-batch-tokens."""
+    small, large = compress(cache, "knorm", ratio=0.9), cache
+    caches = [small] * 6 + [large] * 6
+    prompts = [[0] * (3 + i % 4) for i in range(12)]
+    per_large = large.n_tokens + 6 + 10
+    chunks = list(_chunks(list(range(12)), caches, prompts, [frozenset()] * 12, 10, None, 4 * per_large))
+    assert sorted(i for c in chunks for i in c) == list(range(12))
+    for chunk in chunks:
+        kept = max(max(caches[i].kept_per_layer) for i in chunk)
+        assert len(chunk) * (kept + max(len(prompts[i]) for i in chunk) + 10) <= 4 * per_large
+    assert len(chunks[0]) == 6  # the six small rows fit together; the large ones four at a time
+    assert [len(c) for c in chunks[1:]] == [4, 2]
+    stops = [frozenset()] * 6 + [frozenset({1})] * 6  # rows of one batch share their stop tokens
+    assert [len(c) for c in _chunks(list(range(12)), [small] * 12, prompts, stops, 10, 16, 10**9)] == [6, 6]
 
 
 def test_closed_book_batch_equals_one_at_a_time(tiny, one_thread):
@@ -156,6 +218,22 @@ def test_default_model_demo_questions_batched(real):
         if got != expected:  # only a tie may separate them: check the margin at the first difference
             _, gaps = full_prompt_tokens(real, cache.token_ids.tolist() + prompt, 16)
             assert_same_tokens(got, expected, gaps)
+
+
+@pytest.mark.real
+def test_default_model_demo_questions_over_different_caches(real):
+    """The demo questions over the whole demo cache and two evictions of it, all in one batch: each answer equals
+    the question asked alone over its own cache, token for token."""
+    questions = [json.loads(line)["question"] for line in (REPO / "examples/demo/questions.jsonl").open()]
+    cache = encode(real, (REPO / "examples/demo/lighthouse.txt").read_text(), presses=["snapkv"])
+    variants = [cache, compress(cache, "snapkv", ratio=0.5), compress(cache, "snapkv", ratio=0.9)]
+    caches = [c for c in variants for _ in questions]
+    prompts = [p for c in variants for p in prompts_for(real, c, questions)]
+    together = decode(real.model, prompts, caches, set(), 16, 0)
+    for c, prompt, got in zip(caches, prompts, together):
+        expected = decode(real.model, [prompt], c, set(), 16, 0)[0].tokens
+        if got.tokens != expected:  # a tie is reported as a skip, any other difference fails
+            assert_same_tokens(got.tokens, expected, lone_gaps(real, c, prompt, expected))
 
 
 def test_cli_batch_sizes_give_the_same_answers(tiny_dir, tmp_path):

@@ -286,6 +286,33 @@ def test_adapters_are_reused_from_another_run(tiny, dataset, reference, tmp_path
         run_eval(tiny, dataset, tmp_path / "run3", config(adapters=str(partial)))
 
 
+def test_cells_share_batches_and_answer_as_one_at_a_time(tiny, dataset, reference, tmp_path):
+    """By default one document's cells of one adapter state (every press and ratio; decode, all and base_scores
+    alike) are rows of the same batches, each over its own cache; --batch-size 1 answers each question alone: the
+    answers are the same."""
+    import loramem.model.generate as generate_module
+
+    adapters = str(reference[0] / "adapters")
+    batches: list[list] = []
+
+    def recording(model, prompts, caches, *args):
+        batches.append(caches)
+        return decode(model, prompts, caches, *args)
+
+    decode = generate_module.decode
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(generate_module, "decode", recording)
+        run_eval(tiny, dataset, tmp_path / "pooled", config(limit=1, adapters=adapters))
+    assert max(len({id(c) for c in caches}) for caches in batches) >= 6
+    assert max(len(caches) for caches in batches) == 16  # MAX_BATCH rows: a cell holds only N_QUESTIONS
+    run_eval(tiny, dataset, tmp_path / "single", config(limit=1, adapters=adapters, answer_batch_size=1))
+    pooled, single = answers_by_cell(tmp_path / "pooled"), answers_by_cell(tmp_path / "single")
+    assert len(pooled) == CELLS_PER_DOC
+    assert {k: (r["answer"], r["cache_tokens"]) for k, r in pooled.items()} == {
+        k: (r["answer"], r["cache_tokens"]) for k, r in single.items()
+    }
+
+
 def test_limit_and_shard_selection():
     records = [DocRecord(str(i), "text", []) for i in range(7)]
     assert [r.id for r in select_documents(records, None, (1, 3))] == ["1", "4"]

@@ -84,6 +84,23 @@ def test_batched_answers_equal_one_at_a_time(fam, chat_cache):
     assert [a.answer for a in together] == [generate(lm, q, chat_cache, max_new_tokens=8).answer for q in questions]
 
 
+def test_rows_over_different_caches_equal_one_at_a_time(fam, chat_cache):
+    """An eval's cells of one document in one batch (the whole cache, two evictions, per-head value groups, no
+    document), each row over its own cache: the answers of one question at a time (sliding windows included)."""
+    _, lm, _ = fam
+    caches = [
+        chat_cache,
+        compress(chat_cache, "snapkv", ratio=0.5),
+        compress(chat_cache, "knorm", ratio=0.9),
+        compress_value_groups(chat_cache, "knorm", groups=4, budget=0.3),
+        None,
+    ]
+    questions = [QUESTION, "Who?", "What is the name of the island on which the old lighthouse stands today?"]
+    rows = [(c, q) for c in caches for q in questions]
+    together = answer_batch(lm, [q for _, q in rows], [c for c, _ in rows], max_new_tokens=8)
+    assert [a.answer for a in together] == [generate(lm, q, c, max_new_tokens=8).answer for c, q in rows]
+
+
 def test_value_group_cache(fam, chat_cache):
     """A value-group cache survives storage; at full budget it answers like the whole cache."""
     _, lm, _ = fam

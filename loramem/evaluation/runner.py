@@ -63,6 +63,7 @@ from loramem.kv.encode import encode
 from loramem.kv.quantize import Storage, make_storage
 from loramem.kv.value_groups import compress_value_groups
 from loramem.log import log, progress_bar
+from loramem.model import MAX_BATCH
 from loramem.model.generate import iter_answers
 from loramem.model.loading import LoadedModel, sha256_bytes
 
@@ -231,26 +232,13 @@ def _evaluate_document(
         if not mine:
             continue
         attach_adapter(lm, document_adapter(lm, record, fmt, config, run, status))
-        status(f"answering with the {fmt} adapter")
-        _answer(
-            lm, record, [c for c in mine if c.mode == "decode"], lambda c: _kept(base, c, config), True, config, answers
-        )
+        own: KVCache | None = None
         if any(c.mode in ("all", "base_scores") for c in mine):
             status(f"prefill with the {fmt} adapter")
             own = encode(lm, record.document, presses=config.presses, with_adapter=True)
-            status(f"answering with the {fmt} adapter")
-            _answer(
-                lm, record, [c for c in mine if c.mode == "all"], lambda c: _kept(own, c, config), True, config, answers
-            )
-            _answer(
-                lm,
-                record,
-                [c for c in mine if c.mode == "base_scores"],
-                lambda c: _kept(own, c, config, scores_from=base),
-                True,
-                config,
-                answers,
-            )
+        status(f"answering with the {fmt} adapter")
+        # every adapter mode decodes with the adapter on: their cells' questions share batches
+        _answer(lm, record, mine, lambda c: _mode_kept(base, own, c, config), True, config, answers)
     detach_adapter(lm)
 
 
@@ -269,6 +257,14 @@ def _kept(cache: KVCache | None, cell: Cell, config: EvalConfig, scores_from: KV
     return compress(cache, cell.press, ratio=cell.ratio, scores_from=scores_from, storage=storage)
 
 
+def _mode_kept(base: KVCache | None, own: KVCache | None, cell: Cell, config: EvalConfig) -> KVCache:
+    """An adapter mode's cache: `decode` the base prefill's; `all` the adapter prefill's; `base_scores` the adapter
+    prefill's evicted by the base prefill's scores."""
+    if cell.mode == "decode":
+        return _kept(base, cell, config)
+    return _kept(own, cell, config, scores_from=base if cell.mode == "base_scores" else None)
+
+
 def _answer(
     lm: LoadedModel,
     record: DocRecord,
@@ -279,27 +275,40 @@ def _answer(
     answers: AnswerLog,
     extra: Callable[[Cell, KVCache], dict[str, Any]] = lambda cell, cache: {},
 ) -> None:
-    """Answer cells, building each kept cache (and its stored size) once and answering its questions in batches;
-    `seconds` is the answer's share of its batch's generation time, `extra` adds fields to each answer line from its
-    cache."""
+    """Answer cells, building each kept cache (and its stored size) once; questions of different cells share
+    batches (each row over its own cell's cache), pooled a batch's worth of rows at a time so that only a few caches
+    are held at once. `seconds` is the answer's share of its batch's generation time, `extra` adds fields to each
+    answer line from its cache."""
     groups: dict[tuple, list[Cell]] = {}
     for cell in cells:
-        groups.setdefault((cell.press, cell.ratio, cell.granularity, cell.store, cell.budget), []).append(cell)
-    for group in groups.values():
-        cache = cache_for(group[0])
-        stored = cache.nbytes_stored
+        groups.setdefault((cell.mode, cell.press, cell.ratio, cell.granularity, cell.store, cell.budget), []).append(
+            cell
+        )
+    pool: list[tuple[Cell, KVCache, int]] = []
+
+    def flush() -> None:
         replies = iter_answers(
             lm,
-            [record.qa[cell.question_index].question for cell in group],
-            cache,
+            [record.qa[cell.question_index].question for cell, _, _ in pool],
+            [cache for _, cache, _ in pool],
             max_new_tokens=config.max_new_tokens,
             adapter_on=adapter_on,
             batch_size=config.answer_batch_size,
             max_batch_tokens=config.max_batch_tokens,
         )
         for index, answer, seconds in replies:
-            cell = group[index]
+            cell, cache, stored = pool[index]
             answers.write({**answer_row(record, cell, config, answer, seconds, stored), **extra(cell, cache)})
+        pool.clear()
+
+    for group in groups.values():
+        cache = cache_for(group[0])
+        stored = cache.nbytes_stored
+        pool += [(cell, cache, stored) for cell in group]
+        if len(pool) >= (config.answer_batch_size or MAX_BATCH):
+            flush()
+    if pool:
+        flush()
 
 
 def _answer_budget(

@@ -1,14 +1,16 @@
 """Batched greedy decoding over one shared document cache, in a pre-sized cache.
 
-Every row of a batch is one question over the same stored document. Each layer's buffer holds the
-document's kept keys/values (one copy per row, made once), then room for the longest question and
-the answer, so decoding writes each new token in place instead of growing a cache by concatenation.
+Every row of a batch is one question over a stored document cache: one cache shared by every row, or each
+row its own (an eval's cells of one document differ only in what their caches kept). Each layer's buffer holds
+each row's kept keys/values (copied once), zero-padded to the longest row's, then room for the longest question
+and the answer, so decoding writes each new token in place instead of growing a cache by concatenation.
 
 Questions are left-padded: row b's real question tokens take the last `len_b` columns of the
-question block, at positions `n_tokens .. n_tokens + len_b - 1` (the document's original length,
+question block, at positions `n_tokens .. n_tokens + len_b - 1` (its document's original length,
 whatever was evicted), and its answer continues from there; every decoding step then writes all rows
 at one column. A boolean mask per layer says what each query may attend to: the document tokens its
-KV head kept (value-group caches keep different tokens per head), the row's own non-pad question and
+row's KV head kept (value-group caches keep different tokens per head; a row whose cache kept fewer tokens than
+the longest row's never sees the padding), the row's own non-pad question and
 answer tokens up to itself (a pad column attends only to itself so its states stay finite), and, on
 sliding-window layers, keys whose original position lies within the window. Attention runs with the
 query heads of a KV group stacked as rows (no repeated keys), in `torch.nn.functional.scaled_dot_product_attention`
@@ -99,19 +101,18 @@ class PresizedLayer:
         values: torch.Tensor,
         doc_positions: torch.Tensor,
         present: torch.Tensor | None,
-        batch: int,
         room: int,
         window: int | None,
     ) -> None:
-        n_kv, n_doc, _ = keys.shape
+        batch, n_kv, n_doc, _ = keys.shape
         self.n_doc = n_doc
         self.keys = keys.new_empty(batch, n_kv, n_doc + room, keys.shape[-1])
         self.values = values.new_empty(batch, n_kv, n_doc + room, values.shape[-1])
         self.keys[:, :, :n_doc] = keys
         self.values[:, :, :n_doc] = values
         self.filled = n_doc
-        self.doc_positions = doc_positions  # [H, n_doc] original positions of the kept tokens
-        self.present = present  # [H, n_doc] tokens each head kept (value groups), or None: all
+        self.doc_positions = doc_positions  # [1 or B, H, n_doc] original positions of the kept tokens
+        self.present = present  # [1 or B, H, n_doc] tokens each row's head kept (value groups, padding), None: all
         self.window = window
         self.mask: torch.Tensor | None = None
         self.is_initialized = True
@@ -186,11 +187,11 @@ class PresizedCache:
         new = new_allowed[:, None]  # [B, 1, q, new]
         doc = torch.ones(b, 1, q_len, layer.n_doc, dtype=torch.bool, device=q_pos.device)
         if layer.present is not None:
-            doc = doc & layer.present[None, :, None, :]
+            doc = doc & layer.present[:, :, None, :]
         if layer.window:
             new_pos = self.new_positions[:, : self.offset + q_len]
             new = new & (q_pos[:, None, :, None] - new_pos[:, None, None, :] < layer.window)
-            doc = doc & (q_pos[:, None, :, None] - layer.doc_positions[None, :, None, :] < layer.window)
+            doc = doc & (q_pos[:, None, :, None] - layer.doc_positions[:, :, None, :] < layer.window)
         heads = max(doc.shape[1], new.shape[1])
         return torch.cat([doc.expand(b, heads, q_len, -1), new.expand(b, heads, q_len, -1)], dim=-1)
 
@@ -223,14 +224,62 @@ def _shared(seen: list[torch.Tensor], tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _row_caches(cache: Any, rows: int) -> list[Any]:
+    """One cache per row: `cache` is a KVCache or None shared by every row, or a list of them, one per row."""
+    if isinstance(cache, list | tuple):
+        if len(cache) != rows:
+            raise ValueError(f"{len(cache)} caches for {rows} rows")
+        return list(cache)
+    return [cache] * rows
+
+
+def _layer_doc(
+    caches: list[Any], index: int, n_kv: int, head_dim: int, device: Any, dtype: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One layer's document part for every row: keys, values [1 or B, H, n, D], kept positions and kept mask
+    [1 or B, H, n] (None: every row keeps all n). Rows sharing a cache share its copy; shorter rows are zero-padded
+    (zeros, not garbage: a masked key must still give a finite score) and masked."""
+    distinct = {id(c): c for c in caches if c is not None and c.kept_per_layer[index] > 0}
+    kept = {key: c.kept_per_layer[index] for key, c in distinct.items()}
+    n_doc = max(kept.values(), default=0)
+    if not distinct:
+        empty = torch.zeros(1, n_kv, 0, head_dim, device=device, dtype=dtype)
+        return empty, empty, torch.zeros(1, n_kv, 0, dtype=torch.long, device=device), None
+    if len(distinct) == 1 and all(c is not None and id(c) in distinct for c in caches):
+        # the one-document case: one copy, broadcast to every row when the buffer is filled
+        (only,) = distinct.values()
+        present = only.masks[index].any(-1)[None].to(device) if only.masks is not None else None
+        return (
+            only.keys[index][None].to(device, dtype),
+            only.values[index][None].to(device, dtype),
+            only.positions[index][None].to(device),
+            present,
+        )
+    rows = len(caches)
+    values_dim = next(iter(distinct.values())).values[index].shape[-1]
+    keys = torch.zeros(rows, n_kv, n_doc, head_dim, device=device, dtype=dtype)
+    values = torch.zeros(rows, n_kv, n_doc, values_dim, device=device, dtype=dtype)
+    positions = torch.zeros(rows, n_kv, n_doc, dtype=torch.long, device=device)
+    present = torch.zeros(rows, n_kv, n_doc, dtype=torch.bool, device=device)
+    for key, c in distinct.items():
+        mine = torch.tensor([row for row, other in enumerate(caches) if id(other) == key], device=device)
+        n = kept[key]
+        keys[mine, :, :n] = c.keys[index].to(device, dtype)
+        values[mine, :, :n] = c.values[index].to(device, dtype)
+        positions[mine, :, :n] = c.positions[index].to(device, torch.long)
+        present[mine, :, :n] = c.masks[index].any(-1).to(device) if c.masks is not None else True
+    return keys, values, positions, present
+
+
 def build_cache(model: Any, cache: Any, prompts: list[list[int]], room: int, device: Any, dtype: Any) -> PresizedCache:
-    """A pre-sized batch cache over `cache` (a KVCache, or None: no document) for left-padded `prompts`."""
+    """A pre-sized batch cache for left-padded `prompts` over `cache`: a KVCache or None (no document) shared by
+    every row, or a list with one per row."""
     width = max(len(p) for p in prompts)
-    batch = len(prompts)
-    start = cache.n_tokens if cache is not None else 0
+    caches = _row_caches(cache, len(prompts))
+    starts = torch.tensor([c.n_tokens if c is not None else 0 for c in caches], device=device)
     pads = torch.tensor([width - len(p) for p in prompts], device=device)
     column = torch.arange(room, device=device)
-    new_positions = start + column[None, :] - pads[:, None]
+    new_positions = starts[:, None] + column[None, :] - pads[:, None]
     new_valid = column[None, :] >= pads[:, None]
     config = model.config
     n_kv = config.num_key_value_heads
@@ -239,20 +288,12 @@ def build_cache(model: Any, cache: Any, prompts: list[list[int]], room: int, dev
     seen: list[torch.Tensor] = []
     for index, attn in enumerate(_decoder_attentions(model)):
         window = getattr(attn, "sliding_window", None)
-        if cache is not None and cache.kept_per_layer[index] > 0:
-            keys = cache.keys[index].to(device, dtype)
-            values = cache.values[index].to(device, dtype)
-            positions = cache.positions[index].to(device)
-            present = cache.masks[index].any(-1).to(device) if cache.masks is not None else None
-        else:
-            keys = torch.zeros(n_kv, 0, head_dim, device=device, dtype=dtype)
-            values = keys
-            positions = torch.zeros(n_kv, 0, dtype=torch.long, device=device)
-            present = None
+        keys, values, positions, present = _layer_doc(caches, index, n_kv, head_dim, device, dtype)
         # layers with equal kept positions share one tensor, so they share one mask per step
         positions = _shared(seen, positions)
         present = None if present is None else _shared(seen, present)
-        layers.append(PresizedLayer(keys, values, positions, present, batch, room, window))
+        keys, values = keys.expand(len(prompts), -1, -1, -1), values.expand(len(prompts), -1, -1, -1)
+        layers.append(PresizedLayer(keys, values, positions, present, room, window))
     return PresizedCache(layers, new_positions, new_valid)
 
 
@@ -264,7 +305,8 @@ def decode(
     max_new_tokens: int,
     pad_id: int,
 ) -> list[Decoded]:
-    """Greedy tokens for each prompt over `cache`, each row stopping at its own stop token."""
+    """Greedy tokens for each prompt over `cache` (one shared, or a list with one per prompt), each row stopping at
+    its own stop token."""
     device, dtype = model.device, model.dtype
     started = clock(device)  # time to first token counts putting the stored cache on the device
     width = max(len(p) for p in prompts)

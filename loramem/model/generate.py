@@ -44,14 +44,20 @@ class Answer:
 
 def batch_rows(cache: KVCache | None, width: int, max_new_tokens: int, max_batch_tokens: int) -> int:
     """Rows that fit `max_batch_tokens` cached tokens (each row holds the document, its question and answer)."""
-    per_row = (max(cache.kept_per_layer) if cache is not None and cache.n_layers else 0) + width + max_new_tokens
-    return max(1, min(MAX_BATCH, max_batch_tokens // per_row))
+    return max(1, min(MAX_BATCH, max_batch_tokens // (_kept(cache) + width + max_new_tokens)))
+
+
+def _kept(cache: KVCache | None) -> int:
+    return max(cache.kept_per_layer) if cache is not None and cache.n_layers else 0
+
+
+Caches = KVCache | None | list[KVCache | None]
 
 
 def answer_batch(
     lm: LoadedModel,
     questions: list[str],
-    cache: KVCache | None = None,
+    cache: Caches = None,
     *,
     max_new_tokens: int = 64,
     adapter_on: bool = False,
@@ -59,11 +65,12 @@ def answer_batch(
     batch_size: int | None = None,
     max_batch_tokens: int = MAX_BATCH_TOKENS,
 ) -> list[Answer]:
-    """Answer every question from `cache` (None: closed-book, framed as `framing`: a style or a Framing), in
-    batches over one shared document.
+    """Answer every question from `cache` (None: closed-book, framed as `framing`: a style or a Framing; a list:
+    each question's own cache or None), in batches.
 
     Greedy and token for token the answers `generate` gives one at a time (up to floating-point ties).
-    `batch_size` None: as many rows as `max_batch_tokens` cached tokens allow (at most 16).
+    `batch_size` None: as many rows as `max_batch_tokens` cached tokens allow (at most 16); a row over a smaller
+    cache than the batch's largest counts as the largest (it is padded to it).
     """
     answers: list[Answer | None] = [None] * len(questions)
     for index, answer, _ in iter_answers(
@@ -83,7 +90,7 @@ def answer_batch(
 def iter_answers(
     lm: LoadedModel,
     questions: list[str],
-    cache: KVCache | None = None,
+    cache: Caches = None,
     *,
     max_new_tokens: int = 64,
     adapter_on: bool = False,
@@ -98,32 +105,64 @@ def iter_answers(
         raise LoramemError(f"max batch tokens must be at least 1, got {max_batch_tokens}")
     if max_new_tokens < 1:
         raise LoramemError(f"max new tokens must be at least 1, got {max_new_tokens}")
+    caches = list(cache) if isinstance(cache, list) else [cache] * len(questions)
+    if len(caches) != len(questions):
+        raise LoramemError(f"{len(caches)} caches for {len(questions)} questions: give one per question")
     tok = lm.tokenizer
-    if cache is not None:
-        frame = Framing.from_dict(cache.meta["framing"])
-        prompts = [question_ids(tok, frame, q, after_document=True) for q in questions]
-    else:
-        frame = framing if isinstance(framing, Framing) else lm.framing(framing)
-        prompts = [closed_book_ids(tok, frame, q) for q in questions]
-    stops = stop_token_ids(tok, frame, lm.model.generation_config)
+    if any(c is None for c in caches):  # the closed-book framing, made only when a question has no cache
+        closed = framing if isinstance(framing, Framing) else lm.framing(framing)
+    frames = {id(c): closed if c is None else Framing.from_dict(c.meta["framing"]) for c in caches}
+    prompts = [
+        question_ids(tok, frames[id(c)], q, after_document=True) if c is not None else closed_book_ids(tok, closed, q)
+        for q, c in zip(questions, caches)
+    ]
     pad_id = next((t for t in (tok.pad_token_id, tok.eos_token_id) if isinstance(t, int)), 0)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
-    start = 0
+    # rows of one batch share their stop tokens; within that, alike caches and similar lengths pad less
+    stop_sets = {key: frozenset(stop_token_ids(tok, f, lm.model.generation_config)) for key, f in frames.items()}
+    stops = [stop_sets[id(c)] for c in caches]
+    first_of = {id(c): i for i, c in reversed(list(enumerate(caches)))}
+    order = sorted(
+        range(len(prompts)),
+        key=lambda i: (sorted(stops[i]), _kept(caches[i]), first_of[id(caches[i])], len(prompts[i])),
+    )
     with adapter_scope(lm, adapter_on):
-        while start < len(order):
-            rows = batch_size or batch_rows(cache, len(prompts[order[start]]), max_new_tokens, max_batch_tokens)
-            chunk = order[start : start + rows]
-            if batch_size is None:  # the longest question of the chunk decides what fits
-                while len(chunk) > 1 and len(chunk) > batch_rows(
-                    cache, len(prompts[chunk[-1]]), max_new_tokens, max_batch_tokens
-                ):
-                    chunk.pop()
+        for chunk in _chunks(order, caches, prompts, stops, max_new_tokens, batch_size, max_batch_tokens):
             started = time.perf_counter()
-            decoded = decode(lm.model, [prompts[i] for i in chunk], cache, stops, max_new_tokens, pad_id)
+            rows = [caches[i] for i in chunk]
+            decoded = decode(lm.model, [prompts[i] for i in chunk], rows, set(stops[chunk[0]]), max_new_tokens, pad_id)
             seconds = (time.perf_counter() - started) / len(chunk)
             for i, row in zip(chunk, decoded):
-                yield i, _answer(tok, questions[i], cache, row), seconds
-            start += len(chunk)
+                yield i, _answer(tok, questions[i], caches[i], row), seconds
+
+
+def _chunks(
+    order: list[int],
+    caches: list[KVCache | None],
+    prompts: list[list[int]],
+    stops: list[frozenset[int]],
+    max_new_tokens: int,
+    batch_size: int | None,
+    max_batch_tokens: int,
+) -> Iterator[list[int]]:
+    """Consecutive rows of `order` as batches of one stop set: `batch_size` rows, or (None) as many as fit
+    `max_batch_tokens` with every row counted at the batch's largest cache and longest question."""
+    chunk: list[int] = []
+    kept = width = 0
+    for i in order:
+        if chunk:
+            grown = len(chunk) + 1
+            if batch_size is not None:
+                fits = grown <= batch_size
+            else:
+                per_row = max(kept, _kept(caches[i])) + max(width, len(prompts[i])) + max_new_tokens
+                fits = grown <= MAX_BATCH and grown * per_row <= max_batch_tokens
+            if not fits or stops[i] != stops[chunk[0]]:
+                yield chunk
+                chunk, kept, width = [], 0, 0
+        chunk.append(i)
+        kept, width = max(kept, _kept(caches[i])), max(width, len(prompts[i]))
+    if chunk:
+        yield chunk
 
 
 def _answer(tok: Any, question: str, cache: KVCache | None, row: Decoded) -> Answer:
@@ -132,7 +171,7 @@ def _answer(tok: Any, question: str, cache: KVCache | None, row: Decoded) -> Ans
         answer=tok.decode(row.tokens, skip_special_tokens=True).strip(),
         new_tokens=len(row.tokens),
         stopped_at_end_of_turn=row.stopped,
-        cache_tokens=max(cache.kept_per_layer) if cache is not None and cache.n_layers else 0,
+        cache_tokens=_kept(cache),
         document_tokens=cache.n_tokens if cache is not None else 0,
         question_tokens=row.prompt_tokens,
         prefill_seconds=round(row.prefill_seconds, 4),
