@@ -15,6 +15,7 @@ from loramem.adapters.synth import (
     passages,
     rule_qa,
     sentences,
+    spans,
     supported,
     synth_writer,
     synthesize,
@@ -114,9 +115,13 @@ class Calls(list):
         self.framings: list = []
 
 
+def reply(text: str):
+    return type("Answer", (), {"answer": text})()
+
+
 @pytest.fixture
 def canned_model(monkeypatch):
-    """generate() replaced by replies in the model's usual shape: two good pairs, an invented one, a repeat."""
+    """answer_batch() replaced by replies in the model's usual shape: two good pairs, an invented one, a repeat."""
     replies = [
         "Q: Who designed the lighthouse? A: Orla Quenby\nQ: Who designed the lighthouse? A: Orla Quenby\n"
         "Q: Who painted the tower? A: Vincent van Gogh\nQ: What was the first keeper's name? A: Hobart Fennick"
@@ -124,14 +129,79 @@ def canned_model(monkeypatch):
     prompts = Calls()
     framings = prompts.framings
 
-    def fake_generate(lm, question, cache, **kwargs):
-        prompts.append(question)
-        framings.append((lm, kwargs.get("framing")))
-        text = replies[0] if "Orla Quenby" in question else "I cannot help with that."
-        return type("Answer", (), {"answer": text})()
+    def fake_answer_batch(lm, questions, cache, **kwargs):
+        prompts.extend(questions)
+        framings.extend((lm, kwargs.get("framing")) for _ in questions)
+        return [reply(replies[0] if "Orla Quenby" in q else "I cannot help with that.") for q in questions]
 
-    monkeypatch.setattr(synth, "generate", fake_generate)
+    monkeypatch.setattr(synth, "answer_batch", fake_answer_batch)
     return prompts
+
+
+def one_at_a_time(answer, document: str, n: int, seed: int = 0) -> list:
+    """model_qa as it was before batching: one passage asked at a time, min(4, missing) pairs each, until n."""
+    import random
+
+    chosen = passages(document)
+    random.Random(seed).shuffle(chosen)
+    pairs: list = []
+    for passage in chosen[:n]:
+        k = min(4, n - len(pairs))
+        found = [(q, synth.trim_restated(q, a)) for q, a in parse_pairs(answer(synth._prompt(passage, k), k))]
+        pairs = synth.dedupe(pairs + [(q, a) for q, a in found if supported(q, a, passage)])
+        if len(pairs) >= n:
+            break
+    return pairs[:n]
+
+
+def writer(prompt: str, k: int) -> str:
+    """A deterministic stand-in writer: for some passages nothing, for others k + 1 pairs (more than asked, in an
+    order that depends on k), some of them unsupported or repeated, so how many pairs are still missing changes from
+    passage to passage."""
+    passage = prompt.split("\n\n")[0].removeprefix("Text:\n")
+    names = spans(passage)
+    if len(names) % 3 == 0:
+        return "I cannot help with that."
+    chosen = names[: k + 1][::-1]  # what is asked for changes what comes first, not only how much
+    lines = [f"Q: What is named {i} in the text about {names[0]}? A: {name}" for i, name in enumerate(chosen)]
+    return "\n".join([*lines, "Q: Who painted the tower in the text? A: Vincent van Gogh"])
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 9, 16, 40])
+def test_batched_model_qa_gives_the_pairs_of_one_at_a_time(monkeypatch, tiny, doc_text, n):
+    """Passages asked in batches, read in order, give exactly the pairs of asking one passage at a time (k changes
+    partway through a batch are asked again), and never more passages than n."""
+    asked: list[str] = []
+
+    def fake_answer_batch(lm, questions, cache, *, max_new_tokens, **kwargs):
+        asked.extend(questions)
+        return [reply(writer(q, max_new_tokens // 30)) for q in questions]
+
+    monkeypatch.setattr(synth, "answer_batch", fake_answer_batch)
+    for seed in (0, 1):
+        expected = one_at_a_time(writer, doc_text, n, seed)
+        assert model_qa(tiny, doc_text, n, seed) == expected and expected
+    assert len(set(asked)) <= 2 * n
+
+
+def test_model_qa_replies_batched_equal_one_at_a_time(monkeypatch, tiny, doc_text, one_thread):
+    """On a real (tiny random) model: the replies of the batched requests equal each request decoded alone."""
+    real_answer_batch = synth.answer_batch
+    replies: dict[str, list[str]] = {"batched": [], "alone": []}
+
+    def recording(kind: str, **forced):
+        def answer_batch(lm, questions, cache, **kwargs):
+            answers = real_answer_batch(lm, questions, cache, **{**kwargs, **forced})
+            replies[kind] += [a.answer for a in answers]
+            return answers
+
+        return answer_batch
+
+    monkeypatch.setattr(synth, "answer_batch", recording("batched"))
+    batched = model_qa(tiny, doc_text, 3)
+    monkeypatch.setattr(synth, "answer_batch", recording("alone", batch_size=1))
+    assert model_qa(tiny, doc_text, 3) == batched
+    assert replies["batched"] == replies["alone"] and len(replies["batched"]) == 3
 
 
 def test_model_qa_keeps_only_supported_new_pairs(canned_model, tiny, doc_text):

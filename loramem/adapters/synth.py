@@ -17,7 +17,8 @@ from collections.abc import Iterable
 from loramem.errors import LoramemError
 from loramem.evaluation.metrics import normalize_answer
 from loramem.log import log
-from loramem.model.generate import generate
+from loramem.model import MAX_BATCH
+from loramem.model.generate import answer_batch
 from loramem.model.loading import LoadedModel, load_model
 from loramem.model.prompt import strip_thinking
 
@@ -197,20 +198,28 @@ def model_qa(lm: LoadedModel, document: str, n: int, seed: int = 0) -> list[QA]:
     """Up to n pairs the model writes about its own passages, kept only where the passage supports the answer.
 
     Greedy decoding makes this deterministic; the seed picks the order in which passages are asked,
-    and at most n passages are asked so a model that writes nothing usable costs bounded time.
+    and at most n passages are asked so a model that writes nothing usable costs bounded time. Passages are asked
+    in batches (`answer_batch`, left-padded, no shared cache) and read in order, giving the pairs of asking one at
+    a time: a passage is asked for min(4, pairs still missing) pairs, and where that number changes partway through
+    a batch, the passages after it are asked again with the new number.
     """
     chosen = passages(document)
     random.Random(seed).shuffle(chosen)
+    chosen = chosen[: max(n, 0)]
     plain = dataclasses.replace(lm.framing(), instruction="")
     pairs: list[QA] = []
-    for passage in chosen[: max(n, 0)]:
+    asked = 0
+    while asked < len(chosen) and len(pairs) < n:
         k = min(_PAIRS_PER_PASSAGE, n - len(pairs))
+        wave = chosen[asked : asked + MAX_BATCH]
         # The prompt is the whole request: without the closed-book "Answer in a few words." in front of it.
-        reply = strip_thinking(generate(lm, _prompt(passage, k), None, max_new_tokens=30 * k, framing=plain).answer)
-        found = [(q, trim_restated(q, a)) for q, a in parse_pairs(reply)]
-        pairs = dedupe(pairs + [(q, a) for q, a in found if supported(q, a, passage)])
-        if len(pairs) >= n:
-            break
+        replies = answer_batch(lm, [_prompt(p, k) for p in wave], None, max_new_tokens=30 * k, framing=plain)
+        for passage, reply in zip(wave, replies):
+            asked += 1
+            found = [(q, trim_restated(q, a)) for q, a in parse_pairs(strip_thinking(reply.answer))]
+            pairs = dedupe(pairs + [(q, a) for q, a in found if supported(q, a, passage)])
+            if len(pairs) >= n or min(_PAIRS_PER_PASSAGE, n - len(pairs)) != k:
+                break
     return pairs[: max(n, 0)]
 
 
