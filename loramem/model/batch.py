@@ -1,20 +1,20 @@
-"""Batched greedy decoding over one shared document cache, in a pre-sized cache.
+"""Batched greedy decoding over stored document caches, in a pre-sized cache.
 
 Every row of a batch is one question over a stored document cache: one cache shared by every row, or each
-row its own (an eval's cells of one document differ only in what their caches kept). Each layer's buffer holds
-each row's kept keys/values (copied once), zero-padded to the longest row's, then room for the longest question
-and the answer, so decoding writes each new token in place instead of growing a cache by concatenation.
+row its own (an eval's cells of one document differ only in what their caches kept). Each layer holds the
+documents' kept keys/values: one copy when every row shares the document (each step then reads it once, whatever
+the batch size), else each row's, zero-padded to the longest row's. Then per row room for the longest question and
+the answer, so decoding writes each new token in place instead of growing a cache by concatenation.
 
 Questions are left-padded: row b's real question tokens take the last `len_b` columns of the
 question block, at positions `n_tokens .. n_tokens + len_b - 1` (its document's original length,
 whatever was evicted), and its answer continues from there; every decoding step then writes all rows
-at one column. A boolean mask per layer says what each query may attend to: the document tokens its
-row's KV head kept (value-group caches keep different tokens per head; a row whose cache kept fewer tokens than
-the longest row's never sees the padding), the row's own non-pad question and
-answer tokens up to itself (a pad column attends only to itself so its states stay finite), and, on
-sliding-window layers, keys whose original position lies within the window. Attention runs with the
-query heads of a KV group stacked as rows (no repeated keys), in `torch.nn.functional.scaled_dot_product_attention`
-(or in plain math for models that soft-cap attention logits).
+at one column. Boolean masks, built once per batch for every column, say what each query may attend to: the
+document tokens its row's KV head kept (value-group caches keep different tokens per head; a row whose cache kept
+fewer tokens than the longest row's never sees the padding), the row's own non-pad question and answer tokens up
+to itself (a pad column attends only to itself so its states stay finite), and, on sliding-window layers, keys
+whose original position lies within the window. Attention runs with the query heads of a KV group stacked as rows
+(no repeated keys), and every row's queries stacked against a shared document.
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ def clock(device: Any) -> float:
     return time.perf_counter()
 
 
+SCORES_PER_CHUNK = 1 << 24  # attention scores held at once (64 MB in fp32): long question blocks go in chunks
+
+
 def _attention(
     module: Any,
     query: torch.Tensor,
@@ -62,24 +65,72 @@ def _attention(
     softcap: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Grouped-query attention under the active cache's mask for this layer (the model's own mask is unused)."""
+    """Grouped-query attention of the batch's new columns over the shared document and each row's own columns.
+
+    `key`/`value` are the rows' question/answer columns so far; the document's keys/values are the layer's, held
+    once for all rows, so each step reads them once whatever the batch size. Masks are the active cache's (the
+    model's own is unused)."""
     cache = _ACTIVE.get()
     assert cache is not None, "the batched attention runs only inside PresizedCache.active()"
-    mask = cache.layers[module.layer_idx].mask
+    layer = cache.layers[module.layer_idx]
+    doc_blocked, new_blocked = cache.blocked[layer.group]
     b, n_q, q_len, d = query.shape
     n_kv = key.shape[1]
     rep = n_q // n_kv
-    grouped = query.reshape(b, n_kv, rep * q_len, d)  # query head h * rep + r reads KV head h
-    if q_len > 1:
-        mask = mask[:, :, None].expand(-1, -1, rep, -1, -1).reshape(b, mask.shape[1], rep * q_len, -1)
-    if softcap is None:
-        out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
-    else:
-        scores = grouped @ key.transpose(-1, -2) * (scaling if scaling is not None else d**-0.5)
+    scale = scaling if scaling is not None else d**-0.5
+    step = max(1, SCORES_PER_CHUNK // max(1, b * n_q * (layer.n_doc + key.shape[2])))
+    parts = [
+        _attend(
+            query[:, :, start : start + step] * scale,
+            layer,
+            key,
+            value,
+            None if doc_blocked is None else doc_blocked[..., start : start + step, :],
+            new_blocked[..., start : start + step, :],
+            rep,
+            softcap,
+        )
+        for start in range(0, q_len, step)
+    ]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _attend(
+    query: torch.Tensor,
+    layer: PresizedLayer,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    doc_blocked: torch.Tensor | None,
+    new_blocked: torch.Tensor,
+    rep: int,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Attention of scaled `query` [B, n_q, q, d] over the document then the new columns; [B, n_q, q, d]."""
+    b, n_q, q_len, d = query.shape
+    n_kv, n_doc, docs = key.shape[1], layer.n_doc, layer.doc_keys.shape[0]
+    per_doc = b // docs  # rows reading each document copy: every row when they share one, else 1
+    grouped = query.reshape(b, n_kv, rep, q_len, d)  # query head h * rep + r reads KV head h
+    # the rows of one document copy stacked as queries: [docs, H, per_doc * rep * q, d], so its keys are read once
+    stacked = (
+        grouped.view(docs, per_doc, n_kv, rep, q_len, d).transpose(1, 2).reshape(docs, n_kv, per_doc * rep * q_len, d)
+    )
+    doc = (stacked @ layer.doc_keys.transpose(-1, -2)).view(docs, n_kv, per_doc, rep, q_len, n_doc)
+    own = grouped @ key[:, :, None].transpose(-1, -2)  # [B, H, rep, q, new]
+    scores = torch.cat([doc.transpose(1, 2).reshape(b, n_kv, rep, q_len, n_doc), own], dim=-1)
+    if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-        scores = scores.masked_fill(~mask, float("-inf"))
-        out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype) @ value
-    return out.reshape(b, n_q, q_len, -1).transpose(1, 2).contiguous(), None
+    if doc_blocked is not None:
+        scores[..., :n_doc].masked_fill_(doc_blocked, float("-inf"))
+    scores[..., n_doc:].masked_fill_(new_blocked, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    doc_probs = probs[..., :n_doc].reshape(docs, per_doc, n_kv, rep, q_len, n_doc).transpose(1, 2)
+    out = (
+        doc_probs.reshape(docs, n_kv, per_doc * rep * q_len, n_doc) @ layer.doc_values
+    )  # [docs, H, per_doc * rep * q, d]
+    out = out.view(docs, n_kv, per_doc, rep, q_len, -1).transpose(1, 2).reshape(b, n_kv, rep, q_len, -1)
+    out = out + probs[..., n_doc:] @ value[:, :, None]
+    return out.reshape(b, n_q, q_len, -1)
 
 
 def _register() -> None:
@@ -90,7 +141,8 @@ def _register() -> None:
 
 
 class PresizedLayer:
-    """One layer's keys/values for the whole batch: the document, then question and answer columns written in place."""
+    """One layer: the document's keys/values, once for all rows, then each row's question and answer columns,
+    written in place."""
 
     is_sliding = False
     is_compileable = False
@@ -101,20 +153,21 @@ class PresizedLayer:
         values: torch.Tensor,
         doc_positions: torch.Tensor,
         present: torch.Tensor | None,
+        batch: int,
         room: int,
         window: int | None,
     ) -> None:
-        batch, n_kv, n_doc, _ = keys.shape
+        _, n_kv, n_doc, _ = keys.shape
         self.n_doc = n_doc
-        self.keys = keys.new_empty(batch, n_kv, n_doc + room, keys.shape[-1])
-        self.values = values.new_empty(batch, n_kv, n_doc + room, values.shape[-1])
-        self.keys[:, :, :n_doc] = keys
-        self.values[:, :, :n_doc] = values
-        self.filled = n_doc
+        self.doc_keys = keys  # [1 (shared by every row) or B, H, n_doc, d]
+        self.doc_values = values
+        self.keys = keys.new_zeros(batch, n_kv, room, keys.shape[-1])
+        self.values = values.new_zeros(batch, n_kv, room, values.shape[-1])
+        self.filled = 0
         self.doc_positions = doc_positions  # [1 or B, H, n_doc] original positions of the kept tokens
         self.present = present  # [1 or B, H, n_doc] tokens each row's head kept (value groups, padding), None: all
         self.window = window
-        self.mask: torch.Tensor | None = None
+        self.group = 0  # index of the layers that share this one's masks
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple:
@@ -125,23 +178,32 @@ class PresizedLayer:
         return self.keys[:, :, : self.filled], self.values[:, :, : self.filled]
 
     def get_seq_length(self) -> int:
-        return self.filled
+        return self.n_doc + self.filled
 
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        return self.filled + cache_position.shape[0], 0
+        return self.n_doc + self.filled + cache_position.shape[0], 0
 
     def get_max_cache_shape(self) -> int:
-        return int(self.keys.shape[2])
+        return self.n_doc + int(self.keys.shape[2])
 
 
 class PresizedCache:
-    """The transformers Cache interface over `PresizedLayer`s, with the masks for the next forward pass."""
+    """The transformers Cache interface over `PresizedLayer`s, with every column's masks built once per batch."""
 
     def __init__(self, layers: list[PresizedLayer], new_positions: torch.Tensor, new_valid: torch.Tensor) -> None:
         self.layers = layers
         self.new_positions = new_positions  # [B, room] original position of each question/answer column
         self.new_valid = new_valid  # [B, room] False on left padding
         self.offset = 0  # question/answer columns written so far
+        groups: dict[tuple, int] = {}
+        self.masks: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+        for layer in layers:
+            key = (layer.n_doc, id(layer.present), id(layer.doc_positions) if layer.window else None, layer.window)
+            if key not in groups:
+                groups[key] = len(self.masks)
+                self.masks.append(self._blocked(layer))
+            layer.group = groups[key]
+        self.blocked: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # the next pass's slices (`prepare`)
 
     # --- the subset of transformers.Cache that decoder models call ---
     @property
@@ -166,34 +228,30 @@ class PresizedCache:
 
     # --- masks ---
     def prepare(self, q_len: int) -> None:
-        """Masks for the next `q_len` columns of every layer; layers alike share one."""
-        new = slice(self.offset, self.offset + q_len)
-        q_pos = self.new_positions[:, new]  # [B, q]
-        cols = torch.arange(self.offset + q_len, device=q_pos.device)
-        rows = cols[self.offset :]
-        own = cols[None, :] == rows[:, None]
-        new_allowed = (self.new_valid[:, None, : self.offset + q_len] & (cols[None, :] <= rows[:, None])[None]) | own
-        built: dict[tuple, torch.Tensor] = {}
-        for layer in self.layers:
-            key = (layer.n_doc, id(layer.present), id(layer.doc_positions) if layer.window else None, layer.window)
-            if key not in built:
-                built[key] = self._mask(layer, q_pos, new_allowed)
-            layer.mask = built[key]
+        """Point every layer group at its masks for the next `q_len` columns (slices of masks built once)."""
+        rows, keys = slice(self.offset, self.offset + q_len), self.offset + q_len
+        self.blocked = [(None if doc is None else doc[..., rows, :], new[..., rows, :keys]) for doc, new in self.masks]
         self.offset += q_len
 
-    def _mask(self, layer: PresizedLayer, q_pos: torch.Tensor, new_allowed: torch.Tensor) -> torch.Tensor:
-        """[B, H or 1, q, kv] True where a query may attend a key."""
-        b, q_len = q_pos.shape
-        new = new_allowed[:, None]  # [B, 1, q, new]
-        doc = torch.ones(b, 1, q_len, layer.n_doc, dtype=torch.bool, device=q_pos.device)
+    def _blocked(self, layer: PresizedLayer) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Where each question/answer column may NOT attend, for every column at once: over the document
+        ([B or 1, H or 1, 1, room, n_doc], None if nothing is blocked) and over the new columns ([B, 1, 1, room, room]).
+
+        Allowed: the document tokens the query's KV head kept, the row's own non-pad columns up to itself (a pad
+        column attends only to itself so its states stay finite), and on sliding-window layers keys whose
+        original position lies within the window."""
+        pos = self.new_positions  # [B, room]
+        cols = torch.arange(pos.shape[1], device=pos.device)
+        causal = cols[None, :] <= cols[:, None]
+        new = (self.new_valid[:, None, :] & causal[None]) | torch.eye(len(cols), dtype=torch.bool, device=pos.device)
+        doc: torch.Tensor | None = None
         if layer.present is not None:
-            doc = doc & layer.present[:, :, None, :]
+            doc = layer.present[:, :, None, :].expand(-1, -1, len(cols), -1)  # [1 or B, H, room, n_doc]
         if layer.window:
-            new_pos = self.new_positions[:, : self.offset + q_len]
-            new = new & (q_pos[:, None, :, None] - new_pos[:, None, None, :] < layer.window)
-            doc = doc & (q_pos[:, None, :, None] - layer.doc_positions[:, :, None, :] < layer.window)
-        heads = max(doc.shape[1], new.shape[1])
-        return torch.cat([doc.expand(b, heads, q_len, -1), new.expand(b, heads, q_len, -1)], dim=-1)
+            new = new & (pos[:, :, None] - pos[:, None, :] < layer.window)
+            near = pos[:, None, :, None] - layer.doc_positions[:, :, None, :] < layer.window  # [B, H, room, n_doc]
+            doc = near if doc is None else doc & near
+        return (None if doc is None else ~doc[:, :, None]), ~new[:, None, None]
 
     @contextmanager
     def active(self, model: Any) -> Iterator[None]:
@@ -292,8 +350,7 @@ def build_cache(model: Any, cache: Any, prompts: list[list[int]], room: int, dev
         # layers with equal kept positions share one tensor, so they share one mask per step
         positions = _shared(seen, positions)
         present = None if present is None else _shared(seen, present)
-        keys, values = keys.expand(len(prompts), -1, -1, -1), values.expand(len(prompts), -1, -1, -1)
-        layers.append(PresizedLayer(keys, values, positions, present, room, window))
+        layers.append(PresizedLayer(keys, values, positions, present, len(prompts), room, window))
     return PresizedCache(layers, new_positions, new_valid)
 
 
