@@ -64,3 +64,29 @@ def test_ask_and_compress_from_a_cache_do_not_import_kvpress_or_peft(tiny_dir, t
     ):
         result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
         assert result.stderr.strip().splitlines()[-1] == "[]", (args, result.stderr)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_all_finite_agrees_with_isfinite_even_where_the_sum_overflows(dtype):
+    import torch
+
+    from loramem.tensorfile import all_finite
+
+    kind = getattr(torch, dtype)
+    big = torch.finfo(kind).max
+    cases = {
+        "small": torch.randn(3, 50, 8).to(kind),
+        "sum overflows": torch.full((4, 16), big, dtype=kind),  # finite, but its sum is not
+        "opposite overflows": torch.tensor([big, big, -big, -big], dtype=kind),
+        "empty": torch.zeros(0, 4, dtype=kind),
+    }
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = torch.randn(2, 30, 8).to(kind)
+        t[1, 7, 3] = bad
+        cases[f"holds {bad}"] = t
+    both = torch.randn(10).to(kind)
+    both[2], both[5] = float("inf"), float("-inf")
+    cases["inf and -inf"] = both
+    for name, t in cases.items():
+        assert all_finite(t) == bool(torch.isfinite(t).all()), name
+    assert all_finite(torch.tensor([2**31 - 1, 5], dtype=torch.int32))

@@ -168,10 +168,9 @@ def check_weights(path: str | Path, config: dict[str, Any], values: bool = True)
 
 
 def _check_finite(weights: Path, path: str | Path) -> None:
-    import torch
     from safetensors.torch import load
 
-    from loramem.tensorfile import read_safetensors
+    from loramem.tensorfile import all_finite, read_safetensors
 
     data, _ = read_safetensors(weights, "adapter weights")
     try:
@@ -179,7 +178,7 @@ def _check_finite(weights: Path, path: str | Path) -> None:
     except Exception as exc:  # safetensors raises its own error type for corrupt payloads
         raise _fail(path, f"{ADAPTER_WEIGHTS} is corrupt") from exc
     for name, tensor in tensors.items():
-        if not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise _fail(path, f"tensor {name} holds non-finite values (NaN or infinity)")
 
 

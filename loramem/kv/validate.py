@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from loramem.errors import IncompatibleArtifactError, LoramemError
+from loramem.tensorfile import all_finite
 
 FORMAT_VERSION = 1
 MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -81,7 +82,7 @@ class _Rules:
             raise self.fail(f"{label} are {_name(t.dtype)}, expected {_name(dtype)}")
         if tuple(t.shape) != shape:
             raise self.fail(f"{label} have shape {list(t.shape)}, expected {list(shape)}")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise self.fail(f"{label} hold non-finite values (NaN or infinity)")
         return t
 
