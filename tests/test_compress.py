@@ -88,3 +88,51 @@ def test_press_not_recorded_says_how_to_record_it(tiny, doc_text):
 def test_ratio_outside_unit_interval(chat_cache, ratio):
     with pytest.raises(LoramemError, match=r"\[0, 1\]"):
         compress(chat_cache, "snapkv", ratio=ratio)
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        ({"ratio": 0.5, "keep": 3}, "not both"),
+        ({}, "give --ratio R"),
+        ({"ratio": float("nan")}, r"\[0, 1\]"),
+        ({"keep": -1}, ">= 0"),
+        ({"granularity": "tokens", "ratio": 0.5}, "unknown granularity 'tokens'"),
+        ({"ratio": 0.5, "query": True}, "score value groups"),
+        ({"granularity": "value-group"}, "needs --budget"),
+        ({"granularity": "value-group", "budget": 0.5, "ratio": 0.5}, "leave out --ratio"),
+    ],
+)
+def test_a_bad_request_is_refused_before_any_cache_is_read(request_, message):
+    from loramem.kv.compress import check_compress_request
+
+    with pytest.raises(LoramemError, match=message):
+        check_compress_request(**request_)
+
+
+def test_the_api_refuses_what_the_command_refuses(chat_cache):
+    """`compress` called from a script checks its request as the command does."""
+    for kwargs, message in (({"ratio": 0.5, "keep": 2}, "not both"), ({}, "give --ratio R"), ({"keep": -2}, ">= 0")):
+        with pytest.raises(LoramemError, match=message):
+            compress(chat_cache, "snapkv", **kwargs)
+    from loramem.kv.compress import check_compress_request
+
+    check_compress_request(0.5)  # good requests pass
+    check_compress_request(keep=3)
+    check_compress_request(store=True)
+    check_compress_request(granularity="value-group", budget=0.5, query=True)
+
+
+def test_the_command_refuses_a_bad_request_before_reading_the_cache(tmp_path):
+    """The cache named does not exist: the request is refused first, with exit 2 and one line."""
+    from conftest import run_cli
+
+    missing = str(tmp_path / "missing.kv")
+    for args, message in (
+        (["--granularity", "tokens", "--ratio", "0.5"], "unknown --granularity 'tokens'"),
+        (["--ratio", "0.5", "--keep", "3"], "not both"),
+        (["--granularity", "value-group", "--budget", "0.5", "--keep", "3"], "leave out --ratio"),
+    ):
+        result = run_cli("compress", missing, *args, "-o", str(tmp_path / "out.kv"))
+        err = result.stderr.decode()
+        assert result.returncode == 2 and len(err.strip().splitlines()) == 1 and message in err, err

@@ -21,6 +21,10 @@ EQUAL_RANK_METHODS = ("ties", "linear", "dare_ties")
 DENSITY_METHODS = ("ties", "dare_ties")
 
 
+# QA pairs synthesized from a document when no pairs are given (`train-adapter`, `library add`, eval).
+SYNTH_PAIRS = 16
+
+
 @dataclass
 class MergeConfig:
     """How adapters are combined; recorded in the merged adapter's loramem.json."""

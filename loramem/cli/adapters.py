@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from loramem.adapters.config import TrainConfig
+from loramem.adapters.config import SYNTH_PAIRS, MergeConfig, TrainConfig
 from loramem.cli.app import app
 from loramem.cli.options import (
     Alpha,
@@ -44,7 +44,9 @@ def train_adapter(
     document: str = typer.Argument(..., help="Document text file, or - for stdin"),
     output: Path = typer.Option(..., "-o", "--output", help="Output adapter directory (PEFT layout)"),
     qa: Optional[str] = typer.Option(None, "--qa", help="JSONL of {question, answer} training pairs"),
-    synth: int = typer.Option(16, "--synth", help="Without --qa: synthesize this many pairs from the document"),
+    synth: int = typer.Option(
+        SYNTH_PAIRS, "--synth", help="Without --qa: synthesize this many pairs from the document"
+    ),
     synth_model: Optional[str] = SynthModelOpt,
     fmt: Format = TrainConfig.format,
     rank: Rank = TrainConfig.rank,
@@ -119,7 +121,7 @@ def merge_cmd(
     adapters: list[Path] = typer.Argument(..., metavar="ADAPTER...", help="PEFT LoRA adapter directories (2 or more)"),
     output: Path = typer.Option(..., "-o", "--output", help="Output adapter directory (PEFT layout)"),
     method: str = typer.Option(
-        "cat",
+        MergeConfig.method,
         "--method",
         help="ties, linear, cat, dare_ties or svd (PEFT's "
         "add_weighted_adapter; cat keeps every adapter's update exactly, rank = sum)",
@@ -127,8 +129,10 @@ def merge_cmd(
     weights: Optional[str] = typer.Option(
         None, "--weights", help="One weight per adapter, e.g. 1,1,0.5", show_default="1 each"
     ),
-    density: float = typer.Option(0.5, "--density", help="ties, dare_ties: fraction of entries kept, in (0, 1]"),
-    seed: int = typer.Option(0, "--seed", help="dare_ties: seed of the random drop"),
+    density: float = typer.Option(
+        MergeConfig.density, "--density", help="ties, dare_ties: fraction of entries kept, in (0, 1]"
+    ),
+    seed: int = typer.Option(MergeConfig.seed, "--seed", help="dare_ties: seed of the random drop"),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory"),
     model: Optional[str] = typer.Option(
         None, "--model", "-m", help="Base model to load the adapters onto", show_default="the one the adapters name"
@@ -139,7 +143,7 @@ def merge_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Combine document adapters into one PEFT LoRA adapter, recording its sources."""
-    from loramem.adapters.merge import MergeConfig, base_model_id, check_sources, merge_adapters
+    from loramem.adapters.merge import base_model_id, check_sources, merge_adapters
 
     try:
         parsed = [float(w) for w in split_list(weights)] if weights is not None else None

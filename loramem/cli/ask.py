@@ -22,6 +22,8 @@ from loramem.cli.options import (
 )
 from loramem.errors import LoramemError
 from loramem.fileio import write_stdout
+from loramem.library import MERGE, TOP_K
+from loramem.model import MAX_NEW_TOKENS
 
 
 @app.command()
@@ -34,7 +36,7 @@ def ask(
     adapter_mode: Optional[str] = typer.Option(
         None, "--adapter-mode", help="none, decode (default with --adapter) or all"
     ),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    max_new_tokens: int = typer.Option(MAX_NEW_TOKENS, "--max-new-tokens", min=1),
     batch_size: Optional[int] = AnswerBatchOpt,
     max_batch_tokens: int = MaxBatchTokensOpt,
     framing: str = typer.Option("chat", "--framing", help="Framing for --doc and closed-book questions"),
@@ -49,13 +51,13 @@ def ask(
         "--top-k",
         "-k",
         help="--library: documents routed to; 1 uses that document's adapter as is",
-        show_default="3",
+        show_default=str(TOP_K),
     ),
     merge: Optional[str] = typer.Option(
         None,
         "--merge",
         help="--library: how the top-k adapters merge: ties, linear, cat, dare_ties or svd",
-        show_default="ties",
+        show_default=MERGE,
     ),
     with_context: Optional[int] = typer.Option(
         None, "--with-context", help="--library: also put the N best retrieved chunks in context (base-model cache)"
@@ -87,8 +89,8 @@ def ask(
         _ask_library(
             library,
             read_questions(questions or [], questions_file, stdin_free=True),
-            3 if top_k is None else top_k,
-            merge or "ties",
+            TOP_K if top_k is None else top_k,
+            merge or MERGE,
             with_context or 0,
             with_caches,
             max_new_tokens,

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from loramem.cli.app import app
+from loramem.data import FICTION_DOCS, SEED
 from loramem.errors import LoramemError
 from loramem.log import log
 
@@ -34,7 +35,7 @@ def data_convert(
         help="Move this fraction of each document's "
         "questions into train_qa (adapter supervision), never overlapping qa",
     ),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(SEED, "--seed", help="Seed of the --train-split draw"),
 ) -> None:
     """Convert a QA dataset into loramem's JSONL format (one document per line)."""
     from loramem.data import formats as datasets
@@ -60,8 +61,8 @@ def data_convert(
 @data_app.command("synth-fiction")
 def data_synth_fiction(
     output: str = typer.Option("-", "-o", "--output", help="Output JSONL (- for stdout)"),
-    n_docs: int = typer.Option(36, "--n-docs", min=1, help="Number of invented documents"),
-    seed: int = typer.Option(0, "--seed"),
+    n_docs: int = typer.Option(FICTION_DOCS, "--n-docs", min=1, help="Number of invented documents"),
+    seed: int = typer.Option(SEED, "--seed", help="Seed of the invented documents (the same seed, the same ones)"),
 ) -> None:
     """Generate invented documents (facts no model can know) with training and held-out QA."""
     from loramem.data.fiction import synth_fiction

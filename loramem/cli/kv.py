@@ -15,6 +15,7 @@ from loramem.cli.options import (
     JsonOpt,
     ModelOpt,
     TemplateKwargsOpt,
+    flags_named,
     load,
     print_json,
     read_questions,
@@ -126,22 +127,17 @@ def compress(
     (except for query-aware value groups: --query/--questions run the model that made the cache)."""
     from loramem.fileio import check_output_path, stdout_is_terminal, write_output
     from loramem.kv.cache import KVCache
+    from loramem.kv.compress import check_compress_request
     from loramem.kv.compress import compress as compress_cache
     from loramem.kv.quantize import make_storage
 
     asked = bool(query or questions_file)
-    if granularity not in ("token", "value-group"):
-        raise LoramemError(f"unknown --granularity {granularity!r}; use token or value-group")
-    if asked and granularity != "value-group":
-        raise LoramemError("--query/--questions score value groups; add --granularity value-group --budget B")
+    with flags_named({"granularity": "--granularity"}):
+        check_compress_request(
+            ratio, keep, store=store_dtype is not None, granularity=granularity, budget=budget, query=asked
+        )
     if cache_file == "-" and questions_file == "-":
         raise LoramemError("stdin can carry the cache or the questions, not both")
-    if granularity == "value-group" and budget is None:
-        raise LoramemError("--granularity value-group needs --budget B in (0, 1]")
-    if granularity == "token" and ratio is None and keep is None and store_dtype is None:
-        raise LoramemError("give --ratio R (in [0, 1]), --keep N or --store-dtype")
-    if ratio is not None and not 0.0 <= ratio <= 1.0:
-        raise LoramemError(f"--ratio must be in [0, 1], got {ratio}")
     if output is None and stdout_is_terminal():
         raise LoramemError("refusing to write a binary cache to the terminal; give -o FILE or pipe it")
     check_output_path(output or "-")

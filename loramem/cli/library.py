@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from loramem.adapters.config import TrainConfig
+from loramem.adapters.config import SYNTH_PAIRS, TrainConfig
 from loramem.cli.app import app
 from loramem.cli.options import (
     DeviceOpt,
@@ -28,6 +28,7 @@ from loramem.cli.options import (
     stdout_console,
 )
 from loramem.fileio import check_output_path, write_stdout
+from loramem.library import TOP_K
 from loramem.log import log
 
 library_app = typer.Typer(
@@ -54,7 +55,7 @@ def library_add(
         show_default="all-MiniLM-L6-v2",
     ),
     qa: Optional[str] = typer.Option(None, "--qa", help="JSONL of {question, answer} training pairs (one DOC)"),
-    synth: int = typer.Option(16, "--synth", help="Without --qa: synthesize this many pairs per document"),
+    synth: int = typer.Option(SYNTH_PAIRS, "--synth", help="Without --qa: synthesize this many pairs per document"),
     synth_model: Optional[str] = SynthModelOpt,
     fmt: Format = TrainConfig.format,
     rank: Rank = TrainConfig.rank,
@@ -123,7 +124,7 @@ def library_ls(
 def route(
     lib: Path = typer.Argument(..., metavar="LIB", help="Library folder"),
     question: str = typer.Argument(..., help="The question to route"),
-    top_k: int = typer.Option(3, "--top-k", "-k", help="How many documents to return"),
+    top_k: int = typer.Option(TOP_K, "--top-k", "-k", help="How many documents to return"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Rank a library's documents for a question by their best chunk's cosine similarity."""

@@ -7,7 +7,6 @@ from typing import Optional
 
 import typer
 
-from loramem.adapters.config import TrainConfig
 from loramem.cli.app import app
 from loramem.cli.options import (
     DeviceOpt,
@@ -24,22 +23,28 @@ from loramem.cli.options import (
     print_json,
     stdout_console,
 )
+from loramem.evaluation.config import ProbeConfig
 
 probe_app = typer.Typer(help="Probes of what adapters can hold.", no_args_is_help=True)
 app.add_typer(probe_app, name="probe")
+_DEFAULTS = ProbeConfig()  # the only source of the command's defaults
 
 
 @probe_app.command("capacity")
 def probe_capacity(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for capacity.json, capacity.png and the adapters"),
-    ranks: str = typer.Option("4,16,64", "--ranks", help="LoRA ranks"),
-    facts: str = typer.Option("50,200,800", "--facts", help="Fact-set sizes (invented phone numbers)"),
-    targets: Targets = TrainConfig.targets,
-    layers: Layers = TrainConfig.layers,
-    epochs: Epochs = 10,
-    lr: Lr = TrainConfig.lr,
-    threshold: float = typer.Option(0.9, "--threshold", help="Recall that counts as stored, for saturation"),
-    seed: int = typer.Option(0, "--seed"),
+    ranks: str = typer.Option(",".join(map(str, _DEFAULTS.ranks)), "--ranks", help="LoRA ranks"),
+    facts: str = typer.Option(
+        ",".join(map(str, _DEFAULTS.facts)), "--facts", help="Fact-set sizes (invented phone numbers)"
+    ),
+    targets: Targets = ProbeConfig.targets,
+    layers: Layers = ProbeConfig.layers,
+    epochs: Epochs = ProbeConfig.epochs,
+    lr: Lr = ProbeConfig.lr,
+    threshold: float = typer.Option(
+        ProbeConfig.threshold, "--threshold", help="Recall that counts as stored, for saturation"
+    ),
+    seed: int = typer.Option(ProbeConfig.seed, "--seed", help="Seed of the phone books and of the training"),
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -47,7 +52,7 @@ def probe_capacity(
     as_json: bool = JsonOpt,
 ) -> None:
     """Train one adapter per (rank, number of facts) on invented facts and measure exact-match recall."""
-    from loramem.evaluation.probe import ProbeConfig, run_probe
+    from loramem.evaluation.probe import run_probe
     from loramem.log import progress_bar
 
     config = ProbeConfig(

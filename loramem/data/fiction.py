@@ -14,6 +14,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from loramem.data import FICTION_DOCS, SEED
 from loramem.data.formats import QA, DocRecord, TrainQA
 
 EXAMPLE_DOCS = 36
@@ -469,7 +470,7 @@ def _compose(rng: random.Random, facts: list[_Fact], fillers: list[str]) -> str:
     return " ".join(sentences)
 
 
-def synth_fiction(n_docs: int, seed: int) -> list[DocRecord]:
+def synth_fiction(n_docs: int = FICTION_DOCS, seed: int = SEED) -> list[DocRecord]:
     """`n_docs` invented documents (person, place, expedition in turn), the same for the same seed."""
     rng = random.Random(seed)
     names = Names(rng)

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from loramem.data import SEED
 from loramem.errors import LoramemError
 from loramem.fileio import read_input_bytes, read_text, write_output
 
@@ -194,7 +195,7 @@ def _dedupe(texts: Iterable[str]) -> list[str]:
 # --- splitting held-out questions into training pairs ----------------------------------------------
 
 
-def train_split(records: Sequence[DocRecord], fraction: float, seed: int) -> list[DocRecord]:
+def train_split(records: Sequence[DocRecord], fraction: float, seed: int = SEED) -> list[DocRecord]:
     """Move about `fraction` of each document's distinct questions into `train_qa`.
 
     Repeated questions (same text up to case and spacing) move together, so no held-out question

@@ -9,9 +9,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loramem.adapters.config import FORMATS, MergeConfig, TrainConfig
+from loramem.adapters.config import FORMATS, SYNTH_PAIRS, MergeConfig, TrainConfig
 from loramem.errors import LoramemError
 from loramem.kv.presses import parse_presses
+from loramem.library import MERGE, TOP_K
 from loramem.log import warn
 from loramem.model import MAX_BATCH_TOKENS
 from loramem.model.loading import sha256_text
@@ -55,7 +56,7 @@ class EvalConfig:
     limit: int | None = None
     shard: tuple[int, int] = (0, 1)
     seed: int = 0
-    synth_pairs: int = 16
+    synth_pairs: int = SYNTH_PAIRS
     synth_model: str | None = None  # writes the synthesized pairs (id or directory); default: the model evaluated
     adapters: str | None = None
     rank: int = TrainConfig.rank
@@ -70,8 +71,8 @@ class EvalConfig:
     max_length: int = TrainConfig.max_length
     chunk_size: int = TrainConfig.chunk_size
     library: str | None = None  # library modes: route over this library instead of building RUN_DIR/library
-    library_top_k: int = 3  # routed-merge, hybrid: documents routed to and merged
-    merge: str = "ties"
+    library_top_k: int = TOP_K  # routed-merge, hybrid: documents routed to and merged
+    merge: str = MERGE
     context_chunks: int = 2  # hybrid, rag: retrieved chunks in context
     budget_bytes: list[int] = field(default_factory=list)  # byte budgets split between kept KV and an adapter
     budget_ranks: list[int] = field(default_factory=lambda: [0, 2, 8, 32])  # the split's points; 0: KV only
@@ -377,3 +378,42 @@ ANSWER_FIELDS = (
     "cache_tokens",
     "seconds",
 )
+
+
+@dataclass
+class ProbeConfig:
+    """`probe capacity`'s grid and the adapters' training settings (recorded in capacity.json); the command's
+    defaults are these."""
+
+    ranks: list[int] = field(default_factory=lambda: [4, 16, 64])
+    facts: list[int] = field(default_factory=lambda: [50, 200, 800])
+    targets: str = "all"
+    layers: str | None = None
+    epochs: int = 10
+    lr: float = TrainConfig.lr
+    batch_size: int = 8
+    seed: int = 0
+    threshold: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not self.ranks or not self.facts:
+            raise LoramemError("give at least one rank and one fact-set size")
+        if min(self.ranks) < 1 or min(self.facts) < 1:
+            raise LoramemError("ranks and fact-set sizes must be positive")
+        if not 0 < self.threshold <= 1:
+            raise LoramemError(f"threshold must be in (0, 1], got {self.threshold}")
+        self.ranks, self.facts = sorted(set(self.ranks)), sorted(set(self.facts))
+        self.train_config(self.ranks[0])  # validates targets, layers, lr, epochs, batch size
+
+    def train_config(self, rank: int) -> TrainConfig:
+        return TrainConfig(
+            format="qa",
+            rank=rank,
+            alpha=2.0 * rank,
+            targets=self.targets,
+            layers=self.layers,
+            lr=self.lr,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )

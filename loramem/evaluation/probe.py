@@ -15,57 +15,20 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from loramem.adapters.attach import attach_adapter, detach_adapter
-from loramem.adapters.train import TrainConfig, train_adapter
+from loramem.adapters.train import train_adapter
 from loramem.data.fiction import Names
 from loramem.errors import LoramemError
+from loramem.evaluation.config import ProbeConfig
 from loramem.fileio import atomic_write_bytes
 from loramem.model.generate import answer_batch
 from loramem.model.loading import LoadedModel
 
 RESULTS, PLOT = "capacity.json", "capacity.png"
-
-
-@dataclass
-class ProbeConfig:
-    """The probe's grid and the adapters' training settings (recorded in capacity.json)."""
-
-    ranks: list[int] = field(default_factory=lambda: [4, 16, 64])
-    facts: list[int] = field(default_factory=lambda: [50, 200, 800])
-    targets: str = "all"
-    layers: str | None = None
-    epochs: int = 10
-    lr: float = TrainConfig.lr
-    batch_size: int = 8
-    seed: int = 0
-    threshold: float = 0.9
-
-    def __post_init__(self) -> None:
-        if not self.ranks or not self.facts:
-            raise LoramemError("give at least one rank and one fact-set size")
-        if min(self.ranks) < 1 or min(self.facts) < 1:
-            raise LoramemError("ranks and fact-set sizes must be positive")
-        if not 0 < self.threshold <= 1:
-            raise LoramemError(f"threshold must be in (0, 1], got {self.threshold}")
-        self.ranks, self.facts = sorted(set(self.ranks)), sorted(set(self.facts))
-        self.train_config(self.ranks[0])  # validates targets, layers, lr, epochs, batch size
-
-    def train_config(self, rank: int) -> TrainConfig:
-        return TrainConfig(
-            format="qa",
-            rank=rank,
-            alpha=2.0 * rank,
-            targets=self.targets,
-            layers=self.layers,
-            lr=self.lr,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            seed=self.seed,
-        )
 
 
 def phonebook(n: int, seed: int = 0) -> list[tuple[str, str]]:

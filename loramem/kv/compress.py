@@ -17,6 +17,39 @@ from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.kv.cache import KVCache
 from loramem.kv.quantize import Storage, round_trip
 
+GRANULARITIES = ("token", "value-group")
+
+
+def check_compress_request(
+    ratio: float | None = None,
+    keep: int | None = None,
+    *,
+    store: bool = False,
+    granularity: str = "token",
+    budget: float | None = None,
+    query: bool = False,
+) -> None:
+    """Refuse a bad compression request before any cache is read (`compress` runs it too, so API callers get the
+    command's checks). `store`: a storage dtype is given; `query`: questions score the value groups."""
+    if granularity not in GRANULARITIES:
+        raise LoramemError(f"unknown granularity {granularity!r}; use token or value-group")
+    if query and granularity != "value-group":
+        raise LoramemError("--query/--questions score value groups; add --granularity value-group --budget B")
+    if granularity == "value-group":
+        if budget is None:
+            raise LoramemError("--granularity value-group needs --budget B in (0, 1]")
+        if ratio is not None or keep is not None:
+            raise LoramemError("value-group compression keeps a --budget of value bytes; leave out --ratio and --keep")
+        return
+    if ratio is not None and keep is not None:
+        raise LoramemError("give one of --ratio and --keep, not both")
+    if ratio is None and keep is None and not store:
+        raise LoramemError("give --ratio R (in [0, 1]), --keep N, or --store-dtype")
+    if ratio is not None and not 0.0 <= ratio <= 1.0:
+        raise LoramemError(f"--ratio must be in [0, 1], got {ratio}")
+    if keep is not None and keep < 0:
+        raise LoramemError(f"--keep must be >= 0, got {keep}")
+
 
 def n_kept(n_tokens: int, ratio: float) -> int:
     """Tokens kept at a compression ratio, exactly as kvpress counts them."""
@@ -62,18 +95,12 @@ def compress(
     `storage` (e.g. int8) re-stores the kept keys and values; with neither ratio nor keep given,
     nothing is evicted and only the storage changes.
     """
-    if ratio is not None and keep is not None:
-        raise LoramemError("give one of --ratio and --keep, not both")
+    check_compress_request(ratio, keep, store=storage is not None)
     if cache.masks is not None and (ratio is not None or keep is not None):
         raise LoramemError("a value-group cache cannot be evicted further; compress the original encoding")
     if ratio is None and keep is None:
-        if storage is None:
-            raise LoramemError("give --ratio R (in [0, 1]), --keep N, or --store-dtype")
+        assert storage is not None  # checked above
         return restore(cache, storage)
-    if ratio is not None and not 0.0 <= ratio <= 1.0:
-        raise LoramemError(f"ratio must be in [0, 1], got {ratio}")
-    if keep is not None and keep < 0:
-        raise LoramemError(f"--keep must be >= 0, got {keep}")
     source = scores_from or cache
     if scores_from is not None:
         _check_same_document(cache, scores_from)

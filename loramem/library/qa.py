@@ -21,6 +21,7 @@ from loramem.adapters.merge import DENSITY_METHODS, EQUAL_RANK_METHODS, MergeCon
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.kv.cache import KVCache, check_compatible
 from loramem.kv.encode import encode
+from loramem.library import MERGE, TOP_K
 from loramem.library.embed import Embedder
 from loramem.library.store import (
     CACHE_FILE,
@@ -32,7 +33,7 @@ from loramem.library.store import (
     retrieve_chunks,
     route,
 )
-from loramem.model import MAX_BATCH_TOKENS
+from loramem.model import MAX_BATCH_TOKENS, MAX_NEW_TOKENS
 from loramem.model.generate import Answer, answer_batch
 from loramem.model.loading import LoadedModel, sha256_text
 
@@ -204,11 +205,11 @@ def ask_library(
     library: str | Path | Library,
     question: str,
     *,
-    top_k: int = 3,
-    merge: str = "ties",
+    top_k: int = TOP_K,
+    merge: str = MERGE,
     with_context: int = 0,
     with_caches: bool = False,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     weights: list[float] | None = None,
     density: float = MergeConfig.density,
     embedder: Embedder | None = None,
@@ -236,11 +237,11 @@ def ask_library_batch(
     library: str | Path | Library,
     questions: list[str],
     *,
-    top_k: int = 3,
-    merge: str = "ties",
+    top_k: int = TOP_K,
+    merge: str = MERGE,
     with_context: int = 0,
     with_caches: bool = False,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     weights: list[float] | None = None,
     density: float = MergeConfig.density,
     embedder: Embedder | None = None,

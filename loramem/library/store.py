@@ -30,9 +30,11 @@ import torch
 
 from loramem._version import __version__
 from loramem.adapters.attach import adapter_sha256, attach_adapter, detach_adapter, read_adapter_meta
+from loramem.adapters.config import SYNTH_PAIRS
 from loramem.adapters.train import TrainConfig, train_adapter
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.fileio import atomic_write_bytes, read_text
+from loramem.library import TOP_K
 from loramem.library.embed import CHUNK_MAX_WORDS, CHUNK_TARGET_WORDS, Embedder, chunk_text, load_embedder
 from loramem.log import log
 from loramem.model.loading import LoadedModel, sha256_bytes, sha256_text
@@ -161,7 +163,7 @@ class AddOptions:
     """How `add_documents` makes each document's adapter and cache."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
-    synth: int = 16  # QA pairs synthesized per document when no qa file is given (qa and mixed formats)
+    synth: int = SYNTH_PAIRS  # QA pairs synthesized per document when no qa file is given (qa and mixed formats)
     synth_model: str | None = None  # the model that writes them (id or directory); default: the one trained
     qa: str | None = None  # JSONL of training pairs: one document only
     adapter: str | None = None  # copy this adapter instead of training one: one document only
@@ -518,7 +520,7 @@ def check_top_k(library: str | Path | Library, k: int) -> Library:
 
 
 def route(
-    library: str | Path | Library, question: str, k: int = 3, embedder: Embedder | None = None
+    library: str | Path | Library, question: str, k: int = TOP_K, embedder: Embedder | None = None
 ) -> list[tuple[str, float]]:
     """The k documents whose best chunk is closest to the question, best first: [(id, cosine similarity)]."""
     lib = check_top_k(library, k)

@@ -5,3 +5,5 @@
 # (on CPU, decoding speed stops growing well before).
 MAX_BATCH_TOKENS = 32768
 MAX_BATCH = 16
+# New tokens an answer may take (`ask`, `answer_batch`, `ask_library`); the eval's own default is shorter.
+MAX_NEW_TOKENS = 64

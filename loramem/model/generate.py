@@ -17,7 +17,7 @@ from typing import Any
 from loramem.adapters.attach import adapter_scope
 from loramem.errors import LoramemError
 from loramem.kv.cache import KVCache
-from loramem.model import MAX_BATCH, MAX_BATCH_TOKENS
+from loramem.model import MAX_BATCH, MAX_BATCH_TOKENS, MAX_NEW_TOKENS
 from loramem.model.batch import Decoded, decode
 from loramem.model.loading import LoadedModel
 from loramem.model.prompt import Framing, closed_book_ids, question_ids, stop_token_ids
@@ -59,7 +59,7 @@ def answer_batch(
     questions: list[str],
     cache: Caches = None,
     *,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     adapter_on: bool = False,
     framing: str | Framing = "chat",
     batch_size: int | None = None,
@@ -92,7 +92,7 @@ def iter_answers(
     questions: list[str],
     cache: Caches = None,
     *,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     adapter_on: bool = False,
     framing: str | Framing = "chat",
     batch_size: int | None = None,
@@ -187,7 +187,7 @@ def generate(
     question: str,
     cache: KVCache | None = None,
     *,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     adapter_on: bool = False,
     framing: str | Framing = "chat",
 ) -> Answer:
