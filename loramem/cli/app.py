@@ -30,6 +30,7 @@ INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # typer bundles its own click in recent versions, plain click in older ones: take the classes it really raises.
 _click_errors = sys.modules[typer.BadParameter.__module__]
 _received: list[int] = []  # the first interrupting signal, which decides the exit code
+_exiting: list[bool] = []  # set once the interrupt is reported: a late re-delivery must not replace the exit
 
 
 def _show_version(value: bool) -> None:
@@ -53,17 +54,21 @@ def _on_signal(signum: int, frame: Any) -> None:
     """SIGINT and SIGTERM unwind like Ctrl-C, so the `finally` blocks remove half-written outputs."""
     if not _received:
         _received.append(signum)
-    raise KeyboardInterrupt
+    if not _exiting:
+        raise KeyboardInterrupt
 
 
 def _redeliver(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+    if _received and not _exiting:
+        raise KeyboardInterrupt
 
 
 def _swallowed_interrupt(unraisable: Any) -> None:
     """Python ignores an exception raised in a finalizer (`__del__`), so a signal landing there would be lost
     (with an "Exception ignored" traceback): deliver the interrupt again from a timer a moment later."""
     if isinstance(unraisable.exc_value, KeyboardInterrupt) and _received:
+        if _exiting:
+            return
         signal.setitimer(signal.ITIMER_REAL, 0.01)
         return
     sys.__unraisablehook__(unraisable)
@@ -75,7 +80,13 @@ def _fail(message: str, code: int) -> NoReturn:
 
 
 def _interrupted() -> NoReturn:
+    _exiting.append(True)
+    signal.setitimer(signal.ITIMER_REAL, 0)  # a pending re-delivery would turn the exit into a death by SIGINT
     console.print("[red]interrupted[/red]", highlight=False)
+    # CPython marks a KeyboardInterrupt raised inside string-`exec`'d code (dataclasses builds `__init__` that
+    # way) as "unhandled" even when caught, and then ends the process by SIGINT whatever the exit code; the next
+    # string exec clears that mark, so the exit is 128 + the signal received.
+    exec("None")
     sys.exit(128 + (_received[0] if _received else signal.SIGINT))
 
 
@@ -99,6 +110,7 @@ def main(args: Optional[list[str]] = None) -> NoReturn:
     signal.signal(signal.SIGALRM, _redeliver)
     sys.unraisablehook = _swallowed_interrupt
     _received.clear()
+    _exiting.clear()
     try:
         # Not standalone, so that errors reach the mapping below; the return value is the exit code that
         # `typer.Exit(n)` asked for (4 for failed eval cells), or 130 for a KeyboardInterrupt typer caught.
