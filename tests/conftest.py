@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,23 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("LORAMEM_QUIET", "1")
+
+
+def _pin_threads() -> None:
+    """One xdist worker per core, each with torch's default of one thread per core, oversubscribes the machine (and
+    the subprocesses a worker starts inherit it): OpenMP threads then spin-wait on each other's cores. Each worker
+    gets its share of the cores, for itself and (through OMP_NUM_THREADS) for the processes it runs."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers < 2:
+        return
+    threads = str(max(1, len(os.sched_getaffinity(0)) // workers))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, threads)
+    if "torch" in sys.modules:  # read at torch's import; set it too if something imported torch already
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+_pin_threads()
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DOC = REPO / "examples" / "demo" / "lighthouse.txt"
 
@@ -106,9 +125,46 @@ def doc_text() -> str:
     return DEMO_DOC.read_text()
 
 
-def run_cli(*args: str, input: bytes | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the real `loramem` entry point in a subprocess, as a user's shell would."""
+def run_process(*args: str, input: bytes | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real `loramem` entry point in a subprocess, as a user's shell would: for tests where the process
+    boundary is the point (pipes between processes, signals, a closed stdout, the interpreter's exit status)."""
     env = {**os.environ, "LORAMEM_QUIET": "1"}
     return subprocess.run(
         [sys.executable, "-m", "loramem", *args], input=input, capture_output=True, env=env, cwd=cwd, timeout=600
     )
+
+
+def run_cli(*args: str, input: bytes | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `loramem ARGS` through the real entry point (`loramem.cli.app.main`, its exit-code mapping included) in
+    this process, with stdin, stdout and stderr as byte streams: what `run_process` returns, without a new interpreter
+    importing torch and loading the model again for each command (~6 s each)."""
+    import loramem.cli  # noqa: F401  (registers the commands)
+    from loramem.cli.app import main
+
+    streams = sys.stdin, sys.stdout, sys.stderr
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    hook, folder = sys.unraisablehook, os.getcwd()
+    stdout, stderr = io.BytesIO(), io.BytesIO()
+    # Held here: a text stream closes its bytes when collected, and the bytes are read after the streams are put back.
+    mine = (
+        io.TextIOWrapper(io.BytesIO(input or b""), encoding="utf-8"),
+        io.TextIOWrapper(stdout, encoding="utf-8", write_through=True),
+        io.TextIOWrapper(stderr, encoding="utf-8", write_through=True),
+    )
+    sys.stdin, sys.stdout, sys.stderr = mine
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdin, sys.stdout, sys.stderr = streams
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        sys.unraisablehook = hook
+        os.chdir(folder)
+    return subprocess.CompletedProcess(["loramem", *args], code, stdout.getvalue(), stderr.getvalue())

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_DOC, REPO, run_cli
+from conftest import DEMO_DOC, REPO, run_cli, run_process
 
 
 def one_line_error(result) -> str:
@@ -28,13 +28,14 @@ def cache_file(tiny_dir, tmp_path_factory) -> Path:
 
 
 def test_pipeline_through_pipes(tiny_dir):
+    """encode | compress | ask as separate processes, each reading the one before from its stdin."""
     model = ["--model", str(tiny_dir)]
-    encoded = run_cli("encode", "-", *model, input=DEMO_DOC.read_bytes())
+    encoded = run_process("encode", "-", *model, input=DEMO_DOC.read_bytes())
     assert encoded.returncode == 0, encoded.stderr.decode()
-    compressed = run_cli("compress", "-", "--ratio", "0.8", input=encoded.stdout)
+    compressed = run_process("compress", "-", "--ratio", "0.8", input=encoded.stdout)
     assert compressed.returncode == 0, compressed.stderr.decode()
     assert len(compressed.stdout) < len(encoded.stdout)
-    answered = run_cli(
+    answered = run_process(
         "ask", "--cache", "-", "Who designed it?", "--max-new-tokens", "4", *model, input=compressed.stdout
     )
     assert answered.returncode == 0, answered.stderr.decode()

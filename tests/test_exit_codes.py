@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_process as run_cli
 from inprocess import assert_refused, invoke
 
 from loramem._version import __version__

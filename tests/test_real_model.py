@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import DEMO_DOC, REPO, run_cli
+from conftest import DEMO_DOC, REPO, run_cli, run_process
 from kvpress_reference import assert_agrees
 
 from loramem import KVCache, compress, encode, generate
@@ -33,7 +33,7 @@ def test_agrees_with_kvpress_on_default_model(real, raw_cache, press):
 
 
 def test_pipeline_answers_from_the_document(tmp_path):
-    """encode | compress | ask through real processes: with the cache the model finds the keeper."""
+    """encode, compress, ask: with the cache the model finds the keeper; then compress | ask through real processes."""
     kv, small = tmp_path / "doc.kv.safetensors", tmp_path / "doc.r0.safetensors"
     assert run_cli("encode", str(DEMO_DOC), "-o", str(kv)).returncode == 0
     assert run_cli("compress", str(kv), "--ratio", "0", "-o", str(small)).returncode == 0
@@ -43,8 +43,8 @@ def test_pipeline_answers_from_the_document(tmp_path):
     assert "Fennick" in answer["answer"]
     assert answer["stopped_at_end_of_turn"]
 
-    piped = run_cli("compress", str(kv), "--press", "knorm", "--ratio", "0.9")
-    asked = run_cli("ask", "--cache", "-", "Who designed the lighthouse?", input=piped.stdout)
+    piped = run_process("compress", str(kv), "--press", "knorm", "--ratio", "0.9")
+    asked = run_process("ask", "--cache", "-", "Who designed the lighthouse?", input=piped.stdout)
     assert asked.returncode == 0 and asked.stdout.strip()
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import DEMO_DOC, run_cli
+from conftest import DEMO_DOC, run_cli, run_process
 from test_cli import one_line_error
 
 from loramem import IncompatibleArtifactError, LoramemError, encode, generate, load_model
@@ -72,7 +72,7 @@ def test_an_uncached_hub_model_offline_is_one_line(tmp_path):
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        done = run_cli("ask", "--model", "nobody-here/no-such-model", "Who?")
+        done = run_process("ask", "--model", "nobody-here/no-such-model", "Who?")  # the hub reads these at import
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
