@@ -21,7 +21,8 @@ def _pin_threads() -> None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers < 2:
         return
-    threads = str(max(1, len(os.sched_getaffinity(0)) // workers))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = str(max(1, cores // workers))
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, threads)
     if "torch" in sys.modules:  # read at torch's import; set it too if something imported torch already
@@ -29,6 +30,30 @@ def _pin_threads() -> None:
 
 
 _pin_threads()
+
+# The slowest files, slowest first (measured on 2 cores). `--dist loadfile` keeps a file on one worker and, with
+# `--no-loadscope-reorder`, hands out files in collection order: the long ones start first, and the many short
+# files fill in around them, so the workers end together instead of one finishing a long file alone.
+SLOWEST_FIRST = (
+    "test_real_eval.py",
+    "test_demo.py",
+    "test_train.py",
+    "test_real_model.py",
+    "test_cli_train_eval.py",
+    "test_ray_eval.py",
+    "test_batch.py",
+    "test_library_qa.py",
+    "test_cli.py",
+    "test_library.py",
+    "test_chat_template.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: number for number, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DOC = REPO / "examples" / "demo" / "lighthouse.txt"
 
