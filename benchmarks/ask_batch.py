@@ -4,7 +4,7 @@ Builds a ~2.7k-token cache (the demo document followed by fiction documents, as 
 of 16 questions about it (the demo's, then the fiction documents'), runs both commands exactly so spelled
 (fastest of --repeats interleaved runs each), checks that they print the same 16 answers, and prints the ratio of
 their wall times (target: at most 0.40) and of their CPU times (which a busy machine disturbs less).
-Usage: python benchmarks/ask_batch.py [--tokens 2700] [--repeats 1] [--model ID]
+Usage: python benchmarks/ask_batch.py [--tokens 2700] [--repeats 1] [--model ID] [--threads N]
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1, help="fastest of N interleaved runs of each command")
     parser.add_argument("--model", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the commands (default: unset)")
     args = parser.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the commands inherit the environment
     lm = load_model(args.model)  # also converts the default model once, outside the timings
     doc = document_of(lm, args.tokens)
     del lm
@@ -69,6 +72,7 @@ def main() -> None:
         "batch1_cpu_s": round(min(cpu[single]), 2),
         "cpu_ratio": round(min(cpu[batched]) / min(cpu[single]), 3),
         "same_answers": True,
+        "threads": os.environ.get("OMP_NUM_THREADS", "default"),
         "load_average_1min": round(os.getloadavg()[0], 1),
     }
     print(json.dumps(result))

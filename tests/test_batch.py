@@ -16,6 +16,7 @@ from conftest import DEMO_DOC, REPO, run_cli
 from loramem import compress, encode
 from loramem.errors import LoramemError
 from loramem.kv.value_groups import compress_value_groups, head_masks
+from loramem.model import batch as batch_module
 from loramem.model.batch import build_cache, decode
 from loramem.model.generate import _chunks, answer_batch, batch_rows, generate
 from loramem.model.prompt import Framing, closed_book_ids, question_ids
@@ -132,6 +133,19 @@ def cache_variants(cache):
         compress_value_groups(cache, "knorm", groups=4, budget=0.3),
         None,
     ]
+
+
+def test_shared_document_is_held_once_and_chunked_attention_agrees(tiny, cache, one_thread, monkeypatch):
+    """Rows over one document read a single copy of its keys/values; attention taken one query column at a time
+    (how long question blocks are bounded in memory) gives the logits of the whole block at once."""
+    for kept in (cache, compress_value_groups(cache, "knorm", groups=4, budget=0.3)):
+        prompts = prompts_for(tiny, kept)
+        batch = build_cache(tiny.model, kept, prompts, 40, tiny.device, tiny.dtype)
+        assert all(layer.doc_keys.shape[0] == 1 and layer.keys.shape[0] == len(prompts) for layer in batch.layers)
+        whole = batched_logits(tiny, kept, prompts)
+        with monkeypatch.context() as patch:
+            patch.setattr(batch_module, "SCORES_PER_CHUNK", 1)
+            assert torch.allclose(batched_logits(tiny, kept, prompts), whole, atol=1e-5)
 
 
 def test_rows_over_different_caches_equal_each_alone(tiny, cache, one_thread):
