@@ -24,6 +24,7 @@ from loramem.errors import LoramemError
 from loramem.fileio import write_stdout
 from loramem.library import MERGE, TOP_K
 from loramem.model import MAX_NEW_TOKENS
+from loramem.model.prompt import DEFAULT_FRAMING
 
 
 @app.command()
@@ -39,7 +40,7 @@ def ask(
     max_new_tokens: int = typer.Option(MAX_NEW_TOKENS, "--max-new-tokens", min=1),
     batch_size: Optional[int] = AnswerBatchOpt,
     max_batch_tokens: int = MaxBatchTokensOpt,
-    framing: str = typer.Option("chat", "--framing", help="Framing for --doc and closed-book questions"),
+    framing: str = typer.Option(DEFAULT_FRAMING, "--framing", help="Framing for --doc and closed-book questions"),
     truncate: bool = typer.Option(False, "--truncate", help="With --doc: cut a document longer than the context"),
     library: Optional[Path] = typer.Option(
         None,

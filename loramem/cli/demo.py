@@ -17,6 +17,7 @@ from loramem.cli.options import (
     parse_ratio,
     print_json,
 )
+from loramem.kv.presses import EVICTION_PRESS
 
 
 @app.command()
@@ -24,7 +25,7 @@ def demo(
     ratios: str = typer.Option(
         "0,0.5,0.9,1.0", "--ratios", help="Compression ratios to compare (0 and 1.0 are always included)"
     ),
-    press: str = typer.Option("snapkv", "--press", help="Press used for every ratio"),
+    press: str = typer.Option(EVICTION_PRESS, "--press", help="Press used for every ratio"),
     adapter: bool = typer.Option(
         True, "--adapter/--no-adapter", help="Train a QA adapter on the example's pairs and answer at ratio 1.0"
     ),

@@ -22,7 +22,9 @@ from loramem.cli.options import (
     stdout_console,
 )
 from loramem.errors import LoramemError
+from loramem.kv.presses import DEFAULT_PRESSES, EVICTION_PRESS
 from loramem.log import log
+from loramem.model.prompt import DEFAULT_FRAMING
 
 
 @app.command()
@@ -30,11 +32,13 @@ def encode(
     document: str = typer.Argument(..., help="Document text file, or - for stdin"),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Output .safetensors (- or a pipe: stdout)"),
     score: str = typer.Option(
-        "snapkv,expected_attention,knorm,streaming_llm,tova,random",
+        ",".join(DEFAULT_PRESSES),
         "--score",
         help="Presses whose scores are recorded during the prefill ('all' for every one)",
     ),
-    framing: str = typer.Option("chat", "--framing", help="chat (the model's chat template) or raw (plain text)"),
+    framing: str = typer.Option(
+        DEFAULT_FRAMING, "--framing", help="chat (the model's chat template) or raw (plain text)"
+    ),
     truncate: bool = typer.Option(False, "--truncate", help="Cut a document longer than the context, with a warning"),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="Encode with this LoRA on (adapter-prefill modes)"),
     model: Optional[str] = ModelOpt,
@@ -71,7 +75,7 @@ def encode(
 @app.command()
 def compress(
     cache_file: str = typer.Argument(..., metavar="IN", help="Cache .safetensors, or - for stdin"),
-    press: str = typer.Option("snapkv", "--press", "-p", help="Press whose recorded scores pick the tokens"),
+    press: str = typer.Option(EVICTION_PRESS, "--press", "-p", help="Press whose recorded scores pick the tokens"),
     ratio: Optional[float] = typer.Option(
         None, "--ratio", "-r", help="Fraction of document tokens to evict, in [0, 1]; 1.0 evicts the whole document"
     ),

@@ -15,6 +15,7 @@ import torch
 
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.kv.cache import KVCache
+from loramem.kv.presses import EVICTION_PRESS
 from loramem.kv.quantize import Storage, round_trip
 
 GRANULARITIES = ("token", "value-group")
@@ -84,7 +85,7 @@ def select(scores: torch.Tensor, n_protected: int, n_doc_kept: int, available: t
 
 def compress(
     cache: KVCache,
-    press: str = "snapkv",
+    press: str = EVICTION_PRESS,
     ratio: float | None = None,
     keep: int | None = None,
     scores_from: KVCache | None = None,

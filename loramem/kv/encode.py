@@ -17,7 +17,7 @@ from loramem.kv.validate import FORMAT_VERSION
 from loramem.log import warn
 from loramem.model.batch import clock
 from loramem.model.loading import LoadedModel, sha256_text
-from loramem.model.prompt import document_ids, prefix_ids
+from loramem.model.prompt import DEFAULT_FRAMING, document_ids, prefix_ids
 
 # Tokens left free after the document for a question and its answer.
 QUESTION_RESERVE = 256
@@ -77,7 +77,7 @@ def encode(
     document: str,
     *,
     presses: list[str] | None = None,
-    framing: str = "chat",
+    framing: str = DEFAULT_FRAMING,
     truncate: bool = False,
     with_adapter: bool = False,
     on_layer: Callable[[int], None] | None = None,

@@ -42,6 +42,7 @@ def _kvpress_factories() -> dict[str, Callable[[], Any]]:
 
 PRESSES = ("snapkv", "expected_attention", "knorm", "streaming_llm", "tova", "random", "keydiff")
 DEFAULT_PRESSES = ("snapkv", "expected_attention", "knorm", "streaming_llm", "tova", "random")
+EVICTION_PRESS = DEFAULT_PRESSES[0]  # whose recorded scores `compress` and the demo evict by, when none is named
 
 
 def parse_presses(spec: str) -> list[str]:

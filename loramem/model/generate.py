@@ -20,7 +20,7 @@ from loramem.kv.cache import KVCache
 from loramem.model import MAX_BATCH, MAX_BATCH_TOKENS, MAX_NEW_TOKENS
 from loramem.model.batch import Decoded, decode
 from loramem.model.loading import LoadedModel
-from loramem.model.prompt import Framing, closed_book_ids, question_ids, stop_token_ids
+from loramem.model.prompt import DEFAULT_FRAMING, Framing, closed_book_ids, question_ids, stop_token_ids
 
 
 @dataclass
@@ -61,7 +61,7 @@ def answer_batch(
     *,
     max_new_tokens: int = MAX_NEW_TOKENS,
     adapter_on: bool = False,
-    framing: str | Framing = "chat",
+    framing: str | Framing = DEFAULT_FRAMING,
     batch_size: int | None = None,
     max_batch_tokens: int = MAX_BATCH_TOKENS,
 ) -> list[Answer]:
@@ -94,7 +94,7 @@ def iter_answers(
     *,
     max_new_tokens: int = MAX_NEW_TOKENS,
     adapter_on: bool = False,
-    framing: str | Framing = "chat",
+    framing: str | Framing = DEFAULT_FRAMING,
     batch_size: int | None = None,
     max_batch_tokens: int = MAX_BATCH_TOKENS,
 ) -> Iterator[tuple[int, Answer, float]]:
@@ -189,7 +189,7 @@ def generate(
     *,
     max_new_tokens: int = MAX_NEW_TOKENS,
     adapter_on: bool = False,
-    framing: str | Framing = "chat",
+    framing: str | Framing = DEFAULT_FRAMING,
 ) -> Answer:
     """Answer `question` from `cache` (None: closed-book, framed as `framing`: a style or a Framing), greedily,
     stopping at the end of the turn."""

@@ -22,6 +22,7 @@ SEPARATOR = "\n\n"
 # adapters are trained on exactly the prompt that `ask` sends.
 INSTRUCTION = "Answer in a few words. "
 FRAMINGS = ("chat", "raw")
+DEFAULT_FRAMING = FRAMINGS[0]  # the model's chat template, for documents and closed-book questions alike
 # The date a date-stamped template (Llama-3.2's strftime_now) is rendered with, so that a cache encoded on one day
 # frames a question asked on another identically; Llama-3.x templates' own fallback date.
 PINNED_DATE = "2024-07-26"
@@ -144,7 +145,9 @@ class Framing:
         return cls(**{k: data[k] for k in ("style", "prefix", "separator", "instruction", "suffix", "end_of_turn")})
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: Any, style: str = "chat", template: TemplateOptions | None = None) -> Framing:
+    def for_tokenizer(
+        cls, tokenizer: Any, style: str = DEFAULT_FRAMING, template: TemplateOptions | None = None
+    ) -> Framing:
         """Chat framing from the tokenizer's template rendered with `template` (default: resolved from the
         template itself), or plain text when it has none."""
         if style not in FRAMINGS:
