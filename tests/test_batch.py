@@ -17,7 +17,7 @@ from loramem import compress, encode
 from loramem.errors import LoramemError
 from loramem.kv.value_groups import compress_value_groups, head_masks
 from loramem.model import batch as batch_module
-from loramem.model.batch import build_cache, decode
+from loramem.model.batch import PresizedCache, build_cache, decode
 from loramem.model.generate import _chunks, answer_batch, batch_rows, generate
 from loramem.model.prompt import Framing, closed_book_ids, question_ids
 
@@ -148,27 +148,52 @@ def test_shared_document_is_held_once_and_chunked_attention_agrees(tiny, cache, 
             assert torch.allclose(batched_logits(tiny, kept, prompts), whole, atol=1e-5)
 
 
+def mixed_rows(lm, cache) -> tuple[list, list[str], list[list[int]]]:
+    """Eleven rows over the cache variants (caches, questions, prompts), each variant with different questions."""
+    variants = cache_variants(cache)
+    frame = Framing.for_tokenizer(lm.tokenizer)
+    rows = [(variants[i % len(variants)], QUESTIONS[i % len(QUESTIONS)]) for i in range(2 * len(variants) + 1)]
+    prompts = [
+        prompts_for(lm, c, [q])[0] if c is not None else closed_book_ids(lm.tokenizer, frame, q) for c, q in rows
+    ]
+    return [c for c, _ in rows], [q for _, q in rows], prompts
+
+
 def test_rows_over_different_caches_equal_each_alone(tiny, cache, one_thread):
     """One batch whose rows carry different caches (padded to the longest, masked): every row's logits and greedy
     tokens equal that row decoded alone over its own cache."""
-    variants = cache_variants(cache)
-    frame = Framing.for_tokenizer(tiny.tokenizer)
-    rows = [(variants[i % len(variants)], QUESTIONS[i % len(QUESTIONS)]) for i in range(2 * len(variants) + 1)]
-    caches = [c for c, _ in rows]
-    prompts = [
-        prompts_for(tiny, c, [q])[0] if c is not None else closed_book_ids(tiny.tokenizer, frame, q) for c, q in rows
-    ]
+    caches, questions, prompts = mixed_rows(tiny, cache)
+    rows = list(zip(caches, questions))
     logits = batched_logits(tiny, caches, prompts)
     decoded = decode(tiny.model, prompts, caches, set(), 8, 0)
     for c, prompt, row, got in zip(caches, prompts, logits, decoded):
         assert torch.allclose(row, batched_logits(tiny, c, [prompt])[0], atol=1e-5)
         assert got.tokens == decode(tiny.model, [prompt], c, set(), 8, 0)[0].tokens
-    questions = [q for _, q in rows]
     together = answer_batch(tiny, questions, caches, max_new_tokens=8)
     assert [a.answer for a in together] == [generate(tiny, q, c, max_new_tokens=8).answer for c, q in rows]
     assert [a.cache_tokens for a in together] == [max(c.kept_per_layer) if c else 0 for c in caches]
     with pytest.raises(LoramemError, match="one per question"):
         answer_batch(tiny, questions, caches[:-1])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_finished_rows_leave_the_batch(tiny, cache, one_thread, monkeypatch, shared):
+    """Rows that stop early leave the batch (its buffers and masks shrink to the running rows), over one shared
+    document or each row's own cache; the others go on exactly as they would alone."""
+    caches, questions, prompts = mixed_rows(tiny, cache)
+    if shared:
+        caches, prompts = [cache] * len(prompts), prompts_for(tiny, cache, questions)
+    free = decode(tiny.model, prompts, caches, set(), 10, 0)
+    stops = {free[row].tokens[step] for row, step in ((0, 1), (3, 2), (6, 4), (9, 6))}  # rows end at several steps
+    sizes: list[int] = []
+    retain = PresizedCache.retain
+    monkeypatch.setattr(PresizedCache, "retain", lambda self, rows: retain(self, rows) or sizes.append(len(rows)))
+    together = decode(tiny.model, prompts, caches, stops, 10, 0)
+    assert sizes and sizes == sorted(sizes, reverse=True) and sizes[-1] < len(prompts)
+    assert sum(row.stopped for row in together) >= 4
+    for c, prompt, row in zip(caches, prompts, together):
+        lone = decode(tiny.model, [prompt], c, stops, 10, 0)[0]
+        assert (row.tokens, row.stopped) == (lone.tokens, lone.stopped)
 
 
 def test_batches_of_different_caches_fit_the_memory_budget(cache):

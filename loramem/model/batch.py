@@ -29,6 +29,9 @@ from typing import Any
 import torch
 
 ATTENTION = "loramem_batched"
+# Rows that finished leave the batch once at most this share of it is still running: each retirement copies the
+# running rows' buffers, about what one step reads, so it is not done for every finished row.
+RETIRE_AT = 0.75
 _ACTIVE: ContextVar[PresizedCache | None] = ContextVar("loramem_batch_cache", default=None)
 
 
@@ -226,6 +229,27 @@ class PresizedCache:
     def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
         return self.layers[layer_idx].get_mask_sizes(cache_position)
 
+    def retain(self, rows: list[int]) -> None:
+        """Keep only these rows of the batch (a copy of their part of every buffer); tensors shared by layers stay
+        shared, so layers alike still share one mask."""
+        index = torch.tensor(rows, device=self.new_positions.device)
+        self.new_positions, self.new_valid = self.new_positions[index], self.new_valid[index]
+        taken: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (old, new): the old kept alive, ids unique
+
+        def take(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.shape[0] == 1:  # one for every row
+                return tensor
+            if id(tensor) not in taken:
+                taken[id(tensor)] = (tensor, tensor[index])
+            return taken[id(tensor)][1]
+
+        for layer in self.layers:
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+            layer.doc_keys, layer.doc_values = take(layer.doc_keys), take(layer.doc_values)
+            layer.doc_positions = take(layer.doc_positions)
+            layer.present = None if layer.present is None else take(layer.present)
+        self.masks = [(None if doc is None else take(doc), take(new)) for doc, new in self.masks]
+
     # --- masks ---
     def prepare(self, q_len: int) -> None:
         """Point every layer group at its masks for the next `q_len` columns (slices of masks built once)."""
@@ -389,8 +413,9 @@ def decode(
         next_ids = out.logits[:, -1].argmax(-1).tolist()
         first = clock(device)
         step = 0
+        alive = list(range(rows))  # the prompt of each row still in the batch
         while True:
-            for row, token in enumerate(next_ids):
+            for row, token in zip(alive, next_ids):
                 if stopped[row] or len(tokens[row]) >= max_new_tokens:
                     continue
                 if token in stops:
@@ -398,8 +423,12 @@ def decode(
                 else:
                     tokens[row].append(token)
                     finished[row] = time.perf_counter()
-            if all(s or len(t) >= max_new_tokens for s, t in zip(stopped, tokens)):
+            running = [i for i, row in enumerate(alive) if not stopped[row] and len(tokens[row]) < max_new_tokens]
+            if not running:
                 break
+            if len(running) <= RETIRE_AT * len(alive):  # finished rows leave: later steps compute only the rest
+                batch.retain(running)
+                alive, next_ids = [alive[i] for i in running], [next_ids[i] for i in running]
             column = width + step
             batch.prepare(1)
             out = model(
