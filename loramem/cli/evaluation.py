@@ -165,11 +165,14 @@ def eval_run(
     max_new_tokens: Optional[int] = _setting("max_new_tokens", "Answer length limit"),
     batch_size: Optional[int] = _setting(
         "answer_batch_size",
-        "Questions over one cache decoded together (answers do not change; not recorded)",
+        "Questions decoded together: one document's cells share batches, each row over its own cache (answers do "
+        "not change; not recorded)",
         show_default="as many as --max-batch-tokens allows, at most 16",
     ),
     max_batch_tokens: Optional[int] = _setting(
-        "max_batch_tokens", "Memory budget of a decoding batch, in cached tokens over all rows (not recorded)"
+        "max_batch_tokens",
+        "Memory budget of a decoding batch, in cached tokens over all rows, each counted at the batch's largest cache "
+        "(not recorded)",
     ),
     synth: Optional[int] = _setting("synth_pairs", "Training pairs synthesized for documents without train_qa"),
     synth_model: Optional[str] = _setting(
