@@ -33,7 +33,7 @@ from loramem.library.store import (
     retrieve_chunks,
     route,
 )
-from loramem.model import MAX_BATCH_TOKENS, MAX_NEW_TOKENS
+from loramem.model import MAX_BATCH, MAX_BATCH_TOKENS, MAX_NEW_TOKENS
 from loramem.model.generate import Answer, answer_batch
 from loramem.model.loading import LoadedModel, sha256_text
 
@@ -248,40 +248,48 @@ def ask_library_batch(
     batch_size: int | None = None,
     max_batch_tokens: int = MAX_BATCH_TOKENS,
 ) -> list[LibraryAnswer]:
-    """`ask_library` for many questions: questions routed to the same adapter (and, with_caches, the same documents)
-    are answered together in batches; a question with retrieved chunks has a context of its own."""
+    """`ask_library` for many questions: questions routed to the same adapter are answered together in batches, each
+    over its own cache (its retrieved chunks, or with_caches its routed documents' caches side by side, made once per
+    routed set in a batch), or none."""
     lib, config = check_request(library, top_k, merge, with_context, with_caches, weights, density)
     check_model(lib, lm.fingerprint)
     embedder = library_embedder(lib, embedder)
     plans = []
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[str, list[int]] = {}
     for index, question in enumerate(questions):
         routed = route(lib, question, top_k, embedder)
         ids = [i for i, _ in routed]
         adapter = routed_adapter(lm, lib, ids, config)
         chunks = retrieve_chunks(lib, question, with_context, embedder) if with_context else []
         plans.append((routed, ids, adapter, chunks))
-        key = (str(adapter), tuple(ids) if with_caches else (), index if chunks else -1)
-        groups.setdefault(key, []).append(index)
+        groups.setdefault(str(adapter), []).append(index)
     results: list[LibraryAnswer | None] = [None] * len(questions)
-    for members in groups.values():
-        _, ids, adapter, chunks = plans[members[0]]
-        cache = None
-        if chunks:
-            cache = context_cache(lm, chunks)
-        elif with_caches:
-            cache = parallel_cache([stored_cache(lm, lib, i) for i in ids])
-        use_adapter(lm, adapter)
+    step = batch_size or MAX_BATCH  # a batch's worth of questions at a time: only their caches are held
+    pieces = [members[start : start + step] for members in groups.values() for start in range(0, len(members), step)]
+    for members in pieces:
+        side_by_side: dict[tuple[str, ...], KVCache] = {}
+        caches: list[KVCache | None] = []
+        for index in members:
+            _, ids, _, chunks = plans[index]
+            if chunks:
+                caches.append(context_cache(lm, chunks))
+            elif with_caches:
+                if tuple(ids) not in side_by_side:
+                    side_by_side[tuple(ids)] = parallel_cache([stored_cache(lm, lib, i) for i in ids])
+                caches.append(side_by_side[tuple(ids)])
+            else:
+                caches.append(None)
+        use_adapter(lm, plans[members[0]][2])
         answers = answer_batch(
             lm,
             [questions[i] for i in members],
-            cache,
+            caches,
             max_new_tokens=max_new_tokens,
             adapter_on=True,
             batch_size=batch_size,
             max_batch_tokens=max_batch_tokens,
         )
-        for index, answer in zip(members, answers):
+        for index, answer, cache in zip(members, answers, caches):
             routed, ids, adapter, chunks = plans[index]
             results[index] = LibraryAnswer(
                 routed=routed,
