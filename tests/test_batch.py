@@ -176,13 +176,37 @@ def test_rows_over_different_caches_equal_each_alone(tiny, cache, one_thread):
         answer_batch(tiny, questions, caches[:-1])
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_finished_rows_leave_the_batch(tiny, cache, one_thread, monkeypatch, shared):
-    """Rows that stop early leave the batch (its buffers and masks shrink to the running rows), over one shared
-    document or each row's own cache; the others go on exactly as they would alone."""
-    caches, questions, prompts = mixed_rows(tiny, cache)
-    if shared:
-        caches, prompts = [cache] * len(prompts), prompts_for(tiny, cache, questions)
+def test_retained_rows_go_on_as_a_batch_of_only_them(tiny, cache, one_thread):
+    """Over one shared document (held once): after some rows leave, the next step's logits of the rest equal those
+    of a batch of only those rows (the tiny model answers every question alike, so no row would stop first)."""
+    prompts, keep = prompts_for(tiny, cache), [0, 2, 3]  # row 2 is the longest: both batches pad alike
+    width = max(len(p) for p in prompts)
+
+    def next_logits(rows: list[list[int]], retain: list[int] | None = None) -> torch.Tensor:
+        batch = build_cache(tiny.model, cache, rows, width + 1, tiny.device, tiny.dtype)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in rows])
+        with torch.inference_mode(), batch.active(tiny.model):
+            batch.prepare(width)
+            tiny.model(input_ids=ids, past_key_values=batch, position_ids=batch.new_positions[:, :width])
+            if retain is not None:
+                batch.retain(retain)
+                assert all(layer.doc_keys.shape[0] == 1 for layer in batch.layers)
+            batch.prepare(1)
+            out = tiny.model(
+                input_ids=torch.full((len(retain or rows), 1), 7),
+                past_key_values=batch,
+                position_ids=batch.new_positions[:, width:],
+                cache_position=torch.tensor([width]),
+            )
+        return out.logits[:, -1]
+
+    assert torch.allclose(next_logits(prompts, keep), next_logits([prompts[i] for i in keep]), atol=1e-5)
+
+
+def test_finished_rows_leave_the_batch(tiny, cache, one_thread, monkeypatch):
+    """Rows that stop early leave the batch (its buffers and masks shrink to the running rows); the others go on
+    exactly as they would alone."""
+    caches, _, prompts = mixed_rows(tiny, cache)
     free = decode(tiny.model, prompts, caches, set(), 10, 0)
     stops = {free[row].tokens[step] for row, step in ((0, 1), (3, 2), (6, 4), (9, 6))}  # rows end at several steps
     sizes: list[int] = []
