@@ -161,8 +161,8 @@ def run_process(*args: str, input: bytes | None = None, cwd: Path | None = None)
 
 def run_cli(*args: str, input: bytes | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `loramem ARGS` through the real entry point (`loramem.cli.app.main`, its exit-code mapping included) in
-    this process, with stdin, stdout and stderr as byte streams: what `run_process` returns, without a new interpreter
-    importing torch and loading the model again for each command (~6 s each)."""
+    this process, with stdin, stdout and stderr as byte streams: what `run_process` returns, without starting an
+    interpreter that imports torch, transformers and loramem again for each command (seconds each)."""
     import loramem.cli  # noqa: F401  (registers the commands)
     from loramem.cli.app import main
 
