@@ -71,11 +71,21 @@ def library(tiny, embedder, tmp_path_factory) -> Path:
 class Count:
     """Counts calls of a module's function (patched in place) and passes them on."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, module: object, name: str, fail_after: int | None = None):
+    def __init__(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        module: object,
+        name: str,
+        fail_after: int | None = None,
+        items: bool = False,
+    ):
         self.calls = 0
         self.real = getattr(module, name)
         self.fail_after = fail_after
-        monkeypatch.setattr(module, name, self)
+        if items:
+            self.per_item(monkeypatch, module, name)
+        else:
+            monkeypatch.setattr(module, name, self)
 
     def tick(self) -> None:
         if self.fail_after is not None and self.calls == self.fail_after:
@@ -325,8 +335,9 @@ def dataset(tmp_path_factory) -> Path:
 def counted(monkeypatch: pytest.MonkeyPatch, fail_after: int | None = None) -> dict[str, Count]:
     counts = {"train_adapter": Count(monkeypatch, doc_adapters, "train_adapter")}
     counts["add_documents"] = Count(monkeypatch, library_modes, "add_documents")
-    counts["generate"] = Count(monkeypatch, library_modes, "generate", fail_after)
-    counts["generate"].per_item(monkeypatch, runner, "iter_answers")  # mode none answers in the runner
+    # Answers as iter_answers yields them: library modes in library_modes, the others in the runner.
+    counts["generate"] = Count(monkeypatch, library_modes, "iter_answers", fail_after, items=True)
+    counts["generate"].per_item(monkeypatch, runner, "iter_answers")
     counts["merge_adapters"] = Count(monkeypatch, qa_module, "merge_adapters")
     return counts
 

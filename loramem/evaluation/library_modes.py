@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from loramem.library.store import (
     retrieve_chunks,
     route,
 )
-from loramem.model.generate import generate
+from loramem.model.generate import iter_answers
 from loramem.model.loading import LoadedModel, sha256_text
 
 
@@ -103,7 +102,7 @@ def answer_library(
     status: Callable[[str], None],
 ) -> None:
     """Library cells of one document: each question routed once and its adapters merged first (a merge detaches
-    the model's adapter), then answered grouped by adapter, so each adapter is attached once."""
+    the model's adapter), then answered in batches grouped by adapter, so each adapter is attached once."""
     lib = open_library(library_path(config, run))
     gold = {d["sha256"]: d["id"] for d in lib.documents}.get(sha256_text(record.document))
     if gold is None:
@@ -139,30 +138,41 @@ def answer_library(
         jobs.append((cell, adapter))
     contexts: dict[int, KVCache] = {}
     status("answering from the library")
-    for cell, adapter in sorted(jobs, key=lambda job: str(job[1] or "")):
+    by_adapter: dict[Path | None, list[Cell]] = {}
+    for cell, adapter in jobs:
+        by_adapter.setdefault(adapter, []).append(cell)
+    for adapter, group in sorted(by_adapter.items(), key=lambda item: str(item[0] or "")):
         if adapter is None:
             detach_adapter(lm)
         else:
             use_adapter(lm, adapter)
-        q = cell.question_index
-        cache = None
-        if cell.mode in ("hybrid", "rag"):
-            if q not in contexts:
+        caches: list[KVCache | None] = []
+        for cell in group:
+            q = cell.question_index
+            if cell.mode in ("hybrid", "rag") and q not in contexts:
                 contexts[q] = context_cache(lm, chunks[q])
-            cache = contexts[q]
-        started = time.perf_counter()
-        answer = generate(
-            lm, record.qa[q].question, cache, max_new_tokens=config.max_new_tokens, adapter_on=adapter is not None
+            caches.append(contexts[q] if cell.mode in ("hybrid", "rag") else None)
+        # One adapter's questions in batches (closed-book rows and rows over their own retrieved context together),
+        # as the other modes are answered: one at a time, the library modes cost more than all the others.
+        replies = iter_answers(
+            lm,
+            [record.qa[cell.question_index].question for cell in group],
+            caches,
+            max_new_tokens=config.max_new_tokens,
+            adapter_on=adapter is not None,
+            batch_size=config.answer_batch_size,
+            max_batch_tokens=config.max_batch_tokens,
         )
-        row = answer_row(
-            record, cell, config, answer, time.perf_counter() - started, cache.nbytes_stored if cache else 0
-        )
-        answers.write(
-            {
-                **row,
-                **routing[q],
-                "adapter": str(adapter.relative_to(lib.path)) if adapter else None,
-                "context_chunks": [[c.doc_id, c.index] for c in chunks[q]] if cache else [],
-            }
-        )
+        for index, answer, seconds in replies:
+            cell, cache = group[index], caches[index]
+            q = cell.question_index
+            row = answer_row(record, cell, config, answer, seconds, cache.nbytes_stored if cache else 0)
+            answers.write(
+                {
+                    **row,
+                    **routing[q],
+                    "adapter": str(adapter.relative_to(lib.path)) if adapter else None,
+                    "context_chunks": [[c.doc_id, c.index] for c in chunks[q]] if cache else [],
+                }
+            )
     detach_adapter(lm)
