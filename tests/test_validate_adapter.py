@@ -8,7 +8,6 @@ import json
 import random
 import shutil
 import struct
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -264,7 +263,6 @@ def mutate(adapter: Path, where: Path, rng: random.Random) -> tuple[Path, str]:
 def test_mutated_adapters_are_refused(adapter, tmp_path, capsys):
     """Hundreds of seeded mutations through inspect and merge: exit 2 or 3, one line, no traceback, no output."""
     rng = random.Random(13)
-    started = time.perf_counter()
     out = tmp_path / "merged"
     for number in range(200):
         folder, label = mutate(adapter, tmp_path, rng)
@@ -274,7 +272,6 @@ def test_mutated_adapters_are_refused(adapter, tmp_path, capsys):
         except AssertionError as exc:
             raise AssertionError(f"{number}: {label}: {exc}") from None
         assert not out.exists(), label
-    assert time.perf_counter() - started < 60
 
 
 def test_a_mutant_through_the_real_entry_point(adapter, tmp_path):
