@@ -18,7 +18,7 @@ from loramem.errors import LoramemError
 from loramem.kv.value_groups import compress_value_groups, head_masks
 from loramem.model import batch as batch_module
 from loramem.model.batch import PresizedCache, build_cache, decode
-from loramem.model.generate import _chunks, answer_batch, batch_rows, generate
+from loramem.model.generate import _chunks, answer_batch, batch_rows, batch_tokens, generate
 from loramem.model.prompt import Framing, closed_book_ids, question_ids
 
 QUESTIONS = [
@@ -221,18 +221,21 @@ def test_finished_rows_leave_the_batch(tiny, cache, one_thread, monkeypatch):
 
 
 def test_batches_of_different_caches_fit_the_memory_budget(cache):
-    """Rows are counted at their batch's largest cache and longest question: no batch exceeds --max-batch-tokens."""
+    """No batch exceeds --max-batch-tokens: rows over one shared cache count the document once (the engine holds one
+    copy), rows over different caches a copy each at the batch's largest; questions at the batch's longest."""
     small, large = compress(cache, "knorm", ratio=0.9), cache
     caches = [small] * 6 + [large] * 6
     prompts = [[0] * (3 + i % 4) for i in range(12)]
-    per_large = large.n_tokens + 6 + 10
-    chunks = list(_chunks(list(range(12)), caches, prompts, [frozenset()] * 12, 10, None, 4 * per_large))
+    budget = large.n_tokens + 3 * (6 + 10)  # the large document once and three rows
+    chunks = list(_chunks(list(range(12)), caches, prompts, [frozenset()] * 12, 10, None, budget))
     assert sorted(i for c in chunks for i in c) == list(range(12))
     for chunk in chunks:
-        kept = max(max(caches[i].kept_per_layer) for i in chunk)
-        assert len(chunk) * (kept + max(len(prompts[i]) for i in chunk) + 10) <= 4 * per_large
-    assert len(chunks[0]) == 6  # the six small rows fit together; the large ones four at a time
-    assert [len(c) for c in chunks[1:]] == [4, 2]
+        rows = [caches[i] for i in chunk]
+        assert len(chunk) == 1 or batch_tokens(rows, max(len(prompts[i]) for i in chunk), 10) <= budget
+    assert [len(c) for c in chunks] == [6, 3, 3]  # the small rows together; the large ones three at a time
+    mixed = [small, large] * 3  # six different-cache rows: a copy each, so fewer fit
+    assert batch_tokens(mixed, 6, 10) == 6 * large.n_tokens + 6 * 16
+    assert batch_tokens([large] * 6, 6, 10) == large.n_tokens + 6 * 16
     stops = [frozenset()] * 6 + [frozenset({1})] * 6  # rows of one batch share their stop tokens
     assert [len(c) for c in _chunks(list(range(12)), [small] * 12, prompts, stops, 10, 16, 10**9)] == [6, 6]
 
@@ -263,7 +266,7 @@ def test_rows_stop_at_their_own_end(tiny, cache, one_thread):
 
 def test_batch_size_follows_the_memory_budget(tiny, cache):
     assert batch_rows(cache, 20, 30, 10**9) == 16
-    assert batch_rows(cache, 20, 30, 3 * (cache.n_tokens + 50)) == 3
+    assert batch_rows(cache, 20, 30, cache.n_tokens + 3 * 50) == 3  # the shared document is held once
     assert batch_rows(cache, 20, 30, 1) == 1
     with pytest.raises(Exception, match="batch size"):
         answer_batch(tiny, QUESTIONS, cache, batch_size=0)

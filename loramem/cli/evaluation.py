@@ -171,8 +171,8 @@ def eval_run(
     ),
     max_batch_tokens: Optional[int] = _setting(
         "max_batch_tokens",
-        "Memory budget of a decoding batch, in cached tokens over all rows, each counted at the batch's largest cache "
-        "(not recorded)",
+        "Memory budget of a decoding batch, in cached tokens: a document shared by the rows once, else one per row "
+        "at the batch's largest, plus each row's question and answer (not recorded)",
     ),
     synth: Optional[int] = _setting("synth_pairs", "Training pairs synthesized for documents without train_qa"),
     synth_model: Optional[str] = _setting(

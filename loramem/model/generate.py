@@ -43,8 +43,17 @@ class Answer:
 
 
 def batch_rows(cache: KVCache | None, width: int, max_new_tokens: int, max_batch_tokens: int) -> int:
-    """Rows that fit `max_batch_tokens` cached tokens (each row holds the document, its question and answer)."""
-    return max(1, min(MAX_BATCH, max_batch_tokens // (_kept(cache) + width + max_new_tokens)))
+    """Rows over one shared `cache` that fit `max_batch_tokens` cached tokens: the engine holds the document once,
+    and each row its question and answer."""
+    return max(1, min(MAX_BATCH, (max_batch_tokens - _kept(cache)) // (width + max_new_tokens)))
+
+
+def batch_tokens(caches: list[KVCache | None], width: int, max_new_tokens: int) -> int:
+    """Cached tokens a batch of rows over `caches` holds: the document once when every row shares one cache (as
+    the engine keeps it), else a copy per row padded to the largest; plus each row's question and answer."""
+    shared = caches[0] is not None and all(c is caches[0] for c in caches)
+    copies = 1 if shared else len(caches)
+    return copies * max(_kept(c) for c in caches) + len(caches) * (width + max_new_tokens)
 
 
 def _kept(cache: KVCache | None) -> int:
@@ -145,22 +154,23 @@ def _chunks(
     max_batch_tokens: int,
 ) -> Iterator[list[int]]:
     """Consecutive rows of `order` as batches of one stop set: `batch_size` rows, or (None) as many as fit
-    `max_batch_tokens` with every row counted at the batch's largest cache and longest question."""
+    `max_batch_tokens` as `batch_tokens` counts them."""
     chunk: list[int] = []
-    kept = width = 0
+    width = 0
     for i in order:
         if chunk:
             grown = len(chunk) + 1
             if batch_size is not None:
                 fits = grown <= batch_size
             else:
-                per_row = max(kept, _kept(caches[i])) + max(width, len(prompts[i])) + max_new_tokens
-                fits = grown <= MAX_BATCH and grown * per_row <= max_batch_tokens
+                rows = [caches[j] for j in chunk] + [caches[i]]
+                needed = batch_tokens(rows, max(width, len(prompts[i])), max_new_tokens)
+                fits = grown <= MAX_BATCH and needed <= max_batch_tokens
             if not fits or stops[i] != stops[chunk[0]]:
                 yield chunk
-                chunk, kept, width = [], 0, 0
+                chunk, width = [], 0
         chunk.append(i)
-        kept, width = max(kept, _kept(caches[i])), max(width, len(prompts[i]))
+        width = max(width, len(prompts[i]))
     if chunk:
         yield chunk
 
