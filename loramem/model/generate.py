@@ -43,9 +43,11 @@ class Answer:
 
 
 def batch_rows(cache: KVCache | None, width: int, max_new_tokens: int, max_batch_tokens: int) -> int:
-    """Rows over one shared `cache` that fit `max_batch_tokens` cached tokens: the engine holds the document once,
-    and each row its question and answer."""
-    return max(1, min(MAX_BATCH, (max_batch_tokens - _kept(cache)) // (width + max_new_tokens)))
+    """Rows over one shared `cache` that fit `max_batch_tokens` as `batch_tokens` counts them (at least one)."""
+    rows = MAX_BATCH
+    while rows > 1 and batch_tokens([cache] * rows, width, max_new_tokens) > max_batch_tokens:
+        rows -= 1
+    return rows
 
 
 def batch_tokens(caches: list[KVCache | None], width: int, max_new_tokens: int) -> int:
