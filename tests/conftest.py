@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -159,6 +161,25 @@ def run_process(*args: str, input: bytes | None = None, cwd: Path | None = None)
     )
 
 
+@contextlib.contextmanager
+def entry_point_state() -> Iterator[None]:
+    """What `loramem.cli.app.main` changes in the process it runs in (signal handlers, the unraisable hook, the
+    working directory), put back afterwards so in-process CLI calls do not leak into later tests."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    hook, folder = sys.unraisablehook, os.getcwd()
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        sys.unraisablehook = hook
+        os.chdir(folder)
+
+
+def exit_code(exc: SystemExit) -> int:
+    return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+
+
 def run_cli(*args: str, input: bytes | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `loramem ARGS` through the real entry point (`loramem.cli.app.main`, its exit-code mapping included) in
     this process, with stdin, stdout and stderr as byte streams: what `run_process` returns, without starting an
@@ -167,8 +188,6 @@ def run_cli(*args: str, input: bytes | None = None, cwd: Path | None = None) -> 
     from loramem.cli.app import main
 
     streams = sys.stdin, sys.stdout, sys.stderr
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
-    hook, folder = sys.unraisablehook, os.getcwd()
     stdout, stderr = io.BytesIO(), io.BytesIO()
     # Held here: a text stream closes its bytes when collected, and the bytes are read after the streams are put back.
     mine = (
@@ -176,20 +195,17 @@ def run_cli(*args: str, input: bytes | None = None, cwd: Path | None = None) -> 
         io.TextIOWrapper(stdout, encoding="utf-8", write_through=True),
         io.TextIOWrapper(stderr, encoding="utf-8", write_through=True),
     )
-    sys.stdin, sys.stdout, sys.stderr = mine
-    try:
-        if cwd is not None:
-            os.chdir(cwd)
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        sys.stdin, sys.stdout, sys.stderr = streams
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        sys.unraisablehook = hook
-        os.chdir(folder)
+    with entry_point_state():
+        sys.stdin, sys.stdout, sys.stderr = mine
+        try:
+            if cwd is not None:
+                os.chdir(cwd)
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exit_code(exc)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            sys.stdin, sys.stdout, sys.stderr = streams
     return subprocess.CompletedProcess(["loramem", *args], code, stdout.getvalue(), stderr.getvalue())

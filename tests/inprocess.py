@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 
 import pytest
+from conftest import entry_point_state, exit_code
 
 
 @dataclass
@@ -24,13 +25,14 @@ def invoke(capsys: pytest.CaptureFixture, *args: str) -> Result:
     capsys.readouterr()
     argv = sys.argv
     sys.argv = ["loramem", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = argv
+    with entry_point_state():
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exit_code(exc)
+        finally:
+            sys.argv = argv
     out, err = capsys.readouterr()
     return Result(code, out, err)
 
