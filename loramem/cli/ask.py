@@ -111,7 +111,8 @@ def ask(
     cache = KVCache.load(cache_file) if cache_file else None
     text = read_text(doc) if doc else None
     items = read_questions(questions or [], questions_file, stdin_free="-" not in (cache_file, doc))
-    lm = load(model, device, dtype, adapter, chat_template_kwargs)
+    # answering alone (no adapter, nothing to encode) needs no transformers for the default model
+    lm = load(model, device, dtype, adapter, chat_template_kwargs, answer_only=adapter is None and text is None)
     if cache is not None:
         check_compatible(cache, lm.fingerprint, cache_file or "cache", lm)
     doc_seconds = 0.0

@@ -68,11 +68,15 @@ def load(
     dtype: str,
     adapter: Optional[Path] = None,
     chat_template_kwargs: Optional[str] = None,
+    *,
+    answer_only: bool = False,
 ) -> Any:
     from loramem.adapters.attach import attach_adapter
     from loramem.model.loading import load_model
 
-    lm = load_model(model, device=device, dtype=dtype, chat_template_kwargs=chat_template_kwargs)
+    lm = load_model(
+        model, device=device, dtype=dtype, chat_template_kwargs=chat_template_kwargs, answer_only=answer_only
+    )
     if adapter is not None:
         attach_adapter(lm, adapter)
     return lm

@@ -57,7 +57,7 @@ def clock(device: Any) -> float:
 SCORES_PER_CHUNK = 1 << 24  # attention scores held at once (64 MB in fp32): long question blocks go in chunks
 
 
-def _attention(
+def batched_attention(
     module: Any,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -140,7 +140,7 @@ def _register() -> None:
     from transformers import AttentionInterface
 
     if ATTENTION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(ATTENTION, _attention)
+        AttentionInterface.register(ATTENTION, batched_attention)
 
 
 class PresizedLayer:
@@ -279,10 +279,17 @@ class PresizedCache:
 
     @contextmanager
     def active(self, model: Any) -> Iterator[None]:
-        """Run the model with the batched attention reading this cache's masks."""
+        """Run the model with the batched attention reading this cache's masks (a transformers model is switched to
+        it for the block; `loramem.model.lean`'s calls it already)."""
+        token = _ACTIVE.set(self)
+        if getattr(model, "uses_batched_attention", False):
+            try:
+                yield
+            finally:
+                _ACTIVE.reset(token)
+            return
         _register()
         before = model.config._attn_implementation
-        token = _ACTIVE.set(self)
         model.set_attn_implementation(ATTENTION)
         try:
             yield

@@ -246,19 +246,30 @@ def _kept_fingerprint(folder: Path, model: Any, tokenizer: Any) -> dict[str, str
     """The fingerprint of loramem's own converted copy, computed once and kept beside it (hashing the vocabulary
     and a weights sample costs a one-off `ask` a noticeable part of its start); recomputed if the weights file
     changed since."""
-    weights = (folder / "model.safetensors").stat()
-    stamp = {"weights_size": weights.st_size, "weights_mtime_ns": weights.st_mtime_ns}
-    path = folder / _FINGERPRINT
-    try:
-        kept = json.loads(path.read_text())
-        if kept.get("stamp") == stamp and isinstance(kept.get("fingerprint"), dict):
-            return kept["fingerprint"]
-    except (OSError, ValueError):
-        pass
+    kept = _read_kept(folder)
+    if kept is not None:
+        return kept
     fingerprint = model_fingerprint(model, tokenizer)
+    record = {"stamp": _stamp(folder), "fingerprint": fingerprint}
     with contextlib.suppress(OSError, LoramemError):  # a read-only cache directory: compute it each time
-        atomic_write_bytes(path, json.dumps({"stamp": stamp, "fingerprint": fingerprint}, indent=1).encode())
+        atomic_write_bytes(folder / _FINGERPRINT, json.dumps(record, indent=1).encode())
     return fingerprint
+
+
+def _stamp(folder: Path) -> dict[str, int]:
+    weights = (folder / "model.safetensors").stat()
+    return {"weights_size": weights.st_size, "weights_mtime_ns": weights.st_mtime_ns}
+
+
+def _read_kept(folder: Path) -> dict[str, str] | None:
+    """The fingerprint kept beside the converted copy, if the weights file has not changed since."""
+    try:
+        kept = json.loads((folder / _FINGERPRINT).read_text())
+        if kept.get("stamp") == _stamp(folder) and isinstance(kept.get("fingerprint"), dict):
+            return dict(kept["fingerprint"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
 
 
 def _source(name: str) -> tuple[str, Path | str]:
@@ -309,17 +320,27 @@ def load_model(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     chat_template_kwargs: dict[str, Any] | str | None = None,
+    *,
+    answer_only: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer for inference, with SDPA attention (eager where SDPA would change the
-    model). `chat_template_kwargs` (a dict or JSON text) are variables for the chat template; see TemplateOptions."""
+    model). `chat_template_kwargs` (a dict or JSON text) are variables for the chat template; see TemplateOptions.
+
+    `answer_only`: the model will only answer from stored caches (`answer_batch`), with no adapter and no
+    encoding; the embedded default model then loads without transformers (`loramem.model.lean`), which saves a
+    one-off `ask --cache` most of its start."""
     given = check_template_kwargs(chat_template_kwargs or {})
+    kind, where = _source(name or "default")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if answer_only and kind == "default":
+        lean = _load_lean(default_model_dir(), dev, torch_dtype, given)
+        if lean is not None:
+            return lean
     quiet_libraries()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kind, where = _source(name or "default")
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
     model_id = str(where)
     # Weights go straight to the accelerator (no whole copy in host memory first: 16 GB for an 8B model in bf16).
     placement = {"device_map": {"": torch.device(dev)}} if dev != "cpu" else {}
@@ -359,3 +380,19 @@ def load_model(
         identity = model_fingerprint(model, tokenizer)
     fingerprint = {**identity, **template.record()}
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, fingerprint=fingerprint, template=template)
+
+
+def _load_lean(folder: Path, device: str, dtype: Any, given: dict[str, Any]) -> LoadedModel | None:
+    """The default copy without transformers, when its fingerprint is kept (the first full load keeps it)."""
+    fingerprint = _read_kept(folder)
+    if fingerprint is None:
+        return None
+    from loramem.model.lean import load_lean
+
+    loaded = load_lean(folder, device, dtype)
+    if loaded is None:
+        return None
+    model, tokenizer = loaded
+    template = TemplateOptions.resolve(tokenizer, given)
+    identity = {**fingerprint, **template.record()}
+    return LoadedModel(model, tokenizer, DEFAULT_MODEL, fingerprint=identity, template=template)
