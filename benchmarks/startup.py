@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 QUESTION = "Who designed the lighthouse at Varnaby Point?"
-# What any `ask` that runs a torch model imports before its own work.
-FLOOR = "import torch"
+# What any `ask` that runs a torch model imports before its own work, ended as `loramem` ends (no teardown).
+FLOOR = "import os, torch; os._exit(0)"
 
 
 def stages(cache_path: str, model: str | None, max_new_tokens: int) -> None:

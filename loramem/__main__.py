@@ -1,5 +1,5 @@
 """`python -m loramem` runs the CLI."""
 
-from loramem.cli import main
+from loramem.cli import run
 
-main()
+run()

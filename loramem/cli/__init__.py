@@ -11,6 +11,6 @@ tokenizer, adapter or format), 4 an eval finished with failed cells (the rest is
 from loramem.cli import kv, adapters, ask, library, evaluation, data, probe, demo  # noqa: F401
 
 # isort: on
-from loramem.cli.app import app, main
+from loramem.cli.app import app, main, run
 
-__all__ = ["app", "main"]
+__all__ = ["app", "main", "run"]

@@ -109,31 +109,49 @@ def _attend(
     rep: int,
     softcap: float | None,
 ) -> torch.Tensor:
-    """Attention of scaled `query` [B, n_q, q, d] over the document then the new columns; [B, n_q, q, d]."""
+    """Attention of scaled `query` [B, n_q, q, d] over the document then the new columns; [B, n_q, q, d].
+
+    The document's scores are the big tensor ([docs, H, rows * rep * q, n_doc]): they are computed once in the
+    layout that reads each document copy once, exponentiated in place and never copied; the softmax over the
+    document and the new columns together is assembled from the two parts' maxima and sums."""
     b, n_q, q_len, d = query.shape
     n_kv, n_doc, docs = key.shape[1], layer.n_doc, layer.doc_keys.shape[0]
     per_doc = b // docs  # rows reading each document copy: every row when they share one, else 1
     grouped = query.reshape(b, n_kv, rep, q_len, d)  # query head h * rep + r reads KV head h
-    # the rows of one document copy stacked as queries: [docs, H, per_doc * rep * q, d], so its keys are read once
-    stacked = (
-        grouped.view(docs, per_doc, n_kv, rep, q_len, d).transpose(1, 2).reshape(docs, n_kv, per_doc * rep * q_len, d)
-    )
-    doc = (stacked @ layer.doc_keys.transpose(-1, -2)).view(docs, n_kv, per_doc, rep, q_len, n_doc)
-    own = grouped @ key[:, :, None].transpose(-1, -2)  # [B, H, rep, q, new]
-    scores = torch.cat([doc.transpose(1, 2).reshape(b, n_kv, rep, q_len, n_doc), own], dim=-1)
+
+    def to_rows(t: torch.Tensor) -> torch.Tensor:  # [docs, H, per_doc * rep * q, x] -> [B, H, rep, q, x]
+        return t.view(docs, n_kv, per_doc, rep, q_len, -1).transpose(1, 2).reshape(b, n_kv, rep, q_len, -1)
+
+    # a KV head's query heads as rows of one product (no copy of its keys per query head): [B, H, rep, q, new]
+    own = (grouped.reshape(b, n_kv, rep * q_len, d) @ key.transpose(-1, -2)).view(b, n_kv, rep, q_len, -1)
     if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    if doc_blocked is not None:
-        scores[..., :n_doc].masked_fill_(doc_blocked, float("-inf"))
-    scores[..., n_doc:].masked_fill_(new_blocked, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    doc_probs = probs[..., :n_doc].reshape(docs, per_doc, n_kv, rep, q_len, n_doc).transpose(1, 2)
-    out = (
-        doc_probs.reshape(docs, n_kv, per_doc * rep * q_len, n_doc) @ layer.doc_values
-    )  # [docs, H, per_doc * rep * q, d]
-    out = out.view(docs, n_kv, per_doc, rep, q_len, -1).transpose(1, 2).reshape(b, n_kv, rep, q_len, -1)
-    out = out + probs[..., n_doc:] @ value[:, :, None]
-    return out.reshape(b, n_q, q_len, -1)
+        own = torch.tanh(own / softcap) * softcap
+    own = own.float().masked_fill_(new_blocked, float("-inf"))
+    peak = own.amax(-1, keepdim=True)  # finite: every column may attend to itself
+    if n_doc:
+        # the rows of one document copy stacked as queries: [docs, H, per_doc * rep * q, d], its keys read once
+        stacked = grouped.view(docs, per_doc, n_kv, rep, q_len, d).transpose(1, 2)
+        doc = stacked.reshape(docs, n_kv, per_doc * rep * q_len, d) @ layer.doc_keys.transpose(-1, -2)
+        if softcap is not None:
+            doc = torch.tanh(doc / softcap) * softcap
+        doc = doc.float()
+        if doc_blocked is not None:  # [1 or B, 1 or H, 1, q, n_doc] -> broadcast over [docs, H, per_doc, rep, q, n]
+            blocked = doc_blocked.reshape(doc_blocked.shape[0], doc_blocked.shape[1], q_len, n_doc)
+            if blocked.shape[0] == b and b > 1:
+                blocked = blocked.view(docs, per_doc, blocked.shape[1], q_len, n_doc).transpose(1, 2)
+            else:
+                blocked = blocked[:, :, None]
+            doc.view(docs, n_kv, per_doc, rep, q_len, n_doc).masked_fill_(blocked[:, :, :, None], float("-inf"))
+        peak = torch.maximum(peak, to_rows(doc.amax(-1, keepdim=True)))
+        stacked_peak = peak.view(docs, per_doc, n_kv, rep, q_len, 1).transpose(1, 2)
+        doc.view(docs, n_kv, per_doc, rep, q_len, n_doc).sub_(stacked_peak).exp_()
+    own = own.sub_(peak).exp_()
+    total = own.sum(-1, keepdim=True)
+    out = (own.to(query.dtype).view(b, n_kv, rep * q_len, -1) @ value).view(b, n_kv, rep, q_len, -1)
+    if n_doc:
+        total = total + to_rows(doc.sum(-1, keepdim=True))
+        out = out + to_rows(doc.to(query.dtype) @ layer.doc_values)
+    return (out / total.to(out.dtype)).reshape(b, n_q, q_len, -1)
 
 
 def _register() -> None:
