@@ -2,7 +2,8 @@
 
 For each document length: batch-1 decode tokens/s of loramem's pre-sized cache against the plain transformers loop
 that grows a DynamicCache by concatenation (what `generate` did before), both forced to run `--new` tokens with the
-same greedy tokens; then the batched engine's aggregate tokens/s at larger batches. Beside them, the memory floor of
+same greedy tokens, and the engine on the transformers-free model `ask --cache` uses for the default model
+(`loramem.model.lean`); then the batched engine's aggregate tokens/s at larger batches. Beside them, the memory floor of
 one batch-1 token: the bare matrix-vector products over every weight the step reads (each linear layer and the
 output head), plus the products over the document's keys and values, timed alone in the same run; what the engine
 spends above it is per-step overhead. `--bf16` adds the engine on a bf16 copy of the model (information only: the
@@ -97,12 +98,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load_model(args.model) if args.model else load_model()
+    # what `ask --cache` answers with: the transformers-free model where it covers the model (the default)
+    lean = load_model(args.model, answer_only=True)
+    lean = lean if type(lean.model) is not type(lm.model) else None
     results = []
     for n_tokens in [int(t) for t in args.tokens.split(",")]:
         cache = encode(lm, document_of(lm, n_tokens))
         frame = Framing.from_dict(cache.meta["framing"])
         prompts = [question_ids(lm.tokenizer, frame, q, after_document=True) for q in QUESTIONS]
-        old, new, floor = [], [], []
+        old, new, floor, lean_rates = [], [], [], []
         weights, keys_values = weight_floor(lm.model), kv_floor(lm.model, cache)
         for _ in range(args.repeats):  # interleaved, so a busy moment slows both sides alike
             old_tokens, old_rate = dynamic_cache_tokens(lm, cache, prompts[0], args.new)
@@ -110,6 +114,10 @@ def main() -> None:
             assert new_tokens[0] == old_tokens, "the engine's greedy tokens differ from the plain loop's"
             old.append(old_rate)
             new.append(new_rate)
+            if lean is not None:
+                lean_tokens, lean_rate = engine_rate(lean, cache, prompts[:1], args.new)
+                assert lean_tokens == new_tokens, "the transformers-free model's greedy tokens differ"
+                lean_rates.append(lean_rate)
             floor.append((min(weights() for _ in range(5)), min(keys_values() for _ in range(5))))
         best_weights, best_kv = min(f[0] for f in floor), min(f[1] for f in floor)
         row = {
@@ -121,6 +129,8 @@ def main() -> None:
             "batch1_floor_tok_s": round(1 / (best_weights + best_kv), 1),
             "batch1_ms": round(1000 / max(new), 1),
         }
+        if lean_rates:
+            row["batch1_lean_tok_s"] = round(max(lean_rates), 1)
         if args.bf16:
             half = copy.deepcopy(lm.model).to(torch.bfloat16)
             rates = [engine_rate(SimpleNamespace(model=half), cache, prompts[:1], args.new) for _ in range(2)]
@@ -138,7 +148,8 @@ def main() -> None:
         batched = [f"{k.split('_')[0]} {v} tok/s" for k, v in row.items() if k.startswith("batch") and "1_" not in k]
         print(
             f"{row['document_tokens']:>6} tokens: batch 1 {row['batch1_presized_tok_s']} tok/s pre-sized vs "
-            f"{row['batch1_dynamic_cache_tok_s']} DynamicCache (floor {row['batch1_floor_tok_s']} tok/s: weights "
+            f"{row['batch1_dynamic_cache_tok_s']} DynamicCache, {row.get('batch1_lean_tok_s', '-')} without "
+            f"transformers (floor {row['batch1_floor_tok_s']} tok/s: weights "
             f"{row['floor_weights_ms']} ms + keys/values {row['floor_kv_ms']} ms); " + ", ".join(batched)
         )
 

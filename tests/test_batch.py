@@ -220,6 +220,29 @@ def test_finished_rows_leave_the_batch(tiny, cache, one_thread, monkeypatch):
         assert (row.tokens, row.stopped) == (lone.tokens, lone.stopped)
 
 
+def test_rows_over_one_shared_document_leave_as_soon_as_they_finish(tiny, cache, one_thread, monkeypatch):
+    """Over one shared document a retirement copies only the rows' own columns, so a row leaves at the step it
+    finishes; the others go on exactly as they would alone."""
+    generator = torch.Generator().manual_seed(0)  # the random tiny model answers real questions alike: random ids
+    prompts = [torch.randint(3, 500, (n,), generator=generator).tolist() for n in (5, 9, 3, 12, 7)]
+    free = decode(tiny.model, prompts, cache, set(), 10, 0)
+    stops = {free[0].tokens[1], free[4].tokens[4]}
+    ends = [next((i for i, t in enumerate(r.tokens) if t in stops), None) for r in free]
+    expected = []
+    for step in sorted({e for e in ends if e is not None and e < 9}):
+        running = sum(e is None or e > step for e in ends)
+        if running > 0 and (not expected or running < expected[-1]):
+            expected.append(running)
+    sizes: list[int] = []
+    retain = PresizedCache.retain
+    monkeypatch.setattr(PresizedCache, "retain", lambda self, rows: retain(self, rows) or sizes.append(len(rows)))
+    together = decode(tiny.model, prompts, cache, stops, 10, 0)
+    assert expected and sizes == expected
+    for prompt, row in zip(prompts, together):
+        lone = decode(tiny.model, [prompt], cache, stops, 10, 0)[0]
+        assert (row.tokens, row.stopped) == (lone.tokens, lone.stopped)
+
+
 def test_batches_of_different_caches_fit_the_memory_budget(cache):
     """No batch exceeds --max-batch-tokens: rows over one shared cache count the document once (the engine holds one
     copy), rows over different caches a copy each at the batch's largest; questions at the batch's longest."""

@@ -29,8 +29,9 @@ from typing import Any
 import torch
 
 ATTENTION = "loramem_batched"
-# Rows that finished leave the batch once at most this share of it is still running: each retirement copies the
-# running rows' buffers, about what one step reads, so it is not done for every finished row.
+# Rows that finished leave the batch: at once when the rows share one document (a retirement then copies only their
+# own question and answer columns), else once at most this share of it is still running (each retirement copies the
+# running rows' document copies, about what one step reads, so it is not done for every finished row).
 RETIRE_AT = 0.75
 _ACTIVE: ContextVar[PresizedCache | None] = ContextVar("loramem_batch_cache", default=None)
 
@@ -54,6 +55,10 @@ def clock(device: Any) -> float:
     return time.perf_counter()
 
 
+try:  # torch's fused CPU attention that also returns the log-sum-exp, so a second part can be merged in exactly
+    _FLASH: Any = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+except (AttributeError, RuntimeError):  # another torch: the plain products below
+    _FLASH = None
 SCORES_PER_CHUNK = 1 << 24  # attention scores held at once (64 MB in fp32): long question blocks go in chunks
 
 
@@ -128,29 +133,41 @@ def _attend(
         own = torch.tanh(own / softcap) * softcap
     own = own.float().masked_fill_(new_blocked, float("-inf"))
     peak = own.amax(-1, keepdim=True)  # finite: every column may attend to itself
+    doc_sum = doc_out = None
     if n_doc:
         # the rows of one document copy stacked as queries: [docs, H, per_doc * rep * q, d], its keys read once
         stacked = grouped.view(docs, per_doc, n_kv, rep, q_len, d).transpose(1, 2)
-        doc = stacked.reshape(docs, n_kv, per_doc * rep * q_len, d) @ layer.doc_keys.transpose(-1, -2)
-        if softcap is not None:
-            doc = torch.tanh(doc / softcap) * softcap
-        doc = doc.float()
-        if doc_blocked is not None:  # [1 or B, 1 or H, 1, q, n_doc] -> broadcast over [docs, H, per_doc, rep, q, n]
-            blocked = doc_blocked.reshape(doc_blocked.shape[0], doc_blocked.shape[1], q_len, n_doc)
-            if blocked.shape[0] == b and b > 1:
-                blocked = blocked.view(docs, per_doc, blocked.shape[1], q_len, n_doc).transpose(1, 2)
-            else:
-                blocked = blocked[:, :, None]
-            doc.view(docs, n_kv, per_doc, rep, q_len, n_doc).masked_fill_(blocked[:, :, :, None], float("-inf"))
-        peak = torch.maximum(peak, to_rows(doc.amax(-1, keepdim=True)))
-        stacked_peak = peak.view(docs, per_doc, n_kv, rep, q_len, 1).transpose(1, 2)
-        doc.view(docs, n_kv, per_doc, rep, q_len, n_doc).sub_(stacked_peak).exp_()
+        stacked = stacked.reshape(docs, n_kv, per_doc * rep * q_len, d)
+        fused = _FLASH is not None and query.device.type == "cpu" and query.dtype == torch.float32
+        if fused and doc_blocked is None and softcap is None:  # no scores held; merged in by its log-sum-exp
+            doc_out, lse = _FLASH(stacked, layer.doc_keys, layer.doc_values, 0.0, False, scale=1.0)
+            lse = to_rows(lse[..., None])
+            peak = torch.maximum(peak, lse)
+            doc_sum = (lse - peak).exp_()
+            doc_out = to_rows(doc_out) * doc_sum
+        if doc_sum is None:
+            doc = stacked @ layer.doc_keys.transpose(-1, -2)
+            if softcap is not None:
+                doc = torch.tanh(doc / softcap) * softcap
+            doc = doc.float()
+            if doc_blocked is not None:  # [1 or B, 1 or H, 1, q, n] -> broadcast over [docs, H, per_doc, rep, q, n]
+                blocked = doc_blocked.reshape(doc_blocked.shape[0], doc_blocked.shape[1], q_len, n_doc)
+                if blocked.shape[0] == b and b > 1:
+                    blocked = blocked.view(docs, per_doc, blocked.shape[1], q_len, n_doc).transpose(1, 2)
+                else:
+                    blocked = blocked[:, :, None]
+                doc.view(docs, n_kv, per_doc, rep, q_len, n_doc).masked_fill_(blocked[:, :, :, None], float("-inf"))
+            peak = torch.maximum(peak, to_rows(doc.amax(-1, keepdim=True)))
+            stacked_peak = peak.view(docs, per_doc, n_kv, rep, q_len, 1).transpose(1, 2)
+            doc.view(docs, n_kv, per_doc, rep, q_len, n_doc).sub_(stacked_peak).exp_()
+            doc_sum = to_rows(doc.sum(-1, keepdim=True))
+            doc_out = to_rows(doc.to(query.dtype) @ layer.doc_values)
     own = own.sub_(peak).exp_()
     total = own.sum(-1, keepdim=True)
     out = (own.to(query.dtype).view(b, n_kv, rep * q_len, -1) @ value).view(b, n_kv, rep, q_len, -1)
-    if n_doc:
-        total = total + to_rows(doc.sum(-1, keepdim=True))
-        out = out + to_rows(doc.to(query.dtype) @ layer.doc_values)
+    if doc_sum is not None and doc_out is not None:
+        total = total + doc_sum
+        out = out + doc_out
     return (out / total.to(out.dtype)).reshape(b, n_q, q_len, -1)
 
 
@@ -225,6 +242,11 @@ class PresizedCache:
                 self.masks.append(self._blocked(layer))
             layer.group = groups[key]
         self.blocked: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # the next pass's slices (`prepare`)
+
+    @property
+    def shares_document(self) -> bool:
+        """Every row reads one copy of the document (a retirement copies only the rows' own columns)."""
+        return all(layer.doc_keys.shape[0] == 1 for layer in self.layers)
 
     # --- the subset of transformers.Cache that decoder models call ---
     @property
@@ -451,7 +473,8 @@ def decode(
             running = [i for i, row in enumerate(alive) if not stopped[row] and len(tokens[row]) < max_new_tokens]
             if not running:
                 break
-            if len(running) <= RETIRE_AT * len(alive):  # finished rows leave: later steps compute only the rest
+            if len(running) < len(alive) and (batch.shares_document or len(running) <= RETIRE_AT * len(alive)):
+                # finished rows leave: later steps compute only the rest
                 batch.retain(running)
                 alive, next_ids = [alive[i] for i in running], [next_ids[i] for i in running]
             column = width + step
