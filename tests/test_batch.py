@@ -338,3 +338,21 @@ def test_cli_batch_sizes_give_the_same_answers(tiny_dir, tmp_path):
     assert [r["answer"] for r in rows[0]] == [r["answer"] for r in rows[1]]
     refused = run_cli(*common, "--batch-size", "0", "--model", str(tiny_dir))
     assert refused.returncode == 2 and "Traceback" not in refused.stderr.decode()
+
+
+def test_shared_leading_tokens_are_computed_once_and_change_nothing(tiny, cache, one_thread, monkeypatch):
+    """Questions over one document (or none) share their leading tokens (the instruction; the closed-book chat
+    prefix): one one-row pass computes them, and every row decodes the tokens it decodes without that."""
+    value_grouped = compress_value_groups(cache, "knorm", groups=4, budget=0.3)
+    closed = [closed_book_ids(tiny.tokenizer, tiny.framing("chat"), q) for q in QUESTIONS]
+    for over, prompts in ((cache, prompts_for(tiny, cache)), (value_grouped, prompts_for(tiny, cache)), (None, closed)):
+        lead = batch_module.shared_lead(prompts, over)
+        assert 0 < lead < min(len(p) for p in prompts)
+        assert all(p[:lead] == prompts[0][:lead] for p in prompts)
+        shared = decode(tiny.model, prompts, over, set(), 8, 0)
+        with monkeypatch.context() as patched:
+            patched.setattr(batch_module, "shared_lead", lambda prompts, cache: 0)
+            alone = decode(tiny.model, prompts, over, set(), 8, 0)
+        assert [r.tokens for r in shared] == [r.tokens for r in alone]
+    assert batch_module.shared_lead(prompts_for(tiny, cache)[:1], cache) == 0  # one row: nothing to share
+    assert batch_module.shared_lead(prompts_for(tiny, cache), [cache, cache, cache, cache, value_grouped]) == 0

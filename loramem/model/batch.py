@@ -14,7 +14,9 @@ document tokens its row's KV head kept (value-group caches keep different tokens
 fewer tokens than the longest row's never sees the padding), the row's own non-pad question and answer tokens up
 to itself (a pad column attends only to itself so its states stay finite), and, on sliding-window layers, keys
 whose original position lies within the window. Attention runs with the query heads of a KV group stacked as rows
-(no repeated keys), and every row's queries stacked against a shared document.
+(no repeated keys), and every row's queries stacked against a shared document. Leading tokens that every
+question over a shared document begins with (the instruction; a closed-book chat prefix) are computed once, in a
+one-row pass, and held with the document.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class Decoded:
     tokens: list[int]
     stopped: bool
     prompt_tokens: int
-    prefill_seconds: float  # the batch's question pass alone
+    prefill_seconds: float  # the questions' passes (the shared leading tokens' included)
     first_token_seconds: float  # from the call: the stored cache put on the device, the question pass, the argmax
     decode_seconds: float  # from the first token to this row's last
 
@@ -400,29 +402,87 @@ def _layer_doc(
     return keys, values, positions, present
 
 
-def build_cache(model: Any, cache: Any, prompts: list[list[int]], room: int, device: Any, dtype: Any) -> PresizedCache:
-    """A pre-sized batch cache for left-padded `prompts` over `cache`: a KVCache or None (no document) shared by
-    every row, or a list with one per row."""
+Doc = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # keys, values, positions, present
+
+
+def _documents(model: Any, caches: list[Any], device: Any, dtype: Any) -> list[Doc]:
+    """Each layer's document part for these rows (`_layer_doc`)."""
+    config = model.config
+    n_kv = config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layers = len(_decoder_attentions(model))
+    return [_layer_doc(caches, index, n_kv, head_dim, device, dtype) for index in range(layers)]
+
+
+def _assemble(model: Any, docs: list[Doc], prompts: list[list[int]], starts: torch.Tensor, room: int) -> PresizedCache:
+    """A pre-sized cache over each layer's document part for left-padded `prompts`, row b's first prompt token at
+    original position starts[b]."""
     width = max(len(p) for p in prompts)
-    caches = _row_caches(cache, len(prompts))
-    starts = torch.tensor([c.n_tokens if c is not None else 0 for c in caches], device=device)
+    device = starts.device
     pads = torch.tensor([width - len(p) for p in prompts], device=device)
     column = torch.arange(room, device=device)
     new_positions = starts[:, None] + column[None, :] - pads[:, None]
     new_valid = column[None, :] >= pads[:, None]
-    config = model.config
-    n_kv = config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     layers = []
     seen: list[torch.Tensor] = []
-    for index, attn in enumerate(_decoder_attentions(model)):
+    for attn, (keys, values, positions, present) in zip(_decoder_attentions(model), docs):
         window = getattr(attn, "sliding_window", None)
-        keys, values, positions, present = _layer_doc(caches, index, n_kv, head_dim, device, dtype)
         # layers with equal kept positions share one tensor, so they share one mask per step
         positions = _shared(seen, positions)
         present = None if present is None else _shared(seen, present)
         layers.append(PresizedLayer(keys, values, positions, present, len(prompts), room, window))
     return PresizedCache(layers, new_positions, new_valid)
+
+
+def build_cache(model: Any, cache: Any, prompts: list[list[int]], room: int, device: Any, dtype: Any) -> PresizedCache:
+    """A pre-sized batch cache for left-padded `prompts` over `cache`: a KVCache or None (no document) shared by
+    every row, or a list with one per row."""
+    caches = _row_caches(cache, len(prompts))
+    starts = torch.tensor([c.n_tokens if c is not None else 0 for c in caches], device=device)
+    return _assemble(model, _documents(model, caches, device, dtype), prompts, starts, room)
+
+
+def shared_lead(prompts: list[list[int]], cache: Any) -> int:
+    """How many leading tokens every prompt shares, when every row reads one document (or none): those are computed
+    once and held with the document. At least one token of each prompt is left to the batch's own pass."""
+    if len(prompts) < 2 or (isinstance(cache, list | tuple) and any(c is not cache[0] for c in cache)):
+        return 0
+    first, most = prompts[0], min(len(p) for p in prompts) - 1
+    lead = 0
+    while lead < most and all(p[lead] == first[lead] for p in prompts):
+        lead += 1
+    return lead
+
+
+def _lead_document(model: Any, cache: Any, lead: list[int], device: Any, dtype: Any) -> tuple[list[Doc], int]:
+    """The shared document extended by the prompts' shared leading tokens, computed in one one-row pass; and the
+    original position where the rows' own tokens start."""
+    caches = [cache[0] if isinstance(cache, list | tuple) else cache]  # every row's one document
+    start = caches[0].n_tokens if caches[0] is not None else 0
+    docs = _documents(model, caches, device, dtype)
+    one = _assemble(model, docs, [lead], torch.tensor([start], device=device), len(lead))
+    with one.active(model):
+        one.prepare(len(lead))
+        model(
+            input_ids=torch.tensor([lead], device=device),
+            past_key_values=one,
+            position_ids=one.new_positions,
+            cache_position=torch.arange(len(lead), device=device),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    extended = []
+    for (keys, values, positions, present), layer in zip(docs, one.layers):
+        heads = keys.shape[1]
+        extended.append(
+            (
+                torch.cat([keys, layer.keys], dim=2),
+                torch.cat([values, layer.values], dim=2),
+                torch.cat([positions, one.new_positions[:, None].expand(1, heads, -1)], dim=2),
+                None if present is None else torch.cat([present, present.new_ones(1, heads, len(lead))], dim=2),
+            )
+        )
+    return extended, start + len(lead)
 
 
 def decode(
@@ -437,17 +497,27 @@ def decode(
     its own stop token."""
     device, dtype = model.device, model.dtype
     started = clock(device)  # time to first token counts putting the stored cache on the device
-    width = max(len(p) for p in prompts)
-    room = width + max_new_tokens
-    batch = build_cache(model, cache, prompts, room, device, dtype)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
     rows = len(prompts)
+    lead = shared_lead(prompts, cache)
+    with torch.inference_mode():
+        prefill_started = clock(device)
+        if lead:  # the leading tokens every row shares (the instruction, a closed-book chat prefix), once
+            docs, start = _lead_document(model, cache, prompts[0][:lead], device, dtype)
+            own = [p[lead:] for p in prompts]
+        else:
+            own = prompts
+        width = max(len(p) for p in own)
+        room = width + max_new_tokens
+        if lead:
+            batch = _assemble(model, docs, own, torch.full((rows,), start, device=device), room)
+        else:
+            batch = build_cache(model, cache, own, room, device, dtype)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in own], device=device)
     tokens: list[list[int]] = [[] for _ in range(rows)]
     stopped = [False] * rows
     finished = [0.0] * rows
     with torch.inference_mode(), batch.active(model):
         batch.prepare(width)
-        prefill_started = clock(device)
         out = model(
             input_ids=ids,
             past_key_values=batch,
