@@ -16,6 +16,7 @@ from conftest import DEMO_DOC, REPO, run_cli
 from loramem import compress, encode
 from loramem.errors import LoramemError
 from loramem.kv.value_groups import compress_value_groups, head_masks
+from loramem.model import attention as attention_module
 from loramem.model import batch as batch_module
 from loramem.model.batch import PresizedCache, build_cache, decode
 from loramem.model.generate import _chunks, answer_batch, batch_rows, batch_tokens, generate
@@ -144,7 +145,7 @@ def test_shared_document_is_held_once_and_chunked_attention_agrees(tiny, cache, 
         assert all(layer.doc_keys.shape[0] == 1 and layer.keys.shape[0] == len(prompts) for layer in batch.layers)
         whole = batched_logits(tiny, kept, prompts)
         with monkeypatch.context() as patch:
-            patch.setattr(batch_module, "SCORES_PER_CHUNK", 1)
+            patch.setattr(attention_module, "SCORES_PER_CHUNK", 1)
             assert torch.allclose(batched_logits(tiny, kept, prompts), whole, atol=1e-5)
 
 

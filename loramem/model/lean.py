@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from loramem.model.batch import ATTENTION, batched_attention
+from loramem.model.attention import ATTENTION, batched_attention
 
 # What transformers' fast tokenizers do to decoded text when `clean_up_tokenization_spaces` is set, in its order.
 _CLEAN_UP: tuple[tuple[str, str], ...] = tuple(
