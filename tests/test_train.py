@@ -271,7 +271,8 @@ def _mean_rouge(answers, pairs) -> float:
 
 @pytest.mark.real
 def test_document_adapter_recalls_invented_facts(real, tmp_path):
-    """QA training on the default model answers paraphrased questions closed-book; the base model cannot."""
+    """QA training on the default model answers paraphrased questions closed-book; the base model cannot, and an
+    adapter trained on the raw text (NTP) barely can: QA supervision beats raw text, as the seeds report."""
     summary = train_adapter(real, HARBOUR, HARBOUR_QA, tmp_path / "qa", TrainConfig(format="qa"))
     base = _mean_rouge(_answers(real, HARBOUR_PARAPHRASES, False), HARBOUR_PARAPHRASES)
     attach_adapter(real, tmp_path / "qa")
@@ -287,6 +288,7 @@ def test_document_adapter_recalls_invented_facts(real, tmp_path):
         f"trained questions {correct}/{len(HARBOUR_QA)}; qa training {summary['seconds']:.1f} s"
     )
     assert tuned >= base + 0.3
+    assert tuned >= ntp + 0.3  # measured: qa 0.625, ntp 0.049, base 0.000
     assert correct >= len(HARBOUR_QA) - 1
     assert all(a.stopped_at_end_of_turn for a in trained)
 
