@@ -15,7 +15,7 @@ from conftest import REPO, run_cli
 from typer.testing import CliRunner
 
 from loramem.adapters.train import TrainConfig
-from loramem.cli import app
+from loramem.cli.app import app
 from loramem.demo import NO_CONTEXT, column_score, load_example, margin_line, run_demo, summary
 from loramem.evaluation.metrics import contains, normalize_answer
 

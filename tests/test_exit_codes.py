@@ -209,7 +209,7 @@ def test_every_help_text_and_default_is_visible(capsys, monkeypatch):
     import typer.main
     import typer.rich_utils
 
-    from loramem.cli import app
+    from loramem.cli.app import app
 
     monkeypatch.setenv("COLUMNS", "1000")
     monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", None)  # the docs/cli.md test sets a fixed width
@@ -249,3 +249,18 @@ def test_library_errors_name_the_flags(capsys, tmp_path, args, expected):
     doc.write_text("The lighthouse was designed by Mara Quell.")
     args = [str(doc) if a == "DOC" else str(tmp_path / "out") if a == "OUT" else a for a in args]
     assert expected in assert_refused(invoke(capsys, *args), codes=(2,))
+
+
+@pytest.mark.parametrize(("ending", "code"), [("raise SystemExit(4)", 4), ("raise KeyboardInterrupt", 130)])
+def test_the_command_keeps_the_exit_code_it_ends_with(ending, code):
+    """`loramem` ends by `os._exit` after `main` (no interpreter teardown): the code `main` decided, 130 without a
+    traceback for an interrupt that lands as it exits, and the atexit handlers run first."""
+    script = (
+        "import atexit, sys\nfrom loramem.cli import app\n"
+        "atexit.register(lambda: sys.stderr.write('atexit ran\\n'))\n"
+        f"def main():\n    print('result')\n    {ending}\n"
+        "app.main = main\napp.run()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == code and done.stdout == "result\n"
+    assert done.stderr == "atexit ran\n", done.stderr

@@ -11,6 +11,7 @@ tokenizer, adapter or format), 4 an eval finished with failed cells (the rest is
 from loramem.cli import kv, adapters, ask, library, evaluation, data, probe, demo  # noqa: F401
 
 # isort: on
-from loramem.cli.app import app, main, run
+# The Typer application is `loramem.cli.app.app`: not re-exported here, where it would hide its module.
+from loramem.cli.app import main, run
 
-__all__ = ["app", "main", "run"]
+__all__ = ["main", "run"]

@@ -159,6 +159,8 @@ def run() -> NoReturn:
         main()
     except SystemExit as exc:
         code = exc.code
+    except KeyboardInterrupt:  # a signal that landed as `main` was exiting: an interrupt all the same, no traceback
+        code = 128 + (_received[0] if _received else signal.SIGINT)
     for signum in INTERRUPT_SIGNALS:  # the work is done and its exit code decided
         signal.signal(signum, signal.SIG_IGN)
     if not isinstance(code, int):  # sys.exit("message") semantics

@@ -14,7 +14,7 @@ import typer
 import typer.rich_utils
 from typer.testing import CliRunner
 
-from loramem.cli import app
+from loramem.cli.app import app
 
 COMMAND = "python -m loramem.cli.reference > docs/cli.md"
 WIDTH = 100
