@@ -199,19 +199,16 @@ class PresizedCache:
         """Run the model with the batched attention reading this cache's masks (a transformers model is switched to
         it for the block; `loramem.model.lean`'s calls it already)."""
         token = ACTIVE.set(self)
-        if getattr(model, "uses_batched_attention", False):
-            try:
-                yield
-            finally:
-                ACTIVE.reset(token)
-            return
-        register()
-        before = model.config._attn_implementation
-        model.set_attn_implementation(ATTENTION)
+        switch = not getattr(model, "uses_batched_attention", False)
+        if switch:
+            register()
+            before = model.config._attn_implementation
+            model.set_attn_implementation(ATTENTION)
         try:
             yield
         finally:
-            model.set_attn_implementation(before)
+            if switch:
+                model.set_attn_implementation(before)
             ACTIVE.reset(token)
 
 
@@ -309,18 +306,30 @@ def _assemble(model: Any, docs: list[Doc], prompts: list[list[int]], starts: tor
     return PresizedCache(layers, new_positions, new_valid)
 
 
+def _row_documents(model: Any, cache: Any, rows: int, device: Any, dtype: Any) -> tuple[list[Doc], torch.Tensor]:
+    """Each layer's document part for `rows` rows over `cache` (`_row_caches`), and the original position where
+    each row's own tokens start (its document's length)."""
+    caches = _row_caches(cache, rows)
+    starts = torch.tensor([c.n_tokens if c is not None else 0 for c in caches], device=device)
+    return _documents(model, caches, device, dtype), starts
+
+
 def build_cache(model: Any, cache: Any, prompts: list[list[int]], room: int, device: Any, dtype: Any) -> PresizedCache:
     """A pre-sized batch cache for left-padded `prompts` over `cache`: a KVCache or None (no document) shared by
     every row, or a list with one per row."""
-    caches = _row_caches(cache, len(prompts))
-    starts = torch.tensor([c.n_tokens if c is not None else 0 for c in caches], device=device)
-    return _assemble(model, _documents(model, caches, device, dtype), prompts, starts, room)
+    docs, starts = _row_documents(model, cache, len(prompts), device, dtype)
+    return _assemble(model, docs, prompts, starts, room)
+
+
+def one_cache(caches: list[Any]) -> bool:
+    """Every row reads the same cache (or every row none): the engine then holds one copy of it."""
+    return all(c is caches[0] for c in caches)
 
 
 def shared_lead(prompts: list[list[int]], cache: Any) -> int:
     """How many leading tokens every prompt shares, when every row reads one document (or none): those are computed
     once and held with the document. At least one token of each prompt is left to the batch's own pass."""
-    if len(prompts) < 2 or (isinstance(cache, list | tuple) and any(c is not cache[0] for c in cache)):
+    if len(prompts) < 2 or not one_cache(_row_caches(cache, len(prompts))):
         return 0
     first, most = prompts[0], min(len(p) for p in prompts) - 1
     lead = 0
@@ -329,13 +338,14 @@ def shared_lead(prompts: list[list[int]], cache: Any) -> int:
     return lead
 
 
-def _lead_document(model: Any, cache: Any, lead: list[int], device: Any, dtype: Any) -> tuple[list[Doc], int]:
-    """The shared document extended by the prompts' shared leading tokens, computed in one one-row pass; and the
-    original position where the rows' own tokens start."""
-    caches = [cache[0] if isinstance(cache, list | tuple) else cache]  # every row's one document
-    start = caches[0].n_tokens if caches[0] is not None else 0
-    docs = _documents(model, caches, device, dtype)
-    one = _assemble(model, docs, [lead], torch.tensor([start], device=device), len(lead))
+def _lead_document(
+    model: Any, cache: Any, lead: list[int], rows: int, device: Any, dtype: Any
+) -> tuple[list[Doc], torch.Tensor]:
+    """The rows' one document extended by their shared leading tokens, computed in a one-row pass; and the original
+    position where each row's own tokens start."""
+    first = _row_caches(cache, rows)[0]
+    docs, start = _row_documents(model, first, 1, device, dtype)
+    one = _assemble(model, docs, [lead], start, len(lead))
     with one.active(model):
         one.prepare(len(lead))
         model(
@@ -357,7 +367,7 @@ def _lead_document(model: Any, cache: Any, lead: list[int], device: Any, dtype: 
                 None if present is None else torch.cat([present, present.new_ones(1, heads, len(lead))], dim=2),
             )
         )
-    return extended, start + len(lead)
+    return extended, (start + len(lead)).expand(rows)
 
 
 def decode(
@@ -377,16 +387,13 @@ def decode(
     with torch.inference_mode():
         prefill_started = clock(device)
         if lead:  # the leading tokens every row shares (the instruction, a closed-book chat prefix), once
-            docs, start = _lead_document(model, cache, prompts[0][:lead], device, dtype)
-            own = [p[lead:] for p in prompts]
+            docs, starts = _lead_document(model, cache, prompts[0][:lead], rows, device, dtype)
         else:
-            own = prompts
+            docs, starts = _row_documents(model, cache, rows, device, dtype)
+        own = [p[lead:] for p in prompts]
         width = max(len(p) for p in own)
         room = width + max_new_tokens
-        if lead:
-            batch = _assemble(model, docs, own, torch.full((rows,), start, device=device), room)
-        else:
-            batch = build_cache(model, cache, own, room, device, dtype)
+        batch = _assemble(model, docs, own, starts, room)
     ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in own], device=device)
     tokens: list[list[int]] = [[] for _ in range(rows)]
     stopped = [False] * rows

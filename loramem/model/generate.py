@@ -18,7 +18,7 @@ from loramem.adapters.attach import adapter_scope
 from loramem.errors import LoramemError
 from loramem.kv.cache import KVCache
 from loramem.model import MAX_BATCH, MAX_BATCH_TOKENS, MAX_NEW_TOKENS
-from loramem.model.batch import Decoded, decode
+from loramem.model.batch import Decoded, decode, one_cache
 from loramem.model.loading import LoadedModel
 from loramem.model.prompt import DEFAULT_FRAMING, Framing, closed_book_ids, question_ids, stop_token_ids
 
@@ -53,8 +53,7 @@ def batch_rows(cache: KVCache | None, width: int, max_new_tokens: int, max_batch
 def batch_tokens(caches: list[KVCache | None], width: int, max_new_tokens: int) -> int:
     """Cached tokens a batch of rows over `caches` holds: the document once when every row shares one cache (as
     the engine keeps it), else a copy per row padded to the largest; plus each row's question and answer."""
-    shared = caches[0] is not None and all(c is caches[0] for c in caches)
-    copies = 1 if shared else len(caches)
+    copies = 1 if one_cache(caches) else len(caches)  # (no document: nothing to copy either way)
     return copies * max(_kept(c) for c in caches) + len(caches) * (width + max_new_tokens)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from loramem.model.attention import ATTENTION, batched_attention
+from loramem.model.attention import batched_attention
 
 # What transformers' fast tokenizers do to decoded text when `clean_up_tokenization_spaces` is set, in its order.
 _CLEAN_UP: tuple[tuple[str, str], ...] = tuple(
@@ -124,7 +124,6 @@ class LeanConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     model_type: str = "llama"
-    _attn_implementation: str = ATTENTION
 
     @classmethod
     def supported(cls, config: dict[str, Any]) -> LeanConfig | None:
