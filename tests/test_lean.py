@@ -146,3 +146,19 @@ def test_default_model_answers_without_importing_transformers(real, tmp_path):
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
     assert out.stderr.strip().splitlines()[-1] == "[]", out.stderr
     assert out.stdout.splitlines() == expected
+
+
+@pytest.mark.real
+def test_default_model_refusals_without_transformers_are_one_line(real, tiny, doc_text, tmp_path, capsys):
+    """The transformers-free path checks what transformers' path checks: a cache from another model is exit 3, a
+    template variable its chat template does not use is exit 2, each in one line."""
+    from inprocess import assert_refused, invoke
+
+    foreign = tmp_path / "tiny.kv.safetensors"
+    foreign.write_bytes(encode(tiny, doc_text, presses=["snapkv"]).to_bytes())
+    own = tmp_path / "default.kv.safetensors"
+    own.write_bytes(encode(real, doc_text[:400], presses=["snapkv"]).to_bytes())
+    assert "model" in assert_refused(invoke(capsys, "ask", "--cache", str(foreign), "Who?"), (3,))
+    bad = invoke(capsys, "ask", "--cache", str(own), "--chat-template-kwargs", '{"nope": 1}', "Who?")
+    assert "nope" in assert_refused(bad, (2,))
+    assert load_model(answer_only=True).model.__class__.__name__ == "LeanLlama"  # the path these refusals took
