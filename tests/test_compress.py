@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from kvpress_reference import assert_agrees
+from kvpress_reference import assert_agrees, kvpress_prefills
 
 from loramem import LoramemError, compress, encode
 from loramem.kv.compress import n_kept
@@ -38,7 +38,21 @@ def test_n_kept_counts_like_kvpress():
 @pytest.mark.parametrize("press", DEFAULT_PRESSES)
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_agrees_with_kvpress_on_tiny_model(tiny, raw_cache, press, ratio):
-    assert_agrees(tiny, raw_cache, compress(raw_cache, press, ratio=ratio), press, ratio)
+    assert_agrees(tiny, raw_cache, press, [ratio])
+
+
+@pytest.mark.parametrize("press", DEFAULT_PRESSES)
+def test_one_prefill_equals_a_prefill_per_ratio(tiny, raw_cache, press):
+    """The reference's shortcut (one kvpress prefill feeding every ratio's hook) is exactly kvpress run once per
+    ratio, whichever ratio leads."""
+    ratios = (0.9, 0.25, 0.5)
+    shared = kvpress_prefills(tiny, raw_cache, press, ratios)
+    for ratio, small in zip(ratios, shared):
+        (alone,) = kvpress_prefills(tiny, raw_cache, press, [ratio])
+        assert len(small.layers) == len(alone.layers) == tiny.config.num_hidden_layers
+        for mine, theirs in zip(small.layers, alone.layers):
+            assert mine.keys.shape[-2] < raw_cache.n_tokens
+            assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
 
 
 @pytest.mark.parametrize("press", DEFAULT_PRESSES)

@@ -28,8 +28,7 @@ def raw_cache(real):
 @pytest.mark.parametrize("press", DEFAULT_PRESSES)
 def test_agrees_with_kvpress_on_default_model(real, raw_cache, press):
     assert raw_cache.n_tokens > 700
-    for ratio in (0.25, 0.5, 0.9):
-        assert_agrees(real, raw_cache, compress(raw_cache, press, ratio=ratio), press, ratio)
+    assert_agrees(real, raw_cache, press, (0.25, 0.5, 0.9))
 
 
 def test_pipeline_answers_from_the_document(tmp_path):
