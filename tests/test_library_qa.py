@@ -122,10 +122,16 @@ def test_top_1_uses_the_documents_own_adapter(tiny, library, embedder):
 
 
 @pytest.mark.parametrize("options", [{"top_k": 1}, {"top_k": 1, "with_caches": True}, {"top_k": 2, "with_context": 1}])
-def test_batched_questions_answer_as_one_at_a_time(tiny, library, embedder, options):
-    """Questions routed to alternating adapters, answered in groups, give each question's own answer and routing."""
+def test_batched_questions_answer_as_one_at_a_time(tiny, library, embedder, options, monkeypatch):
+    """Questions routed to alternating adapters, answered in groups, give each question's own answer and routing;
+    questions that retrieve the same chunks share one context prefill."""
     questions = [PARAPHRASES[name] for name in ("bees", "railway", "bees", "glass", "railway")]
+    prefills = Count(monkeypatch, qa_module, "encode")
     together = ask_library_batch(tiny, library, questions, max_new_tokens=TOKENS, embedder=embedder, **options)
+    chunk_lists = [tuple((c.doc_id, c.index) for c in r.context_chunks) for r in together if r.context_chunks]
+    assert prefills.calls == len(set(chunk_lists))
+    assert len(chunk_lists) == (len(questions) if "with_context" in options else 0)
+    assert len(set(chunk_lists)) < len(chunk_lists) or not chunk_lists  # "bees" is asked twice
     for question, batched in zip(questions, together):
         alone = ask_library(tiny, library, question, max_new_tokens=TOKENS, embedder=embedder, **options)
         for field in ("routed", "adapter", "context_chunks", "context_caches"):
@@ -339,6 +345,7 @@ def counted(monkeypatch: pytest.MonkeyPatch, fail_after: int | None = None) -> d
     counts["generate"] = Count(monkeypatch, library_modes, "iter_answers", fail_after, items=True)
     counts["generate"].per_item(monkeypatch, runner, "iter_answers")
     counts["merge_adapters"] = Count(monkeypatch, qa_module, "merge_adapters")
+    counts["context_prefills"] = Count(monkeypatch, qa_module, "encode")
     return counts
 
 
@@ -386,6 +393,9 @@ def test_every_library_mode_answers_every_question(tiny, dataset, reference, emb
     for name in NAMES:
         assert by_cell[(name, 0, "hybrid")]["adapter"] == by_cell[(name, 0, "routed-merge")]["adapter"]
         assert by_cell[(name, 0, "hybrid")]["context_chunks"] == by_cell[(name, 0, "rag")]["context_chunks"]
+    # One context prefill per document and chunk list: a question's hybrid and rag rows share it.
+    in_context = [(r["doc_id"], json.dumps(r["context_chunks"])) for r in library if r["context_chunks"]]
+    assert counts["context_prefills"].calls == len(set(in_context)) < len(in_context)
 
     # Answers as ask would give them: oracle with the gold adapter closed-book, rag over the chunks without one.
     question = by_cell[("glass", 1, "oracle")]["question"]

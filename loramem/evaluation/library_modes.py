@@ -16,7 +16,7 @@ from loramem.evaluation.doc_adapters import document_adapter
 from loramem.evaluation.rundir import LIBRARY, AnswerLog, answer_row
 from loramem.kv.cache import KVCache
 from loramem.library.embed import load_embedder
-from loramem.library.qa import context_cache, routed_adapter, use_adapter
+from loramem.library.qa import ContextCaches, context_cache, routed_adapter, use_adapter
 from loramem.library.store import (
     AddOptions,
     add_documents,
@@ -136,7 +136,7 @@ def answer_library(
         else:
             adapter = None
         jobs.append((cell, adapter))
-    contexts: dict[int, KVCache] = {}
+    contexts: ContextCaches = {}
     status("answering from the library")
     by_adapter: dict[Path | None, list[Cell]] = {}
     for cell, adapter in jobs:
@@ -148,10 +148,8 @@ def answer_library(
             use_adapter(lm, adapter)
         caches: list[KVCache | None] = []
         for cell in group:
-            q = cell.question_index
-            if cell.mode in ("hybrid", "rag") and q not in contexts:
-                contexts[q] = context_cache(lm, chunks[q])
-            caches.append(contexts[q] if cell.mode in ("hybrid", "rag") else None)
+            in_context = cell.mode in ("hybrid", "rag")
+            caches.append(context_cache(lm, chunks[cell.question_index], contexts) if in_context else None)
         # One adapter's questions in batches (closed-book rows and rows over their own retrieved context together),
         # as the other modes are answered: one at a time, the library modes cost more than all the others.
         replies = iter_answers(

@@ -120,9 +120,16 @@ def use_adapter(lm: LoadedModel, folder: Path) -> None:
         attach_adapter(lm, folder)
 
 
-def context_cache(lm: LoadedModel, chunks: list[Chunk]) -> KVCache:
-    """Retrieved chunks, joined in retrieval order, encoded by the base model as one document."""
-    return encode(lm, CONTEXT_SEPARATOR.join(c.text for c in chunks), presses=CONTEXT_PRESSES)
+ContextCaches = dict[tuple[tuple[str, int], ...], KVCache]
+
+
+def context_cache(lm: LoadedModel, chunks: list[Chunk], made: ContextCaches) -> KVCache:
+    """Retrieved chunks, joined in retrieval order, encoded by the base model as one document: once per chunk list
+    in `made`, so questions that retrieve the same chunks in the same order share one prefill (and one cache)."""
+    key = tuple((c.doc_id, c.index) for c in chunks)
+    if key not in made:
+        made[key] = encode(lm, CONTEXT_SEPARATOR.join(c.text for c in chunks), presses=CONTEXT_PRESSES)
+    return made[key]
 
 
 def stored_cache(lm: LoadedModel, lib: Library, doc_id: str) -> KVCache:
@@ -249,8 +256,8 @@ def ask_library_batch(
     max_batch_tokens: int = MAX_BATCH_TOKENS,
 ) -> list[LibraryAnswer]:
     """`ask_library` for many questions: questions routed to the same adapter are answered together in batches, each
-    over its own cache (its retrieved chunks, or with_caches its routed documents' caches side by side, made once per
-    routed set in a batch), or none."""
+    over its own cache (its retrieved chunks, made once per chunk list in a batch, or with_caches its routed
+    documents' caches side by side, made once per routed set in a batch), or none."""
     lib, config = check_request(library, top_k, merge, with_context, with_caches, weights, density)
     check_model(lib, lm.fingerprint)
     embedder = library_embedder(lib, embedder)
@@ -268,11 +275,12 @@ def ask_library_batch(
     pieces = [members[start : start + step] for members in groups.values() for start in range(0, len(members), step)]
     for members in pieces:
         side_by_side: dict[tuple[str, ...], KVCache] = {}
+        contexts: ContextCaches = {}
         caches: list[KVCache | None] = []
         for index in members:
             _, ids, _, chunks = plans[index]
             if chunks:
-                caches.append(context_cache(lm, chunks))
+                caches.append(context_cache(lm, chunks, contexts))
             elif with_caches:
                 if tuple(ids) not in side_by_side:
                     side_by_side[tuple(ids)] = parallel_cache([stored_cache(lm, lib, i) for i in ids])
