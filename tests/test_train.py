@@ -20,7 +20,7 @@ from loramem.adapters.train import (
 )
 from loramem.errors import LoramemError
 from loramem.evaluation.metrics import normalize_answer, rouge_l
-from loramem.model.generate import generate
+from loramem.model.generate import answer_batch
 from loramem.model.loading import sha256_text
 
 QA = [
@@ -262,7 +262,7 @@ HARBOUR_PARAPHRASES = [
 
 
 def _answers(lm, pairs, adapter_on):
-    return [generate(lm, q, None, adapter_on=adapter_on, max_new_tokens=12) for q, _ in pairs]
+    return answer_batch(lm, [q for q, _ in pairs], None, adapter_on=adapter_on, max_new_tokens=12)
 
 
 def _mean_rouge(answers, pairs) -> float:
