@@ -221,16 +221,45 @@ def collate(examples: list[Example], pad_id: int, device: Any) -> tuple[torch.Te
     return (torch.tensor(ids, device=device), torch.tensor(mask, device=device), torch.tensor(labels, device=device))
 
 
+# A shared prefix shorter than this is not worth a second forward call.
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix(examples: list[Example]) -> int:
+    """Leading tokens every example of a batch shares and no target is predicted from (for QA, the chat framing
+    before each question): `batch_loss` runs them once for the whole batch. 0 when not worth it."""
+    if len(examples) < 2:
+        return 0
+    first = examples[0].ids
+    common = min(len(e.ids) for e in examples)
+    for e in examples[1:]:
+        common = next((i for i, (a, b) in enumerate(zip(first[:common], e.ids)) if a != b), common)
+    # Position p predicts token p + 1: the prefix ends before the position predicting the first target.
+    first_target = min(next(i for i, label in enumerate(e.labels) if label != IGNORE) for e in examples)
+    length = min(common, first_target - 1)
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
 def batch_loss(model: Any, examples: list[Example], pad_id: int, device: Any) -> torch.Tensor:
     """Mean over examples of each example's mean next-token loss, so short answers weigh as much as long chunks.
 
     Logits are computed only at positions that predict a target (logits_to_keep): for QA that skips
     the vocabulary projection over the prompt (1.1-1.25x HF's own loss on CPU, more for short answers).
+    The batch's shared prefix (`shared_prefix`) runs once, as one row whose keys and values every row attends to
+    (gradients flow back through them), unless dropout is on: its masks must differ per row.
     """
     ids, mask, labels = collate(examples, pad_id, device)
     targets = labels[:, 1:]
     keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
-    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, use_cache=False).logits
+    shared = 0 if model.training else shared_prefix(examples)
+    if shared:
+        cache = model(input_ids=ids[:1, :shared], use_cache=True, logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(len(examples))
+        logits = model(
+            input_ids=ids[:, shared:], attention_mask=mask, past_key_values=cache, logits_to_keep=keep - shared
+        ).logits
+    else:
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, use_cache=False).logits
     picked = targets[:, keep]
     token_loss = torch.nn.functional.cross_entropy(
         logits.float().transpose(1, 2), picked, ignore_index=IGNORE, reduction="none"
