@@ -11,17 +11,17 @@ from loramem import compress
 from loramem.kv.presses import make_kvpress
 
 
-def kvpress_prefills(lm, cache, press: str, ratios: Sequence[float]) -> list[DynamicCache]:
-    """The compressed prefill cache kvpress produces for each ratio, from one forward pass.
+def kvpress_prefills(lm, cache, settings: Sequence[tuple[str, float]]) -> list[DynamicCache]:
+    """The compressed prefill cache kvpress produces for each (press, ratio), from one forward pass.
 
-    The first ratio's press runs as kvpress runs it (its context manager's hooks). kvpress compresses only the
-    cache, never a layer's output, so every ratio's prefill computes the same layer inputs: each further ratio's
-    press runs its own `forward_hook` on those inputs, over its own cache holding the layer's uncompressed keys
-    and values (this hook is registered first, so it runs before the first press has evicted anything).
-    `test_one_prefill_equals_a_prefill_per_ratio` checks that this equals separate prefills.
+    The first setting's press runs as kvpress runs it (its context manager's hooks). kvpress compresses only the
+    cache, never a layer's output, so every setting's prefill computes the same layer inputs: each further press
+    runs its own `forward_hook` on those inputs, over its own cache holding the layer's uncompressed keys and
+    values (this hook is registered first, so it runs before the first press has evicted anything).
+    `test_one_prefill_equals_a_prefill_per_setting` checks that this equals separate prefills.
     """
-    presses = [make_kvpress(press, ratio) for ratio in ratios]
-    caches = [DynamicCache() for _ in ratios]
+    presses = [make_kvpress(press, ratio) for press, ratio in settings]
+    caches = [DynamicCache() for _ in settings]
     for other in presses[1:]:
         other.post_init_from_model(lm.model)
 
@@ -70,13 +70,17 @@ def kvpress_keep(cache, small: DynamicCache):
     return result
 
 
+def assert_keeps_what_kvpress_keeps(cache, press: str, ratio: float, small: DynamicCache) -> None:
+    """loramem's compression of `cache` keeps the positions, keys and values of kvpress's prefill `small`, for
+    every layer and head."""
+    ours = compress(cache, press, ratio=ratio)
+    for layer, (positions, keys, values) in enumerate(kvpress_keep(cache, small)):
+        assert torch.equal(ours.positions[layer].long(), positions), f"{press}@{ratio}: positions differ, layer {layer}"
+        assert torch.equal(ours.keys[layer], keys), f"{press}@{ratio}: keys differ at layer {layer}"
+        assert torch.equal(ours.values[layer], values), f"{press}@{ratio}: values differ at layer {layer}"
+
+
 def assert_agrees(lm, cache, press: str, ratios: Sequence[float]) -> None:
     """loramem's kept positions, keys and values equal kvpress's for every ratio, layer and head."""
-    for ratio, small in zip(ratios, kvpress_prefills(lm, cache, press, ratios)):
-        ours = compress(cache, press, ratio=ratio)
-        for layer, (positions, keys, values) in enumerate(kvpress_keep(cache, small)):
-            assert torch.equal(ours.positions[layer].long(), positions), (
-                f"{press}@{ratio}: positions differ, layer {layer}"
-            )
-            assert torch.equal(ours.keys[layer], keys), f"{press}@{ratio}: keys differ at layer {layer}"
-            assert torch.equal(ours.values[layer], values), f"{press}@{ratio}: values differ at layer {layer}"
+    for ratio, small in zip(ratios, kvpress_prefills(lm, cache, [(press, ratio) for ratio in ratios])):
+        assert_keeps_what_kvpress_keeps(cache, press, ratio, small)

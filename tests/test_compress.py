@@ -41,18 +41,17 @@ def test_agrees_with_kvpress_on_tiny_model(tiny, raw_cache, press, ratio):
     assert_agrees(tiny, raw_cache, press, [ratio])
 
 
-@pytest.mark.parametrize("press", DEFAULT_PRESSES)
-def test_one_prefill_equals_a_prefill_per_ratio(tiny, raw_cache, press):
-    """The reference's shortcut (one kvpress prefill feeding every ratio's hook) is exactly kvpress run once per
-    ratio, whichever ratio leads."""
-    ratios = (0.9, 0.25, 0.5)
-    shared = kvpress_prefills(tiny, raw_cache, press, ratios)
-    for ratio, small in zip(ratios, shared):
-        (alone,) = kvpress_prefills(tiny, raw_cache, press, [ratio])
+def test_one_prefill_equals_a_prefill_per_setting(tiny, raw_cache):
+    """The reference's shortcut (one kvpress prefill feeding every press and ratio's own hook) is exactly kvpress
+    run once per setting, whichever setting leads."""
+    settings = [(press, ratio) for ratio in (0.9, 0.25, 0.5) for press in DEFAULT_PRESSES]
+    shared = kvpress_prefills(tiny, raw_cache, settings)
+    for setting, small in zip(settings, shared):
+        (alone,) = kvpress_prefills(tiny, raw_cache, [setting])
         assert len(small.layers) == len(alone.layers) == tiny.config.num_hidden_layers
         for mine, theirs in zip(small.layers, alone.layers):
             assert mine.keys.shape[-2] < raw_cache.n_tokens
-            assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+            assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values), setting
 
 
 @pytest.mark.parametrize("press", DEFAULT_PRESSES)
