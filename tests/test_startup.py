@@ -90,3 +90,10 @@ def test_all_finite_agrees_with_isfinite_even_where_the_sum_overflows(dtype):
     for name, t in cases.items():
         assert all_finite(t) == bool(torch.isfinite(t).all()), name
     assert all_finite(torch.tensor([2**31 - 1, 5], dtype=torch.int32))
+
+
+def test_a_ray_worker_imports_no_plotting_or_statistics():
+    """A Ray actor imports loramem.evaluation.ray before it loads a model; only the driver summarizes and plots."""
+    code = "import sys, loramem.evaluation.ray\nprint([m for m in ('scipy', 'matplotlib') if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
