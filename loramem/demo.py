@@ -30,7 +30,7 @@ from loramem.kv.cache import KVCache
 from loramem.kv.compress import compress
 from loramem.kv.encode import encode
 from loramem.log import log, progress_bar
-from loramem.model.generate import answer_batch
+from loramem.model.generate import iter_answers
 from loramem.model.loading import LoadedModel
 
 DATA = "demo_data"
@@ -88,14 +88,20 @@ def with_endpoints(ratios: list[float]) -> list[float]:
 
 
 def _answer_all(
-    lm: LoadedModel, example: Example, cache: KVCache, ratio: float, press: str, adapter: bool, advance: Callable
+    lm: LoadedModel, example: Example, caches: dict[float, KVCache], press: str, adapter: bool, advance: Callable
 ) -> list[Row]:
-    """Every question over one cache, in one batch."""
-    questions = [item["question"] for item in example.questions]
-    answers = answer_batch(lm, questions, cache, max_new_tokens=MAX_NEW_TOKENS, adapter_on=adapter)
-    advance(len(answers))
-    return [
-        Row(
+    """Every question over each ratio's cache, all as rows of the same batches."""
+    jobs = [(ratio, item) for ratio in caches for item in example.questions]
+    rows: list[Row | None] = [None] * len(jobs)
+    for index, answer, _ in iter_answers(
+        lm,
+        [item["question"] for _, item in jobs],
+        [caches[ratio] for ratio, _ in jobs],
+        max_new_tokens=MAX_NEW_TOKENS,
+        adapter_on=adapter,
+    ):
+        ratio, item = jobs[index]
+        rows[index] = Row(
             ratio=ratio,
             adapter=adapter,
             press=press,
@@ -105,8 +111,8 @@ def _answer_all(
             rouge_l=round(rouge_l(answer.answer, item["answers"]), 3),
             contains=contains(answer.answer, item["answers"]),
         )
-        for item, answer in zip(example.questions, answers)
-    ]
+        advance(1)
+    return [row for row in rows if row is not None]
 
 
 def run_demo(
@@ -120,8 +126,7 @@ def run_demo(
     rows: list[Row] = []
     compressed = {ratio: compress(cache, press, ratio=ratio) for ratio in ratios}
     with progress_bar("answering", len(ratios) * len(example.questions)) as advance:
-        for ratio in ratios:
-            rows += _answer_all(lm, example, compressed[ratio], ratio, press, False, advance)
+        rows += _answer_all(lm, example, compressed, press, False, advance)
     if not adapter:
         return rows
     with tempfile.TemporaryDirectory(prefix="loramem-demo-") as tmp:
@@ -142,7 +147,7 @@ def run_demo(
         try:
             empty = compressed.get(NO_CONTEXT) or compress(cache, press, ratio=NO_CONTEXT)
             with progress_bar("answering with the adapter", len(example.questions)) as advance:
-                rows += _answer_all(lm, example, empty, NO_CONTEXT, press, True, advance)
+                rows += _answer_all(lm, example, {NO_CONTEXT: empty}, press, True, advance)
         finally:
             detach_adapter(lm)
     return rows
