@@ -138,12 +138,21 @@ def _retryable(exc: BaseException) -> bool:
 
 
 class _Pool:
-    """The worker actors, one per slot; a dead one is replaced by a fresh one."""
+    """The worker actors, one per slot; a dead one is replaced by a fresh one when its slot gets work again (a
+    replacement that would only be closed is never started)."""
 
     def __init__(self, spec: tuple, threads: int, resources: dict[str, float]) -> None:
         ray = _import_ray()
         self.make = lambda: ray.remote(_Worker).options(**resources).remote(spec, threads)
         self.actors = [self.make()]
+        self.dead: set[int] = set()
+
+    def actor(self, index: int) -> Any:
+        """The slot's actor, a fresh one if the last one died."""
+        if index in self.dead:
+            self.dead.discard(index)
+            self.replace(index)
+        return self.actors[index]
 
     def grow(self, size: int) -> None:
         self.actors += [self.make() for _ in range(size - len(self.actors))]
@@ -253,7 +262,7 @@ def _answer(pool: _Pool, plan: Any, config: EvalConfig, max_retries: int, size: 
     def send(index: int) -> None:
         if queue:
             record, cells = queue.popleft()
-            ref = pool.actors[index].document.remote(record, cells, config, str(plan.run))
+            ref = pool.actor(index).document.remote(record, cells, config, str(plan.run))
             running[ref] = (index, record, cells)
 
     with progress_bar("evaluating on Ray", plan.n_cells) as advance:
@@ -267,7 +276,7 @@ def _answer(pool: _Pool, plan: Any, config: EvalConfig, max_retries: int, size: 
                 advance(len(cells))
             except ray.exceptions.RayError as exc:
                 if isinstance(exc, ray.exceptions.RayActorError):
-                    pool.replace(index)
+                    pool.dead.add(index)
                 attempts[record.id] += 1
                 if _retryable(exc) and attempts[record.id] <= max_retries:
                     queue.appendleft((record, cells))
