@@ -209,3 +209,26 @@ def run_cli(*args: str, input: bytes | None = None, cwd: Path | None = None) -> 
             sys.stderr.flush()
             sys.stdin, sys.stdout, sys.stderr = streams
     return subprocess.CompletedProcess(["loramem", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+def assert_batch_loss_equals_rows(model, batch) -> None:
+    """`batch_loss` over a padded batch (a shared prefix run once, where there is one) has the loss and gradients of
+    its examples run one at a time."""
+    import copy
+
+    import torch
+
+    from loramem.adapters.train import batch_loss
+
+    model = copy.deepcopy(model).requires_grad_(True)
+
+    def loss_and_grads(batches):
+        model.zero_grad()
+        loss = sum(batch_loss(model, b, 0, "cpu") for b in batches) / len(batches)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    batched_loss, batched_grads = loss_and_grads([batch])
+    single_loss, single_grads = loss_and_grads([[e] for e in batch])
+    assert torch.allclose(batched_loss, single_loss, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(batched_grads, single_grads))

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_batch_loss_equals_rows
 from families import FAMILIES, make_family_model
 from kvpress_reference import assert_agrees
 
 from loramem import KVCache, compress, encode, generate
 from loramem.adapters.attach import attach_adapter, detach_adapter
 from loramem.adapters.merge import MergeConfig, merge_adapters
-from loramem.adapters.train import MIN_SHARED_PREFIX, TrainConfig, batch_loss, qa_examples, shared_prefix, train_adapter
+from loramem.adapters.train import MIN_SHARED_PREFIX, TrainConfig, qa_examples, shared_prefix, train_adapter
 from loramem.kv.presses import DEFAULT_PRESSES
 from loramem.kv.quantize import make_storage
 from loramem.kv.value_groups import compress_value_groups
@@ -145,25 +146,12 @@ def test_train_adapter_targets(fam, doc_text, targets):
 def test_batch_loss_over_a_shared_prefix_equals_one_row_at_a_time(fam):
     """Questions that share their framing and first words: the batch runs those tokens once, as one row every row
     attends to, and its loss and gradients equal each row's own, one at a time."""
-    import copy
-
     _, lm, _ = fam
     lead = "In the old story about the keeper of the lighthouse on the northern cape, "
     questions = [("who lit the lamp?", "Ottoline Brisk"), ("when was it built?", "1871"), ("who painted it?", "Hob")]
     batch = qa_examples(lm.tokenizer, [(lead + q, a) for q, a in questions], 512, lm.framing())
     assert shared_prefix(batch) >= MIN_SHARED_PREFIX
-    model = copy.deepcopy(lm.model).requires_grad_(True)
-
-    def loss_and_grads(batches):
-        model.zero_grad()
-        loss = sum(batch_loss(model, b, 0, "cpu") for b in batches) / len(batches)
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-    batched_loss, batched_grads = loss_and_grads([batch])
-    single_loss, single_grads = loss_and_grads([[e] for e in batch])
-    assert torch.allclose(batched_loss, single_loss, atol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(batched_grads, single_grads))
+    assert_batch_loss_equals_rows(lm.model, batch)
 
 
 def test_adapter_recalls_a_fact_in_the_family_framing(fam, doc_text):

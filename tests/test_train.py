@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from conftest import assert_batch_loss_equals_rows
 
 from loramem.adapters.attach import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORAMEM_META, attach_adapter, detach_adapter
 from loramem.adapters.train import (
     TRAIN_QA,
     TrainConfig,
-    batch_loss,
     ntp_examples,
     qa_examples,
     resolve_layers,
@@ -71,21 +71,8 @@ def test_output_is_a_standard_peft_adapter(tiny, tiny_dir, doc_text, tmp_path):
 
 def test_batch_loss_weighs_examples_equally_whatever_the_padding(tiny, doc_text):
     """A padded batch's loss and gradients equal the mean over its examples run one by one."""
-    import copy
-
-    model = copy.deepcopy(tiny.model).requires_grad_(True)
     batch = qa_examples(tiny.tokenizer, QA, 512) + ntp_examples(tiny.tokenizer, doc_text, 16)[:1]
-
-    def loss_and_grads(batches):
-        model.zero_grad()
-        loss = sum(batch_loss(model, b, 0, "cpu") for b in batches) / len(batches)
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-    batched_loss, batched_grads = loss_and_grads([batch])
-    single_loss, single_grads = loss_and_grads([[e] for e in batch])
-    assert torch.allclose(batched_loss, single_loss, atol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(batched_grads, single_grads))
+    assert_batch_loss_equals_rows(tiny.model, batch)
 
 
 def test_same_seed_gives_identical_adapter_bytes(tiny, doc_text, tmp_path):
