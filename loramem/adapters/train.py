@@ -235,7 +235,7 @@ def shared_prefix(examples: list[Example]) -> int:
     for e in examples[1:]:
         common = next((i for i, (a, b) in enumerate(zip(first[:common], e.ids)) if a != b), common)
     # Position p predicts token p + 1: the prefix ends before the position predicting the first target.
-    first_target = min(next(i for i, label in enumerate(e.labels) if label != IGNORE) for e in examples)
+    first_target = min(next((i for i, label in enumerate(e.labels) if label != IGNORE), 0) for e in examples)
     length = min(common, first_target - 1)
     return length if length >= MIN_SHARED_PREFIX else 0
 
