@@ -26,7 +26,7 @@ from loramem.adapters.config import TARGET_PRESETS, TrainConfig, layer_ranges
 from loramem.errors import LoramemError
 from loramem.fileio import atomic_directory
 from loramem.model.loading import LoadedModel, sha256_text
-from loramem.model.prompt import Framing, answer_ids, closed_book_ids, document_ids
+from loramem.model.prompt import Framing, answer_ids, closed_book_ids, common_prefix, document_ids
 
 TRAIN_QA = "train_qa.jsonl"
 IGNORE = -100
@@ -230,13 +230,9 @@ def shared_prefix(examples: list[Example]) -> int:
     before each question): `batch_loss` runs them once for the whole batch. 0 when not worth it."""
     if len(examples) < 2:
         return 0
-    first = examples[0].ids
-    common = min(len(e.ids) for e in examples)
-    for e in examples[1:]:
-        common = next((i for i, (a, b) in enumerate(zip(first[:common], e.ids)) if a != b), common)
     # Position p predicts token p + 1: the prefix ends before the position predicting the first target.
     first_target = min(next((i for i, label in enumerate(e.labels) if label != IGNORE), 0) for e in examples)
-    length = min(common, first_target - 1)
+    length = common_prefix([e.ids for e in examples], first_target - 1)
     return length if length >= MIN_SHARED_PREFIX else 0
 
 

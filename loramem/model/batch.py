@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from loramem.model.attention import ACTIVE, ATTENTION, register
+from loramem.model.prompt import common_prefix
 
 # Rows that finished leave the batch: at once when the rows share one document (a retirement then copies only their
 # own question and answer columns), else once at most this share of it is still running (each retirement copies the
@@ -331,11 +332,7 @@ def shared_lead(prompts: list[list[int]], cache: Any) -> int:
     once and held with the document. At least one token of each prompt is left to the batch's own pass."""
     if len(prompts) < 2 or not one_cache(_row_caches(cache, len(prompts))):
         return 0
-    first, most = prompts[0], min(len(p) for p in prompts) - 1
-    lead = 0
-    while lead < most and all(p[lead] == first[lead] for p in prompts):
-        lead += 1
-    return lead
+    return common_prefix(prompts, min(len(p) for p in prompts) - 1)
 
 
 def _lead_document(

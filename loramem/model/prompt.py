@@ -236,3 +236,12 @@ def stop_token_ids(tokenizer: Any, framing: Framing, generation_config: Any = No
         elif source:
             stops.update(int(s) for s in source)
     return stops
+
+
+def common_prefix(sequences: list[list[int]], most: int) -> int:
+    """How many leading tokens every sequence shares, at most `most`: the tokens a batch can compute once (the
+    answering engine's shared lead, training's shared prefix)."""
+    first, lead = sequences[0], 0
+    while lead < most and all(len(s) > lead and s[lead] == first[lead] for s in sequences):
+        lead += 1
+    return lead
