@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,19 @@ def dataset(folder: Path, ids: list[str]) -> Path:
 CONFIG = EvalConfig(
     ratios=[0.0, 1.0], presses=["knorm"], modes=["none", "decode"], formats=["qa"], max_new_tokens=3, steps=1, rank=2
 )
+# The complete run: every kind of cell, library modes included (their library is built on a worker first).
+LIBRARY_CONFIG = EvalConfig(
+    ratios=[0.0, 1.0],
+    presses=["knorm"],
+    modes=["none", "decode", "routed-merge", "rag"],
+    formats=["qa"],
+    max_new_tokens=3,
+    steps=1,
+    rank=2,
+    library_top_k=2,
+    context_chunks=1,
+)
+COMPLETE = ["light", "bees", "flaky", "tide"]
 
 
 def rows(run: Path) -> list[dict]:
@@ -61,16 +75,52 @@ def rows(run: Path) -> list[dict]:
     return sorted(found, key=lambda r: json.dumps(r, sort_keys=True))
 
 
-def test_ray_run_equals_local_run(cluster, tiny, tiny_dir, tmp_path, one_thread):
+@dataclass
+class Complete:
+    """One Ray run that completes despite a worker dying (`flaky`) and an out-of-memory error (`tide`), a local run
+    of the same grid, and the pids of the model loads the Ray run made."""
+
+    ray: Path
+    local: Path
+    on_ray: dict
+    summary: dict
+    loads: list[str]
+
+
+@pytest.fixture(scope="module")
+def complete(cluster, tiny, tiny_dir, tmp_path_factory, one_thread) -> Complete:
+    """Shared by the tests that check one aspect each of a complete run (each Ray actor starts in seconds)."""
     from loramem.evaluation.ray import run_eval_ray
 
-    data = dataset(tmp_path, ["light", "bees", "flaky"])
-    local = run_eval(tiny, data, tmp_path / "local", CONFIG)
-    on_ray = run_eval_ray(str(tiny_dir), data, tmp_path / "ray", CONFIG)
-    assert rows(tmp_path / "ray") == rows(tmp_path / "local")
-    assert on_ray == local and local["complete"] and local["n_answers"] == 3 * 2 * 2 * 2
-    assert not (tmp_path / "ray" / "parts" / "light.jsonl").exists()  # folded into answers.jsonl
-    assert (tmp_path / "ray" / "parts" / "flaky.attempts").read_text() == "2"  # died once, retried
+    folder = tmp_path_factory.mktemp("complete")
+    data = dataset(folder, COMPLETE)
+    local = run_eval(tiny, data, folder / "local", LIBRARY_CONFIG)
+    cluster.write_text("")
+    on_ray = run_eval_ray(str(tiny_dir), data, folder / "ray", LIBRARY_CONFIG)
+    return Complete(folder / "ray", folder / "local", on_ray, local, cluster.read_text().split())
+
+
+def test_ray_run_equals_local_run(complete):
+    """Answers and summary as a local run's, though one worker died (its document retried on a fresh one)."""
+    assert rows(complete.ray) == rows(complete.local) and complete.on_ray == complete.summary
+    assert complete.summary["complete"] and complete.summary["n_answers"] == len(COMPLETE) * 2 * (2 * 2 + 2)
+    assert not (complete.ray / "parts" / "light.jsonl").exists()  # folded into answers.jsonl
+    assert (complete.ray / "parts" / "flaky.attempts").read_text() == "2"  # died once, retried
+
+
+def test_library_modes_on_ray_equal_a_local_run(complete):
+    """A worker builds the run's library before the documents route over it."""
+    assert complete.summary["routing"]["n"] == len(COMPLETE) * 2
+    assert {r["mode"] for r in read_answers(complete.ray / ANSWERS)} == {"none", "decode", "routed-merge", "rag"}
+    assert (complete.ray / "library" / "library.json").is_file()
+
+
+def test_each_worker_loads_the_model_once(complete):
+    """Four documents on two worker slots, one worker dying: three actors, three model loads (so actors answered
+    more than one document each without reloading); an out-of-memory error is retried on its living actor, with
+    no reload."""
+    assert len(complete.loads) == 3 and len(set(complete.loads)) == 3
+    assert (complete.ray / "parts" / "tide.attempts").read_text() == "2"
 
 
 def test_dead_worker_reported_others_kept_then_resumed(cluster, tiny, tiny_dir, tmp_path, one_thread):
@@ -89,41 +139,3 @@ def test_dead_worker_reported_others_kept_then_resumed(cluster, tiny, tiny_dir, 
     assert resumed["complete"] and resumed["n_answers"] == 16 and not (run / FAILURES).exists()
     fresh = run_eval(tiny, data, tmp_path / "fresh", CONFIG)
     assert rows(run) == rows(tmp_path / "fresh") and resumed == fresh
-
-
-def test_library_modes_on_ray_equal_a_local_run(cluster, tiny, tiny_dir, tmp_path, one_thread):
-    """A Ray task builds the run's library before the document tasks route over it."""
-    from loramem.evaluation.ray import run_eval_ray
-
-    data = dataset(tmp_path, ["light", "bees"])
-    config = EvalConfig(
-        ratios=[1.0],
-        presses=["knorm"],
-        modes=["none", "routed-merge", "rag"],
-        formats=["qa"],
-        max_new_tokens=3,
-        steps=1,
-        rank=2,
-        library_top_k=2,
-        context_chunks=1,
-    )
-    local = run_eval(tiny, data, tmp_path / "local", config)
-    on_ray = run_eval_ray(str(tiny_dir), data, tmp_path / "ray", config)
-    assert rows(tmp_path / "ray") == rows(tmp_path / "local") and on_ray == local
-    assert local["n_answers"] == 2 * 2 * 3 and local["routing"]["n"] == 4
-    assert (tmp_path / "ray" / "library" / "library.json").is_file()
-
-
-def test_each_worker_loads_the_model_once(cluster, tiny, tiny_dir, tmp_path, one_thread):
-    """Three documents on two worker slots: two actors, two model loads, one actor answering two documents; an
-    out-of-memory error is retried on its living actor, with no reload."""
-    from loramem.evaluation.ray import run_eval_ray
-
-    data = dataset(tmp_path, ["light", "bees", "tide"])
-    cluster.write_text("")
-    summary = run_eval_ray(str(tiny_dir), data, tmp_path / "ray", CONFIG)
-    loads = cluster.read_text().split()
-    assert len(loads) == 2 and len(set(loads)) == 2
-    assert (tmp_path / "ray" / "parts" / "tide.attempts").read_text() == "2"
-    run_eval(tiny, data, tmp_path / "local", CONFIG)
-    assert summary["complete"] and rows(tmp_path / "ray") == rows(tmp_path / "local")
