@@ -442,6 +442,40 @@ def test_resume_redoes_nothing(tiny, dataset, reference, tmp_path):
     assert all(c.calls == 0 for c in counts.values())
 
 
+def test_a_documents_adapter_is_read_once_for_all_its_modes(tiny, dataset, tmp_path, monkeypatch):
+    """oracle (the library's copy of the run's adapter), a budget point at --rank and decode use the same weights:
+    each document's are read once for all of them (and once when the library checks they fit), and the base-model
+    rows answered meanwhile with the adapter switched off are those of a run that never attaches one."""
+    from collections import Counter as Tally
+
+    from peft import PeftModel
+
+    from loramem.adapters.attach import adapter_sha256
+
+    reads: list[str] = []  # from_pretrained reads through load_adapter too
+    real_load = PeftModel.load_adapter
+    monkeypatch.setattr(
+        PeftModel, "load_adapter", lambda self, path, *a, **k: reads.append(path) or real_load(self, path, *a, **k)
+    )
+    grid = {"ratios": [0.0, 1.0], "budget_bytes": [200_000], "steps": 4, "lr": 0.05}  # an adapter that shows
+    run_eval(
+        tiny, dataset, tmp_path / "all", eval_config(modes=["none", "decode", "oracle"], budget_ranks=[0, 2], **grid)
+    )
+    per_weights = Tally(adapter_sha256(path) for path in reads)
+    assert sorted(per_weights.values()) == [2] * len(NAMES), reads
+    rows = [r for r in read_answers(tmp_path / "all" / ANSWERS) if r["ratio"] is not None]
+    decoded = {(r["doc_id"], r["question_index"], r["ratio"]): r["answer"] for r in rows if r["mode"] == "decode"}
+    base = {(r["doc_id"], r["question_index"], r["ratio"]): r["answer"] for r in rows if r["mode"] == "none"}
+    assert decoded != base  # the adapter changes answers, so base rows would show it left on
+
+    reads.clear()
+    run_eval(tiny, dataset, tmp_path / "base", eval_config(modes=["none"], budget_ranks=[0], **grid))
+    assert not reads
+    without = rows_by_cell(tmp_path / "base")
+    within = {k: v for k, v in rows_by_cell(tmp_path / "all").items() if k in without}
+    assert len(within) == len(without) and within == without
+
+
 def test_library_config_is_checked_before_the_run(tiny, dataset, reference, tmp_path):
     assert "library_top_k" not in eval_config(modes=["none"]).to_dict()  # old runs without library modes resume
     for bad in ({"merge": "mean"}, {"library_top_k": 0}, {"context_chunks": 0}):

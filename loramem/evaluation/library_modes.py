@@ -7,7 +7,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loramem.adapters.attach import detach_adapter
 from loramem.adapters.merge import MergeConfig
 from loramem.data.formats import DocRecord
 from loramem.errors import LoramemError
@@ -102,7 +101,8 @@ def answer_library(
     status: Callable[[str], None],
 ) -> None:
     """Library cells of one document: each question routed once and its adapters merged first (a merge detaches
-    the model's adapter), then answered in batches grouped by adapter, so each adapter is attached once."""
+    the model's adapter), then answered in batches grouped by adapter, so each adapter is attached once. The last
+    stays attached (base-model rows switch it off): the document's other modes may use the same weights."""
     lib = open_library(library_path(config, run))
     gold = {d["sha256"]: d["id"] for d in lib.documents}.get(sha256_text(record.document))
     if gold is None:
@@ -142,9 +142,7 @@ def answer_library(
     for cell, adapter in jobs:
         by_adapter.setdefault(adapter, []).append(cell)
     for adapter, group in sorted(by_adapter.items(), key=lambda item: str(item[0] or "")):
-        if adapter is None:
-            detach_adapter(lm)
-        else:
+        if adapter is not None:
             use_adapter(lm, adapter)
         caches: list[KVCache | None] = []
         for cell in group:
@@ -173,4 +171,3 @@ def answer_library(
                     "context_chunks": [[c.doc_id, c.index] for c in chunks[q]] if cache else [],
                 }
             )
-    detach_adapter(lm)

@@ -211,6 +211,8 @@ def _evaluate_document(
     answers: AnswerLog,
     status: Callable[[str], None],
 ) -> None:
+    """An attached adapter stays attached from one group of cells to the next (switched off for base-model cells),
+    so modes that use the same weights (oracle's library copy, a budget point at --rank, decode) read them once."""
     library_cells = [c for c in cells if c.mode in LIBRARY_MODES]
     budget_cells = [c for c in cells if c.budget is not None]
     cells = [c for c in cells if c.mode not in LIBRARY_MODES and c.budget is None]
@@ -359,4 +361,3 @@ def _answer_budget(
             answers,
             fields,
         )
-        detach_adapter(lm)
