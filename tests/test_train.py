@@ -11,7 +11,10 @@ from conftest import assert_batch_loss_equals_rows
 from loramem.adapters.attach import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORAMEM_META, attach_adapter, detach_adapter
 from loramem.adapters.train import (
     TRAIN_QA,
+    Example,
     TrainConfig,
+    batch_loss,
+    length_groups,
     ntp_examples,
     qa_examples,
     resolve_layers,
@@ -73,6 +76,38 @@ def test_batch_loss_weighs_examples_equally_whatever_the_padding(tiny, doc_text)
     """A padded batch's loss and gradients equal the mean over its examples run one by one."""
     batch = qa_examples(tiny.tokenizer, QA, 512) + ntp_examples(tiny.tokenizer, doc_text, 16)[:1]
     assert_batch_loss_equals_rows(tiny.model, batch)
+
+
+def test_a_batch_that_would_pad_much_runs_in_length_groups(tiny, doc_text, monkeypatch):
+    """Two chunks and a short tail run as two forward calls (on a CPU padded tokens cost as much as real ones), with
+    the loss and gradients of the padded batch: every example weighs the same, whichever group it ran in."""
+    import copy
+
+    from loramem.adapters import train
+
+    assert length_groups([128, 31]) == [[0], [1]]  # 159 tokens in two calls, not 256 in one
+    assert length_groups([56, 58, 51, 55]) == [[1, 0, 3, 2]]
+    assert length_groups([31, 128, 120, 30]) == [[1, 2], [0, 3]]
+    chunks = ntp_examples(tiny.tokenizer, doc_text, 24)
+    batch = [chunks[0], chunks[1], Example(chunks[2].ids[:6], chunks[2].labels[:6])]  # two chunks and a tail
+    model = copy.deepcopy(tiny.model).requires_grad_(True)
+    calls = []
+    model.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+
+    def loss_and_grads(slack: float):
+        model.zero_grad()
+        calls.clear()
+        with monkeypatch.context() as patched:
+            patched.setattr(train, "PAD_SLACK", slack)
+            loss = batch_loss(model, batch, 0, "cpu")
+        loss.backward()
+        return len(calls), loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    grouped_calls, grouped_loss, grouped_grads = loss_and_grads(train.PAD_SLACK)
+    padded_calls, padded_loss, padded_grads = loss_and_grads(float("inf"))
+    assert (grouped_calls, padded_calls) == (2, 1)
+    assert torch.allclose(grouped_loss, padded_loss, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(grouped_grads, padded_grads))
 
 
 def test_same_seed_gives_identical_adapter_bytes(tiny, doc_text, tmp_path):

@@ -236,18 +236,48 @@ def shared_prefix(examples: list[Example]) -> int:
     return length if length >= MIN_SHARED_PREFIX else 0
 
 
+# On a CPU a step's time grows with its tokens, padding included: a batch that would pad more than this share of its
+# real tokens runs as groups of similar length (one forward call each) instead. An accelerator pads almost for free
+# and pays for each extra call, so there a batch stays one call.
+PAD_SLACK = 0.25
+
+
+def length_groups(lengths: list[int], slack: float = PAD_SLACK) -> list[list[int]]:
+    """Row indices in groups of similar length, longest first; padded to its longest row, no group's tokens exceed
+    its real tokens by more than `slack` (a 128-token chunk and a 31-token tail: two groups, 159 tokens, not 256)."""
+    groups: list[list[int]] = []
+    for row in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        group = groups[-1] if groups else None
+        if group and lengths[group[0]] * (len(group) + 1) <= (1 + slack) * sum(lengths[i] for i in [*group, row]):
+            group.append(row)
+        else:
+            groups.append([row])
+    return groups
+
+
 def batch_loss(model: Any, examples: list[Example], pad_id: int, device: Any) -> torch.Tensor:
     """Mean over examples of each example's mean next-token loss, so short answers weigh as much as long chunks.
 
     Logits are computed only at positions that predict a target (logits_to_keep): for QA that skips
     the vocabulary projection over the prompt (1.1-1.25x HF's own loss on CPU, more for short answers).
     The batch's shared prefix (`shared_prefix`) runs once, as one row whose keys and values every row attends to
-    (gradients flow back through them), unless dropout is on: its masks must differ per row.
+    (gradients flow back through them), unless dropout is on: its masks must differ per row. On a CPU, a batch
+    without one runs in `length_groups`.
     """
+    shared = 0 if model.training else shared_prefix(examples)
+    if shared or torch.device(device).type != "cpu":
+        groups = [list(range(len(examples)))]
+    else:
+        groups = length_groups([len(e.ids) for e in examples], PAD_SLACK)
+    rows = [_row_losses(model, [examples[i] for i in group], pad_id, device, shared) for group in groups]
+    return torch.cat(rows).mean()
+
+
+def _row_losses(model: Any, examples: list[Example], pad_id: int, device: Any, shared: int) -> torch.Tensor:
+    """Each example's mean next-token loss, in one padded forward call (its first `shared` tokens run once)."""
     ids, mask, labels = collate(examples, pad_id, device)
     targets = labels[:, 1:]
     keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
-    shared = 0 if model.training else shared_prefix(examples)
     if shared:
         cache = model(input_ids=ids[:1, :shared], use_cache=True, logits_to_keep=1).past_key_values
         cache.batch_repeat_interleave(len(examples))
@@ -260,7 +290,7 @@ def batch_loss(model: Any, examples: list[Example], pad_id: int, device: Any) ->
     token_loss = torch.nn.functional.cross_entropy(
         logits.float().transpose(1, 2), picked, ignore_index=IGNORE, reduction="none"
     )
-    return (token_loss.sum(1) / (picked != IGNORE).sum(1)).mean()
+    return token_loss.sum(1) / (picked != IGNORE).sum(1)
 
 
 @dataclass
