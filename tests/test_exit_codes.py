@@ -192,7 +192,9 @@ def test_dash_h_is_help_everywhere(capsys):
 
 
 def test_usage_error_in_process_is_refused_in_one_line(capsys):
+    hook = sys.excepthook
     assert "requires an argument" in assert_refused(invoke(capsys, "compress", "x", "--ratio"), codes=(2,))
+    assert sys.excepthook is hook  # run in-process, the command leaves the interpreter's hooks alone
 
 
 def test_shell_completion_is_enabled(capsys, monkeypatch):
