@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -56,17 +56,7 @@ CONFIG = EvalConfig(
     ratios=[0.0, 1.0], presses=["knorm"], modes=["none", "decode"], formats=["qa"], max_new_tokens=3, steps=1, rank=2
 )
 # The complete run: every kind of cell, library modes included (their library is built on a worker first).
-LIBRARY_CONFIG = EvalConfig(
-    ratios=[0.0, 1.0],
-    presses=["knorm"],
-    modes=["none", "decode", "routed-merge", "rag"],
-    formats=["qa"],
-    max_new_tokens=3,
-    steps=1,
-    rank=2,
-    library_top_k=2,
-    context_chunks=1,
-)
+LIBRARY_CONFIG = replace(CONFIG, modes=["none", "decode", "routed-merge", "rag"], library_top_k=2, context_chunks=1)
 COMPLETE = ["light", "bees", "flaky", "tide"]
 
 
