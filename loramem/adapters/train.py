@@ -242,13 +242,13 @@ def shared_prefix(examples: list[Example]) -> int:
 PAD_SLACK = 0.25
 
 
-def length_groups(lengths: list[int], slack: float = PAD_SLACK) -> list[list[int]]:
+def length_groups(lengths: list[int]) -> list[list[int]]:
     """Row indices in groups of similar length, longest first; padded to its longest row, no group's tokens exceed
-    its real tokens by more than `slack` (a 128-token chunk and a 31-token tail: two groups, 159 tokens, not 256)."""
+    its real tokens by more than PAD_SLACK (a 128-token chunk and a 31-token tail: two groups, 159 tokens, not 256)."""
     groups: list[list[int]] = []
     for row in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         group = groups[-1] if groups else None
-        if group and lengths[group[0]] * (len(group) + 1) <= (1 + slack) * sum(lengths[i] for i in [*group, row]):
+        if group and lengths[group[0]] * (len(group) + 1) <= (1 + PAD_SLACK) * sum(lengths[i] for i in [*group, row]):
             group.append(row)
         else:
             groups.append([row])
@@ -268,7 +268,7 @@ def batch_loss(model: Any, examples: list[Example], pad_id: int, device: Any) ->
     if shared or torch.device(device).type != "cpu":
         groups = [list(range(len(examples)))]
     else:
-        groups = length_groups([len(e.ids) for e in examples], PAD_SLACK)
+        groups = length_groups([len(e.ids) for e in examples])
     rows = [_row_losses(model, [examples[i] for i in group], pad_id, device, shared) for group in groups]
     return torch.cat(rows).mean()
 
