@@ -19,7 +19,8 @@ from transformers import DynamicCache
 
 from loramem import compress, encode, load_model
 from loramem.data.formats import load_dataset
-from loramem.kv.presses import make_kvpress, parse_presses
+from loramem.kv.presses import make_kvpress
+from loramem.specs import EncodeSpec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,7 +42,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    presses = parse_presses(args.presses)
+    presses = EncodeSpec(score=args.presses).score
     ratios = [float(r) for r in args.ratios.split(",")]
     lm = load_model(args.model, device=args.device)
     documents = [r.document for r in load_dataset(REPO / "examples/fiction.jsonl")[: args.docs]]

@@ -24,7 +24,7 @@ from loramem import KVCache, compress, encode, generate, load_model
 from loramem.evaluation.config import EvalConfig
 from loramem.evaluation.metrics import contains
 from loramem.evaluation.runner import run_eval
-from loramem.kv.presses import DEFAULT_PRESSES
+from loramem.vocab import DEFAULT_PRESSES
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))

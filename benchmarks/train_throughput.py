@@ -1,6 +1,6 @@
 """Benchmark: `train_adapter` vs a plain PEFT + transformers loop and the HF Trainer, same data, one run.
 
-All three train the same LoRA (TrainConfig defaults) on the same examples for the same number of
+All three train the same LoRA (TrainSpec defaults) on the same examples for the same number of
 steps: the demo document's rule-synthesized QA pairs (plus its text chunks with --format mixed).
 Methods run interleaved --repeats times and the fastest run of each counts, so that other load on
 the machine does not decide the ratio.
@@ -25,7 +25,7 @@ import torch
 
 from loramem import load_model
 from loramem.adapters.synth import rule_qa
-from loramem.adapters.train import TrainConfig, build_examples, collate, resolve_targets, schedule, train_adapter
+from loramem.adapters.train import TrainSpec, build_examples, collate, resolve_targets, schedule, train_adapter
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,7 +37,7 @@ def base_copy(lm):
     return AutoModelForCausalLM.from_pretrained(lm.model.config._name_or_path, dtype=lm.dtype).to(lm.device)
 
 
-def wrap(model, config: TrainConfig):
+def wrap(model, config: TrainSpec):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(config.seed)
@@ -51,7 +51,7 @@ def wrap(model, config: TrainConfig):
     return get_peft_model(model, lora)
 
 
-def plain_loop(lm, examples, config: TrainConfig) -> tuple[float, float, int]:
+def plain_loop(lm, examples, config: TrainSpec) -> tuple[float, float, int]:
     """(training seconds, wall seconds, tokens): AdamW over the same batches, HF's own loss on full logits."""
     base = base_copy(lm)
     started = time.perf_counter()
@@ -69,7 +69,7 @@ def plain_loop(lm, examples, config: TrainConfig) -> tuple[float, float, int]:
     return done - loop_start, done - started, tokens
 
 
-def hf_trainer(lm, examples, config: TrainConfig, steps: int) -> tuple[float, float, int]:
+def hf_trainer(lm, examples, config: TrainSpec, steps: int) -> tuple[float, float, int]:
     """(training seconds, wall seconds, tokens) of transformers.Trainer on the same examples and step count."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
@@ -106,7 +106,7 @@ def hf_trainer(lm, examples, config: TrainConfig, steps: int) -> tuple[float, fl
     return done - loop_start, done - started, tokens[0]
 
 
-def ours(lm, document, qa, examples, config: TrainConfig) -> tuple[float, float, int]:
+def ours(lm, document, qa, examples, config: TrainSpec) -> tuple[float, float, int]:
     """(training seconds, wall seconds, tokens) of train_adapter, writing and unloading included in the wall time."""
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
@@ -116,7 +116,7 @@ def ours(lm, document, qa, examples, config: TrainConfig) -> tuple[float, float,
     return summary["seconds"], wall, tokens
 
 
-def ours_one_call(lm, document, qa, examples, config: TrainConfig) -> tuple[float, float, int]:
+def ours_one_call(lm, document, qa, examples, config: TrainSpec) -> tuple[float, float, int]:
     """train_adapter with every batch in one padded forward call (no length groups), for the groups' own gain."""
     from loramem.adapters import train
 
@@ -140,7 +140,7 @@ def main() -> None:
     lm = load_model(args.model, device=args.device)
     document = (REPO / "examples/demo/lighthouse.txt").read_text()
     qa = rule_qa(document, args.pairs)
-    config = TrainConfig(format=args.format, steps=args.steps)
+    config = TrainSpec(format=args.format, steps=args.steps)
     examples = build_examples(lm.tokenizer, document, qa, config)
     methods = {
         "train_adapter": lambda: ours(lm, document, qa, examples, config),

@@ -35,25 +35,48 @@ _API = {
     "DEFAULT_MODEL": "loramem.model.loading",
     "LoadedModel": "loramem.model.loading",
     "load_model": "loramem.model.loading",
-    "TrainConfig": "loramem.adapters.train",
     "train_adapter": "loramem.adapters.train",
-    "EvalConfig": "loramem.evaluation.runner",
     "run_eval": "loramem.evaluation.runner",
+    "AnswerSpec": "loramem.specs",
+    "AskSpec": "loramem.specs",
+    "CompressSpec": "loramem.specs",
+    "EncodeSpec": "loramem.specs",
+    "EvalSpec": "loramem.specs",
+    "MergeSpec": "loramem.specs",
+    "ModelSpec": "loramem.specs",
+    "ProbeSpec": "loramem.specs",
+    "RouteSpec": "loramem.specs",
+    "SpecError": "loramem.specs",
+    "TrainSpec": "loramem.specs",
+    "compress_cache": "loramem.kv.compression",
 }
 
 __all__ = ["__version__", *sorted(_API)]
 
 if TYPE_CHECKING:
     from loramem.adapters.attach import Adapter, adapter_scope, attach_adapter, detach_adapter
-    from loramem.adapters.train import TrainConfig, train_adapter
+    from loramem.adapters.train import train_adapter
     from loramem.errors import IncompatibleArtifactError, LoramemError
-    from loramem.evaluation.config import EvalConfig
     from loramem.evaluation.runner import run_eval
     from loramem.kv.cache import KVCache, check_compatible
     from loramem.kv.compress import compress
+    from loramem.kv.compression import compress_cache
     from loramem.kv.encode import encode
     from loramem.model.generate import Answer, generate
     from loramem.model.loading import DEFAULT_MODEL, LoadedModel, load_model
+    from loramem.specs import (
+        AnswerSpec,
+        AskSpec,
+        CompressSpec,
+        EncodeSpec,
+        EvalSpec,
+        MergeSpec,
+        ModelSpec,
+        ProbeSpec,
+        RouteSpec,
+        SpecError,
+        TrainSpec,
+    )
 
 
 def __getattr__(name: str) -> Any:

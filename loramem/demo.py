@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from loramem.adapters.attach import attach_adapter, detach_adapter
-from loramem.adapters.train import TrainConfig, train_adapter
+from loramem.adapters.train import TrainSpec, train_adapter
 from loramem.data.formats import load_qa_pairs
 from loramem.errors import LoramemError
 from loramem.evaluation.metrics import contains, rouge_l
@@ -39,7 +39,7 @@ NO_CONTEXT = 1.0
 MAX_NEW_TOKENS = 32
 # 8 pairs x 8 epochs in batches of 4 = 16 steps of train-adapter's defaults (rank 16, all linear layers):
 # the longest stage of the demo, about 25 s on 2 CPU cores with the default model.
-DEMO_TRAINING = TrainConfig()
+DEMO_TRAINING = TrainSpec()
 
 
 @dataclass
@@ -116,7 +116,7 @@ def _answer_all(
 
 
 def run_demo(
-    lm: LoadedModel, ratios: list[float], press: str, *, adapter: bool = True, training: TrainConfig = DEMO_TRAINING
+    lm: LoadedModel, ratios: list[float], press: str, *, adapter: bool = True, training: TrainSpec = DEMO_TRAINING
 ) -> list[Row]:
     """Encode once, answer at every ratio; with `adapter`, train one on the bundled pairs and answer at ratio 1.0."""
     example = load_example()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from loramem.specs import EvalSpec
+
 os.environ.setdefault("LORAMEM_QUIET", "1")
 
 
@@ -232,3 +234,9 @@ def assert_batch_loss_equals_rows(model, batch) -> None:
     single_loss, single_grads = loss_and_grads([[e] for e in batch])
     assert torch.allclose(batched_loss, single_loss, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(batched_grads, single_grads))
+
+
+def flat_spec(**settings) -> EvalSpec:
+    """An EvalSpec from settings named as loramem 0.1's flat config named them (rank=, answer_batch_size=, ...),
+    read the way an old run's config.json is read."""
+    return EvalSpec.from_record(settings)

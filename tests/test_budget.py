@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import flat_spec
 from test_evaluate import FAST, dataset  # noqa: F401 - the shared three-document dataset fixture
 
 from loramem.adapters.attach import adapter_tensor_bytes
-from loramem.adapters.train import TrainConfig, adapter_element_bytes, lora_parameters, train_adapter
+from loramem.adapters.train import TrainSpec, adapter_element_bytes, lora_parameters, train_adapter
 from loramem.errors import LoramemError
-from loramem.evaluation.config import EvalConfig, budget_points, budget_sizes, file_name
+from loramem.evaluation.config import budget_points, budget_sizes, file_name
 from loramem.evaluation.rundir import (
     ANSWERS,
     BUDGET_PLOT,
@@ -31,7 +32,7 @@ BUDGETS, RANKS = [40_000, 60_000], [0, 2, 4, 8]
 
 @pytest.mark.parametrize("targets,layers,rank", [("all", None, 4), ("attn", "1", 2), ("q_proj,down_proj", None, 3)])
 def test_lora_parameters_match_what_peft_trains(tiny, doc_text, tmp_path, targets, layers, rank):
-    config = TrainConfig(rank=rank, targets=targets, layers=layers, steps=1, batch_size=1)
+    config = TrainSpec(rank=rank, targets=targets, layers=layers, steps=1, batch_size=1)
     out = tmp_path / "a.lora"
     summary = train_adapter(tiny, doc_text, [("Who?", "Orla Quenby")], out, config)
     assert lora_parameters(tiny.model, config) == summary["trainable_parameters"]
@@ -56,15 +57,14 @@ def test_within_budget_keeps_the_most_tokens_that_fit(tiny, doc_text, store):
 
 def test_budget_config_is_checked_before_any_work():
     with pytest.raises(LoramemError, match="training format"):
-        EvalConfig(ratios=[], formats=[], modes=["none"], budget_bytes=[10**6], budget_ranks=[0, 4])
+        flat_spec(ratios=[], formats=[], modes=["none"], budget_bytes=[10**6], budget_ranks=[0, 4])
     with pytest.raises(LoramemError, match="at least one budget rank"):
-        EvalConfig(ratios=[], budget_bytes=[10**6], budget_ranks=[])
+        flat_spec(ratios=[], budget_bytes=[10**6], budget_ranks=[])
     with pytest.raises(LoramemError, match="at least one ratio"):
-        EvalConfig(ratios=[])
-    config = EvalConfig(ratios=[], formats=[], modes=["none"], budget_bytes=[5, 3, 5], budget_ranks=[0])
-    assert config.budget_bytes == [3, 5] and "budget_bytes" in config.to_dict()
-    assert "budget_bytes" not in EvalConfig().to_dict()  # runs made before budgets existed still resume
-    too_small = EvalConfig(ratios=[], formats=["qa"], budget_bytes=[100, 9000], budget_ranks=[4, 2])
+        flat_spec(ratios=[])
+    config = flat_spec(ratios=[], formats=[], modes=["none"], budget_bytes=[5, 3, 5], budget_ranks=[0])
+    assert config.budget_bytes == [3, 5] and config.record()["budget_bytes"] == [3, 5]
+    too_small = flat_spec(ratios=[], formats=["qa"], budget_bytes=[100, 9000], budget_ranks=[4, 2])
     assert budget_points(too_small, {2: 4096, 4: 8192}) == [(9000, 2), (9000, 4)]
     with pytest.raises(LoramemError, match="fits in any budget"):
         budget_points(too_small, {2: 40960, 4: 81920})
@@ -73,7 +73,7 @@ def test_budget_config_is_checked_before_any_work():
 @pytest.fixture(scope="module")
 def budget_run(tiny, dataset, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("runs") / "budget"
-    config = EvalConfig(ratios=[], presses=["snapkv"], formats=["qa"], budget_bytes=BUDGETS, budget_ranks=RANKS, **FAST)
+    config = flat_spec(ratios=[], presses=["snapkv"], formats=["qa"], budget_bytes=BUDGETS, budget_ranks=RANKS, **FAST)
     return out, config, run_eval(tiny, dataset, out, config)
 
 

@@ -13,7 +13,7 @@ from test_cli import one_line_error
 
 from loramem import IncompatibleArtifactError, LoramemError, encode, load_model
 from loramem.adapters.attach import attach_adapter
-from loramem.adapters.train import TrainConfig, train_adapter
+from loramem.adapters.train import TrainSpec, train_adapter
 from loramem.evaluation.metrics import score_answer
 from loramem.kv.cache import check_compatible
 from loramem.model.prompt import PINNED_DATE, strip_thinking
@@ -58,7 +58,7 @@ def test_kwargs_are_recorded_and_checked(qwen3_dir, doc_text, tmp_path):
     with pytest.raises(IncompatibleArtifactError, match="chat-template kwargs"):
         check_compatible(cache, thinking.fingerprint)
     out = tmp_path / "adapter"
-    train_adapter(lm, doc_text, [("Who lit the lamp?", "Ada")], out, TrainConfig(rank=2, steps=1))
+    train_adapter(lm, doc_text, [("Who lit the lamp?", "Ada")], out, TrainSpec(rank=2, steps=1))
     assert json.loads((out / "loramem.json").read_text())["base_model"]["chat_template_kwargs"] == (
         '{"enable_thinking": false}'
     )

@@ -147,13 +147,13 @@ def test_ratio_out_of_range(cache_file, tmp_path, ratio):
 
 
 def test_unknown_press(cache_file, tmp_path):
-    assert "not recorded" in one_line_error(
+    assert "--press: input should be 'snapkv', 'expected_attention'" in one_line_error(
         run_cli("compress", str(cache_file), "--press", "nosuch", "--ratio", "0.5", "-o", str(tmp_path / "o"))
     )
 
 
 def test_unknown_press_at_encode(tiny_dir, tmp_path):
-    assert "unknown press" in one_line_error(
+    assert "--score: input should be 'snapkv'" in one_line_error(
         run_cli("encode", str(DEMO_DOC), "--score", "snapkv,bogus", "-o", str(tmp_path / "o"), "--model", str(tiny_dir))
     )
 
@@ -282,7 +282,7 @@ def test_query_aware_value_groups(tiny_dir, cache_file, tmp_path):
     assert asked.returncode == 0, asked.stderr.decode()
     value_group = ["compress", str(cache_file), "--granularity", "value-group", "--budget", "0.3"]
     no_query = run_cli(*value_group, "--score-groups", "query", "-o", str(tmp_path / "bad"))
-    assert "needs --query" in one_line_error(no_query) and no_query.returncode == 2
+    assert "--score-groups, --query: query needs questions" in one_line_error(no_query) and no_query.returncode == 2
     assert "does not use a question" in one_line_error(
         run_cli(*value_group, "--score-groups", "uniform", "--query", "Who?", "-o", str(tmp_path / "bad"))
     )

@@ -82,10 +82,10 @@ def test_ntp_needs_no_question_answer_pairs(tiny_dir, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--rank", "0"], "rank must be positive"),
+        (["--rank", "0"], "--rank: must be at least 1"),
         (["--targets", "nonsense_proj"], "unknown target module 'nonsense_proj'"),
         (["--layers", "5-1"], "runs backwards"),
-        (["--format", "raw"], "unknown --format"),
+        (["--format", "raw"], "--format: input should be 'qa', 'ntp' or 'mixed'"),
     ],
 )
 def test_train_adapter_bad_options(tiny_dir, qa_file, tmp_path, args, message):
@@ -258,8 +258,10 @@ def test_eval_budget_bytes_beside_ratios(tiny_dir, dataset, tmp_path):
 def test_eval_budget_bad_input(tiny_dir, dataset, tmp_path):
     out = ("--out", str(tmp_path / "r"))
     assert "byte size" in one_line_error(run_cli("eval", str(dataset), *out, "--budget-bytes", "12XB"))
-    assert "positive" in one_line_error(run_cli("eval", str(dataset), *out, "--budget-bytes", "0"))
-    assert "integers" in one_line_error(
+    assert "--budget-bytes: a byte size must be positive" in one_line_error(
+        run_cli("eval", str(dataset), *out, "--budget-bytes", "0")
+    )
+    assert "--budget-ranks: input should be a valid integer" in one_line_error(
         run_cli("eval", str(dataset), *out, "--budget-bytes", "1MB", "--budget-ranks", "two")
     )
     assert ">= 0" in one_line_error(

@@ -10,7 +10,8 @@ from kvpress_reference import assert_agrees, kvpress_prefills
 
 from loramem import LoramemError, compress, encode
 from loramem.kv.compress import n_kept
-from loramem.kv.presses import DEFAULT_PRESSES
+from loramem.specs import CompressSpec
+from loramem.vocab import DEFAULT_PRESSES
 
 RATIOS = (0.25, 0.5, 0.9)
 
@@ -99,41 +100,65 @@ def test_press_not_recorded_says_how_to_record_it(tiny, doc_text):
 
 @pytest.mark.parametrize("ratio", (-0.1, 1.5))
 def test_ratio_outside_unit_interval(chat_cache, ratio):
-    with pytest.raises(LoramemError, match=r"\[0, 1\]"):
+    with pytest.raises(LoramemError, match=r"ratio: must be in \[0, 1\]"):
         compress(chat_cache, "snapkv", ratio=ratio)
 
 
 @pytest.mark.parametrize(
     ("request_", "message"),
     [
-        ({"ratio": 0.5, "keep": 3}, "not both"),
-        ({}, "give --ratio R"),
-        ({"ratio": float("nan")}, r"\[0, 1\]"),
-        ({"keep": -1}, ">= 0"),
-        ({"granularity": "tokens", "ratio": 0.5}, "unknown granularity 'tokens'"),
-        ({"ratio": 0.5, "query": True}, "score value groups"),
-        ({"granularity": "value-group"}, "needs --budget"),
-        ({"granularity": "value-group", "budget": 0.5, "ratio": 0.5}, "leave out --ratio"),
+        ({"ratio": 0.5, "keep": 3}, "ratio, keep: give one, not both"),
+        ({}, "ratio, keep, store_dtype: give a ratio"),
+        ({"ratio": float("nan")}, "ratio: must be in \\[0, 1\\]"),
+        ({"keep": -1}, "keep: must be at least 0"),
+        ({"granularity": "tokens", "ratio": 0.5}, "granularity: input should be 'token' or 'value-group'"),
+        ({"ratio": 0.5, "query": ["Who?"]}, "query, granularity: questions score value groups"),
+        ({"granularity": "value-group"}, "budget: value-group compression needs a budget"),
+        ({"granularity": "value-group", "budget": 0.5, "ratio": 0.5}, "ratio, keep: value-group compression keeps"),
+        ({"budget": 0.5, "ratio": 0.5}, "budget: value-group settings"),
+        ({"granularity": "value-group", "budget": 1.5}, "budget: must be in \\(0, 1\\]"),
+        ({"store_dtype": "int3"}, "store_dtype: input should be"),
     ],
 )
 def test_a_bad_request_is_refused_before_any_cache_is_read(request_, message):
-    from loramem.kv.compress import check_compress_request
-
     with pytest.raises(LoramemError, match=message):
-        check_compress_request(**request_)
+        CompressSpec.parse(request_)
 
 
 def test_the_api_refuses_what_the_command_refuses(chat_cache):
-    """`compress` called from a script checks its request as the command does."""
-    for kwargs, message in (({"ratio": 0.5, "keep": 2}, "not both"), ({}, "give --ratio R"), ({"keep": -2}, ">= 0")):
+    """`compress` and `compress_cache` called from a script check their request by the command's own spec."""
+    for kwargs, message in (
+        ({"ratio": 0.5, "keep": 2}, "not both"),
+        ({}, "give a ratio"),
+        ({"keep": -2}, "keep: must be at least 0"),
+    ):
         with pytest.raises(LoramemError, match=message):
             compress(chat_cache, "snapkv", **kwargs)
-    from loramem.kv.compress import check_compress_request
+    for good in ({"ratio": 0.5}, {"keep": 3}, {"store_dtype": "int8"}, {"granularity": "value-group", "budget": 0.5}):
+        CompressSpec.parse(good)
+    CompressSpec(granularity="value-group", budget=0.5, query=["Who?"])
+    assert CompressSpec(ratio=-0.0).ratio == 0.0 and str(CompressSpec(ratio=-0.0).ratio) == "0.0"
+    assert CompressSpec(ratio=0.5, press="SnapKV").press == "snapkv"  # as users write press names
 
-    check_compress_request(0.5)  # good requests pass
-    check_compress_request(keep=3)
-    check_compress_request(store=True)
-    check_compress_request(granularity="value-group", budget=0.5, query=True)
+
+def test_one_dispatch_compresses_tokens_value_groups_and_storage(chat_cache):
+    """`compress_cache` picks token eviction, value groups or a storage dtype from the spec alone, and gives what
+    the underlying functions give."""
+    from loramem.kv.compression import compress_cache
+    from loramem.kv.quantize import make_storage
+    from loramem.kv.value_groups import compress_value_groups
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a.keys + a.values, b.keys + b.values))
+
+    assert same(compress_cache(chat_cache, CompressSpec(ratio=0.5)), compress(chat_cache, "snapkv", ratio=0.5))
+    grouped = compress_cache(chat_cache, CompressSpec(granularity="value-group", budget=0.5, press="knorm"))
+    assert same(grouped, compress_value_groups(chat_cache, "knorm", 4, 0.5))
+    int8 = compress_cache(chat_cache, CompressSpec(keep=2, store_dtype="int8"))
+    expected = compress(
+        chat_cache, "snapkv", keep=2, storage=make_storage("int8", head_dim=chat_cache.meta["head_dim"])
+    )
+    assert same(int8, expected) and int8.meta["storage"]["dtype"] == "int8"
 
 
 def test_the_command_refuses_a_bad_request_before_reading_the_cache(tmp_path):
@@ -142,9 +167,12 @@ def test_the_command_refuses_a_bad_request_before_reading_the_cache(tmp_path):
 
     missing = str(tmp_path / "missing.kv")
     for args, message in (
-        (["--granularity", "tokens", "--ratio", "0.5"], "unknown --granularity 'tokens'"),
-        (["--ratio", "0.5", "--keep", "3"], "not both"),
-        (["--granularity", "value-group", "--budget", "0.5", "--keep", "3"], "leave out --ratio"),
+        (["--granularity", "tokens", "--ratio", "0.5"], "--granularity: input should be 'token' or 'value-group'"),
+        (["--ratio", "0.5", "--keep", "3"], "--ratio, --keep: give one, not both"),
+        (["--granularity", "value-group", "--budget", "0.5", "--keep", "3"], "--ratio, --keep: value-group"),
+        (["--budget", "0.5", "--ratio", "0.5"], "--budget: value-group settings"),
+        (["--press", "snapkvv", "--ratio", "0.5"], "--press: input should be 'snapkv'"),
+        (["--ratio", "1.5"], "--ratio: must be in [0, 1] (got 1.5)"),
     ):
         result = run_cli("compress", missing, *args, "-o", str(tmp_path / "out.kv"))
         err = result.stderr.decode()

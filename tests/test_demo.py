@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, run_cli
 from typer.testing import CliRunner
 
-from loramem.adapters.train import TrainConfig
+from loramem.adapters.train import TrainSpec
 from loramem.cli.app import app
 from loramem.demo import NO_CONTEXT, column_score, load_example, margin_line, run_demo, summary
 from loramem.evaluation.metrics import contains, normalize_answer
@@ -81,7 +81,7 @@ def test_built_wheel_ships_the_demo_data(tmp_path):
 
 
 def test_demo_on_a_tiny_model_has_the_adapter_column_and_the_margin(tiny, one_thread):
-    rows = run_demo(tiny, [0.0, 0.5, NO_CONTEXT], "snapkv", training=TrainConfig(rank=2, epochs=1))
+    rows = run_demo(tiny, [0.0, 0.5, NO_CONTEXT], "snapkv", training=TrainSpec(rank=2, epochs=1))
     n_questions = len(load_example().questions)
     assert [(r.ratio, r.adapter) for r in rows[::n_questions]] == [
         (0.0, False),

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from loramem.adapters.attach import LORAMEM_META
-from loramem.adapters.train import TrainConfig, train_adapter
+from loramem.adapters.train import TrainSpec, train_adapter
 from loramem.describe import describe_adapter
 
 
@@ -20,7 +20,7 @@ def adapter(tiny, doc_text, tmp_path_factory):
         doc_text,
         [("Who designed the lighthouse?", "Orla Quenby")],
         out,
-        TrainConfig(rank=16, targets="all", steps=1, batch_size=1),
+        TrainSpec(rank=16, targets="all", steps=1, batch_size=1),
     )
     return out
 

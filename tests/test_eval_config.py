@@ -1,5 +1,5 @@
-"""EvalConfig is the one source of an eval's settings: flags, a --config TOML file and a resumed run's config.json
-all become one EvalConfig, and a resume takes the recorded settings without retyping them."""
+"""EvalSpec is the one source of an eval's settings: flags, a --config TOML file and a resumed run's config.json
+all become one EvalSpec, and a resume takes the recorded settings without retyping them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from inprocess import assert_refused, invoke
 
 from loramem.errors import LoramemError
-from loramem.evaluation.config import EvalConfig, resumed_config
+from loramem.evaluation.config import resumed_spec
+from loramem.specs import EvalSpec
 
 DOCS = [
     {
@@ -54,20 +55,36 @@ def answered(run: Path) -> list[tuple]:
 
 
 def test_config_round_trips_and_refuses_bad_settings():
-    config = EvalConfig.from_dict({"ratios": "0.5,0", "shard": [1, 2], "budget-bytes": ["8MB"], "lr": 1e-3})
+    config = EvalSpec.from_record({"ratios": "0.5,0", "shard": [1, 2], "budget-bytes": ["8MB"], "train": {"lr": 1e-3}})
     assert config.ratios == [0.0, 0.5] and config.shard == (1, 2) and config.budget_bytes == [8_000_000]
-    assert EvalConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert config.train.lr == 1e-3 and config.ratios == EvalSpec.parse({"ratios": [0.5, -0.0]}).ratios
+    assert EvalSpec.from_record(json.loads(json.dumps(config.record()))) == config
     for bad, message in (
-        ({"ratio": [0.5]}, "unknown setting 'ratio'"),
-        ({"groups": "four"}, "groups must be int"),
-        ({"ratios": "0,half"}, "'half' is not float"),
-        ({"ratios": [True]}, "ratios must be list[float]"),
-        ({"ratios": [2.0]}, "ratio must be in [0, 1]"),
+        ({"ratio": [0.5]}, "ratio: unknown setting"),
+        ({"groups": "four"}, "groups: input should be a valid integer"),
+        ({"ratios": "0,half"}, "ratios: input should be a valid number"),
+        ({"ratios": [2.0]}, "ratios: a ratio must be in [0, 1]"),
+        ({"train": {"rank": 0}}, "train.rank: must be at least 1"),
+        ({"modes": "none,decodee"}, "modes: input should be 'none', 'decode'"),
     ):
-        with pytest.raises(LoramemError, match=message.replace("[", r"\[")):
-            EvalConfig.from_dict(bad, "grid.toml")
-    again, disagree = resumed_config(config.to_dict(), {"limit": 5, "lr": 1e-3, "seed": 3})
-    assert again.limit == 5 and disagree == ["seed"]
+        with pytest.raises(LoramemError, match=("grid.toml: " + message).replace("[", r"\[")):
+            EvalSpec.from_record(bad, "grid.toml")
+    again, disagree = resumed_spec(config.record(), {"limit": 5, "train": {"lr": 1e-3, "seed": 3}})
+    assert again.limit == 5 and again.train.seed == 3 and disagree == ["train.seed"]
+
+
+def test_a_flat_record_of_loramem_0_1_reads_as_the_same_spec():
+    """config.json of runs made before the settings were nested (one flat mapping, runtime settings left out)."""
+    old = {
+        "ratios": [0.0, 0.5], "presses": ["snapkv"], "modes": ["none", "decode"], "formats": ["qa"],
+        "granularities": ["token"], "store_dtypes": ["native"], "groups": 4, "max_new_tokens": 8, "limit": None,
+        "shard": [0, 1], "seed": 2, "synth_pairs": 16, "adapters": None, "rank": 4, "alpha": 8.0, "dropout": 0.0,
+        "targets": "all", "layers": None, "lr": 0.0015, "epochs": 8, "steps": 1, "batch_size": 2, "max_length": 512,
+        "chunk_size": 128,
+    }  # fmt: skip
+    spec = EvalSpec.from_record(old)
+    assert (spec.train.rank, spec.train.seed, spec.train.batch_size, spec.answer.max_new_tokens) == (4, 2, 2, 8)
+    assert spec.synth.pairs == 16 and spec.library.path is None and spec.record()["version"] == 2
 
 
 def test_config_file_is_the_same_run_as_flags_and_flags_override_it(capsys, tiny_dir, dataset, tmp_path, one_thread):
@@ -86,11 +103,11 @@ def test_config_file_is_the_same_run_as_flags_and_flags_override_it(capsys, tiny
         "--limit", "1", *model,
     )  # fmt: skip
     assert overridden.code == 0, overridden.stderr
-    assert recorded(tmp_path / "c")["max_new_tokens"] == 2 and recorded(tmp_path / "c")["steps"] == 1
+    assert recorded(tmp_path / "c")["answer"]["max_new_tokens"] == 2 and recorded(tmp_path / "c")["train"]["steps"] == 1
 
     grid.write_text(GRID_TOML + "ratio = 0.5\n")
     line = assert_refused(invoke(capsys, "eval", str(dataset), "--out", str(tmp_path / "d"), "--config", str(grid)))
-    assert "unknown setting 'ratio'" in line and str(grid) in line
+    assert f"ratio in {grid}: unknown setting" in line
     grid.write_text("ratios = [0,\n")
     assert "not valid TOML" in assert_refused(
         invoke(capsys, "eval", str(dataset), "--out", str(tmp_path / "d"), "--config", str(grid))
@@ -123,4 +140,4 @@ def test_resume_takes_the_recorded_settings_dataset_and_model(capsys, tiny_dir, 
 
 
 def test_eval_needs_data_unless_resuming_a_recorded_run(capsys, tmp_path):
-    assert "give DATA" in assert_refused(invoke(capsys, "eval", "--out", str(tmp_path / "none"), "--resume"))
+    assert "give a dataset" in assert_refused(invoke(capsys, "eval", "--out", str(tmp_path / "none"), "--resume"))

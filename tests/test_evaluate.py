@@ -8,21 +8,23 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_DOC
+from conftest import DEMO_DOC, flat_spec
 from rich.console import Console
 
 import loramem.evaluation.doc_adapters as doc_adapters
 import loramem.evaluation.runner as ev
+import loramem.kv.compression as compression
 from loramem.adapters import synth
 from loramem.data.formats import QA, DocRecord, TrainQA, write_dataset
 from loramem.errors import IncompatibleArtifactError, LoramemError
-from loramem.evaluation.config import EvalConfig, file_name, parse_shard, select_documents
+from loramem.evaluation.config import file_name, select_documents
 from loramem.evaluation.report import write_report
 from loramem.evaluation.rundir import ANSWERS, CONFIG, CURVES, SUMMARY, cell_key, read_answers
 from loramem.evaluation.runner import run_eval
 from loramem.evaluation.shards import merge
 from loramem.evaluation.stats import mean_ci, paired_bootstrap, paired_t_test
 from loramem.evaluation.tables import print_table
+from loramem.specs import EvalSpec
 
 GRID = {
     "ratios": [0, 0.5, 1.0],
@@ -44,8 +46,8 @@ N_DOCS, N_QUESTIONS = 3, 2
 CELLS_PER_DOC = N_QUESTIONS * 2 * 3 * (1 + 3 * 2)  # presses x ratios x (none + 3 adapter modes x 2 formats)
 
 
-def config(**changes) -> EvalConfig:
-    return EvalConfig(**{**GRID, **FAST, **changes})
+def config(**changes) -> EvalSpec:
+    return flat_spec(**{**GRID, **FAST, **changes})
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,7 +76,7 @@ def dataset(tmp_path_factory) -> Path:
 # Where the eval modules look each counted function up.
 WHERE = {
     "encode": ev,
-    "compress": ev,
+    "compress": compression,  # every cell is compressed through the one dispatch (kv.compression)
     "iter_answers": ev,
     "train_adapter": doc_adapters,
     "synthesize_pairs": synth,  # called by adapters.synth.training_pairs, the one rule for training pairs
@@ -179,7 +181,7 @@ def test_resume_after_interruption_redoes_nothing(tiny, dataset, reference, tmp_
 def test_resume_refuses_another_config_model_or_dataset(tiny, dataset, reference, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(reference[0], run)
-    with pytest.raises(LoramemError, match=r"another config.*ratios"):
+    with pytest.raises(LoramemError, match=r"ratios: disagree with the run being resumed"):
         run_eval(tiny, dataset, run, config(ratios=[0, 0.5]), resume=True)
     other_model = dataclasses.replace(tiny, fingerprint={**tiny.fingerprint, "model": "0" * 16})
     with pytest.raises(IncompatibleArtifactError, match="another model"):
@@ -318,10 +320,10 @@ def test_limit_and_shard_selection():
     assert [r.id for r in select_documents(records, None, (1, 3))] == ["1", "4"]
     assert [r.id for r in select_documents(records, 5, (1, 3))] == ["1", "4"]
     assert [r.id for r in select_documents(records, 4, (0, 2))] == ["0", "2"]
-    assert parse_shard("2/4") == (2, 4)
+    assert flat_spec(shard="2/4").shard == (2, 4)
     for bad in ("4/4", "1", "a/b", "-1/2"):
-        with pytest.raises(LoramemError):
-            parse_shard(bad)
+        with pytest.raises(LoramemError, match="shard"):
+            flat_spec(shard=bad)
 
 
 @pytest.mark.parametrize(

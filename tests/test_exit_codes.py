@@ -238,15 +238,22 @@ def test_every_help_text_and_default_is_visible(capsys, monkeypatch):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["train-adapter", "DOC", "-o", "OUT", "--epochs", "0"], "--epochs must be positive, got 0"),
-        (["train-adapter", "DOC", "-o", "OUT", "--chunk-size", "600"], "--chunk-size 600 exceeds --max-length 512"),
-        (["library", "add", "OUT", "DOC", "--epochs", "0"], "--epochs must be positive"),
-        (["eval", "DOC", "--out", "OUT", "--limit", "0"], "--limit must be at least 1"),
-        (["eval", "DOC", "--out", "OUT", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        (
+            ["train-adapter", "DOC", "-o", "OUT", "--epochs", "0"],
+            "--epochs: must be at least 1",
+        ),
+        (["train-adapter", "DOC", "-o", "OUT", "--chunk-size", "600"], "--chunk-size, --max-length: 600 exceeds"),
+        (["library", "add", "OUT", "DOC", "--epochs", "0"], "--epochs: must be at least 1"),
+        (["eval", "DOC", "--out", "OUT", "--limit", "0"], "--limit: must be at least 1"),
+        (["eval", "DOC", "--out", "OUT", "--chunk-size", "600"], "--chunk-size, --max-length: 600 exceeds"),
+        (["eval", "DOC", "--out", "OUT", "--max-new-tokens", "0"], "--max-new-tokens: must be at least 1"),
+        (["eval", "DOC", "--out", "OUT", "--mode", "decoder"], "--mode: input should be 'none', 'decode'"),
+        (["ask", "--top-k", "2", "Q?"], "--top-k: routing settings need a library"),
+        (["ask", "--cache", "C", "--doc", "D", "Q?"], "--cache, --doc: give one, not both"),
     ],
 )
 def test_library_errors_name_the_flags(capsys, tmp_path, args, expected):
-    """The settings dataclasses check values and name their fields; the command line names its flags."""
+    """The specs check values and name their fields; the command line names its flags (nested settings too)."""
     doc = tmp_path / "doc.txt"
     doc.write_text("The lighthouse was designed by Mara Quell.")
     args = [str(doc) if a == "DOC" else str(tmp_path / "out") if a == "OUT" else a for a in args]

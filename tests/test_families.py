@@ -16,14 +16,14 @@ from kvpress_reference import assert_agrees
 
 from loramem import KVCache, compress, encode, generate
 from loramem.adapters.attach import attach_adapter, detach_adapter
-from loramem.adapters.merge import MergeConfig, merge_adapters
-from loramem.adapters.train import MIN_SHARED_PREFIX, TrainConfig, qa_examples, shared_prefix, train_adapter
-from loramem.kv.presses import DEFAULT_PRESSES
+from loramem.adapters.merge import MergeSpec, merge_adapters
+from loramem.adapters.train import MIN_SHARED_PREFIX, TrainSpec, qa_examples, shared_prefix, train_adapter
 from loramem.kv.quantize import make_storage
 from loramem.kv.value_groups import compress_value_groups
 from loramem.model.generate import answer_batch
 from loramem.model.loading import LoadedModel, load_model
 from loramem.model.prompt import Framing, closed_book_ids, prefix_ids, question_ids
+from loramem.vocab import DEFAULT_PRESSES
 
 QUESTION = "Who lit the lamp?"
 # An invented fact, so a recalled answer can only come from the adapter.
@@ -127,7 +127,7 @@ def test_train_adapter_targets(fam, doc_text, targets):
     """Each preset resolves to the family's own projections (fused on Phi-3), trains, and changes the model."""
     name, lm, folder = fam
     out = folder / f"adapter_{targets}"
-    train_adapter(lm, doc_text, [FACT], out, TrainConfig(rank=2, steps=3, targets=targets), force=True)
+    train_adapter(lm, doc_text, [FACT], out, TrainSpec(rank=2, steps=3, targets=targets), force=True)
     meta = json.loads((out / "loramem.json").read_text())
     fused = {"attn": {"qkv_proj", "o_proj"}, "mlp": {"gate_up_proj", "down_proj"}}
     plain = {"attn": {"q_proj", "k_proj", "v_proj", "o_proj"}, "mlp": {"gate_proj", "up_proj", "down_proj"}}
@@ -158,7 +158,7 @@ def test_adapter_recalls_a_fact_in_the_family_framing(fam, doc_text):
     """Trained on one pair, asked closed-book, the adapter answers it and stops at the template's end of turn."""
     _, lm, folder = fam
     out = folder / "adapter_fact"
-    train_adapter(lm, doc_text, [FACT], out, TrainConfig(rank=4, steps=40, lr=5e-3, batch_size=1), force=True)
+    train_adapter(lm, doc_text, [FACT], out, TrainSpec(rank=4, steps=40, lr=5e-3, batch_size=1), force=True)
     attach_adapter(lm, out)
     try:
         answer = generate(lm, FACT[0], None, max_new_tokens=12, adapter_on=True)
@@ -174,7 +174,7 @@ def test_merge(fam):
         if not (folder / f"adapter_{targets}").exists():
             pytest.skip("needs the adapters of test_train_adapter_targets")
     merged = folder / "merged"
-    merge_adapters(lm, [folder / "adapter_attn", folder / "adapter_all"], merged, MergeConfig("ties"), force=True)
+    merge_adapters(lm, [folder / "adapter_attn", folder / "adapter_all"], merged, MergeSpec(method="ties"), force=True)
     attach_adapter(lm, merged)
     try:
         assert generate(lm, QUESTION, None, max_new_tokens=4, adapter_on=True).new_tokens >= 0
@@ -202,7 +202,7 @@ def test_library(fam, embedder, tmp_path):
     for name, text in docs.items():
         (tmp_path / name).write_text(text)
     lib = folder / "library"
-    options = AddOptions(train=TrainConfig(format="ntp", rank=2, steps=1), with_cache=True)
+    options = AddOptions(train=TrainSpec(format="ntp", rank=2, steps=1), with_cache=True)
     add_documents(lib, lm, [str(tmp_path / n) for n in docs], options, embedder)
     answer = ask_library(lm, lib, "How many hives of bees?", top_k=1, with_caches=True, max_new_tokens=4)
     assert answer.routed[0][0] == "bees"

@@ -12,9 +12,9 @@ from conftest import run_cli
 from test_cli import one_line_error
 
 from loramem.adapters.attach import ADAPTER_WEIGHTS, LORAMEM_META
-from loramem.adapters.merge import MergeConfig, check_sources, merge_adapters
+from loramem.adapters.merge import MergeSpec, check_sources, merge_adapters
 from loramem.adapters.synth import sentences
-from loramem.adapters.train import TrainConfig, train_adapter
+from loramem.adapters.train import TrainSpec, train_adapter
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.library.embed import chunk_text, load_embedder
 from loramem.library.store import MANIFEST, AddOptions, add_documents, open_library, retrieve_chunks, route
@@ -47,7 +47,7 @@ PARAPHRASES = {
     "railway": "What is the name of the steam engine?",
     "stars": "How big is the telescope mirror?",
 }
-FAST = TrainConfig(format="ntp", rank=2, steps=1)
+FAST = TrainSpec(format="ntp", rank=2, steps=1)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def adapters(tiny, tmp_path_factory) -> dict[str, Path]:
     made = {}
     for (name, text), rank in zip(DOCS.items(), (2, 2, 2, 4)):
         made[name] = folder / name
-        train_adapter(tiny, text, [], made[name], TrainConfig(format="ntp", rank=rank, steps=2, lr=1e-2))
+        train_adapter(tiny, text, [], made[name], TrainSpec(format="ntp", rank=rank, steps=2, lr=1e-2))
     return made
 
 
@@ -106,7 +106,7 @@ def test_merge_equals_peft_add_weighted_adapter(tiny, tiny_dir, adapters, tmp_pa
     sources = [adapters["bees"], adapters["glass"], adapters["railway"]]
     weights = [1.0, 0.5, -0.7]
     out = tmp_path / "merged"
-    merge_adapters(tiny, sources, out, MergeConfig(method=method, weights=weights, density=0.6, seed=3))
+    merge_adapters(tiny, sources, out, MergeSpec(method=method, weights=weights, density=0.6, seed=3))
 
     peft_model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(str(tiny_dir)), str(sources[0]), adapter_name="a"
@@ -137,30 +137,30 @@ def test_merge_equals_peft_add_weighted_adapter(tiny, tiny_dir, adapters, tmp_pa
 def test_merge_refusals(tiny, other_tiny_dir, adapters, tmp_path):
     two = [adapters["bees"], adapters["glass"]]
     for config, paths, message in (
-        (MergeConfig(), two[:1], "at least 2 adapters"),
-        (MergeConfig(weights=[1.0, 1.0, 1.0]), two, "3 weights for 2 adapters"),
-        (MergeConfig(method="linear"), [adapters["bees"], adapters["stars"]], "equal rank"),
-        (MergeConfig(method="ties"), [adapters["bees"], adapters["stars"]], "equal rank"),
-        (MergeConfig(method="dare_ties"), [adapters["bees"], adapters["stars"]], "equal rank"),
+        (MergeSpec(), two[:1], "at least 2 adapters"),
+        (MergeSpec(weights=[1.0, 1.0, 1.0]), two, "3 weights for 2 adapters"),
+        (MergeSpec(method="linear"), [adapters["bees"], adapters["stars"]], "equal rank"),
+        (MergeSpec(method="ties"), [adapters["bees"], adapters["stars"]], "equal rank"),
+        (MergeSpec(method="dare_ties"), [adapters["bees"], adapters["stars"]], "equal rank"),
     ):
         with pytest.raises(LoramemError, match=message) as caught:
             check_sources(paths, config)
         assert "\n" not in str(caught.value)
-    assert len(check_sources([adapters["bees"], adapters["stars"]], MergeConfig(method="cat"))) == 2
-    assert len(check_sources([adapters["bees"], adapters["stars"]], MergeConfig(method="svd"))) == 2
+    assert len(check_sources([adapters["bees"], adapters["stars"]], MergeSpec(method="cat"))) == 2
+    assert len(check_sources([adapters["bees"], adapters["stars"]], MergeSpec(method="svd"))) == 2
     for bad in ({"density": 0}, {"density": 1.5}, {"method": "average"}):
         with pytest.raises(LoramemError):
-            MergeConfig(**bad)
+            MergeSpec(**bad)
 
     other = load_model(str(other_tiny_dir))
     train_adapter(other, DOCS["bees"], [], tmp_path / "other", FAST)
     with pytest.raises(IncompatibleArtifactError, match="different base models"):
-        check_sources([adapters["bees"], tmp_path / "other"], MergeConfig())
-    train_adapter(tiny, DOCS["bees"], [], tmp_path / "layer1", TrainConfig(format="ntp", rank=2, steps=1, layers="1"))
+        check_sources([adapters["bees"], tmp_path / "other"], MergeSpec())
+    train_adapter(tiny, DOCS["bees"], [], tmp_path / "layer1", TrainSpec(format="ntp", rank=2, steps=1, layers="1"))
     with pytest.raises(LoramemError, match="different layers"):
-        check_sources([adapters["bees"], tmp_path / "layer1"], MergeConfig())
+        check_sources([adapters["bees"], tmp_path / "layer1"], MergeSpec())
     with pytest.raises(IncompatibleArtifactError, match="another base model"):
-        merge_adapters(other, two, tmp_path / "out", MergeConfig())
+        merge_adapters(other, two, tmp_path / "out", MergeSpec())
     assert not (tmp_path / "out").exists()
 
 

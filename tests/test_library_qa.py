@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import flat_spec, run_cli
 from rich.console import Console
 from test_cli import one_line_error
 from test_library import DOCS, PARAPHRASES
@@ -19,11 +19,10 @@ import loramem.evaluation.library_modes as library_modes
 import loramem.evaluation.runner as runner
 import loramem.library.qa as qa_module
 from loramem.adapters.attach import ADAPTER_WEIGHTS, attach_adapter, detach_adapter
-from loramem.adapters.merge import MergeConfig, merge_adapters
-from loramem.adapters.train import TrainConfig
+from loramem.adapters.merge import MergeSpec, merge_adapters
+from loramem.adapters.train import TrainSpec
 from loramem.data.formats import QA, DocRecord, TrainQA, write_dataset
 from loramem.errors import LoramemError
-from loramem.evaluation.config import EvalConfig
 from loramem.evaluation.rundir import ANSWERS, CONFIG, cell_key, read_answers
 from loramem.evaluation.runner import run_eval
 from loramem.evaluation.summary import routing_recall, summarize
@@ -33,9 +32,10 @@ from loramem.library.embed import load_embedder
 from loramem.library.qa import ask_library, ask_library_batch, merged_folder, parallel_cache, stored_cache
 from loramem.library.store import AddOptions, add_documents, open_library, retrieve_chunks
 from loramem.model.generate import generate
+from loramem.specs import EvalSpec
 
 NAMES = ("bees", "glass", "railway")
-FAST = TrainConfig(format="ntp", rank=2, steps=1)
+FAST = TrainSpec(format="ntp", rank=2, steps=1)
 TOKENS = 4
 
 
@@ -156,18 +156,18 @@ def test_merged_adapter_is_the_merge_of_the_routed_set_made_once(tiny, library, 
     lib = open_library(library)
     sha = {d["id"]: d["adapter"]["sha256"] for d in lib.documents}
     routed = sorted((i for i, _ in first.routed), key=sha.get)  # merged in adapter-hash order
-    merge_adapters(tiny, [lib.adapter_dir(i) for i in routed], tmp_path / "m", MergeConfig(method="ties"))
+    merge_adapters(tiny, [lib.adapter_dir(i) for i in routed], tmp_path / "m", MergeSpec(method="ties"))
     mine, reference = load_file(str(first.adapter / ADAPTER_WEIGHTS)), load_file(str(tmp_path / "m" / ADAPTER_WEIGHTS))
     assert mine.keys() == reference.keys() and all(torch.equal(mine[k], reference[k]) for k in mine)
 
     # The same documents in another routing order share the merge; another method or weights do not.
     ids = [i for i, _ in first.routed]
-    same, _, _ = merged_folder(lib, ids[::-1], MergeConfig(method="ties"))
+    same, _, _ = merged_folder(lib, ids[::-1], MergeSpec(method="ties"))
     assert same == first.adapter
-    assert merged_folder(lib, ids, MergeConfig(method="linear"))[0] != same
-    swapped = merged_folder(lib, ids, MergeConfig(method="ties", weights=[1.0, 0.5]))
+    assert merged_folder(lib, ids, MergeSpec(method="linear"))[0] != same
+    swapped = merged_folder(lib, ids, MergeSpec(method="ties", weights=[1.0, 0.5]))
     assert swapped[0] != same
-    assert merged_folder(lib, ids[::-1], MergeConfig(method="ties", weights=[0.5, 1.0])) == swapped  # weights follow
+    assert merged_folder(lib, ids[::-1], MergeSpec(method="ties", weights=[0.5, 1.0])) == swapped  # weights follow
 
 
 def test_with_context_answers_over_exactly_the_retrieved_chunks(tiny, library, embedder):
@@ -209,7 +209,7 @@ def test_unequal_ranks_are_refused_for_ties(tiny, library, embedder, tmp_path):
     lib = tmp_path / "lib"
     shutil.copytree(library, lib)
     (tmp_path / "stars.txt").write_text(DOCS["stars"])
-    rank_4 = AddOptions(train=TrainConfig(format="ntp", rank=4, steps=1))
+    rank_4 = AddOptions(train=TrainSpec(format="ntp", rank=4, steps=1))
     add_documents(lib, tiny, [str(tmp_path / "stars.txt")], rank_4, embedder)
     with pytest.raises(
         LoramemError, match=r"--merge ties needs adapters of equal rank.*stars 4; use --merge cat"
@@ -275,14 +275,18 @@ def test_cli_with_caches_of_one_document_answers_as_ask_cache(library, tiny_dir,
 
 def test_cli_library_errors(library, other_tiny_dir, tmp_path):
     lib = str(library)
-    assert "leave out --cache" in one_line_error(run_cli("ask", "--library", lib, "--cache", "x.safetensors", "q?"))
+    assert "--library, --cache: a library answers with its own adapters" in one_line_error(
+        run_cli("ask", "--library", lib, "--cache", "x.safetensors", "q?")
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "is empty" in one_line_error(run_cli("ask", "--library", str(empty), "q?"))
     assert "between 1 and the library's 3" in one_line_error(run_cli("ask", "--library", lib, "--top-k", "4", "q?"))
-    assert "need --library" in one_line_error(run_cli("ask", "--top-k", "2", "q?"))
+    assert "--top-k: routing settings need a library" in one_line_error(run_cli("ask", "--top-k", "2", "q?"))
     assert "not both" in one_line_error(run_cli("ask", "--library", lib, "--with-context", "1", "--with-caches", "q?"))
-    assert "unknown merge method" in one_line_error(run_cli("ask", "--library", lib, "--merge", "mean", "q?"))
+    assert "--merge: input should be 'ties', 'linear'" in one_line_error(
+        run_cli("ask", "--library", lib, "--merge", "mean", "q?")
+    )
     other = run_cli("ask", "--library", lib, "--model", str(other_tiny_dir), "q?")
     assert "another base model" in one_line_error(other) and other.returncode == 3
 
@@ -294,7 +298,7 @@ N_QUESTIONS = 2
 N_ANSWERS = len(NAMES) * N_QUESTIONS * (1 + len(LIBRARY_MODES))
 
 
-def eval_config(**changes) -> EvalConfig:
+def eval_config(**changes) -> EvalSpec:
     settings = {
         "ratios": [1.0],
         "presses": ["knorm"],
@@ -310,7 +314,7 @@ def eval_config(**changes) -> EvalConfig:
         "library_top_k": 2,
         "context_chunks": 2,
     }
-    return EvalConfig(**{**settings, **changes})
+    return flat_spec(**{**settings, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -420,7 +424,7 @@ def test_every_library_mode_answers_every_question(tiny, dataset, reference, emb
     margins = {m["mode"]: m for m in summary["margins"]}
     assert set(margins) == set(LIBRARY_MODES) and all(m["versus"] == "knorm" and m["n"] == 6 for m in margins.values())
     config = json.loads((run / CONFIG).read_text())["config"]
-    assert config["library_top_k"] == 2 and config["merge"] == "ties" and config["library"] is None
+    assert config["library"] == {"path": None, "top_k": 2, "merge": "ties", "context_chunks": 2}
 
 
 def test_resume_redoes_nothing(tiny, dataset, reference, tmp_path):
@@ -477,7 +481,6 @@ def test_a_documents_adapter_is_read_once_for_all_its_modes(tiny, dataset, tmp_p
 
 
 def test_library_config_is_checked_before_the_run(tiny, dataset, reference, tmp_path):
-    assert "library_top_k" not in eval_config(modes=["none"]).to_dict()  # old runs without library modes resume
     for bad in ({"merge": "mean"}, {"library_top_k": 0}, {"context_chunks": 0}):
         with pytest.raises(LoramemError):
             eval_config(**bad)
@@ -562,7 +565,11 @@ def test_cli_eval_library_options(dataset, tiny_dir, tmp_path):
     summary = json.loads(result.stdout)
     assert summary["routing"]["k"] == 3 and summary["routing"]["recall_at_k"] == 1.0
     config = json.loads((out / CONFIG).read_text())["config"]
-    assert (config["library_top_k"], config["merge"], config["context_chunks"]) == (3, "cat", 1)
+    assert (config["library"]["top_k"], config["library"]["merge"], config["library"]["context_chunks"]) == (
+        3,
+        "cat",
+        1,
+    )
     rows = read_answers(out / ANSWERS)
     assert len(rows) == len(NAMES) * N_QUESTIONS * 2 and all(
         len(r["context_chunks"]) == 1 for r in rows if r["mode"] == "rag"

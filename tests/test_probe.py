@@ -9,7 +9,8 @@ from conftest import run_cli
 from test_cli import one_line_error
 
 from loramem.errors import LoramemError
-from loramem.evaluation.probe import PLOT, RESULTS, ProbeConfig, phonebook, run_probe, saturation
+from loramem.evaluation.probe import PLOT, RESULTS, phonebook, run_probe, saturation
+from loramem.specs import ProbeSpec, TrainSpec
 
 
 def test_phonebook_is_seeded_and_unambiguous():
@@ -21,7 +22,7 @@ def test_phonebook_is_seeded_and_unambiguous():
 
 
 def test_saturation_reads_the_threshold():
-    config = ProbeConfig(ranks=[2, 8], facts=[10, 40], threshold=0.9)
+    config = ProbeSpec(ranks=[2, 8], facts=[10, 40], threshold=0.9)
     rows = [
         {"rank": 2, "facts": 10, "recall": 0.9, "facts_stored": 9.0},
         {"rank": 2, "facts": 40, "recall": 0.5, "facts_stored": 20.0},
@@ -34,10 +35,18 @@ def test_saturation_reads_the_threshold():
     ]
 
 
-@pytest.mark.parametrize("bad", [{"ranks": []}, {"facts": [0]}, {"threshold": 0}, {"epochs": 0}])
-def test_bad_probe_config(bad):
-    with pytest.raises(LoramemError):
-        ProbeConfig(**bad)
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({"ranks": []}, "ranks: give at least one"),
+        ({"facts": [0]}, "facts: must be positive"),
+        ({"threshold": 0}, "threshold: must be in \\(0, 1\\]"),
+        ({"train": {"epochs": 0}}, "train.epochs: must be at least 1"),
+    ],
+)
+def test_bad_probe_config(bad, message):
+    with pytest.raises(LoramemError, match=message):
+        ProbeSpec.parse(bad)
 
 
 def test_probe_runs_and_recall_is_measured_by_asking(tiny, tmp_path, monkeypatch):
@@ -51,7 +60,7 @@ def test_probe_runs_and_recall_is_measured_by_asking(tiny, tmp_path, monkeypatch
         return real(lm, questions, cache, **kwargs)
 
     monkeypatch.setattr(probe, "answer_batch", counting)
-    result = run_probe(tiny, ProbeConfig(ranks=[1, 2], facts=[3, 5], epochs=1, batch_size=4), tmp_path)
+    result = run_probe(tiny, ProbeSpec(ranks=[1, 2], facts=[3, 5], train=TrainSpec(epochs=1, batch_size=4)), tmp_path)
     assert [(r["rank"], r["facts"]) for r in result["rows"]] == [(1, 3), (1, 5), (2, 3), (2, 5)]
     assert len(asked) == 2 * (3 + 5) and all(on and attached for _, on, attached in asked)
     assert {q for q, _, _ in asked} == {q for q, _ in phonebook(5)}
@@ -62,5 +71,6 @@ def test_probe_runs_and_recall_is_measured_by_asking(tiny, tmp_path, monkeypatch
 
 
 def test_probe_cli_bad_input(tmp_path):
-    assert "integers" in one_line_error(run_cli("probe", "capacity", "-o", str(tmp_path / "p"), "--ranks", "a,b"))
+    line = one_line_error(run_cli("probe", "capacity", "-o", str(tmp_path / "p"), "--ranks", "a,b"))
+    assert line.count("--ranks: input should be a valid integer") == 1, line  # one reason per setting
     assert not (tmp_path / "p").exists()

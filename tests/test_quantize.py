@@ -38,7 +38,7 @@ def test_int4_packs_two_values_per_byte_exactly():
     [
         ("int4", 0, 15, "even"),
         ("int8", 5, 16, "does not divide"),
-        ("int3", 0, 16, "unknown --store-dtype"),
+        ("int3", 0, 16, "store_dtype: unknown 'int3'"),
     ],
 )
 def test_bad_storage_requests(dtype, group, dim, message):

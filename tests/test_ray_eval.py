@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import flat_spec
 
-from loramem.evaluation.config import EvalConfig
 from loramem.evaluation.rundir import ANSWERS, FAILURES, read_answers
 from loramem.evaluation.runner import run_eval
 
@@ -52,11 +52,13 @@ def dataset(folder: Path, ids: list[str]) -> Path:
     return path
 
 
-CONFIG = EvalConfig(
+CONFIG = flat_spec(
     ratios=[0.0, 1.0], presses=["knorm"], modes=["none", "decode"], formats=["qa"], max_new_tokens=3, steps=1, rank=2
 )
 # The complete run: every kind of cell, library modes included (their library is built on a worker first).
-LIBRARY_CONFIG = replace(CONFIG, modes=["none", "decode", "routed-merge", "rag"], library_top_k=2, context_chunks=1)
+LIBRARY_CONFIG = CONFIG.replace(
+    modes=["none", "decode", "routed-merge", "rag"], library={"top_k": 2, "context_chunks": 1}
+)
 COMPLETE = ["light", "bees", "flaky", "tide"]
 
 

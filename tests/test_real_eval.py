@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, flat_spec, run_cli
 
 pytestmark = pytest.mark.real
 
@@ -16,13 +16,12 @@ pytestmark = pytest.mark.real
 @pytest.fixture(scope="module")
 def eval_run(real, tmp_path_factory):
     """One eval run on two fiction documents: its summary, and its trained QA adapters for the library test."""
-    from loramem.evaluation.config import EvalConfig
     from loramem.evaluation.runner import run_eval
 
     folder = tmp_path_factory.mktemp("eval")
     data = folder / "two.jsonl"
     data.write_text("".join((REPO / "examples" / "fiction.jsonl").read_text().splitlines(keepends=True)[:2]))
-    config = EvalConfig(
+    config = flat_spec(
         ratios=[0.0, 1.0],
         presses=["snapkv"],
         modes=["none", "decode", "oracle", "rag"],

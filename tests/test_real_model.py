@@ -9,7 +9,7 @@ from conftest import DEMO_DOC, REPO, run_cli, run_process
 from kvpress_reference import assert_keeps_what_kvpress_keeps, kvpress_prefills
 
 from loramem import KVCache, compress, encode, generate
-from loramem.kv.presses import DEFAULT_PRESSES
+from loramem.vocab import DEFAULT_PRESSES
 
 pytestmark = pytest.mark.real
 

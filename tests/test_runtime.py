@@ -8,12 +8,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import DEMO_DOC, run_cli, run_process
+from conftest import DEMO_DOC, flat_spec, run_cli, run_process
 from test_cli import one_line_error
 
 from loramem import IncompatibleArtifactError, LoramemError, encode, generate, load_model
 from loramem.data.formats import QA, DocRecord, write_dataset
-from loramem.evaluation.config import EvalConfig
 from loramem.evaluation.rundir import ANSWERS, CONFIG, read_answers
 from loramem.evaluation.runner import run_eval
 from loramem.evaluation.shards import merge
@@ -102,22 +101,22 @@ def tiny_bf16(tiny_dir):
 
 def test_runtime_is_recorded_and_a_mixed_precision_resume_refused(tiny, tiny_bf16, dataset, tmp_path):
     run = tmp_path / "run"
-    run_eval(tiny, dataset, run, EvalConfig(**GRID, limit=1))
+    run_eval(tiny, dataset, run, flat_spec(**GRID, limit=1))
     runtime = json.loads((run / CONFIG).read_text())["model"]["runtime"]
     assert runtime["dtype"] == "float32" and runtime["device"] == "cpu"
     assert set(runtime) == {"dtype", "device", "torch", "transformers", "kvpress", "peft"}
     assert all(row["runtime"] == runtime for row in read_answers(run / ANSWERS))
     with pytest.raises(IncompatibleArtifactError, match="float32 on cpu, this run is bfloat16 on cpu"):
-        run_eval(tiny_bf16, dataset, run, EvalConfig(**GRID), resume=True)
-    run_eval(tiny_bf16, dataset, run, EvalConfig(**GRID), resume=True, allow_mixed=True)
+        run_eval(tiny_bf16, dataset, run, flat_spec(**GRID), resume=True)
+    run_eval(tiny_bf16, dataset, run, flat_spec(**GRID), resume=True, allow_mixed=True)
     dtypes = [row["runtime"]["dtype"] for row in read_answers(run / ANSWERS)]
     assert dtypes.count("float32") == 2 and dtypes.count("bfloat16") == 2
 
 
 def test_a_mixed_precision_merge_is_refused(tiny, tiny_bf16, dataset, tmp_path):
     shards = [tmp_path / "s0", tmp_path / "s1"]
-    run_eval(tiny, dataset, shards[0], EvalConfig(**GRID, shard=(0, 2)))
-    run_eval(tiny_bf16, dataset, shards[1], EvalConfig(**GRID, shard=(1, 2)))
+    run_eval(tiny, dataset, shards[0], flat_spec(**GRID, shard=(0, 2)))
+    run_eval(tiny_bf16, dataset, shards[1], flat_spec(**GRID, shard=(1, 2)))
     with pytest.raises(IncompatibleArtifactError, match="--allow-mixed"):
         merge(shards, tmp_path / "merged")
     done = run_cli("eval", "merge", *map(str, shards), "-o", str(tmp_path / "cli"))

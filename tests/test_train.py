@@ -12,7 +12,7 @@ from loramem.adapters.attach import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORAMEM_MET
 from loramem.adapters.train import (
     TRAIN_QA,
     Example,
-    TrainConfig,
+    TrainSpec,
     batch_loss,
     length_groups,
     ntp_examples,
@@ -48,7 +48,7 @@ def test_output_is_a_standard_peft_adapter(tiny, tiny_dir, doc_text, tmp_path):
     out = tmp_path / "doc.lora"
     calls = []
     summary = train_adapter(
-        tiny, doc_text, QA, out, TrainConfig(**FAST), qa_file_sha256="abc", on_step=lambda *args: calls.append(args)
+        tiny, doc_text, QA, out, TrainSpec(**FAST), qa_file_sha256="abc", on_step=lambda *args: calls.append(args)
     )
     assert {ADAPTER_WEIGHTS, ADAPTER_CONFIG, LORAMEM_META, TRAIN_QA} <= {p.name for p in out.iterdir()}
     assert summary["steps"] == 4 and summary["path"] == str(out) and summary["trainable_parameters"] > 0
@@ -113,16 +113,16 @@ def test_a_batch_that_would_pad_much_runs_in_length_groups(tiny, doc_text, monke
 def test_same_seed_gives_identical_adapter_bytes(tiny, doc_text, tmp_path):
     paths = [tmp_path / name for name in ("a", "b", "c")]
     for path, seed in zip(paths, (3, 3, 4)):
-        train_adapter(tiny, doc_text, QA, path, TrainConfig(**FAST, seed=seed, dropout=0.1))
+        train_adapter(tiny, doc_text, QA, path, TrainSpec(**FAST, seed=seed, dropout=0.1))
     weights = [(p / ADAPTER_WEIGHTS).read_bytes() for p in paths]
     assert weights[0] == weights[1] != weights[2]
 
 
 def test_model_is_clean_after_training(tiny, doc_text, tmp_path):
     before = _logits(tiny)
-    train_adapter(tiny, doc_text, QA, tmp_path / "a", TrainConfig(**FAST))
+    train_adapter(tiny, doc_text, QA, tmp_path / "a", TrainSpec(**FAST))
     attach_adapter(tiny, tmp_path / "a")  # an attached adapter is detached before training
-    train_adapter(tiny, doc_text, QA, tmp_path / "b", TrainConfig(**FAST))
+    train_adapter(tiny, doc_text, QA, tmp_path / "b", TrainSpec(**FAST))
     assert tiny.adapter is None and not tiny.model.training
     assert not any("lora_" in name for name, _ in tiny.model.named_modules())
     assert not any(p.requires_grad for p in tiny.model.parameters())
@@ -173,7 +173,7 @@ def test_layer_specs():
         resolve_layers("28-30", 30)
     for bad in ("abc", "3-1", "1,,2", "-2", "first"):
         with pytest.raises(LoramemError):
-            TrainConfig(layers=bad)
+            TrainSpec(layers=bad)
 
 
 @pytest.mark.parametrize(
@@ -191,23 +191,23 @@ def test_layer_specs():
 )
 def test_bad_config_values(bad):
     with pytest.raises(LoramemError):
-        TrainConfig(**bad)
+        TrainSpec(**bad)
 
 
 def test_targets_and_layers_restrict_the_adapter(tiny, doc_text, tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "a"
-    train_adapter(tiny, doc_text, QA, out, TrainConfig(**FAST, targets="attn", layers="1"))
+    train_adapter(tiny, doc_text, QA, out, TrainSpec(**FAST, targets="attn", layers="1"))
     config = json.loads((out / ADAPTER_CONFIG).read_text())
     assert sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert config["layers_to_transform"] == [1]
     keys = load_file(str(out / ADAPTER_WEIGHTS)).keys()
     assert len(keys) == 8 and all(".layers.1.self_attn." in k for k in keys)
     with pytest.raises(LoramemError, match="has layers 0-1"):
-        train_adapter(tiny, doc_text, QA, tmp_path / "b", TrainConfig(**FAST, layers="0-5"))
+        train_adapter(tiny, doc_text, QA, tmp_path / "b", TrainSpec(**FAST, layers="0-5"))
     with pytest.raises(LoramemError, match="unknown target module"):
-        train_adapter(tiny, doc_text, QA, tmp_path / "b", TrainConfig(**FAST, targets="wq"))
+        train_adapter(tiny, doc_text, QA, tmp_path / "b", TrainSpec(**FAST, targets="wq"))
     assert not (tmp_path / "b").exists()
 
 
@@ -215,20 +215,20 @@ def test_refusals(tiny, doc_text, tmp_path):
     existing = tmp_path / "a"
     existing.mkdir()
     with pytest.raises(LoramemError, match="already exists"):
-        train_adapter(tiny, doc_text, QA, existing, TrainConfig(**FAST))
-    train_adapter(tiny, doc_text, QA, existing, TrainConfig(**FAST), force=True)
+        train_adapter(tiny, doc_text, QA, existing, TrainSpec(**FAST))
+    train_adapter(tiny, doc_text, QA, existing, TrainSpec(**FAST), force=True)
     assert (existing / ADAPTER_WEIGHTS).is_file()
     with pytest.raises(LoramemError, match="empty"):
-        train_adapter(tiny, " \n", QA, tmp_path / "b", TrainConfig(**FAST))
+        train_adapter(tiny, " \n", QA, tmp_path / "b", TrainSpec(**FAST))
     with pytest.raises(LoramemError, match="needs question-answer pairs"):
-        train_adapter(tiny, doc_text, [], tmp_path / "b", TrainConfig(**FAST))
+        train_adapter(tiny, doc_text, [], tmp_path / "b", TrainSpec(**FAST))
     with pytest.raises(LoramemError, match="over max_length"):
         train_adapter(
             tiny,
             doc_text,
             [("why " * 40 + "?", "x")],
             tmp_path / "b",
-            TrainConfig(**FAST, max_length=32, chunk_size=32),
+            TrainSpec(**FAST, max_length=32, chunk_size=32),
         )
     assert not (tmp_path / "b").exists()
 
@@ -236,7 +236,7 @@ def test_refusals(tiny, doc_text, tmp_path):
 @pytest.mark.parametrize("fmt", ["ntp", "mixed"])
 def test_ntp_and_mixed_formats(tiny, doc_text, tmp_path, fmt):
     out = tmp_path / fmt
-    summary = train_adapter(tiny, doc_text, QA, out, TrainConfig(**FAST, format=fmt, steps=3, chunk_size=64))
+    summary = train_adapter(tiny, doc_text, QA, out, TrainSpec(**FAST, format=fmt, steps=3, chunk_size=64))
     meta = json.loads((out / LORAMEM_META).read_text())
     chunks = -(-len(tiny.tokenizer(doc_text)["input_ids"]) // 64)
     assert summary["steps"] == 3 and meta["format"] == fmt
@@ -246,7 +246,7 @@ def test_ntp_and_mixed_formats(tiny, doc_text, tmp_path, fmt):
 
 def test_qa_loss_decreases(tiny, doc_text, tmp_path):
     """The tiny model's small random output layer bounds its logits, so the loss cannot go near zero."""
-    summary = train_adapter(tiny, doc_text, QA, tmp_path / "a", TrainConfig(rank=8, lr=1e-2, epochs=20))
+    summary = train_adapter(tiny, doc_text, QA, tmp_path / "a", TrainSpec(rank=8, lr=1e-2, epochs=20))
     curve = json.loads((tmp_path / "a" / LORAMEM_META).read_text())["loss_curve"]
     assert summary["final_loss"] < 0.9 * curve[0] and max(curve[-5:]) < min(curve[:2])
 
@@ -295,13 +295,13 @@ def _mean_rouge(answers, pairs) -> float:
 def test_document_adapter_recalls_invented_facts(real, tmp_path):
     """QA training on the default model answers paraphrased questions closed-book; the base model cannot, and an
     adapter trained on the raw text (NTP) barely can: QA supervision beats raw text, as the seeds report."""
-    summary = train_adapter(real, HARBOUR, HARBOUR_QA, tmp_path / "qa", TrainConfig(format="qa"))
+    summary = train_adapter(real, HARBOUR, HARBOUR_QA, tmp_path / "qa", TrainSpec(format="qa"))
     base = _mean_rouge(_answers(real, HARBOUR_PARAPHRASES, False), HARBOUR_PARAPHRASES)
     attach_adapter(real, tmp_path / "qa")
     tuned = _mean_rouge(_answers(real, HARBOUR_PARAPHRASES, True), HARBOUR_PARAPHRASES)
     trained = _answers(real, HARBOUR_QA, True)
     correct = sum(normalize_answer(a.answer) == normalize_answer(gold) for a, (_, gold) in zip(trained, HARBOUR_QA))
-    train_adapter(real, HARBOUR, [], tmp_path / "ntp", TrainConfig(format="ntp"))  # detaches the qa adapter
+    train_adapter(real, HARBOUR, [], tmp_path / "ntp", TrainSpec(format="ntp"))  # detaches the qa adapter
     attach_adapter(real, tmp_path / "ntp")
     ntp = _mean_rouge(_answers(real, HARBOUR_PARAPHRASES, True), HARBOUR_PARAPHRASES)
     detach_adapter(real)
@@ -323,7 +323,7 @@ def test_switching_back_to_an_adapter_does_not_load_it_again(tiny, doc_text, tmp
 
     paths = [tmp_path / name for name in ("a", "b", "c")]
     for seed, path in enumerate(paths):
-        train_adapter(tiny, doc_text, QA[seed:] + QA[:seed], path, TrainConfig(**FAST, seed=seed))
+        train_adapter(tiny, doc_text, QA[seed:] + QA[:seed], path, TrainSpec(**FAST, seed=seed))
     base = _logits(tiny)
     alone = []
     for path in paths:

@@ -18,7 +18,7 @@ from inprocess import assert_refused, invoke
 
 from loramem import LoramemError
 from loramem.adapters.attach import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORAMEM_META, attach_adapter, detach_adapter
-from loramem.adapters.train import TrainConfig, train_adapter
+from loramem.adapters.train import TrainSpec, train_adapter
 from loramem.errors import IncompatibleArtifactError
 
 QA = [("Who designed the lighthouse?", "Orla Quenby"), ("Who was the first keeper?", "Hobart Fennick")]
@@ -27,7 +27,7 @@ QA = [("Who designed the lighthouse?", "Orla Quenby"), ("Who was the first keepe
 @pytest.fixture(scope="module")
 def adapter(tiny, doc_text, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("adapter") / "doc.lora"
-    train_adapter(tiny, doc_text, QA, out, TrainConfig(rank=2, alpha=4.0, steps=2, batch_size=2))
+    train_adapter(tiny, doc_text, QA, out, TrainSpec(rank=2, alpha=4.0, steps=2, batch_size=2))
     return out
 
 

@@ -15,7 +15,7 @@ from conftest import run_cli
 from inprocess import assert_refused, invoke
 
 from loramem import KVCache, compress, encode
-from loramem.kv.compress import restore
+from loramem.kv.compress import stored_as
 from loramem.kv.quantize import make_storage
 from loramem.kv.value_groups import compress_value_groups
 
@@ -45,8 +45,8 @@ def caches(tiny, doc_text) -> dict[str, bytes]:
     return {
         "plain": plain.to_bytes(),
         "compressed": compress(plain, "knorm", ratio=0.5).to_bytes(),
-        "int8": restore(compress(plain, "knorm", ratio=0.3), make_storage("int8", "channel")).to_bytes(),
-        "groups": restore(groups, make_storage("int4")).to_bytes(),
+        "int8": stored_as(compress(plain, "knorm", ratio=0.3), make_storage("int8", "channel")).to_bytes(),
+        "groups": stored_as(groups, make_storage("int4")).to_bytes(),
     }
 
 

@@ -93,7 +93,8 @@ def test_attention_equals_plain_tensor_reference(tiny, cache):
 
 
 @pytest.mark.parametrize(
-    "groups,budget,message", [(5, 0.5, "does not divide"), (4, 0.0, r"\(0, 1\]"), (4, 1.5, r"\(0, 1\]")]
+    "groups,budget,message",
+    [(5, 0.5, "does not divide"), (4, 0.0, r"budget: must be in \(0, 1\]"), (4, 1.5, r"budget: must be in \(0, 1\]")],
 )
 def test_bad_value_group_requests(cache, groups, budget, message):
     with pytest.raises(LoramemError, match=message):
@@ -164,7 +165,7 @@ def test_query_cache_keeps_the_top_pairs_and_answers(tiny, cache, query_scores, 
 
 
 def test_query_rule_needs_its_scores(cache, query_scores):
-    with pytest.raises(LoramemError, match="needs --query"):
+    with pytest.raises(LoramemError, match="score_groups, query: query needs questions"):
         compress_value_groups(cache, "knorm", groups=4, budget=0.3, rule="query")
     with pytest.raises(LoramemError, match="does not use a question"):
         compress_value_groups(cache, "knorm", groups=4, budget=0.3, rule="norm", scores=query_scores)

@@ -23,6 +23,7 @@ from loramem.adapters.validate import (
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.model.loading import LoadedModel, sha256_bytes
 from loramem.model.prompt import check_template_record
+from loramem.vocab import ASK_MODES
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -143,17 +144,14 @@ def adapter_scope(lm: LoadedModel, on: bool) -> Iterator[None]:
             yield
 
 
-ADAPTER_MODES = ("none", "decode", "all")
-
-
 def check_adapter_mode(lm: LoadedModel, mode: str, cache_adapter: dict[str, Any] | None) -> bool:
     """Validate an inference mode against the cache's recorded adapter; True when decoding uses it.
 
     none: base model throughout. decode: base-model cache, adapter on only for question and answer.
     all: cache encoded with this same adapter, adapter on for decoding too.
     """
-    if mode not in ADAPTER_MODES:
-        raise LoramemError(f"unknown adapter mode {mode!r}; use one of {', '.join(ADAPTER_MODES)}")
+    if mode not in ASK_MODES:
+        raise LoramemError(f"unknown adapter mode {mode!r}; use one of {', '.join(ASK_MODES)}")
     if mode != "none" and lm.adapter is None:
         raise LoramemError(f"--adapter-mode {mode} needs --adapter DIR")
     if mode in ("none", "decode") and cache_adapter is not None:

@@ -17,11 +17,12 @@ import torch
 
 from loramem._version import __version__
 from loramem.adapters.attach import LORAMEM_META, adapter_sha256, detach_adapter, read_adapter_meta
-from loramem.adapters.config import DENSITY_METHODS, EQUAL_RANK_METHODS, MergeConfig
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.fileio import atomic_directory
 from loramem.model.loading import LoadedModel
 from loramem.model.prompt import check_template_record
+from loramem.specs.train import MergeSpec
+from loramem.vocab import DENSITY_METHODS, EQUAL_RANK_METHODS
 
 _MERGED = "default"  # PEFT saves the adapter named "default" at the top of the output folder
 
@@ -44,7 +45,7 @@ class Source:
         return self.meta.get("base_model", {}).get("model")
 
 
-def check_sources(paths: Sequence[str | Path], config: MergeConfig) -> list[Source]:
+def check_sources(paths: Sequence[str | Path], config: MergeSpec) -> list[Source]:
     """Read and check the adapters before any model is loaded: count, weights, base model, ranks, layers."""
     if len(paths) < 2:
         raise LoramemError(f"merging needs at least 2 adapters, got {len(paths)}")
@@ -86,7 +87,7 @@ def base_model_id(sources: list[Source]) -> str | None:
 
 
 def merge_adapters(
-    lm: LoadedModel, paths: Sequence[str | Path], out_dir: str | Path, config: MergeConfig, *, force: bool = False
+    lm: LoadedModel, paths: Sequence[str | Path], out_dir: str | Path, config: MergeSpec, *, force: bool = False
 ) -> dict[str, Any]:
     """Load the adapters onto `lm`, combine them with PEFT and write the result; `lm` is left as it was."""
     from peft import PeftModel

@@ -14,7 +14,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,12 @@ import torch
 
 from loramem._version import __version__
 from loramem.adapters.attach import LORAMEM_META, detach_adapter, read_adapter_meta
-from loramem.adapters.config import TARGET_PRESETS, TrainConfig, layer_ranges
 from loramem.errors import LoramemError
 from loramem.fileio import atomic_directory
 from loramem.model.loading import LoadedModel, sha256_text
 from loramem.model.prompt import Framing, answer_ids, closed_book_ids, common_prefix, document_ids
+from loramem.specs.train import TrainSpec, layer_ranges
+from loramem.vocab import TARGET_PRESETS
 
 TRAIN_QA = "train_qa.jsonl"
 IGNORE = -100
@@ -133,7 +134,7 @@ def resolve_layers(spec: str | None, n_layers: int) -> list[int] | None:
     return indices
 
 
-def lora_parameters(model: Any, config: TrainConfig) -> int:
+def lora_parameters(model: Any, config: TrainSpec) -> int:
     """Parameters of the LoRA that `train_adapter` would add with this config (A: r x in and B: out x r for each
     targeted module, as PEFT builds them): eval plans byte budgets with it before any adapter is trained."""
     modules = layer_modules(model)
@@ -184,7 +185,7 @@ def ntp_examples(tokenizer: Any, document: str, chunk_size: int) -> list[Example
 
 
 def build_examples(
-    tokenizer: Any, document: str, qa: list[tuple[str, str]], config: TrainConfig, framing: Framing | None = None
+    tokenizer: Any, document: str, qa: list[tuple[str, str]], config: TrainSpec, framing: Framing | None = None
 ) -> list[Example]:
     """The training set that config.format asks for."""
     if config.format in ("qa", "mixed") and not qa:
@@ -199,7 +200,7 @@ def build_examples(
     return examples
 
 
-def schedule(n_examples: int, config: TrainConfig) -> list[list[int]]:
+def schedule(n_examples: int, config: TrainSpec) -> list[list[int]]:
     """Batches of example indices: seeded reshuffles per epoch, cut to config.steps when given."""
     rng = random.Random(config.seed)
     per_epoch = math.ceil(n_examples / config.batch_size)
@@ -305,7 +306,7 @@ class FitResult:
 def fit(
     model: Any,
     examples: list[Example],
-    config: TrainConfig,
+    config: TrainSpec,
     pad_id: int,
     device: Any,
     on_step: StepCallback | None = None,
@@ -336,7 +337,7 @@ def fit(
     return FitResult(curve, time.perf_counter() - started, tokens)
 
 
-def _lora_config(config: TrainConfig, targets: list[str], layers: list[int] | None, pattern: str, base_id: str) -> Any:
+def _lora_config(config: TrainSpec, targets: list[str], layers: list[int] | None, pattern: str, base_id: str) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
@@ -368,7 +369,7 @@ def train_adapter(
     document: str,
     qa: list[tuple[str, str]],
     out_dir: str | Path,
-    config: TrainConfig,
+    config: TrainSpec,
     *,
     force: bool = False,
     qa_file_sha256: str | None = None,
@@ -413,7 +414,7 @@ def train_adapter(
             "base_model": {"id": lm.model_id, **lm.fingerprint},
             "document_sha256": sha256_text(document),
             "format": config.format,
-            "hyperparameters": asdict(config),
+            "hyperparameters": config.model_dump(),
             "target_modules": targets,
             "layers_to_transform": layers,
             **summary,

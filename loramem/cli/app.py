@@ -20,10 +20,11 @@ from loramem.errors import LoramemError
 from loramem.fileio import EXIT_BROKEN_PIPE
 from loramem.log import console
 
+HELP_NAMES = ["-h", "--help"]
 app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings={"help_option_names": HELP_NAMES},
 )
 
 PARTIAL_EXIT = 4
@@ -107,13 +108,43 @@ def _usage_error(exc: Any) -> NoReturn:
 _built: dict[tuple[int, int], Any] = {}
 
 
-def _command() -> Any:
+def click_command() -> Any:
     """`app` as the click command typer builds from it (~20 ms: every command's signature), once per set of
     registered commands; called directly rather than through `app()`, which also replaces `sys.excepthook`."""
     key = (len(app.registered_commands), len(app.registered_groups))
     if key not in _built:
-        _built[key] = typer.main.get_command(app)
+        _built[key] = _plain_help(typer.main.get_command(app))
     return _built[key]
+
+
+def _plain_help(command: Any) -> Any:
+    """--help as click tools show it: a flag with no type beside it, values as TEXT, INTEGER, FLOAT or PATH, and
+    arguments by name; typer >= 0.2x would otherwise print `<bool>`, `<str>` and `{document}`. Applied to this
+    command tree's own option objects (nothing global changes)."""
+    context = typer.Context(command, help_option_names=HELP_NAMES)
+    help_option = command.get_help_option(context) if hasattr(command, "get_help_option") else None
+    for param in [*command.params, *([help_option] if help_option is not None else [])]:
+        if param.param_type_name == "argument":
+            param.metavar = param.metavar or param.name.upper() + ("..." if param.nargs != 1 else "")
+            param.display_type_rich = lambda ctx: None
+        elif param.metavar is not None:
+            continue
+        elif getattr(param, "is_flag", False):
+            param.metavar = ""
+        else:
+            param.metavar = _value_name(param)
+    for sub in getattr(command, "commands", {}).values():
+        _plain_help(sub)
+    return command
+
+
+def _value_name(param: Any) -> str:
+    """TEXT, INTEGER, FLOAT or PATH for an option: from click's type, or typer's own annotation where it has one."""
+    name = getattr(getattr(param, "type", None), "name", None)
+    if name is None:
+        described = getattr(param, "type_descriptor", None)
+        name = "path" if getattr(described, "is_path", False) else getattr(described, "annotation", str).__name__
+    return {"int": "INTEGER", "integer": "INTEGER", "float": "FLOAT", "path": "PATH"}.get(str(name).lower(), "TEXT")
 
 
 def main(args: Optional[list[str]] = None) -> NoReturn:
@@ -127,7 +158,7 @@ def main(args: Optional[list[str]] = None) -> NoReturn:
     try:
         # Not standalone, so that errors reach the mapping below; the return value is the exit code that
         # `typer.Exit(n)` asked for (4 for failed eval cells), or 130 for a KeyboardInterrupt typer caught.
-        code = _command()(args=args, prog_name="loramem", standalone_mode=False)
+        code = click_command()(args=args, prog_name="loramem", standalone_mode=False)
         sys.stdout.flush()  # a full disk or closed pipe is reported here, not at interpreter exit
     except LoramemError as exc:
         _fail(str(exc), exc.exit_code)

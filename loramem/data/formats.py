@@ -32,10 +32,10 @@ from typing import Any
 from loramem.data import SEED
 from loramem.errors import LoramemError
 from loramem.fileio import read_input_bytes, read_text, write_output
+from loramem.vocab import NARRATIVEQA_SPLITS
 
 PathLike = str | Path
 
-NARRATIVEQA_SPLITS = ("train", "valid", "test")
 _FIELDS = {"id", "document", "document_path", "qa", "train_qa"}
 
 

@@ -11,23 +11,24 @@ from loramem.adapters.synth import training_pairs
 from loramem.adapters.train import train_adapter
 from loramem.data.formats import DocRecord, load_qa_pairs
 from loramem.errors import IncompatibleArtifactError
-from loramem.evaluation.config import EvalConfig, file_name
+from loramem.evaluation.config import file_name
 from loramem.evaluation.rundir import ADAPTERS, SYNTH_QA
 from loramem.fileio import atomic_write_bytes
 from loramem.model.loading import LoadedModel, sha256_text
+from loramem.specs import EvalSpec
 
 
-def adapter_name(doc_id: str, fmt: str, rank: int | None, config: EvalConfig) -> str:
+def adapter_name(doc_id: str, fmt: str, rank: int | None, config: EvalSpec) -> str:
     """DOCID-FORMAT, or DOCID-FORMAT-rRANK for a budget point's rank other than the run's --rank."""
     name = f"{file_name(doc_id)}-{fmt}"
-    return name if rank is None or rank == config.rank else f"{name}-r{rank}"
+    return name if rank is None or rank == config.train.rank else f"{name}-r{rank}"
 
 
 def document_adapter(
     lm: LoadedModel,
     record: DocRecord,
     fmt: str,
-    config: EvalConfig,
+    config: EvalSpec,
     run: Path,
     status: Callable[[str], None],
     rank: int | None = None,
@@ -48,7 +49,7 @@ def document_adapter(
             record.document,
             qa,
             path,
-            config.train_config(fmt, rank),
+            config.train_spec(fmt, rank),
             on_step=lambda step, total, loss: status(f"training the {what}, step {step}/{total}"),
         )
     check_adapter(path, record, fmt, rank)
@@ -67,7 +68,7 @@ def check_adapter(path: Path, record: DocRecord, fmt: str, rank: int | None = No
 
 
 def run_training_pairs(
-    lm: LoadedModel, record: DocRecord, fmt: str, config: EvalConfig, run: Path, status: Callable[[str], None]
+    lm: LoadedModel, record: DocRecord, fmt: str, config: EvalSpec, run: Path, status: Callable[[str], None]
 ) -> list[tuple[str, str]]:
     """The pairs of `training_pairs` with the record's train_qa as the given pairs; synthesized pairs are kept in
     RUN_DIR/train_qa/ so that a resume and every format train on the same ones."""
@@ -79,9 +80,9 @@ def run_training_pairs(
     else:
         given = None
         if fmt != "ntp":
-            status(f"synthesizing {config.synth_pairs} training pairs")
+            status(f"synthesizing {config.synth.pairs} training pairs")
     pairs, written_by = training_pairs(
-        lm, record.document, fmt, given, config.synth_pairs, config.seed, config.synth_model
+        lm, record.document, fmt, given, config.synth.pairs, config.train.seed, config.synth.model
     )
     if written_by is not None:
         path.parent.mkdir(exist_ok=True)

@@ -7,10 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loramem.adapters.merge import MergeConfig
+from loramem.adapters.merge import MergeSpec
 from loramem.data.formats import DocRecord
 from loramem.errors import LoramemError
-from loramem.evaluation.config import Cell, EvalConfig, file_name
+from loramem.evaluation.config import Cell, file_name
 from loramem.evaluation.doc_adapters import document_adapter
 from loramem.evaluation.rundir import LIBRARY, AnswerLog, answer_row
 from loramem.kv.cache import KVCache
@@ -27,36 +27,37 @@ from loramem.library.store import (
 )
 from loramem.model.generate import iter_answers
 from loramem.model.loading import LoadedModel, sha256_text
+from loramem.specs import EvalSpec
 
 
-def library_path(config: EvalConfig, run: Path) -> Path:
+def library_path(config: EvalSpec, run: Path) -> Path:
     """The library that library modes route over: --library, else the one the run builds in RUN_DIR/library."""
-    return Path(config.library) if config.library is not None else run / LIBRARY
+    return Path(config.library.path) if config.library.path is not None else run / LIBRARY
 
 
-def check_library(model: dict[str, Any], documents: list[DocRecord], config: EvalConfig) -> None:
+def check_library(model: dict[str, Any], documents: list[DocRecord], config: EvalSpec) -> None:
     """Before the run starts: --library must be of this model and hold every document of the run, and the
     library (given or to be built) must hold at least --library-top-k documents."""
     n = len({sha256_text(r.document) for r in documents})
-    if config.library is not None:
-        lib = open_library(config.library)
+    if config.library.path is not None:
+        lib = open_library(config.library.path)
         check_model(lib, model)
         held = {d["sha256"] for d in lib.documents}
         missing = [r.id for r in documents if sha256_text(r.document) not in held]
         if missing:
             raise LoramemError(
-                f"--library {config.library} lacks {len(missing)} of the run's documents (first: "
+                f"--library {config.library.path} lacks {len(missing)} of the run's documents (first: "
                 f"{missing[0]}); add them with loramem library add, or leave out --library"
             )
         n = len(lib.documents)
-    if config.library_top_k > n:
-        raise LoramemError(f"--library-top-k {config.library_top_k} is more than the library's {n} documents")
+    if config.library.top_k > n:
+        raise LoramemError(f"--library-top-k {config.library.top_k} is more than the library's {n} documents")
 
 
 def build_library(
     lm: LoadedModel,
     documents: list[DocRecord],
-    config: EvalConfig,
+    config: EvalSpec,
     run: Path,
     status: Callable[[str], None] = lambda text: None,
 ) -> Path:
@@ -65,7 +66,7 @@ def build_library(
     RUN_DIR/adapters, trained there if missing). A resume with a wider --limit adds the new documents; each answer
     records how many documents its routing chose from (`library_documents`)."""
     path = library_path(config, run)
-    if config.library is not None:
+    if config.library.path is not None:
         return path
     known = {d["sha256"] for d in open_library(path).documents} if path.exists() else set()
     unique: dict[str, DocRecord] = {}
@@ -95,7 +96,7 @@ def answer_library(
     lm: LoadedModel,
     record: DocRecord,
     cells: list[Cell],
-    config: EvalConfig,
+    config: EvalSpec,
     run: Path,
     answers: AnswerLog,
     status: Callable[[str], None],
@@ -108,13 +109,13 @@ def answer_library(
     if gold is None:
         raise LoramemError(f"library {lib.path} does not hold this document")
     embedder = library_embedder(lib)
-    merge = MergeConfig(method=config.merge)
+    merge = MergeSpec(method=config.library.merge)
     status("routing and merging")
     routing: dict[int, dict[str, Any]] = {}
     chunks: dict[int, list[Any]] = {}
     for q in sorted({c.question_index for c in cells}):
         question = record.qa[q].question
-        routed = route(lib, question, config.library_top_k, embedder)
+        routed = route(lib, question, config.library.top_k, embedder)
         ids = [i for i, _ in routed]
         routing[q] = {
             "routed": [{"id": i, "score": round(s, 6)} for i, s in routed],
@@ -123,7 +124,7 @@ def answer_library(
             "library_documents": len(lib.documents),
         }
         if any(c.question_index == q and c.mode in ("hybrid", "rag") for c in cells):
-            chunks[q] = retrieve_chunks(lib, question, config.context_chunks, embedder)
+            chunks[q] = retrieve_chunks(lib, question, config.library.context_chunks, embedder)
     jobs = []
     for cell in cells:
         ids = [r["id"] for r in routing[cell.question_index]["routed"]]
@@ -154,10 +155,10 @@ def answer_library(
             lm,
             [record.qa[cell.question_index].question for cell in group],
             caches,
-            max_new_tokens=config.max_new_tokens,
+            max_new_tokens=config.answer.max_new_tokens,
             adapter_on=adapter is not None,
-            batch_size=config.answer_batch_size,
-            max_batch_tokens=config.max_batch_tokens,
+            batch_size=config.answer.batch_size,
+            max_batch_tokens=config.answer.max_batch_tokens,
         )
         for index, answer, seconds in replies:
             cell, cache = group[index], caches[index]

@@ -15,7 +15,6 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,10 @@ from loramem.adapters.attach import attach_adapter, detach_adapter
 from loramem.adapters.train import train_adapter
 from loramem.data.fiction import Names
 from loramem.errors import LoramemError
-from loramem.evaluation.config import ProbeConfig
 from loramem.fileio import atomic_write_bytes
 from loramem.model.generate import answer_batch
 from loramem.model.loading import LoadedModel
+from loramem.specs import ProbeSpec
 
 RESULTS, PLOT = "capacity.json", "capacity.png"
 
@@ -53,7 +52,7 @@ def recall(lm: LoadedModel, pairs: list[tuple[str, str]]) -> float:
 
 
 def run_probe(
-    lm: LoadedModel, config: ProbeConfig, out_dir: str | Path, on_step: Callable[[str], None] = lambda text: None
+    lm: LoadedModel, config: ProbeSpec, out_dir: str | Path, on_step: Callable[[str], None] = lambda text: None
 ) -> dict[str, Any]:
     """Train and test one adapter per (rank, size); write capacity.json and capacity.png into out_dir."""
     out = Path(out_dir)
@@ -61,7 +60,7 @@ def run_probe(
         (out / "adapters").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LoramemError(f"cannot create {out}: {exc.strerror}") from exc
-    books = {n: phonebook(n, config.seed) for n in config.facts}
+    books = {n: phonebook(n, config.train.seed) for n in config.facts}
     rows = []
     for rank in config.ranks:
         for n in config.facts:
@@ -69,7 +68,7 @@ def run_probe(
             path = out / "adapters" / f"r{rank}-n{n}"
             started = time.perf_counter()
             summary = train_adapter(
-                lm, "\n".join(f"{q} {a}" for q, a in books[n]), books[n], path, config.train_config(rank), force=True
+                lm, "\n".join(f"{q} {a}" for q, a in books[n]), books[n], path, config.train_spec(rank), force=True
             )
             train_s = time.perf_counter() - started
             attach_adapter(lm, path)
@@ -91,13 +90,13 @@ def run_probe(
                     "train_seconds": round(train_s, 1),
                 }
             )
-    result = {"config": asdict(config), "model": lm.model_id, "rows": rows, "saturation": saturation(rows, config)}
+    result = {"config": config.model_dump(), "model": lm.model_id, "rows": rows, "saturation": saturation(rows, config)}
     atomic_write_bytes(out / RESULTS, (json.dumps(result, indent=2) + "\n").encode())
     plot(result, out / PLOT)
     return result
 
 
-def saturation(rows: list[dict[str, Any]], config: ProbeConfig) -> list[dict[str, Any]]:
+def saturation(rows: list[dict[str, Any]], config: ProbeSpec) -> list[dict[str, Any]]:
     """Per rank: the largest size still recalled at >= threshold (None: not even the smallest) and the most stored."""
     found = []
     for rank in config.ranks:
@@ -131,7 +130,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    ax.set_title(f"LoRA capacity · {result['model']} · targets {result['config']['targets']}", fontsize="medium")
+    ax.set_title(
+        f"LoRA capacity · {result['model']} · targets {result['config']['train']['targets']}", fontsize="medium"
+    )
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     atomic_write_bytes(path, buffer.getvalue())

@@ -22,13 +22,14 @@ from typing import Any
 from loramem.adapters.attach import detach_adapter
 from loramem.data.formats import DocRecord
 from loramem.errors import LoramemError
-from loramem.evaluation.config import EvalConfig, budget_sizes, file_name, key_of
+from loramem.evaluation.config import budget_sizes, file_name, key_of
 from loramem.evaluation.library_modes import build_library
 from loramem.evaluation.report import write_report
 from loramem.evaluation.rundir import PARTS, AnswerLog, cell_key, fold_parts, model_info, read_answers, record_failures
 from loramem.evaluation.runner import evaluate_document, prepare_run
 from loramem.log import progress_bar, warn
 from loramem.model.loading import LoadedModel, load_model
+from loramem.specs import EvalSpec
 
 # Test hooks: a worker given LORAMEM_FAULT_DOCS=ID:N,... dies abruptly (as a killed or out-of-memory process
 # would) on its first N attempts at document ID (ID:N:oom: raises out of memory instead, as CUDA does); with
@@ -63,17 +64,17 @@ class _Worker:
                     log.write(f"{os.getpid()}\n")
         return self.lm
 
-    def describe(self, config: EvalConfig) -> tuple[dict[str, Any], dict[int, int]]:
+    def describe(self, config: EvalSpec) -> tuple[dict[str, Any], dict[int, int]]:
         """The model's identity as config.json records it and its adapter sizes at the budget ranks, taken on a
         worker (the driver may have no GPU)."""
         lm = self.model()
         return model_info(lm), budget_sizes(lm, config)
 
-    def library(self, documents: list[DocRecord], config: EvalConfig, run_dir: str) -> None:
+    def library(self, documents: list[DocRecord], config: EvalSpec, run_dir: str) -> None:
         """Build the run's library once, before any document routes over it."""
         build_library(self.model(), documents, config, Path(run_dir))
 
-    def document(self, record: DocRecord, cells: list[Any], config: EvalConfig, run_dir: str) -> int:
+    def document(self, record: DocRecord, cells: list[Any], config: EvalSpec, run_dir: str) -> int:
         """Answer one document's cells not yet in its part file (a retry continues where the last attempt stopped)."""
         import torch
 
@@ -198,7 +199,7 @@ def run_eval_ray(
     model: str | None,
     dataset: str | Path,
     run_dir: str | Path,
-    config: EvalConfig,
+    config: EvalSpec,
     *,
     address: str | None = "local",
     device: str = "auto",
@@ -249,7 +250,7 @@ def run_eval_ray(
     return write_report(plan.run)
 
 
-def _answer(pool: _Pool, plan: Any, config: EvalConfig, max_retries: int, size: int) -> list[dict[str, Any]]:
+def _answer(pool: _Pool, plan: Any, config: EvalSpec, max_retries: int, size: int) -> list[dict[str, Any]]:
     """Send the documents to the actors as they come free; retry retryable failures; return the documents that
     failed for good."""
     ray = _import_ray()

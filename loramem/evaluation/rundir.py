@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,14 @@ from typing import Any
 from loramem._version import __version__
 from loramem.data.formats import DocRecord
 from loramem.errors import IncompatibleArtifactError, LoramemError
-from loramem.evaluation.config import ANSWER_FIELDS, Cell, EvalConfig
+from loramem.evaluation.config import ANSWER_FIELDS, Cell, resumed_spec
 from loramem.evaluation.metrics import score_answer
 from loramem.fileio import atomic_write_bytes
 from loramem.model.generate import Answer
 from loramem.model.loading import LoadedModel
 from loramem.model.prompt import check_template_record
+from loramem.specs import EvalSpec, SpecError
+from loramem.specs.base import flatten
 
 ADAPTERS = "adapters"
 
@@ -147,13 +150,66 @@ def check_same(
         )
     if old["dataset"]["sha256"] != new["dataset"]["sha256"]:
         raise LoramemError(f"{where} was made from another dataset ({old['dataset']['path']}); cannot {action}")
+    before, after = _settings(old["config"]), _settings(new["config"])
     changed = [
-        f"{k} (was {old['config'].get(k)!r}, now {new['config'].get(k)!r})"
-        for k in sorted({*old["config"], *new["config"]} - set(ignore))
-        if old["config"].get(k) != new["config"].get(k)
+        f"{k} (was {before.get(k)!r}, now {after.get(k)!r})"
+        for k in sorted({*before, *after} - set(ignore))
+        if before.get(k) != after.get(k)
     ]
     if changed:
         raise LoramemError(f"{where} was run with another config; cannot {action}: {'; '.join(changed)}")
+
+
+def _settings(record: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config of any version, setting by setting (train.rank: 16), to compare with another."""
+    return flatten(EvalSpec.from_record(record, "config.json").record())
+
+
+@dataclass
+class RunSettings:
+    """What a run is made of before any model loads: its dataset, its spec, and (resuming) the model it recorded."""
+
+    dataset: str
+    spec: EvalSpec
+    model: str | None = None  # the recorded model id (a resume loads it unless told otherwise)
+    chat_template_kwargs: Any = None
+
+
+def run_settings(
+    run_dir: str | Path,
+    dataset: str | Path | None = None,
+    settings: EvalSpec | Mapping[str, Any] | None = None,
+    *,
+    resume: bool = False,
+) -> RunSettings:
+    """A run's dataset and spec. Resuming a run folder, both come from its config.json, with the settings given
+    again (a full spec, or only some, as a mapping) checked against the record: all but `limit` must agree."""
+    run = Path(run_dir)
+    if not (resume and (run / CONFIG).is_file()):
+        if dataset is None:
+            raise LoramemError("give a dataset (a JSONL file), or resume a run folder that recorded one")
+        spec = settings if isinstance(settings, EvalSpec) else EvalSpec.parse(settings or {})
+        return RunSettings(str(dataset), spec)
+    header = read_json(run / CONFIG, "cannot resume")
+    if isinstance(settings, EvalSpec):
+        spec, was, now = settings, _settings(header["config"]), flatten(settings.record())
+        disagree = [name for name in now if name != "limit" and was.get(name) != now[name]]
+    else:
+        spec, disagree = resumed_spec(header["config"], settings or {})
+    if disagree:
+        raise SpecError(
+            [
+                (
+                    [tuple(name.split(".")) for name in disagree],
+                    f"disagree with the run being resumed in {run}; leave them out to resume it as recorded (see its "
+                    "config.json), or choose another run folder",
+                )
+            ]
+        )
+    model = header["model"]
+    return RunSettings(
+        str(dataset or header["dataset"]["path"]), spec, model.get("id"), model.get("chat_template_kwargs")
+    )
 
 
 def open_run(run: Path, header: dict[str, Any], resume: bool, allow_mixed: bool = False) -> set[tuple]:
@@ -165,7 +221,7 @@ def open_run(run: Path, header: dict[str, Any], resume: bool, allow_mixed: bool 
             raise LoramemError(f"{run} is not empty; add --resume to continue that run, or choose another --out")
         old = read_json(run / CONFIG, "cannot resume")
         check_same(old, header, run, "resume it", ignore=("limit",), allow_mixed=allow_mixed)
-        if old["config"].get("limit") != header["config"]["limit"]:  # a resume may widen or narrow the run
+        if _settings(old["config"]).get("limit") != header["config"]["limit"]:  # a resume may widen or narrow it
             atomic_write_bytes(
                 run / CONFIG, (json.dumps({**header, "created": old["created"]}, indent=2) + "\n").encode()
             )
@@ -205,11 +261,11 @@ def model_info(lm: LoadedModel) -> dict[str, Any]:
 
 
 def run_header(
-    model: dict[str, Any], config: EvalConfig, dataset: Path, sha: str, plans: list[tuple[DocRecord, list[Cell]]]
+    model: dict[str, Any], config: EvalSpec, dataset: Path, sha: str, plans: list[tuple[DocRecord, list[Cell]]]
 ) -> dict[str, Any]:
     return {
         "loramem_version": __version__,
-        "config": config.to_dict(),
+        "config": config.record(),
         "model": model,
         "dataset": {"path": str(dataset.resolve()), "sha256": sha},
         "documents": {record.id: len(cells) for record, cells in plans},
@@ -251,7 +307,7 @@ CellKey = tuple[str, int, str, "float | None", str, "str | None", str]
 
 
 def answer_row(
-    record: DocRecord, cell: Cell, config: EvalConfig, answer: Answer, seconds: float, kv_bytes: int
+    record: DocRecord, cell: Cell, config: EvalSpec, answer: Answer, seconds: float, kv_bytes: int
 ) -> dict[str, Any]:
     """An answer line of answers.jsonl, scored against the question's references."""
     qa = record.qa[cell.question_index]

@@ -24,7 +24,7 @@ kept depends on the document's length) and the bytes and tokens spent."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,7 @@ from loramem.adapters.attach import adapter_tensor_bytes, attach_adapter, detach
 from loramem.data.formats import DocRecord, load_dataset
 from loramem.errors import LoramemError
 from loramem.evaluation.config import (
-    ADAPTER_MODES,
-    LIBRARY_MODES,
     Cell,
-    EvalConfig,
     budget_points,
     budget_sizes,
     grid,
@@ -55,17 +52,19 @@ from loramem.evaluation.rundir import (
     open_run,
     record_failures,
     run_header,
+    run_settings,
 )
 from loramem.fileio import read_input_bytes
 from loramem.kv.cache import KVCache
-from loramem.kv.compress import compress, restore, within_budget
+from loramem.kv.compress import within_budget
+from loramem.kv.compression import compress_cache, storage_of
 from loramem.kv.encode import encode
-from loramem.kv.quantize import Storage, make_storage
-from loramem.kv.value_groups import compress_value_groups
 from loramem.log import log, progress_bar
 from loramem.model import MAX_BATCH
 from loramem.model.generate import iter_answers
 from loramem.model.loading import LoadedModel, sha256_bytes
+from loramem.specs import CompressSpec, EvalSpec
+from loramem.vocab import ADAPTER_MODES, LIBRARY_MODES
 
 
 @dataclass
@@ -89,7 +88,7 @@ def prepare_run(
     model: dict[str, Any],
     dataset: str | Path,
     run_dir: str | Path,
-    config: EvalConfig,
+    config: EvalSpec,
     *,
     resume: bool = False,
     sizes: dict[int, int] | None = None,
@@ -117,7 +116,7 @@ def prepare_run(
             if any(m in ADAPTER_MODES for m in config.modes) and config.ratios
             else []
         )
-        if config.uses_library and config.library is None:
+        if config.uses_library and config.library.path is None:
             needed += [(r, "qa", None) for r in documents]
         needed += [
             (r, fmt, rank)
@@ -149,18 +148,22 @@ def prepare_run(
 
 def run_eval(
     lm: LoadedModel,
-    dataset: str | Path,
+    dataset: str | Path | None,
     run_dir: str | Path,
-    config: EvalConfig,
+    config: EvalSpec | Mapping[str, Any] | None = None,
     *,
     resume: bool = False,
     allow_mixed: bool = False,
 ) -> dict[str, Any]:
     """Answer every cell of the grid not yet in RUN_DIR/answers.jsonl, then write the summary and curves.
-    A resume refuses answers of another precision or device unless `allow_mixed`.
 
-    Returns the summary (see `loramem.evaluation.report.summarize`). `lm` is left without an adapter.
+    `config`: the run's EvalSpec, or some of its settings (a mapping), or None for the defaults. Resuming, the
+    dataset and settings come from RUN_DIR/config.json (`run_eval(lm, None, run_dir, resume=True)`); settings given
+    again must agree with it but for `limit`. A resume refuses answers of another precision or device unless
+    `allow_mixed`. Returns the summary (see `loramem.evaluation.report.summarize`). `lm` is left without an adapter.
     """
+    settings = run_settings(run_dir, dataset, config, resume=resume)
+    dataset, config = settings.dataset, settings.spec
     plan = prepare_run(
         model_info(lm), dataset, run_dir, config, resume=resume, sizes=budget_sizes(lm, config), allow_mixed=allow_mixed
     )
@@ -187,7 +190,7 @@ def evaluate_document(
     lm: LoadedModel,
     record: DocRecord,
     cells: list[Cell],
-    config: EvalConfig,
+    config: EvalSpec,
     run: Path,
     answers: AnswerLog,
     status: Callable[[str], None] = lambda text: None,
@@ -206,7 +209,7 @@ def _evaluate_document(
     lm: LoadedModel,
     record: DocRecord,
     cells: list[Cell],
-    config: EvalConfig,
+    config: EvalSpec,
     run: Path,
     answers: AnswerLog,
     status: Callable[[str], None],
@@ -227,7 +230,13 @@ def _evaluate_document(
         _answer_budget(lm, record, budget_cells, base, config, run, answers, status)
     status("answering")
     _answer(
-        lm, record, [c for c in cells if c.mode == "none"], lambda c: _kept(base, c, config), False, config, answers
+        lm,
+        record,
+        [c for c in cells if c.mode == "none"],
+        lambda c: _cell_cache(base, c, config),
+        False,
+        config,
+        answers,
     )
     for fmt in config.formats:
         mine = [c for c in cells if c.format == fmt]
@@ -240,31 +249,23 @@ def _evaluate_document(
             own = encode(lm, record.document, presses=config.presses, with_adapter=True)
         status(f"answering with the {fmt} adapter")
         # every adapter mode decodes with the adapter on: their cells' questions share batches
-        _answer(lm, record, mine, lambda c: _mode_kept(base, own, c, config), True, config, answers)
+        _answer(lm, record, mine, lambda c: _mode_cache(base, own, c, config), True, config, answers)
     detach_adapter(lm)
 
 
-def _storage(store: str, cache: KVCache) -> Storage | None:
-    """A cell's storage for this cache; None keeps the cache's own dtype."""
-    return None if store == "native" else make_storage(store, head_dim=cache.meta["head_dim"])
+def _cell_cache(cache: KVCache | None, cell: Cell, config: EvalSpec, scores_from: KVCache | None = None) -> KVCache:
+    """What a cell's cache keeps, as its CompressSpec says (token eviction at its ratio, or value groups at budget
+    1 - ratio, as stored)."""
+    assert cache is not None  # ratio cells always have their prefill
+    return compress_cache(cache, cell.compress_spec(config.groups), scores_from=scores_from)
 
 
-def _kept(cache: KVCache | None, cell: Cell, config: EvalConfig, scores_from: KVCache | None = None) -> KVCache:
-    """What a cell's cache keeps: token eviction at its ratio, or value groups at budget 1 - ratio, as stored."""
-    assert cache is not None and cell.ratio is not None  # ratio cells always have their prefill and a ratio
-    storage = _storage(cell.store, cache)
-    if cell.granularity == "value-group" and cell.ratio < 1.0:  # at 1.0 no document KV remains either way
-        small = compress_value_groups(cache, cell.press, config.groups, 1.0 - cell.ratio)
-        return restore(small, storage) if storage is not None else small
-    return compress(cache, cell.press, ratio=cell.ratio, scores_from=scores_from, storage=storage)
-
-
-def _mode_kept(base: KVCache | None, own: KVCache | None, cell: Cell, config: EvalConfig) -> KVCache:
+def _mode_cache(base: KVCache | None, own: KVCache | None, cell: Cell, config: EvalSpec) -> KVCache:
     """An adapter mode's cache: `decode` the base prefill's; `all` the adapter prefill's; `base_scores` the adapter
     prefill's evicted by the base prefill's scores."""
     if cell.mode == "decode":
-        return _kept(base, cell, config)
-    return _kept(own, cell, config, scores_from=base if cell.mode == "base_scores" else None)
+        return _cell_cache(base, cell, config)
+    return _cell_cache(own, cell, config, scores_from=base if cell.mode == "base_scores" else None)
 
 
 def _answer(
@@ -273,7 +274,7 @@ def _answer(
     cells: list[Cell],
     cache_for: Callable[[Cell], KVCache],
     adapter_on: bool,
-    config: EvalConfig,
+    config: EvalSpec,
     answers: AnswerLog,
     extra: Callable[[Cell, KVCache], dict[str, Any]] = lambda cell, cache: {},
 ) -> None:
@@ -293,10 +294,10 @@ def _answer(
             lm,
             [record.qa[cell.question_index].question for cell, _, _ in pool],
             [cache for _, cache, _ in pool],
-            max_new_tokens=config.max_new_tokens,
+            max_new_tokens=config.answer.max_new_tokens,
             adapter_on=adapter_on,
-            batch_size=config.answer_batch_size,
-            max_batch_tokens=config.max_batch_tokens,
+            batch_size=config.answer.batch_size,
+            max_batch_tokens=config.answer.max_batch_tokens,
         )
         for index, answer, seconds in replies:
             cell, cache, stored = pool[index]
@@ -307,7 +308,7 @@ def _answer(
         cache = cache_for(group[0])
         stored = cache.nbytes_stored
         pool += [(cell, cache, stored) for cell in group]
-        if len(pool) >= (config.answer_batch_size or MAX_BATCH):
+        if len(pool) >= (config.answer.batch_size or MAX_BATCH):
             flush()
     if pool:
         flush()
@@ -318,7 +319,7 @@ def _answer_budget(
     record: DocRecord,
     cells: list[Cell],
     base: KVCache,
-    config: EvalConfig,
+    config: EvalSpec,
     run: Path,
     answers: AnswerLog,
     status: Callable[[str], None],
@@ -355,7 +356,12 @@ def _answer_budget(
             lm,
             record,
             mine,
-            lambda c: within_budget(base, c.press, (c.budget or 0) - adapter_bytes, _storage(c.store, base)),
+            lambda c: within_budget(
+                base,
+                c.press,
+                (c.budget or 0) - adapter_bytes,
+                storage_of(CompressSpec.parse({"store_dtype": c.store}), base),
+            ),
             fmt is not None,
             config,
             answers,

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from loramem.errors import LoramemError
-from loramem.evaluation.config import LIBRARY_MODES, LIBRARY_SERIES, METRICS, MODES
+from loramem.evaluation.config import LIBRARY_SERIES
 from loramem.evaluation.metrics import contains
 from loramem.evaluation.rundir import series
 from loramem.evaluation.stats import (
@@ -18,6 +18,7 @@ from loramem.evaluation.stats import (
     paired_cluster_bootstrap,
     paired_t_test,
 )
+from loramem.vocab import LIBRARY_MODES, METRICS, MODES
 
 CONFIDENCE = 0.95
 

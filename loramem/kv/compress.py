@@ -15,41 +15,9 @@ import torch
 
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.kv.cache import KVCache
-from loramem.kv.presses import EVICTION_PRESS
 from loramem.kv.quantize import Storage, round_trip
-
-GRANULARITIES = ("token", "value-group")
-
-
-def check_compress_request(
-    ratio: float | None = None,
-    keep: int | None = None,
-    *,
-    store: bool = False,
-    granularity: str = "token",
-    budget: float | None = None,
-    query: bool = False,
-) -> None:
-    """Refuse a bad compression request before any cache is read (`compress` runs it too, so API callers get the
-    command's checks). `store`: a storage dtype is given; `query`: questions score the value groups."""
-    if granularity not in GRANULARITIES:
-        raise LoramemError(f"unknown granularity {granularity!r}; use token or value-group")
-    if query and granularity != "value-group":
-        raise LoramemError("--query/--questions score value groups; add --granularity value-group --budget B")
-    if granularity == "value-group":
-        if budget is None:
-            raise LoramemError("--granularity value-group needs --budget B in (0, 1]")
-        if ratio is not None or keep is not None:
-            raise LoramemError("value-group compression keeps a --budget of value bytes; leave out --ratio and --keep")
-        return
-    if ratio is not None and keep is not None:
-        raise LoramemError("give one of --ratio and --keep, not both")
-    if ratio is None and keep is None and not store:
-        raise LoramemError("give --ratio R (in [0, 1]), --keep N, or --store-dtype")
-    if ratio is not None and not 0.0 <= ratio <= 1.0:
-        raise LoramemError(f"--ratio must be in [0, 1], got {ratio}")
-    if keep is not None and keep < 0:
-        raise LoramemError(f"--keep must be >= 0, got {keep}")
+from loramem.specs import CompressSpec
+from loramem.vocab import EVICTION_PRESS
 
 
 def n_kept(n_tokens: int, ratio: float) -> int:
@@ -96,12 +64,14 @@ def compress(
     `storage` (e.g. int8) re-stores the kept keys and values; with neither ratio nor keep given,
     nothing is evicted and only the storage changes.
     """
-    check_compress_request(ratio, keep, store=storage is not None)
+    CompressSpec.parse(  # the one rule of a compression request
+        {"press": press, "ratio": ratio, "keep": keep, "store_dtype": storage.dtype if storage is not None else None}
+    )
     if cache.masks is not None and (ratio is not None or keep is not None):
         raise LoramemError("a value-group cache cannot be evicted further; compress the original encoding")
     if ratio is None and keep is None:
         assert storage is not None  # checked above
-        return restore(cache, storage)
+        return stored_as(cache, storage)
     source = scores_from or cache
     if scores_from is not None:
         _check_same_document(cache, scores_from)
@@ -143,7 +113,7 @@ def compress(
     small = KVCache(
         keys=keys, values=values, positions=list(positions), token_ids=cache.token_ids, scores=cache.scores, meta=meta
     )
-    return restore(small, storage) if storage is not None else small
+    return stored_as(small, storage) if storage is not None else small
 
 
 def within_budget(cache: KVCache, press: str, room: int, storage: Storage | None = None) -> KVCache:
@@ -170,7 +140,7 @@ def within_budget(cache: KVCache, press: str, room: int, storage: Storage | None
     return small
 
 
-def restore(cache: KVCache, storage: Storage) -> KVCache:
+def stored_as(cache: KVCache, storage: Storage) -> KVCache:
     """The cache as it will be after storing with `storage` and loading again (quantization error included)."""
     meta = copy.deepcopy(cache.meta)
     meta["storage"] = storage.to_dict()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,12 +12,14 @@ from loramem._version import __version__
 from loramem.adapters.attach import adapter_scope
 from loramem.errors import LoramemError
 from loramem.kv.cache import KVCache
-from loramem.kv.presses import DEFAULT_PRESSES, make_recorder, streaming_scores
+from loramem.kv.presses import make_recorder, streaming_scores
 from loramem.kv.validate import FORMAT_VERSION
 from loramem.log import warn
 from loramem.model.batch import clock
 from loramem.model.loading import LoadedModel, sha256_text
 from loramem.model.prompt import DEFAULT_FRAMING, document_ids, prefix_ids
+from loramem.specs import EncodeSpec
+from loramem.vocab import DEFAULT_PRESSES
 
 # Tokens left free after the document for a question and its answer.
 QUESTION_RESERVE = 256
@@ -76,7 +78,7 @@ def encode(
     lm: LoadedModel,
     document: str,
     *,
-    presses: list[str] | None = None,
+    presses: Sequence[str] | None = None,
     framing: str = DEFAULT_FRAMING,
     truncate: bool = False,
     with_adapter: bool = False,
@@ -89,7 +91,7 @@ def encode(
     """
     if not document.strip():
         raise LoramemError("document is empty")
-    presses = list(presses or DEFAULT_PRESSES)
+    chosen: list[str] = list(EncodeSpec.parse({"score": list(presses)}).score if presses else DEFAULT_PRESSES)
     frame = lm.framing(framing)
     head = prefix_ids(lm.tokenizer, frame)
     full = document_ids(lm.tokenizer, document)
@@ -99,7 +101,7 @@ def encode(
     input_ids = head + doc
     started = clock(lm.device)
     with adapter_scope(lm, with_adapter):
-        kv, scores, skipped, adjusted = prefill(lm, input_ids, presses, on_layer)
+        kv, scores, skipped, adjusted = prefill(lm, input_ids, chosen, on_layer)
     elapsed = clock(lm.device) - started  # synchronized: CUDA runs the prefill asynchronously
     for name, reason in skipped.items():
         warn(f"press {name} not recorded: {reason}")

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-from loramem.errors import LoramemError
 
 STREAMING_SINKS = 4
 
@@ -38,20 +37,6 @@ def _kvpress_factories() -> dict[str, Callable[[], Any]]:
         "random": lambda: RandomPress(seed=0),
         "keydiff": KeyDiffPress,
     }
-
-
-PRESSES = ("snapkv", "expected_attention", "knorm", "streaming_llm", "tova", "random", "keydiff")
-DEFAULT_PRESSES = ("snapkv", "expected_attention", "knorm", "streaming_llm", "tova", "random")
-EVICTION_PRESS = DEFAULT_PRESSES[0]  # whose recorded scores `compress` and the demo evict by, when none is named
-
-
-def parse_presses(spec: str) -> list[str]:
-    """'snapkv,knorm' -> ['snapkv', 'knorm']; 'all' for every known press; unknown names refused."""
-    names = list(PRESSES) if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in PRESSES]
-    if unknown or not names:
-        raise LoramemError(f"unknown press {', '.join(unknown) or '(none)'}; known: {', '.join(PRESSES)}")
-    return list(dict.fromkeys(names))
 
 
 def make_kvpress(name: str, compression_ratio: float = 0.0) -> Any:

@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from loramem.errors import LoramemError
+from loramem.specs.base import refuse
+from loramem.vocab import QUANT_AXES, STORE_DTYPES
 
-STORE_DTYPES = ("native", "float32", "fp16", "bf16", "int8", "int4")
 _FLOATS = {"float32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _QMAX = {"int8": 127, "int4": 7}
 
@@ -44,15 +44,16 @@ def make_storage(dtype: str, axis: str = "token", group: int = 0, head_dim: int 
     aliases = {"float16": "fp16", "bfloat16": "bf16", "fp32": "float32"}
     dtype = aliases.get(dtype, dtype)
     if dtype not in STORE_DTYPES:
-        raise LoramemError(f"unknown --store-dtype {dtype!r}; use one of {', '.join(STORE_DTYPES)}")
-    if axis not in ("token", "channel"):
-        raise LoramemError(f"unknown --quant-axis {axis!r}; use token or channel")
+        refuse(f"unknown {dtype!r}; use one of {', '.join(STORE_DTYPES)}", "store_dtype")
+    if axis not in QUANT_AXES:
+        refuse(f"unknown {axis!r}; use one of {', '.join(QUANT_AXES)}", "quant_axis")
     if head_dim is not None:
         if group < 0 or (group and head_dim % group):
-            raise LoramemError(f"--quant-group {group} does not divide the head dimension {head_dim}")
+            refuse(f"{group} does not divide the head dimension {head_dim}", "quant_group")
         if dtype == "int4" and (head_dim % 2 or (group and group % 2)):
-            raise LoramemError(
-                f"int4 packs two values per byte and needs an even dimension (head_dim {head_dim}, group {group})"
+            refuse(
+                f"int4 packs two values per byte and needs an even dimension (head_dim {head_dim}, group {group})",
+                "store_dtype",
             )
     return Storage(dtype, axis, group)
 

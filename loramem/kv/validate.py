@@ -140,7 +140,7 @@ def _check_storage(rules: _Rules, meta: dict[str, Any]) -> None:
     storage = rules.typed(meta, "storage", (dict,))
     if storage is None:
         return
-    from loramem.kv.quantize import STORE_DTYPES
+    from loramem.vocab import STORE_DTYPES
 
     head_dim = meta["head_dim"]
     dtype, axis, group = storage.get("dtype", "native"), storage.get("axis", "token"), storage.get("group", 0)
@@ -257,7 +257,8 @@ def check_fits(meta: dict[str, Any], token_ids: torch.Tensor, lm: Any, source: s
     """A cache whose fingerprint names the loaded model must also have its shape and its framing: the layers, KV
     heads and head dim of the model's config, the framing its chat template gives (another loramem's framing
     is exit 3) and that framing's tokens as the protected prefix."""
-    from loramem.model.prompt import FRAMINGS, Framing, prefix_ids
+    from loramem.model.prompt import Framing, prefix_ids
+    from loramem.vocab import FRAMINGS
 
     rules = _Rules(source)
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config

@@ -33,8 +33,9 @@ from loramem.errors import LoramemError
 from loramem.kv.cache import KVCache
 from loramem.model.loading import LoadedModel, sha256_text
 from loramem.model.prompt import Framing, question_ids
+from loramem.specs import CompressSpec
+from loramem.specs.base import refuse
 
-GROUP_RULES = ("norm", "uniform", "query")
 QUERY_RULE = (
     "attention of the framed question(s) to the token (mean over the query heads of the KV group, "
     "the question tokens and the questions) x L2 norm of the value group"
@@ -71,18 +72,13 @@ def _check_cache(cache: KVCache, groups: int, query: bool) -> None:
         raise LoramemError("query scoring runs the base model, but this cache was encoded with an adapter")
 
 
-def check_request(cache: KVCache, press: str, groups: int, budget: float, rule: str, query: bool) -> None:
-    """Refuse a bad value-group request up front: the query rule loads a model before compressing."""
-    if not 0.0 < budget <= 1.0:
-        raise LoramemError(f"--budget must be in (0, 1], got {budget}")
-    if rule not in GROUP_RULES:
-        raise LoramemError(f"unknown --score-groups {rule!r}; use one of {', '.join(GROUP_RULES)}")
+def check_groups(cache: KVCache, press: str, groups: int, rule: str, query: bool) -> None:
+    """Refuse value groups this cache cannot give (a budget and rule are the CompressSpec's to check) before the
+    query rule loads a model."""
     if rule == "query" and not query:
-        raise LoramemError("--score-groups query needs --query TEXT or --questions FILE")
+        refuse("query needs questions to score the groups by (or their scores)", "score_groups", "query")
     if query and rule != "query":
-        raise LoramemError(
-            f"--score-groups {rule} does not use a question; drop --query/--questions or use --score-groups query"
-        )
+        refuse(f"{rule} does not use a question; drop the questions or score groups by query", "score_groups")
     _check_cache(cache, groups, query)
     if rule != "query" and press not in cache.scores:
         raise LoramemError(f"press {press!r} was not recorded at encode time; re-encode with --score {press}")
@@ -152,7 +148,10 @@ def compress_value_groups(
 
     Rule "query" takes its pair scores from `scores` (`query_group_scores`); the others from `press`.
     """
-    check_request(cache, press, groups, budget, rule, query=scores is not None)
+    CompressSpec.parse(
+        {"press": press, "granularity": "value-group", "groups": groups, "budget": budget, "score_groups": rule}
+    )
+    check_groups(cache, press, groups, rule, query=scores is not None)
     protected = int(cache.meta.get("n_protected", 0))
     n_doc = cache.n_tokens - protected
     n_pairs = round(budget * n_doc * groups)

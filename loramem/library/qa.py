@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from loramem.adapters.attach import ADAPTER_WEIGHTS, attach_adapter
-from loramem.adapters.merge import DENSITY_METHODS, EQUAL_RANK_METHODS, MergeConfig, merge_adapters
+from loramem.adapters.merge import merge_adapters
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.kv.cache import KVCache, check_compatible
 from loramem.kv.encode import encode
@@ -36,6 +36,8 @@ from loramem.library.store import (
 from loramem.model import MAX_BATCH, MAX_BATCH_TOKENS, MAX_NEW_TOKENS
 from loramem.model.generate import Answer, answer_batch
 from loramem.model.loading import LoadedModel, sha256_text
+from loramem.specs import MergeSpec, RouteSpec
+from loramem.vocab import DENSITY_METHODS, EQUAL_RANK_METHODS
 
 MERGED = "merged"
 # A context cache is answered whole, never evicted; knorm is the cheapest press score to record.
@@ -65,7 +67,7 @@ class LibraryAnswer:
         }
 
 
-def merged_folder(lib: Library, doc_ids: list[str], config: MergeConfig) -> tuple[Path, list[str], list[float]]:
+def merged_folder(lib: Library, doc_ids: list[str], config: MergeSpec) -> tuple[Path, list[str], list[float]]:
     """Where the merge of these documents' adapters is kept, and its sources and weights in merge order.
 
     Sources are ordered by adapter hash, so the same documents routed in another order share one merge.
@@ -87,7 +89,7 @@ def merged_folder(lib: Library, doc_ids: list[str], config: MergeConfig) -> tupl
     return folder, [i for _, i, _ in ordered], [w for *_, w in ordered]
 
 
-def routed_adapter(lm: LoadedModel, lib: Library, doc_ids: list[str], config: MergeConfig) -> Path:
+def routed_adapter(lm: LoadedModel, lib: Library, doc_ids: list[str], config: MergeSpec) -> Path:
     """The adapter for the routed documents: one document's own, or their merge, made once and kept in LIB/merged/."""
     if len(doc_ids) == 1:
         return lib.adapter_dir(doc_ids[0])
@@ -106,7 +108,7 @@ def routed_adapter(lm: LoadedModel, lib: Library, doc_ids: list[str], config: Me
             lm,
             [lib.adapter_dir(i) for i in sources],
             folder,
-            MergeConfig(method=config.method, weights=weights, density=config.density, seed=config.seed),
+            MergeSpec(method=config.method, weights=weights, density=config.density, seed=config.seed),
         )
     except (LoramemError, OSError):
         if not (folder / ADAPTER_WEIGHTS).is_file():  # else another process merged the same set meanwhile
@@ -187,21 +189,19 @@ def parallel_cache(caches: list[KVCache]) -> KVCache:
     return KVCache(keys=keys, values=values, positions=positions, token_ids=longest.token_ids, meta=meta)
 
 
-def check_request(
+def open_routed(
     library: str | Path | Library,
     top_k: int,
     merge: str,
     with_context: int,
     with_caches: bool,
     weights: list[float] | None = None,
-    density: float = MergeConfig.density,
-) -> tuple[Library, MergeConfig]:
-    """The library and merge settings of a library question, checked before any model is loaded."""
-    config = MergeConfig(method=merge, weights=weights, density=density)
-    if with_context < 0:
-        raise LoramemError(f"--with-context must be at least 0, got {with_context}")
-    if with_context and with_caches:
-        raise LoramemError("give --with-context N or --with-caches, not both")
+    density: float | None = None,
+) -> tuple[Library, MergeSpec]:
+    """The library and merge settings of a library question, checked (as RouteSpec and MergeSpec check them) before
+    any model is loaded."""
+    RouteSpec.parse({"top_k": top_k, "merge": merge, "with_context": with_context, "with_caches": with_caches})
+    config = MergeSpec.parse({"method": merge, "weights": weights, **({} if density is None else {"density": density})})
     if weights is not None and len(weights) != top_k:
         raise LoramemError(f"{len(weights)} weights for top_k {top_k}; give one weight per routed document")
     return check_top_k(library, top_k), config
@@ -218,7 +218,7 @@ def ask_library(
     with_caches: bool = False,
     max_new_tokens: int = MAX_NEW_TOKENS,
     weights: list[float] | None = None,
-    density: float = MergeConfig.density,
+    density: float = MergeSpec().density,
     embedder: Embedder | None = None,
 ) -> LibraryAnswer:
     """Route the question to the top_k documents and answer with their adapter on: the document's own for top_k 1,
@@ -250,7 +250,7 @@ def ask_library_batch(
     with_caches: bool = False,
     max_new_tokens: int = MAX_NEW_TOKENS,
     weights: list[float] | None = None,
-    density: float = MergeConfig.density,
+    density: float = MergeSpec().density,
     embedder: Embedder | None = None,
     batch_size: int | None = None,
     max_batch_tokens: int = MAX_BATCH_TOKENS,
@@ -258,7 +258,7 @@ def ask_library_batch(
     """`ask_library` for many questions: questions routed to the same adapter are answered together in batches, each
     over its own cache (its retrieved chunks, made once per chunk list in a batch, or with_caches its routed
     documents' caches side by side, made once per routed set in a batch), or none."""
-    lib, config = check_request(library, top_k, merge, with_context, with_caches, weights, density)
+    lib, config = open_routed(library, top_k, merge, with_context, with_caches, weights, density)
     check_model(lib, lm.fingerprint)
     embedder = library_embedder(lib, embedder)
     plans = []

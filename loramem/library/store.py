@@ -30,8 +30,7 @@ import torch
 
 from loramem._version import __version__
 from loramem.adapters.attach import adapter_sha256, attach_adapter, detach_adapter, read_adapter_meta
-from loramem.adapters.config import SYNTH_PAIRS
-from loramem.adapters.train import TrainConfig, train_adapter
+from loramem.adapters.train import TrainSpec, train_adapter
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.fileio import atomic_write_bytes, read_text
 from loramem.library import TOP_K
@@ -39,6 +38,7 @@ from loramem.library.embed import CHUNK_MAX_WORDS, CHUNK_TARGET_WORDS, Embedder,
 from loramem.log import log
 from loramem.model.loading import LoadedModel, sha256_bytes, sha256_text
 from loramem.model.prompt import check_template_record
+from loramem.specs import SynthSpec
 
 FORMAT = "loramem.library.store"
 FORMAT_VERSION = 1
@@ -162,9 +162,8 @@ def _check_manifest(manifest: dict[str, Any], where: Path) -> None:
 class AddOptions:
     """How `add_documents` makes each document's adapter and cache."""
 
-    train: TrainConfig = field(default_factory=TrainConfig)
-    synth: int = SYNTH_PAIRS  # QA pairs synthesized per document when no qa file is given (qa and mixed formats)
-    synth_model: str | None = None  # the model that writes them (id or directory); default: the one trained
+    train: TrainSpec = field(default_factory=TrainSpec)
+    synth: SynthSpec = field(default_factory=SynthSpec)  # pairs synthesized per document when no qa file is given
     qa: str | None = None  # JSONL of training pairs: one document only
     adapter: str | None = None  # copy this adapter instead of training one: one document only
     doc_id: str | None = None  # one document only; default: the file name
@@ -355,7 +354,7 @@ def _build(
         from loramem.adapters.synth import training_pairs
 
         pairs, written_by = training_pairs(
-            lm, item.text, options.train.format, qa, options.synth, options.train.seed, options.synth_model
+            lm, item.text, options.train.format, qa, options.synth.pairs, options.train.seed, options.synth.model
         )
         train_adapter(
             lm, item.text, pairs, folder / ADAPTER_DIR, options.train, qa_file_sha256=qa_sha, qa_written_by=written_by
@@ -460,7 +459,7 @@ def add_documents(
         raise LoramemError("--adapter, --qa and --id describe one document; add such documents one at a time")
     from loramem.adapters.synth import check_synth_request
 
-    check_synth_request(options.train.format, options.synth_model, bool(options.qa or options.adapter))
+    check_synth_request(options.train.format, options.synth.model, bool(options.qa or options.adapter))
     texts = [(source, read_text(source)) for source in documents]  # a bad file fails before any training
     qa, qa_sha = None, None
     if options.qa:

@@ -15,13 +15,13 @@ from datetime import date
 from typing import Any
 
 from loramem.errors import IncompatibleArtifactError, LoramemError
+from loramem.vocab import FRAMINGS
 
 _DOC, _QUESTION, _ANSWER = "\x00LORAMEM_DOC\x00", "\x00LORAMEM_QUESTION\x00", "\x00LORAMEM_ANSWER\x00"
 SEPARATOR = "\n\n"
 # Asked before every question, with or without the document, so answers stay short and
 # adapters are trained on exactly the prompt that `ask` sends.
 INSTRUCTION = "Answer in a few words. "
-FRAMINGS = ("chat", "raw")
 DEFAULT_FRAMING = FRAMINGS[0]  # the model's chat template, for documents and closed-book questions alike
 # The date a date-stamped template (Llama-3.2's strftime_now) is rendered with, so that a cache encoded on one day
 # frames a question asked on another identically; Llama-3.x templates' own fallback date.

@@ -1,0 +1,26 @@
+"""One typed spec per operation: the settings of encode, compress, train, answer, library and eval, each declared
+once with its default, bounds, choices and help. The CLI's options, eval's config files and run records, and a
+server's request bodies are all made from these models (pydantic), and their checks hold for every front-end."""
+
+from loramem.specs.answer import AnswerSpec, AskSpec, ModelSpec, RouteSpec
+from loramem.specs.base import Spec, SpecError
+from loramem.specs.eval import EvalSpec, LibraryModesSpec, ProbeSpec
+from loramem.specs.kv import CompressSpec, EncodeSpec
+from loramem.specs.train import MergeSpec, SynthSpec, TrainSpec
+
+__all__ = [
+    "AnswerSpec",
+    "AskSpec",
+    "CompressSpec",
+    "EncodeSpec",
+    "EvalSpec",
+    "LibraryModesSpec",
+    "MergeSpec",
+    "ModelSpec",
+    "ProbeSpec",
+    "RouteSpec",
+    "Spec",
+    "SpecError",
+    "SynthSpec",
+    "TrainSpec",
+]
