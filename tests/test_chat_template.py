@@ -16,7 +16,8 @@ from loramem.adapters.attach import attach_adapter
 from loramem.adapters.train import TrainConfig, train_adapter
 from loramem.evaluation.metrics import score_answer
 from loramem.kv.cache import check_compatible
-from loramem.model.prompt import PINNED_DATE, strip_thinking
+from loramem.model.prompt import PINNED_DATE
+from loramem.text import strip_thinking
 
 THINK_ON = '{"enable_thinking": true}'
 

@@ -21,6 +21,7 @@ import loramem.library.qa as qa_module
 from loramem.adapters.attach import ADAPTER_WEIGHTS, attach_adapter, detach_adapter
 from loramem.adapters.merge import MergeConfig, merge_adapters
 from loramem.adapters.train import TrainConfig
+from loramem.answer import generate
 from loramem.data.formats import QA, DocRecord, TrainQA, write_dataset
 from loramem.errors import LoramemError
 from loramem.evaluation.config import EvalConfig
@@ -32,7 +33,6 @@ from loramem.kv.encode import encode
 from loramem.library.embed import load_embedder
 from loramem.library.qa import ask_library, ask_library_batch, merged_folder, parallel_cache, stored_cache
 from loramem.library.store import AddOptions, add_documents, open_library, retrieve_chunks
-from loramem.model.generate import generate
 
 NAMES = ("bees", "glass", "railway")
 FAST = TrainConfig(format="ntp", rank=2, steps=1)

@@ -21,10 +21,11 @@ from loramem.adapters.train import (
     resolve_targets,
     train_adapter,
 )
+from loramem.answer import answer_batch
 from loramem.errors import LoramemError
-from loramem.evaluation.metrics import normalize_answer, rouge_l
-from loramem.model.generate import answer_batch
+from loramem.evaluation.metrics import rouge_l
 from loramem.model.loading import sha256_text
+from loramem.text import normalize_answer
 
 QA = [
     ("Who designed the lighthouse?", "Orla Quenby"),

@@ -77,10 +77,10 @@ def ask(
 ) -> None:
     """Answer questions from a stored cache, a document, an adapter, any mix of them, or an adapter library."""
     from loramem.adapters.attach import check_adapter_mode
+    from loramem.answer import answer_batch
     from loramem.fileio import read_text
     from loramem.kv.cache import KVCache, check_compatible
     from loramem.kv.encode import encode as encode_document
-    from loramem.model.generate import answer_batch
 
     if library is not None:
         if cache_file or doc or adapter or adapter_mode:

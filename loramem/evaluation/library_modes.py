@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from loramem.adapters.merge import MergeConfig
+from loramem.answer import iter_answers
 from loramem.data.formats import DocRecord
 from loramem.errors import LoramemError
 from loramem.evaluation.config import Cell, EvalConfig, file_name
@@ -25,7 +26,6 @@ from loramem.library.store import (
     retrieve_chunks,
     route,
 )
-from loramem.model.generate import iter_answers
 from loramem.model.loading import LoadedModel, sha256_text
 
 

@@ -21,11 +21,11 @@ from typing import Any
 
 from loramem.adapters.attach import attach_adapter, detach_adapter
 from loramem.adapters.train import train_adapter
+from loramem.answer import answer_batch
 from loramem.data.fiction import Names
 from loramem.errors import LoramemError
 from loramem.evaluation.config import ProbeConfig
 from loramem.fileio import atomic_write_bytes
-from loramem.model.generate import answer_batch
 from loramem.model.loading import LoadedModel
 
 RESULTS, PLOT = "capacity.json", "capacity.png"

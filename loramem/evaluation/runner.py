@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from loramem.adapters.attach import adapter_tensor_bytes, attach_adapter, detach_adapter
+from loramem.answer import iter_answers
 from loramem.data.formats import DocRecord, load_dataset
 from loramem.errors import LoramemError
 from loramem.evaluation.config import (
@@ -64,7 +65,6 @@ from loramem.kv.quantize import Storage, make_storage
 from loramem.kv.value_groups import compress_value_groups
 from loramem.log import log, progress_bar
 from loramem.model import MAX_BATCH
-from loramem.model.generate import iter_answers
 from loramem.model.loading import LoadedModel, sha256_bytes
 
 
@@ -226,7 +226,7 @@ def _evaluate_document(
         assert base is not None  # prefilled above for budget cells
         _answer_budget(lm, record, budget_cells, base, config, run, answers, status)
     status("answering")
-    _answer(
+    _answer_cells(
         lm, record, [c for c in cells if c.mode == "none"], lambda c: _kept(base, c, config), False, config, answers
     )
     for fmt in config.formats:
@@ -240,7 +240,7 @@ def _evaluate_document(
             own = encode(lm, record.document, presses=config.presses, with_adapter=True)
         status(f"answering with the {fmt} adapter")
         # every adapter mode decodes with the adapter on: their cells' questions share batches
-        _answer(lm, record, mine, lambda c: _mode_kept(base, own, c, config), True, config, answers)
+        _answer_cells(lm, record, mine, lambda c: _mode_kept(base, own, c, config), True, config, answers)
     detach_adapter(lm)
 
 
@@ -267,7 +267,7 @@ def _mode_kept(base: KVCache | None, own: KVCache | None, cell: Cell, config: Ev
     return _kept(own, cell, config, scores_from=base if cell.mode == "base_scores" else None)
 
 
-def _answer(
+def _answer_cells(
     lm: LoadedModel,
     record: DocRecord,
     cells: list[Cell],
@@ -351,7 +351,7 @@ def _answer_budget(
                 "document_tokens": cache.n_tokens - int(cache.meta.get("n_protected", 0)),
             }
 
-        _answer(
+        _answer_cells(
             lm,
             record,
             mine,

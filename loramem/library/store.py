@@ -352,7 +352,7 @@ def _build(
         origin = str(options.adapter)
     else:
         log(f"{item.doc_id}: training its adapter")
-        from loramem.adapters.synth import training_pairs
+        from loramem.data.synth import training_pairs
 
         pairs, written_by = training_pairs(
             lm, item.text, options.train.format, qa, options.synth, options.train.seed, options.synth_model
@@ -458,7 +458,7 @@ def add_documents(
         raise LoramemError("no document given")
     if len(documents) > 1 and (options.adapter or options.qa or options.doc_id):
         raise LoramemError("--adapter, --qa and --id describe one document; add such documents one at a time")
-    from loramem.adapters.synth import check_synth_request
+    from loramem.data.synth import check_synth_request
 
     check_synth_request(options.train.format, options.synth_model, bool(options.qa or options.adapter))
     texts = [(source, read_text(source)) for source in documents]  # a bad file fails before any training
