@@ -177,6 +177,7 @@ class PresizedCache:
 
 
 def decoder_attentions(model: Any) -> list[Any]:
+    """The decoder layers' attention modules, in order (a multimodal model's are under its `language_model`)."""
     inner = model.model
     layers = inner.language_model.layers if hasattr(inner, "language_model") else inner.layers
     return [layer.self_attn for layer in layers]
