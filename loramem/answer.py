@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from loramem.errors import LoramemError
 from loramem.kv.cache import KVCache
@@ -68,35 +68,28 @@ def _kept_tokens(cache: KVCache | None) -> int:
 Caches = KVCache | None | list[KVCache | None]
 
 
+class AnswerOptions(TypedDict, total=False):
+    """`iter_answers`' keyword options (and their defaults there), which `answer_batch` passes on."""
+
+    max_new_tokens: int
+    adapter_on: bool
+    framing: str | Framing
+    batch_size: int | None
+    max_batch_tokens: int
+
+
 def answer_batch(
-    lm: LoadedModel,
-    questions: list[str],
-    cache: Caches = None,
-    *,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    adapter_on: bool = False,
-    framing: str | Framing = DEFAULT_FRAMING,
-    batch_size: int | None = None,
-    max_batch_tokens: int = MAX_BATCH_TOKENS,
+    lm: LoadedModel, questions: list[str], cache: Caches = None, **options: Unpack[AnswerOptions]
 ) -> list[Answer]:
     """Answer every question from `cache` (None: closed-book, framed as `framing`: a style or a Framing; a list:
     each question's own cache or None), in batches.
 
     Greedy and token for token the answers `generate` gives one at a time (up to floating-point ties).
     `batch_size` None: as many rows as `max_batch_tokens` cached tokens allow (at most 16); a row over a smaller
-    cache than the batch's largest counts as the largest (it is padded to it).
+    cache than the batch's largest counts as the largest (it is padded to it). Options: `iter_answers`.
     """
     answers: list[Answer | None] = [None] * len(questions)
-    for index, answer, _ in iter_answers(
-        lm,
-        questions,
-        cache,
-        max_new_tokens=max_new_tokens,
-        adapter_on=adapter_on,
-        framing=framing,
-        batch_size=batch_size,
-        max_batch_tokens=max_batch_tokens,
-    ):
+    for index, answer, _ in iter_answers(lm, questions, cache, **options):
         answers[index] = answer
     return [a for a in answers if a is not None]
 
