@@ -25,7 +25,7 @@ import torch
 from ask_from_cache import QUESTIONS, document_of
 
 from loramem import encode, load_model
-from loramem.model.batch import decode
+from loramem.model.decode import decode
 from loramem.model.prompt import Framing, question_ids
 
 

@@ -68,7 +68,7 @@ def cpu_arms(args: argparse.Namespace, arms: dict[str, list[str]], tmp: Path) ->
 
     import loramem.evaluation.runner as runner
     from loramem import load_model
-    from loramem.evaluation.config import EvalConfig
+    from loramem.specs import EvalSpec
 
     torch.set_num_threads(1)
     lm = load_model(args.model) if args.model else load_model()
@@ -91,13 +91,14 @@ def cpu_arms(args: argparse.Namespace, arms: dict[str, list[str]], tmp: Path) ->
     for limit in range(1, args.docs + 1):
         for name, batch in arms.items():
             arm[0] = name
-            config = EvalConfig(
-                ratios=[float(r) for r in args.ratios.split(",")],
-                presses=[args.press],
-                modes=["none"],
-                max_new_tokens=args.max_new_tokens,
-                limit=limit,
-                answer_batch_size=int(batch[1]) if batch else None,
+            config = EvalSpec.parse(
+                {
+                    "ratios": args.ratios,
+                    "presses": [args.press],
+                    "modes": ["none"],
+                    "limit": limit,
+                    "answer": {"max_new_tokens": args.max_new_tokens, "batch_size": int(batch[1]) if batch else None},
+                }
             )
             runner.run_eval(lm, REPO / "examples/fiction.jsonl", tmp / name, config, resume=limit > 1)
             peaks[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

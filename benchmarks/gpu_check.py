@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from loramem import KVCache, compress, encode, generate, load_model
-from loramem.evaluation.config import EvalConfig
 from loramem.evaluation.metrics import contains
 from loramem.evaluation.runner import run_eval
+from loramem.specs import EvalSpec
 from loramem.vocab import DEFAULT_PRESSES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,7 +58,7 @@ def check(model: str | None, device: str, dtype: str, docs: int, max_new_tokens:
     answers = [generate(lm, item["question"], stored, max_new_tokens=max_new_tokens) for item in items]
     hits = [contains(a.answer, item["answers"]) for a, item in zip(answers, items)]
     with tempfile.TemporaryDirectory() as tmp:
-        config = EvalConfig(ratios=[0.0, 0.5], presses=["snapkv"], modes=["none"], formats=["qa"], limit=docs)
+        config = EvalSpec(ratios=[0.0, 0.5], presses=["snapkv"], modes=["none"], formats=["qa"], limit=docs)
         started = time.perf_counter()
         run_eval(lm, REPO / "examples/fiction.jsonl", Path(tmp) / "run", config)
         seconds = time.perf_counter() - started

@@ -33,8 +33,8 @@ def stages(cache_path: str, model: str | None, max_new_tokens: int) -> None:
     """Run in a fresh process: time each stage of what `ask --cache` does, print them as JSON."""
     started = time.perf_counter()
     import loramem.cli  # noqa: F401  (what the command imports before any work)
+    from loramem.answer import generate
     from loramem.kv.cache import KVCache, check_compatible
-    from loramem.model.generate import generate
     from loramem.model.loading import load_model
 
     imported = time.perf_counter()

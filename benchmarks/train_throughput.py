@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from loramem import load_model
-from loramem.adapters.synth import rule_qa
-from loramem.adapters.train import TrainSpec, build_examples, collate, resolve_targets, schedule, train_adapter
+from loramem.adapters.train import build_examples, collate, resolve_targets, schedule, train_adapter
+from loramem.data.synth import rule_qa
+from loramem.specs import TrainSpec
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,7 @@ from loramem._version import __version__
 # Public name -> module that defines it.
 _API = {
     "Adapter": "loramem.adapters.attach",
-    "adapter_scope": "loramem.adapters.attach",
+    "adapter_scope": "loramem.model.loading",
     "attach_adapter": "loramem.adapters.attach",
     "detach_adapter": "loramem.adapters.attach",
     "KVCache": "loramem.kv.cache",
@@ -30,8 +30,8 @@ _API = {
     "encode": "loramem.kv.encode",
     "IncompatibleArtifactError": "loramem.errors",
     "LoramemError": "loramem.errors",
-    "Answer": "loramem.model.generate",
-    "generate": "loramem.model.generate",
+    "Answer": "loramem.answer",
+    "generate": "loramem.answer",
     "DEFAULT_MODEL": "loramem.model.loading",
     "LoadedModel": "loramem.model.loading",
     "load_model": "loramem.model.loading",
@@ -54,15 +54,15 @@ _API = {
 __all__ = ["__version__", *sorted(_API)]
 
 if TYPE_CHECKING:
-    from loramem.adapters.attach import Adapter, adapter_scope, attach_adapter, detach_adapter
+    from loramem.adapters.attach import Adapter, attach_adapter, detach_adapter
     from loramem.adapters.train import train_adapter
+    from loramem.answer import Answer, generate
     from loramem.errors import IncompatibleArtifactError, LoramemError
     from loramem.evaluation.runner import run_eval
     from loramem.kv.cache import KVCache, check_compatible
     from loramem.kv.compress import compress
     from loramem.kv.compression import compress_cache
     from loramem.kv.encode import encode
-    from loramem.model.generate import Answer, generate
     from loramem.model.loading import DEFAULT_MODEL, LoadedModel, load_model
     from loramem.specs import (
         AnswerSpec,

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from loramem.adapters.attach import attach_adapter, detach_adapter
-from loramem.adapters.train import TrainSpec, train_adapter
+from loramem.adapters.train import train_adapter
+from loramem.answer import iter_answers
 from loramem.data.formats import load_qa_pairs
 from loramem.errors import LoramemError
 from loramem.evaluation.metrics import contains, rouge_l
@@ -30,8 +31,8 @@ from loramem.kv.cache import KVCache
 from loramem.kv.compress import compress
 from loramem.kv.encode import encode
 from loramem.log import log, progress_bar
-from loramem.model.generate import iter_answers
 from loramem.model.loading import LoadedModel
+from loramem.specs import TrainSpec
 
 DATA = "demo_data"
 DOCUMENT, QUESTIONS, TRAIN_QA = "lighthouse.txt", "questions.jsonl", "train_qa.jsonl"

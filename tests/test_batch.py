@@ -14,12 +14,15 @@ import torch
 from conftest import DEMO_DOC, REPO, run_cli
 
 from loramem import compress, encode
+from loramem.answer import _chunks, answer_batch, batch_rows, batch_tokens, generate
 from loramem.errors import LoramemError
 from loramem.kv.value_groups import compress_value_groups, head_masks
 from loramem.model import attention as attention_module
-from loramem.model import batch as batch_module
-from loramem.model.batch import PresizedCache, build_cache, decode
-from loramem.model.generate import _chunks, answer_batch, batch_rows, batch_tokens, generate
+from loramem.model import decode as decode_module
+from loramem.model.attention import attending
+from loramem.model.decode import decode
+from loramem.model.documents import build_cache, shared_lead
+from loramem.model.presized import PresizedCache
 from loramem.model.prompt import Framing, closed_book_ids, question_ids
 
 QUESTIONS = [
@@ -68,7 +71,7 @@ def batched_logits(lm, cache, prompts) -> torch.Tensor:
     width = max(len(p) for p in prompts)
     batch = build_cache(lm.model, cache, prompts, width + 1, lm.device, lm.dtype)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    with torch.inference_mode(), batch.active(lm.model):
+    with torch.inference_mode(), attending(batch, lm.model):
         batch.prepare(width)
         out = lm.model(input_ids=ids, past_key_values=batch, position_ids=batch.new_positions[:, :width])
     return out.logits[:, -1]
@@ -186,7 +189,7 @@ def test_retained_rows_go_on_as_a_batch_of_only_them(tiny, cache, one_thread):
     def next_logits(rows: list[list[int]], retain: list[int] | None = None) -> torch.Tensor:
         batch = build_cache(tiny.model, cache, rows, width + 1, tiny.device, tiny.dtype)
         ids = torch.tensor([[0] * (width - len(p)) + p for p in rows])
-        with torch.inference_mode(), batch.active(tiny.model):
+        with torch.inference_mode(), attending(batch, tiny.model):
             batch.prepare(width)
             tiny.model(input_ids=ids, past_key_values=batch, position_ids=batch.new_positions[:, :width])
             if retain is not None:
@@ -347,13 +350,13 @@ def test_shared_leading_tokens_are_computed_once_and_change_nothing(tiny, cache,
     value_grouped = compress_value_groups(cache, "knorm", groups=4, budget=0.3)
     closed = [closed_book_ids(tiny.tokenizer, tiny.framing("chat"), q) for q in QUESTIONS]
     for over, prompts in ((cache, prompts_for(tiny, cache)), (value_grouped, prompts_for(tiny, cache)), (None, closed)):
-        lead = batch_module.shared_lead(prompts, over)
+        lead = shared_lead(prompts, over)
         assert 0 < lead < min(len(p) for p in prompts)
         assert all(p[:lead] == prompts[0][:lead] for p in prompts)
         shared = decode(tiny.model, prompts, over, set(), 8, 0)
         with monkeypatch.context() as patched:
-            patched.setattr(batch_module, "shared_lead", lambda prompts, cache: 0)
+            patched.setattr(decode_module, "shared_lead", lambda prompts, cache: 0)
             alone = decode(tiny.model, prompts, over, set(), 8, 0)
         assert [r.tokens for r in shared] == [r.tokens for r in alone]
-    assert batch_module.shared_lead(prompts_for(tiny, cache)[:1], cache) == 0  # one row: nothing to share
-    assert batch_module.shared_lead(prompts_for(tiny, cache), [cache, cache, cache, cache, value_grouped]) == 0
+    assert shared_lead(prompts_for(tiny, cache)[:1], cache) == 0  # one row: nothing to share
+    assert shared_lead(prompts_for(tiny, cache), [cache, cache, cache, cache, value_grouped]) == 0

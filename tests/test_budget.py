@@ -9,7 +9,7 @@ from conftest import flat_spec
 from test_evaluate import FAST, dataset  # noqa: F401 - the shared three-document dataset fixture
 
 from loramem.adapters.attach import adapter_tensor_bytes
-from loramem.adapters.train import TrainSpec, adapter_element_bytes, lora_parameters, train_adapter
+from loramem.adapters.train import adapter_element_bytes, lora_parameters, train_adapter
 from loramem.errors import LoramemError
 from loramem.evaluation.config import budget_points, budget_sizes, file_name
 from loramem.evaluation.rundir import (
@@ -25,6 +25,7 @@ from loramem.evaluation.runner import run_eval
 from loramem.kv.compress import compress, within_budget
 from loramem.kv.encode import encode
 from loramem.kv.quantize import make_storage
+from loramem.specs import TrainSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BUDGETS, RANKS = [40_000, 60_000], [0, 2, 4, 8]

@@ -13,10 +13,12 @@ from test_cli import one_line_error
 
 from loramem import IncompatibleArtifactError, LoramemError, encode, load_model
 from loramem.adapters.attach import attach_adapter
-from loramem.adapters.train import TrainSpec, train_adapter
+from loramem.adapters.train import train_adapter
 from loramem.evaluation.metrics import score_answer
 from loramem.kv.cache import check_compatible
-from loramem.model.prompt import PINNED_DATE, strip_thinking
+from loramem.model.prompt import PINNED_DATE
+from loramem.specs import TrainSpec
+from loramem.text import strip_thinking
 
 THINK_ON = '{"enable_thinking": true}'
 

@@ -14,10 +14,11 @@ import pytest
 from conftest import REPO, run_cli
 from typer.testing import CliRunner
 
-from loramem.adapters.train import TrainSpec
 from loramem.cli.app import app
 from loramem.demo import NO_CONTEXT, column_score, load_example, margin_line, run_demo, summary
-from loramem.evaluation.metrics import contains, normalize_answer
+from loramem.evaluation.metrics import contains
+from loramem.specs import TrainSpec
+from loramem.text import normalize_answer
 
 DEMO_FILES = ("lighthouse.txt", "questions.jsonl", "train_qa.jsonl")
 COLUMNS = [(0.0, False), (0.5, False), (1.0, False), (1.0, True)]  # ratio 0 and 1.0 are always added

@@ -8,8 +8,9 @@ import shutil
 import pytest
 
 from loramem.adapters.attach import LORAMEM_META
-from loramem.adapters.train import TrainSpec, train_adapter
+from loramem.adapters.train import train_adapter
 from loramem.describe import describe_adapter
+from loramem.specs import TrainSpec
 
 
 @pytest.fixture(scope="module")

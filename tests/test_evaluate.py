@@ -14,7 +14,7 @@ from rich.console import Console
 import loramem.evaluation.doc_adapters as doc_adapters
 import loramem.evaluation.runner as ev
 import loramem.kv.compression as compression
-from loramem.adapters import synth
+from loramem.data import synth
 from loramem.data.formats import QA, DocRecord, TrainQA, write_dataset
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.evaluation.config import file_name, select_documents
@@ -79,7 +79,7 @@ WHERE = {
     "compress": compression,  # every cell is compressed through the one dispatch (kv.compression)
     "iter_answers": ev,
     "train_adapter": doc_adapters,
-    "synthesize_pairs": synth,  # called by adapters.synth.training_pairs, the one rule for training pairs
+    "synthesize_pairs": synth,  # called by data.synth.training_pairs, the one rule for training pairs
 }
 
 
@@ -292,7 +292,7 @@ def test_cells_share_batches_and_answer_as_one_at_a_time(tiny, dataset, referenc
     """By default one document's cells of one adapter state (every press and ratio; decode, all and base_scores
     alike) are rows of the same batches, each over its own cache; --batch-size 1 answers each question alone: the
     answers are the same."""
-    import loramem.model.generate as generate_module
+    import loramem.answer as answer_module
 
     adapters = str(reference[0] / "adapters")
     batches: list[list] = []
@@ -301,9 +301,9 @@ def test_cells_share_batches_and_answer_as_one_at_a_time(tiny, dataset, referenc
         batches.append(caches)
         return decode(model, prompts, caches, *args)
 
-    decode = generate_module.decode
+    decode = answer_module.decode
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(generate_module, "decode", recording)
+        mp.setattr(answer_module, "decode", recording)
         run_eval(tiny, dataset, tmp_path / "pooled", config(limit=1, adapters=adapters))
     assert max(len({id(c) for c in caches}) for caches in batches) >= 6
     assert max(len(caches) for caches in batches) == 16  # MAX_BATCH rows: a cell holds only N_QUESTIONS

@@ -16,13 +16,14 @@ from kvpress_reference import assert_agrees
 
 from loramem import KVCache, compress, encode, generate
 from loramem.adapters.attach import attach_adapter, detach_adapter
-from loramem.adapters.merge import MergeSpec, merge_adapters
-from loramem.adapters.train import MIN_SHARED_PREFIX, TrainSpec, qa_examples, shared_prefix, train_adapter
+from loramem.adapters.merge import merge_adapters
+from loramem.adapters.train import MIN_SHARED_PREFIX, qa_examples, shared_prefix, train_adapter
+from loramem.answer import answer_batch
 from loramem.kv.quantize import make_storage
 from loramem.kv.value_groups import compress_value_groups
-from loramem.model.generate import answer_batch
 from loramem.model.loading import LoadedModel, load_model
 from loramem.model.prompt import Framing, closed_book_ids, prefix_ids, question_ids
+from loramem.specs import MergeSpec, TrainSpec
 from loramem.vocab import DEFAULT_PRESSES
 
 QUESTION = "Who lit the lamp?"

@@ -13,8 +13,8 @@ from families import FAMILIES, family_tokenizer
 from test_batch import QUESTIONS, batched_logits, prompts_for
 
 from loramem import compress, encode
-from loramem.model.batch import decode
-from loramem.model.generate import answer_batch
+from loramem.answer import answer_batch
+from loramem.model.decode import decode
 from loramem.model.lean import LeanConfig, LeanTokenizer, load_lean
 from loramem.model.loading import LoadedModel, load_model
 

@@ -12,13 +12,14 @@ from conftest import run_cli
 from test_cli import one_line_error
 
 from loramem.adapters.attach import ADAPTER_WEIGHTS, LORAMEM_META
-from loramem.adapters.merge import MergeSpec, check_sources, merge_adapters
-from loramem.adapters.synth import sentences
-from loramem.adapters.train import TrainSpec, train_adapter
+from loramem.adapters.merge import check_sources, merge_adapters
+from loramem.adapters.train import train_adapter
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.library.embed import chunk_text, load_embedder
 from loramem.library.store import MANIFEST, AddOptions, add_documents, open_library, retrieve_chunks, route
 from loramem.model.loading import load_model
+from loramem.specs import MergeSpec, TrainSpec
+from loramem.text import sentences
 
 # Invented documents on distinct topics, each sentence naming its topic (a sentence like "the dome turns on
 # wheels" alone is ambiguous at chunk level); nothing in them comes from pretraining.

@@ -19,8 +19,8 @@ import loramem.evaluation.library_modes as library_modes
 import loramem.evaluation.runner as runner
 import loramem.library.qa as qa_module
 from loramem.adapters.attach import ADAPTER_WEIGHTS, attach_adapter, detach_adapter
-from loramem.adapters.merge import MergeSpec, merge_adapters
-from loramem.adapters.train import TrainSpec
+from loramem.adapters.merge import merge_adapters
+from loramem.answer import generate
 from loramem.data.formats import QA, DocRecord, TrainQA, write_dataset
 from loramem.errors import LoramemError
 from loramem.evaluation.rundir import ANSWERS, CONFIG, cell_key, read_answers
@@ -31,8 +31,7 @@ from loramem.kv.encode import encode
 from loramem.library.embed import load_embedder
 from loramem.library.qa import ask_library, ask_library_batch, merged_folder, parallel_cache, stored_cache
 from loramem.library.store import AddOptions, add_documents, open_library, retrieve_chunks
-from loramem.model.generate import generate
-from loramem.specs import EvalSpec
+from loramem.specs import EvalSpec, MergeSpec, TrainSpec
 
 NAMES = ("bees", "glass", "railway")
 FAST = TrainSpec(format="ntp", rank=2, steps=1)

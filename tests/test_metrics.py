@@ -2,7 +2,8 @@
 
 import pytest
 
-from loramem.evaluation.metrics import exact_match, normalize_answer, rouge_l, score_answer, token_f1
+from loramem.evaluation.metrics import exact_match, rouge_l, score_answer, token_f1
+from loramem.text import normalize_answer
 
 
 def test_rouge_l_prefix_from_lcs() -> None:

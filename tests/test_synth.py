@@ -8,13 +8,12 @@ import pytest
 from conftest import DEMO_DOC, run_cli
 from test_cli import one_line_error
 
-from loramem.adapters import synth
-from loramem.adapters.synth import (
+from loramem.data import synth
+from loramem.data.synth import (
     model_qa,
     parse_pairs,
     passages,
     rule_qa,
-    sentences,
     spans,
     supported,
     synth_writer,
@@ -23,7 +22,7 @@ from loramem.adapters.synth import (
     trim_restated,
 )
 from loramem.errors import LoramemError
-from loramem.evaluation.metrics import normalize_answer
+from loramem.text import normalize_answer, sentences
 
 PLAIN = "the river runs slowly past the mill. nobody remembers when the wheel stopped turning."
 

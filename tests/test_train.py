@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_batch_loss_equals_rows
+from conftest import assert_batch_loss_equals_rows, assert_same_sums, summed_terms
 
 from loramem.adapters.attach import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORAMEM_META, attach_adapter, detach_adapter
 from loramem.adapters.train import (
@@ -21,10 +21,11 @@ from loramem.adapters.train import (
     resolve_targets,
     train_adapter,
 )
+from loramem.answer import answer_batch
 from loramem.errors import LoramemError
-from loramem.evaluation.metrics import normalize_answer, rouge_l
-from loramem.model.generate import answer_batch
+from loramem.evaluation.metrics import rouge_l
 from loramem.model.loading import sha256_text
+from loramem.text import normalize_answer
 
 QA = [
     ("Who designed the lighthouse?", "Orla Quenby"),
@@ -106,8 +107,10 @@ def test_a_batch_that_would_pad_much_runs_in_length_groups(tiny, doc_text, monke
     grouped_calls, grouped_loss, grouped_grads = loss_and_grads(train.PAD_SLACK)
     padded_calls, padded_loss, padded_grads = loss_and_grads(float("inf"))
     assert (grouped_calls, padded_calls) == (2, 1)
-    assert torch.allclose(grouped_loss, padded_loss, atol=1e-6)
-    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(grouped_grads, padded_grads))
+    terms = summed_terms(model, batch)
+    assert_same_sums(grouped_loss, padded_loss, terms)
+    for a, b in zip(grouped_grads, padded_grads):
+        assert_same_sums(a, b, terms)
 
 
 def test_same_seed_gives_identical_adapter_bytes(tiny, doc_text, tmp_path):

@@ -18,8 +18,9 @@ from inprocess import assert_refused, invoke
 
 from loramem import LoramemError
 from loramem.adapters.attach import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORAMEM_META, attach_adapter, detach_adapter
-from loramem.adapters.train import TrainSpec, train_adapter
+from loramem.adapters.train import train_adapter
 from loramem.errors import IncompatibleArtifactError
+from loramem.specs import TrainSpec
 
 QA = [("Who designed the lighthouse?", "Orla Quenby"), ("Who was the first keeper?", "Hobart Fennick")]
 

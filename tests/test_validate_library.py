@@ -122,8 +122,8 @@ def test_document_folders_linked_elsewhere_are_refused(tmp_path):
     (lib.path / "merged").symlink_to(elsewhere)
     with pytest.raises(LoramemError, match="leads outside"):
         lib.adapter_dir("a")
-    from loramem.adapters.merge import MergeSpec
     from loramem.library.qa import merged_folder
+    from loramem.specs import MergeSpec
 
     with pytest.raises(LoramemError, match="leads outside"):
         merged_folder(lib, ["a"], MergeSpec(method="cat"))

@@ -7,11 +7,10 @@ for others (base-model prefill, adapter-only decoding), so an adapter is attache
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from loramem.adapters.validate import (
     ADAPTER_CONFIG,
@@ -49,6 +48,10 @@ class Adapter:
 
     def identity(self) -> dict[str, str]:
         return {"path": str(self.path), "sha256": self.sha256}
+
+    def disabled(self) -> AbstractContextManager[Any]:
+        """A block run by the base model alone (`loramem.model.loading.adapter_scope`)."""
+        return cast(AbstractContextManager[Any], self.peft_model.disable_adapter())
 
 
 def read_adapter_meta(path: str | Path, values: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -128,20 +131,6 @@ def detach_adapter(lm: LoadedModel) -> None:
     if lm.adapter is not None:
         lm.model = lm.adapter.peft_model.unload()
         lm.adapter = None
-
-
-@contextmanager
-def adapter_scope(lm: LoadedModel, on: bool) -> Iterator[None]:
-    """Run the block with the attached adapter on, or with the base model alone."""
-    if lm.adapter is None:
-        if on:
-            raise LoramemError("no adapter is attached; give --adapter DIR")
-        yield
-    elif on:
-        yield
-    else:
-        with lm.adapter.peft_model.disable_adapter():
-            yield
 
 
 def check_adapter_mode(lm: LoadedModel, mode: str, cache_adapter: dict[str, Any] | None) -> bool:

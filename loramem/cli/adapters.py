@@ -31,9 +31,9 @@ def train_adapter(
     as_json: bool = JsonOpt,
 ) -> None:
     """Train a document LoRA (QA-supervised, raw-text or mixed) as a standard PEFT adapter directory."""
-    from loramem.adapters.synth import check_synth_request, training_pairs
     from loramem.adapters.train import train_adapter as train_document
     from loramem.data.formats import load_qa_pairs
+    from loramem.data.synth import check_synth_request, training_pairs
     from loramem.fileio import read_text
     from loramem.log import progress_bar
 

@@ -27,10 +27,10 @@ def ask(
         _ask_library(spec, model, read_questions(questions or [], questions_file, stdin_free=True), as_json)
         return
     from loramem.adapters.attach import check_adapter_mode
+    from loramem.answer import answer_batch
     from loramem.fileio import read_text
     from loramem.kv.cache import KVCache, check_compatible
     from loramem.kv.encode import encode as encode_document
-    from loramem.model.generate import answer_batch
 
     cache = KVCache.load(spec.cache) if spec.cache else None
     text = read_text(spec.doc) if spec.doc else None

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from loramem.adapters.attach import read_adapter_meta
-from loramem.adapters.synth import training_pairs
 from loramem.adapters.train import train_adapter
 from loramem.data.formats import DocRecord, load_qa_pairs
+from loramem.data.synth import training_pairs
 from loramem.errors import IncompatibleArtifactError
 from loramem.evaluation.config import file_name
 from loramem.evaluation.rundir import ADAPTERS, SYNTH_QA

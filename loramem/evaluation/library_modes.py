@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loramem.adapters.merge import MergeSpec
+from loramem.answer import iter_answers
 from loramem.data.formats import DocRecord
 from loramem.errors import LoramemError
 from loramem.evaluation.config import Cell, file_name
@@ -25,9 +25,8 @@ from loramem.library.store import (
     retrieve_chunks,
     route,
 )
-from loramem.model.generate import iter_answers
 from loramem.model.loading import LoadedModel, sha256_text
-from loramem.specs import EvalSpec
+from loramem.specs import EvalSpec, MergeSpec
 
 
 def library_path(config: EvalSpec, run: Path) -> Path:

@@ -4,20 +4,15 @@ Every metric takes the best score over the references, because a question can ha
 several equally correct gold answers and a prediction only has to match one of them.
 """
 
-import re
-import string
 from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from loramem.model.prompt import strip_thinking
+from loramem.text import normalize_answer, strip_thinking
 
 if TYPE_CHECKING:
     from rouge_score.rouge_scorer import RougeScorer
-
-_PUNCTUATION = frozenset(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 @lru_cache(maxsize=1)
@@ -34,15 +29,6 @@ def _reference_list(references: str | Sequence[str]) -> list[str]:
     if not refs:
         raise ValueError("at least one reference answer is required")
     return refs
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD normalization: lowercase, drop ASCII punctuation and articles, collapse whitespace.
-
-    Kept identical to the official SQuAD script so scores compare with published numbers.
-    """
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
-    return " ".join(_ARTICLES.sub(" ", text).split())
 
 
 def rouge_l(prediction: str, references: str | Sequence[str]) -> float:

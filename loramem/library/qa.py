@@ -18,6 +18,7 @@ import torch
 
 from loramem.adapters.attach import ADAPTER_WEIGHTS, attach_adapter
 from loramem.adapters.merge import merge_adapters
+from loramem.answer import Answer, answer_batch
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.kv.cache import KVCache, check_compatible
 from loramem.kv.encode import encode
@@ -34,7 +35,6 @@ from loramem.library.store import (
     route,
 )
 from loramem.model import MAX_BATCH, MAX_BATCH_TOKENS, MAX_NEW_TOKENS
-from loramem.model.generate import Answer, answer_batch
 from loramem.model.loading import LoadedModel, sha256_text
 from loramem.specs import MergeSpec, RouteSpec
 from loramem.vocab import DENSITY_METHODS, EQUAL_RANK_METHODS

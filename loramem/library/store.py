@@ -30,7 +30,7 @@ import torch
 
 from loramem._version import __version__
 from loramem.adapters.attach import adapter_sha256, attach_adapter, detach_adapter, read_adapter_meta
-from loramem.adapters.train import TrainSpec, train_adapter
+from loramem.adapters.train import train_adapter
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.fileio import atomic_write_bytes, read_text
 from loramem.library import TOP_K
@@ -38,7 +38,7 @@ from loramem.library.embed import CHUNK_MAX_WORDS, CHUNK_TARGET_WORDS, Embedder,
 from loramem.log import log
 from loramem.model.loading import LoadedModel, sha256_bytes, sha256_text
 from loramem.model.prompt import check_template_record
-from loramem.specs import SynthSpec
+from loramem.specs import SynthSpec, TrainSpec
 
 FORMAT = "loramem.library.store"
 FORMAT_VERSION = 1
@@ -351,7 +351,7 @@ def _build(
         origin = str(options.adapter)
     else:
         log(f"{item.doc_id}: training its adapter")
-        from loramem.adapters.synth import training_pairs
+        from loramem.data.synth import training_pairs
 
         pairs, written_by = training_pairs(
             lm, item.text, options.train.format, qa, options.synth.pairs, options.train.seed, options.synth.model
@@ -457,7 +457,7 @@ def add_documents(
         raise LoramemError("no document given")
     if len(documents) > 1 and (options.adapter or options.qa or options.doc_id):
         raise LoramemError("--adapter, --qa and --id describe one document; add such documents one at a time")
-    from loramem.adapters.synth import check_synth_request
+    from loramem.data.synth import check_synth_request
 
     check_synth_request(options.train.format, options.synth.model, bool(options.qa or options.adapter))
     texts = [(source, read_text(source)) for source in documents]  # a bad file fails before any training

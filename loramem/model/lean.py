@@ -207,7 +207,7 @@ class LeanLayer:
 
 
 class LeanLlama:
-    """LlamaForCausalLM's forward over the batch engine's cache (`loramem.model.batch.PresizedCache`) only."""
+    """LlamaForCausalLM's forward over the batch engine's cache (`loramem.model.presized.PresizedCache`) only."""
 
     uses_batched_attention = True  # its attention is the engine's already: nothing to switch
 

@@ -14,6 +14,9 @@ import json
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +79,8 @@ class LoadedModel:
     tokenizer: Any
     model_id: str
     fingerprint: dict[str, str] = field(default_factory=dict)
-    adapter: Any = None  # a loramem.adapters.attach.Adapter once one is attached
+    # an attached adapter (`loramem.adapters.attach.Adapter`); this layer only switches it off (`adapter_scope`)
+    adapter: Any = None
     template: TemplateOptions = field(default_factory=TemplateOptions)  # chat-template variables, in the fingerprint
 
     def runtime(self) -> dict[str, str]:
@@ -111,6 +115,32 @@ class LoadedModel:
     @property
     def max_length(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
+
+
+@contextmanager
+def adapter_scope(lm: LoadedModel, on: bool) -> Iterator[None]:
+    """Run the block with the attached adapter on, or with the base model alone.
+
+    Here, below the artifacts, so encoding (`kv`) and answering switch an adapter without importing the layer that
+    attaches one (`adapters`): an attached adapter is anything with `disabled()`, a context without it."""
+    if lm.adapter is None:
+        if on:
+            raise LoramemError("no adapter is attached; give --adapter DIR")
+        yield
+    elif on:
+        yield
+    else:
+        with lm.adapter.disabled():
+            yield
+
+
+def clock(device: Any) -> float:
+    """perf_counter once the device has finished its queued work (CUDA runs asynchronously)."""
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _default_gguf() -> Path:

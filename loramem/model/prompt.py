@@ -9,7 +9,6 @@ that ends an answer turn (used to stop generation and to end training targets).
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from typing import Any
@@ -44,13 +43,6 @@ _RESERVED_KWARGS = frozenset(
         "max_length",
     }
 )
-_THINK = re.compile(r"<think>.*?(?:</think>|$)", re.DOTALL)
-
-
-def strip_thinking(text: str) -> str:
-    """The answer without any <think>...</think> block (an unclosed one runs to the end): reasoning is not an
-    answer, so it is removed before scoring."""
-    return _THINK.sub("", text).strip() if "<think>" in text else text
 
 
 @dataclass(frozen=True)

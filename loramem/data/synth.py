@@ -14,13 +14,12 @@ import random
 import re
 from collections.abc import Iterable
 
+from loramem.answer import answer_batch
 from loramem.errors import LoramemError
-from loramem.evaluation.metrics import normalize_answer
 from loramem.log import log
 from loramem.model import MAX_BATCH
-from loramem.model.generate import answer_batch
 from loramem.model.loading import LoadedModel, load_model
-from loramem.model.prompt import strip_thinking
+from loramem.text import WORD, normalize_answer, sentences, strip_thinking
 
 QA = tuple[str, str]
 SOURCES = ("model", "rule")
@@ -43,13 +42,6 @@ _NUMBER = re.compile(r"\b\d(?:[\d,.:]*\d)?\b")
 _CAPITAL = r"[A-Z][\w'’-]*"
 _CAPITALIZED = re.compile(rf"{_CAPITAL}(?:\s+(?:(?:of|the|de|la|van|von|and|&)\s+)?{_CAPITAL})*")
 _YEAR = re.compile(r"1\d{3}|20\d{2}")
-# A sentence ends at . ! ? (optionally closed by a quote or bracket) before a capital or digit, not after a title.
-_SENTENCE_END = re.compile(
-    r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))(?<!\bDr\.)(?<!\bMr\.)(?<!\bMs\.)(?<!\bSt\.)(?<!\bMrs\.)"
-    r"\s+(?=[\"'(\[]?[A-Z0-9])"
-)
-_WORD = re.compile(r"[^\W_][\w'’-]*")
-_MIN_WORDS = 3
 _PASSAGE_WORDS = 70
 _PAIRS_PER_PASSAGE = 4
 _MAX_ANSWER_WORDS = 12
@@ -65,16 +57,6 @@ def dedupe(pairs: Iterable[QA]) -> list[QA]:
     for question, answer in pairs:
         seen.setdefault(normalize_answer(question), (question, answer))
     return list(seen.values())
-
-
-def sentences(document: str) -> list[str]:
-    """Sentences of the document; headings (lines without end punctuation) only when nothing else is there."""
-    found = []
-    for paragraph in re.split(r"\n\s*\n|\n(?=\s*(?:[-*•]|\d+[.)])\s)", document):
-        text = " ".join(paragraph.split())
-        found += [s.strip() for s in _SENTENCE_END.split(text) if len(_WORD.findall(s)) >= _MIN_WORDS]
-    punctuated = [s for s in found if s[-1] in ".!?\"')"]
-    return punctuated or found or [" ".join(document.split())]
 
 
 def _strip_leading_stopwords(phrase: str) -> str:
@@ -94,8 +76,8 @@ def spans(sentence: str) -> list[str]:
     found += [m.group() for m in _NUMBER.finditer(sentence)]
     found += [m.group() for m in _NUMBER_WORDS.finditer(sentence) if m.group().lower() != "one"]
     if not found:
-        content = [w for w in _WORD.findall(sentence) if w.lower() not in _STOPWORDS]
-        found = sorted(content, key=len, reverse=True)[:1] or _WORD.findall(sentence)[:1]
+        content = [w for w in WORD.findall(sentence) if w.lower() not in _STOPWORDS]
+        found = sorted(content, key=len, reverse=True)[:1] or WORD.findall(sentence)[:1]
     return list(dict.fromkeys(s.strip(" -'’") for s in found if s.strip(" -'’")))
 
 

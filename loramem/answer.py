@@ -1,7 +1,10 @@
-"""Answering: greedy decoding over a stored (possibly compressed) KV cache, or with no document.
+"""Answering: greedy decoding over a stored (possibly compressed) KV cache, or with no document, with or without the
+attached adapter.
 
-Questions over one document are answered in batches (`answer_batch`, engine in `loramem.model.batch`);
-`generate` is the one-question case.
+The layer above the artifacts (`loramem.kv`, `loramem.adapters`) and below their users: it frames each question as
+its cache was framed, groups questions into batches and turns the decoded tokens into `Answer`s; the decoding itself
+is the model layer's (`loramem.model.decode`), which reads the caches' tensors and knows no artifact. Questions over
+one document are answered in batches (`answer_batch`); `generate` is the one-question case.
 
 Stored keys are post-RoPE at their original positions, so the question continues at position
 `n_tokens` of the original prefill whatever was evicted: RoPE stays consistent after eviction.
@@ -12,14 +15,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
-from loramem.adapters.attach import adapter_scope
 from loramem.errors import LoramemError
 from loramem.kv.cache import KVCache
 from loramem.model import MAX_BATCH, MAX_BATCH_TOKENS, MAX_NEW_TOKENS
-from loramem.model.batch import Decoded, decode, one_cache
-from loramem.model.loading import LoadedModel
+from loramem.model.decode import Decoded, decode
+from loramem.model.documents import one_cache
+from loramem.model.loading import LoadedModel, adapter_scope
 from loramem.model.prompt import DEFAULT_FRAMING, Framing, closed_book_ids, question_ids, stop_token_ids
 
 
@@ -54,45 +57,39 @@ def batch_tokens(caches: list[KVCache | None], width: int, max_new_tokens: int) 
     """Cached tokens a batch of rows over `caches` holds: the document once when every row shares one cache (as
     the engine keeps it), else a copy per row padded to the largest; plus each row's question and answer."""
     copies = 1 if one_cache(caches) else len(caches)  # (no document: nothing to copy either way)
-    return copies * max(_kept(c) for c in caches) + len(caches) * (width + max_new_tokens)
+    return copies * max(_kept_tokens(c) for c in caches) + len(caches) * (width + max_new_tokens)
 
 
-def _kept(cache: KVCache | None) -> int:
+def _kept_tokens(cache: KVCache | None) -> int:
+    """Tokens the cache's fullest layer kept: what a row over it holds of the document."""
     return max(cache.kept_per_layer) if cache is not None and cache.n_layers else 0
 
 
 Caches = KVCache | None | list[KVCache | None]
 
 
+class AnswerOptions(TypedDict, total=False):
+    """`iter_answers`' keyword options (and their defaults there), which `answer_batch` passes on."""
+
+    max_new_tokens: int
+    adapter_on: bool
+    framing: str | Framing
+    batch_size: int | None
+    max_batch_tokens: int
+
+
 def answer_batch(
-    lm: LoadedModel,
-    questions: list[str],
-    cache: Caches = None,
-    *,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    adapter_on: bool = False,
-    framing: str | Framing = DEFAULT_FRAMING,
-    batch_size: int | None = None,
-    max_batch_tokens: int = MAX_BATCH_TOKENS,
+    lm: LoadedModel, questions: list[str], cache: Caches = None, **options: Unpack[AnswerOptions]
 ) -> list[Answer]:
     """Answer every question from `cache` (None: closed-book, framed as `framing`: a style or a Framing; a list:
     each question's own cache or None), in batches.
 
     Greedy and token for token the answers `generate` gives one at a time (up to floating-point ties).
     `batch_size` None: as many rows as `max_batch_tokens` cached tokens allow (at most 16); a row over a smaller
-    cache than the batch's largest counts as the largest (it is padded to it).
+    cache than the batch's largest counts as the largest (it is padded to it). Options: `iter_answers`.
     """
     answers: list[Answer | None] = [None] * len(questions)
-    for index, answer, _ in iter_answers(
-        lm,
-        questions,
-        cache,
-        max_new_tokens=max_new_tokens,
-        adapter_on=adapter_on,
-        framing=framing,
-        batch_size=batch_size,
-        max_batch_tokens=max_batch_tokens,
-    ):
+    for index, answer, _ in iter_answers(lm, questions, cache, **options):
         answers[index] = answer
     return [a for a in answers if a is not None]
 
@@ -133,7 +130,7 @@ def iter_answers(
     first_of = {id(c): i for i, c in reversed(list(enumerate(caches)))}
     order = sorted(
         range(len(prompts)),
-        key=lambda i: (sorted(stops[i]), _kept(caches[i]), first_of[id(caches[i])], len(prompts[i])),
+        key=lambda i: (sorted(stops[i]), _kept_tokens(caches[i]), first_of[id(caches[i])], len(prompts[i])),
     )
     with adapter_scope(lm, adapter_on):
         for chunk in _chunks(order, caches, prompts, stops, max_new_tokens, batch_size, max_batch_tokens):
@@ -142,7 +139,7 @@ def iter_answers(
             decoded = decode(lm.model, [prompts[i] for i in chunk], rows, set(stops[chunk[0]]), max_new_tokens, pad_id)
             seconds = (time.perf_counter() - started) / len(chunk)
             for i, row in zip(chunk, decoded):
-                yield i, _answer(tok, questions[i], caches[i], row), seconds
+                yield i, _decoded_answer(tok, questions[i], caches[i], row), seconds
 
 
 def _chunks(
@@ -176,13 +173,13 @@ def _chunks(
         yield chunk
 
 
-def _answer(tok: Any, question: str, cache: KVCache | None, row: Decoded) -> Answer:
+def _decoded_answer(tok: Any, question: str, cache: KVCache | None, row: Decoded) -> Answer:
     return Answer(
         question=question,
         answer=tok.decode(row.tokens, skip_special_tokens=True).strip(),
         new_tokens=len(row.tokens),
         stopped_at_end_of_turn=row.stopped,
-        cache_tokens=_kept(cache),
+        cache_tokens=_kept_tokens(cache),
         document_tokens=cache.n_tokens if cache is not None else 0,
         question_tokens=row.prompt_tokens,
         prefill_seconds=round(row.prefill_seconds, 4),

@@ -1,0 +1,44 @@
+"""Text helpers that several layers share: answer normalization, sentence splitting, think blocks.
+
+Kept at the bottom of the package (no loramem imports) so scoring (`evaluation.metrics`), QA synthesis
+(`data.synth`) and chunking (`library.embed`) read text the same way without importing one another.
+"""
+
+import re
+import string
+
+_PUNCTUATION = frozenset(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_THINK = re.compile(r"<think>.*?(?:</think>|$)", re.DOTALL)
+# A sentence ends at . ! ? (optionally closed by a quote or bracket) before a capital or digit, not after a title.
+_SENTENCE_END = re.compile(
+    r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))(?<!\bDr\.)(?<!\bMr\.)(?<!\bMs\.)(?<!\bSt\.)(?<!\bMrs\.)"
+    r"\s+(?=[\"'(\[]?[A-Z0-9])"
+)
+WORD = re.compile(r"[^\W_][\w'’-]*")
+_MIN_WORDS = 3
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalization: lowercase, drop ASCII punctuation and articles, collapse whitespace.
+
+    Kept identical to the official SQuAD script so scores compare with published numbers.
+    """
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def strip_thinking(text: str) -> str:
+    """The answer without any <think>...</think> block (an unclosed one runs to the end): reasoning is not an
+    answer, so it is removed before scoring."""
+    return _THINK.sub("", text).strip() if "<think>" in text else text
+
+
+def sentences(document: str) -> list[str]:
+    """Sentences of the document; headings (lines without end punctuation) only when nothing else is there."""
+    found = []
+    for paragraph in re.split(r"\n\s*\n|\n(?=\s*(?:[-*•]|\d+[.)])\s)", document):
+        text = " ".join(paragraph.split())
+        found += [s.strip() for s in _SENTENCE_END.split(text) if len(WORD.findall(s)) >= _MIN_WORDS]
+    punctuated = [s for s in found if s[-1] in ".!?\"')"]
+    return punctuated or found or [" ".join(document.split())]
