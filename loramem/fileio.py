@@ -43,6 +43,15 @@ def _os_error(exc: OSError, path: str | Path) -> LoramemError:
     return LoramemError(f"cannot access {path}: {reason.lower()}")
 
 
+def check_working_directory() -> None:
+    """Refuse to start in a deleted working directory, before torch is imported: its native libraries then fail
+    to load with a message that does not name the cause."""
+    try:
+        os.getcwd()
+    except FileNotFoundError as exc:
+        raise LoramemError("the working directory no longer exists (it was deleted); cd to an existing folder") from exc
+
+
 def stdout_is_terminal() -> bool:
     """Whether stdout is an interactive terminal (a closed stdout is not)."""
     return sys.stdout is not None and sys.stdout.isatty()
@@ -105,6 +114,14 @@ def read_text(path: str | Path, what: str = "document") -> str:
     if not text.strip():
         raise LoramemError(f"{what} {source} is empty")
     return text
+
+
+def text_lines(text: str) -> list[str]:
+    """`text` split at `\\n` only (a trailing `\\r` removed), the way JSONL and line files are written."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def _temp_prefix(target: Path) -> str:
@@ -181,6 +198,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def flush_stdout() -> None:
+    """Flush what was printed to stdout, so that a full disk or a closed pipe is reported as the command ends. A
+    stdout closed from the start (`>&-`) holds nothing: a command that writes there refuses it (`write_stdout`),
+    and one whose output went to a file succeeds."""
+    if sys.stdout is not None:
+        sys.stdout.flush()
 
 
 def write_stdout(data: bytes | str) -> None:

@@ -134,3 +134,19 @@ def test_adapter_folders_follow_the_umask(tmp_path):
 def test_device_as_document_is_refused(capsys, tmp_path):
     result = invoke(capsys, "encode", "/dev/zero", "-o", str(tmp_path / "x"))
     assert "not a regular file" in assert_refused(result, (2,))
+
+
+def test_a_closed_stdout_does_not_fail_a_command_that_wrote_a_file(tiny_dir, tmp_path):
+    out = tmp_path / "so.kv"
+    command = f"{sys.executable} -m loramem encode {DEMO_DOC} --model {tiny_dir} -o {out} >&-"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr.decode()
+    assert out.is_file() and b"error" not in result.stderr
+
+
+def test_a_deleted_working_directory_is_named_before_torch_loads(tmp_path):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    command = f"cd {gone} && rmdir {gone} && {sys.executable} -m loramem ask --cache x.kv hello"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, env=ENV, timeout=300)
+    assert result.returncode == 2 and "working directory no longer exists" in one_line(result.stderr)

@@ -31,7 +31,7 @@ from typing import Any
 
 from loramem.data import SEED
 from loramem.errors import LoramemError
-from loramem.fileio import read_input_bytes, read_text, write_output
+from loramem.fileio import read_input_bytes, read_text, text_lines, write_output
 
 PathLike = str | Path
 
@@ -74,7 +74,7 @@ def _jsonl_objects(data: bytes, source: str) -> Iterator[tuple[str, int, object]
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise LoramemError(f"{source} is not UTF-8 text") from exc
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text_lines(text), 1):
         if not line.strip():
             continue
         where = f"{source}:{lineno}"
