@@ -65,6 +65,7 @@ from loramem.kv.value_groups import compress_value_groups
 from loramem.log import log, progress_bar
 from loramem.model import MAX_BATCH
 from loramem.model.generate import iter_answers
+from loramem.model.limits import check_questions
 from loramem.model.loading import LoadedModel, sha256_bytes
 
 
@@ -164,6 +165,8 @@ def run_eval(
     plan = prepare_run(
         model_info(lm), dataset, run_dir, config, resume=resume, sizes=budget_sizes(lm, config), allow_mixed=allow_mixed
     )
+    for record, _ in plan.todo:  # before any model work: a question or document the context cannot hold
+        check_questions(lm, [qa.question for qa in record.qa], record.document)
     with progress_bar("evaluating", plan.n_cells) as advance:
         answers = AnswerLog(plan.run / ANSWERS, advance, lm.runtime())
         try:

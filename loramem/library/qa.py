@@ -35,6 +35,7 @@ from loramem.library.store import (
 )
 from loramem.model import MAX_BATCH, MAX_BATCH_TOKENS, MAX_NEW_TOKENS
 from loramem.model.generate import Answer, answer_batch
+from loramem.model.limits import check_questions
 from loramem.model.loading import LoadedModel, sha256_text
 
 MERGED = "merged"
@@ -260,6 +261,7 @@ def ask_library_batch(
     documents' caches side by side, made once per routed set in a batch), or none."""
     lib, config = check_request(library, top_k, merge, with_context, with_caches, weights, density)
     check_model(lib, lm.fingerprint)
+    check_questions(lm, questions)
     embedder = library_embedder(lib, embedder)
     plans = []
     groups: dict[str, list[int]] = {}
