@@ -297,8 +297,24 @@ def atomic_directory(path: str | Path, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+    except OSError as exc:
+        raise _os_error(exc, path) from exc
+    except Exception as exc:
+        reason = _serializing_error(exc)
+        if reason is None:
+            raise
+        raise LoramemError(f"cannot write {path}: {reason}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _serializing_error(exc: Exception) -> str | None:
+    """The reason of a failed write that safetensors reports as its own error (not an OSError): "Error while
+    serializing: I/O error: No space left on device (os error 28)" -> "no space left on device"."""
+    from safetensors import SafetensorError
+
+    match = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", str(exc))
+    return match[1].lower() if isinstance(exc, SafetensorError) and match else None
 
 
 def _umask() -> int:

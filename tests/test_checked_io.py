@@ -150,3 +150,18 @@ def test_a_deleted_working_directory_is_named_before_torch_loads(tmp_path):
     command = f"cd {gone} && rmdir {gone} && {sys.executable} -m loramem ask --cache x.kv hello"
     result = subprocess.run(["bash", "-c", command], capture_output=True, env=ENV, timeout=300)
     assert result.returncode == 2 and "working directory no longer exists" in one_line(result.stderr)
+
+
+def test_a_full_disk_while_writing_an_adapter_is_exit_2_with_the_path(tiny_dir, tmp_path):
+    import resource
+
+    def small_files() -> None:  # writes past 20 KiB fail with EFBIG (Python ignores SIGXFSZ), as a full disk does
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 1024, 20 * 1024))
+
+    out = tmp_path / "adapter"
+    args = ["train-adapter", str(DEMO_DOC), "--format", "ntp", "--steps", "1", "--model", str(tiny_dir), "-o", str(out)]
+    result = subprocess.run(
+        [sys.executable, "-m", "loramem", *args], capture_output=True, env=ENV, timeout=300, preexec_fn=small_files
+    )
+    assert result.returncode == 2 and f"cannot write {out}: file too large" in one_line(result.stderr)
+    assert list(tmp_path.iterdir()) == []
