@@ -13,6 +13,7 @@ the ones that a killed process (`kill -9`) left behind, and never those of a pro
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from loramem.errors import LoramemError
+from loramem.log import log
 
 # The largest text or JSON input read whole (documents, datasets, QA files): a bound, so a device or an endless
 # pipe is refused instead of filling memory.
@@ -173,6 +175,59 @@ def check_output_path(path: str | Path, force: bool = True, what: str = "output"
         raise LoramemError(f"{path} already exists; use --force to replace it")
     if target.is_dir() and what != "directory":
         raise LoramemError(f"cannot write {path}: it is a directory")
+
+
+@contextmanager
+def locked_folder(folder: Path, what: str, *, committed: str, wait: bool) -> Iterator[bool]:
+    """Create `folder` if needed and hold an exclusive lock on it, so two writers (library adds, eval runs) never
+    overwrite each other's files: `wait` for the other to finish, else refuse; yields whether this process created
+    the folder. `what` names the folder in messages ("library").
+
+    On failure the folder is removed again, under the lock, only if this process created it and no writer has
+    committed the file `committed` in it; a process that was waiting on a folder removed meanwhile starts over.
+    """
+    if not folder.parent.is_dir():
+        raise LoramemError(f"cannot create {what} {folder}: folder {folder.parent} does not exist")
+    while True:
+        created = False
+        try:
+            folder.mkdir()
+            created = True
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise LoramemError(f"cannot create {what} {folder}: {(exc.strerror or str(exc)).lower()}") from exc
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue  # removed between mkdir and open by a writer that failed: start over
+        except OSError as exc:
+            raise LoramemError(f"{what} {folder} is not a folder loramem can open") from exc
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    raise LoramemError(
+                        f"{what} {folder} is being written by another loramem process; wait for it to finish"
+                    ) from None
+                log(f"{what} {folder} is being changed by another loramem process; waiting for it to finish")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(folder))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                continue  # the folder was removed (and maybe made again) while this process waited
+            try:
+                yield created
+            except BaseException:
+                if created and not (folder / committed).exists():
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise
+            return
+        finally:
+            os.close(fd)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

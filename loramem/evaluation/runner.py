@@ -55,6 +55,7 @@ from loramem.evaluation.rundir import (
     open_run,
     record_failures,
     run_header,
+    writes_run,
 )
 from loramem.fileio import read_input_bytes
 from loramem.kv.cache import KVCache
@@ -148,6 +149,7 @@ def prepare_run(
     return plan
 
 
+@writes_run("run_dir")
 def run_eval(
     lm: LoadedModel,
     dataset: str | Path,
