@@ -20,7 +20,7 @@ import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -160,9 +160,13 @@ def remove_stale_temporaries(target: Path) -> None:
             entry.unlink(missing_ok=True)
 
 
-def check_output_path(path: str | Path, force: bool = True, what: str = "output") -> None:
-    """Refuse an output path that cannot be written, before any long work starts: a missing or unwritable
-    folder, a directory in the way, or (unless `force`) an existing target."""
+def check_output_path(
+    path: str | Path, force: bool = False, what: str = "output", *, inputs: Sequence[str | Path | None] = ()
+) -> None:
+    """Refuse an output path that cannot be written, before any long work starts: a missing or unwritable folder,
+    a directory in the way, an output that is (or holds) one of the command's `inputs`, or an existing target
+    unless `force`, and even then one that loramem did not make (`what` "adapter": an adapter folder of only
+    the files loramem and PEFT write; "cache": a loramem KV-cache file): --force never deletes anything else."""
     if str(path) == "-":
         return
     target = Path(path)
@@ -171,10 +175,50 @@ def check_output_path(path: str | Path, force: bool = True, what: str = "output"
         raise LoramemError(f"cannot write {path}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise LoramemError(f"cannot write {path}: folder {parent} is not writable")
+    where = target.resolve()
+    for source in inputs:
+        if source is not None and str(source) != "-" and Path(source).resolve().is_relative_to(where):
+            held = "is" if Path(source).resolve() == where else "holds"
+            raise LoramemError(f"output {path} {held} the input {source}; write the output elsewhere")
     if target.exists() and not force:
         raise LoramemError(f"{path} already exists; use --force to replace it")
-    if target.is_dir() and what != "directory":
+    if target.exists() and what in _MADE_BY_LORAMEM and not _MADE_BY_LORAMEM[what](target):
+        raise LoramemError(
+            f"{path} is not {'an' if what[0] in 'aeiou' else 'a'} {what} loramem wrote; --force replaces only those "
+            "(move it away or choose another output)"
+        )
+    if target.is_dir() and what not in ("directory", "adapter"):
         raise LoramemError(f"cannot write {path}: it is a directory")
+
+
+def _is_adapter_folder(path: Path) -> bool:
+    """A folder that train-adapter, merge or eval wrote: the adapter's files and nothing else."""
+    from loramem.adapters.train import TRAIN_QA
+    from loramem.adapters.validate import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORAMEM_META
+
+    if not path.is_dir() or path.is_symlink():
+        return False
+    entries = list(path.iterdir())
+    ours = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORAMEM_META, TRAIN_QA, "README.md"}  # README.md: PEFT's model card
+    names = {entry.name for entry in entries}
+    return ADAPTER_CONFIG in names and names <= ours and all(e.is_file() and not e.is_symlink() for e in entries)
+
+
+def _is_cache_file(path: Path) -> bool:
+    """A KV-cache file that loramem wrote (by its safetensors header, the tensors are not read)."""
+    from loramem.kv.cache import FORMAT
+    from loramem.tensorfile import read_file_header
+
+    if not path.is_file() or path.is_symlink():
+        return False
+    try:
+        header, _ = read_file_header(path, "cache")
+    except LoramemError:
+        return False
+    return (header.get("__metadata__") or {}).get("format") == FORMAT
+
+
+_MADE_BY_LORAMEM = {"adapter": _is_adapter_folder, "cache": _is_cache_file}
 
 
 @contextmanager
@@ -329,13 +373,11 @@ def write_output(path: str | Path | None, data: bytes, what: str = "artifact") -
 
 @contextmanager
 def atomic_directory(path: str | Path, force: bool = False) -> Iterator[Path]:
-    """Build a directory under a temporary name, then rename it into place as a whole."""
+    """Build an adapter directory under a temporary name, then rename it into place as a whole (`force`: in place
+    of an adapter folder loramem wrote, never of anything else)."""
     target = Path(path)
-    if target.exists() and not force:
-        raise LoramemError(f"{path} already exists; use --force to replace it")
+    check_output_path(path, force, "adapter")  # the library API's callers too: --force replaces only an adapter
     parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise LoramemError(f"cannot write {path}: folder {parent} does not exist")
     remove_stale_temporaries(target)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=parent))

@@ -165,3 +165,31 @@ def test_a_full_disk_while_writing_an_adapter_is_exit_2_with_the_path(tiny_dir, 
     )
     assert result.returncode == 2 and f"cannot write {out}: file too large" in one_line(result.stderr)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_force_replaces_only_what_loramem_made_and_never_an_input(tiny_dir, cache_file, tmp_path):
+    from conftest import run_cli
+
+    data = tmp_path / "data"
+    data.mkdir()
+    doc, notes = data / "doc.txt", data / "notes.csv"
+    doc.write_text(DEMO_DOC.read_text())
+    notes.write_text("a,b\n")
+    train = ["train-adapter", "--model", str(tiny_dir), "--steps", "1", "--format", "ntp", "--force"]
+    cases = [
+        ([*train, str(doc), "-o", str(data)], None, f"output {data} holds the input {doc}"),
+        ([*train, str(DEMO_DOC), "-o", str(data)], None, f"{data} is not an adapter loramem wrote"),
+        ([*train, str(DEMO_DOC), "-o", "."], data, ". is not an adapter loramem wrote"),
+        (["compress", str(cache_file), "--ratio", "0.5", "-o", str(cache_file), "--force"], None, "is the input"),
+        (["compress", str(cache_file), "--ratio", "0.5", "-o", str(notes), "--force"], None, "is not a cache loramem"),
+        (["encode", str(doc), "--model", str(tiny_dir), "-o", str(cache_file)], None, "already exists; use --force"),
+        (["encode", str(doc), "--model", str(tiny_dir), "-o", str(doc), "--force"], None, "is the input"),
+    ]
+    for args, cwd, message in cases:
+        result = run_cli(*args, cwd=cwd)
+        assert result.returncode == 2 and message in one_line(result.stderr), (args, result.stderr)
+    assert sorted(p.name for p in data.iterdir()) == ["doc.txt", "notes.csv"] and notes.read_text() == "a,b\n"
+    replaced = tmp_path / "again.kv"
+    for force in ([], ["--force"]):
+        result = run_cli("compress", str(cache_file), "-p", "knorm", "--ratio", "0.5", "-o", str(replaced), *force)
+        assert result.returncode == 0, result.stderr.decode()

@@ -257,7 +257,7 @@ def test_value_groups_and_quantized_storage(tiny_dir, cache_file, tmp_path):
 
 def test_query_aware_value_groups(tiny_dir, cache_file, tmp_path):
     questions = tmp_path / "q.jsonl"
-    questions.write_text('{"question": "Who designed it?"}\nWhen was it built?\n')
+    questions.write_text('{"question": "Who designed it?"}\n{"question": "When was it built?"}\n')
     out = tmp_path / "query.safetensors"
     result = run_cli(
         "compress",

@@ -61,7 +61,7 @@ def train_adapter(
     seed: Seed = TrainConfig.seed,
     max_length: int = typer.Option(TrainConfig.max_length, "--max-length", help="Tokens per training example"),
     chunk_size: int = typer.Option(TrainConfig.chunk_size, "--chunk-size", help="ntp: tokens per training chunk"),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output directory"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing adapter folder (one that loramem wrote)"),
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -76,7 +76,7 @@ def train_adapter(
     from loramem.log import progress_bar
 
     text = read_text(document)
-    check_output_path(output, force, "directory")
+    check_output_path(output, force, "adapter", inputs=[document, qa])
     with flags_named(field_flags([f.name for f in fields(TrainConfig)])):
         config = TrainConfig(
             format=fmt,
@@ -133,7 +133,7 @@ def merge_cmd(
         MergeConfig.density, "--density", help="ties, dare_ties: fraction of entries kept, in (0, 1]"
     ),
     seed: int = typer.Option(MergeConfig.seed, "--seed", help="dare_ties: seed of the random drop"),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output directory"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing adapter folder (one that loramem wrote)"),
     model: Optional[str] = typer.Option(
         None, "--model", "-m", help="Base model to load the adapters onto", show_default="the one the adapters name"
     ),
@@ -150,7 +150,7 @@ def merge_cmd(
     except ValueError as exc:
         raise LoramemError(f"--weights must be numbers separated by commas, got {weights!r}") from exc
     config = MergeConfig(method=method, weights=parsed, density=density, seed=seed)
-    check_output_path(output, force, "directory")
+    check_output_path(output, force, "adapter", inputs=adapters)
     sources = check_sources(adapters, config)
     lm = load(model or base_model_id(sources), device, dtype, chat_template_kwargs=chat_template_kwargs)
     summary = merge_adapters(lm, adapters, output, config, force=force)

@@ -12,6 +12,7 @@ from loramem.cli.app import app
 from loramem.cli.options import (
     DeviceOpt,
     DtypeOpt,
+    ForceCacheOpt,
     JsonOpt,
     ModelOpt,
     TemplateKwargsOpt,
@@ -41,6 +42,7 @@ def encode(
     ),
     truncate: bool = typer.Option(False, "--truncate", help="Cut a document longer than the context, with a warning"),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="Encode with this LoRA on (adapter-prefill modes)"),
+    force: bool = ForceCacheOpt,
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -56,7 +58,7 @@ def encode(
     text = read_text(document)
     if output is None and stdout_is_terminal():
         raise LoramemError("refusing to write a binary cache to the terminal; give -o FILE or pipe it")
-    check_output_path(output or "-")
+    check_output_path(output or "-", force, "cache", inputs=[document])
     lm = load(model, device, dtype, adapter, chat_template_kwargs)
     with progress_bar("prefill", lm.config.num_hidden_layers) as advance:
         cache = encode_document(
@@ -122,6 +124,7 @@ def compress(
         0, "--quant-group", help="Channels per scale for --quant-axis token (0: the whole head)"
     ),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Output .safetensors (- or a pipe: stdout)"),
+    force: bool = ForceCacheOpt,
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -144,7 +147,7 @@ def compress(
         raise LoramemError("stdin can carry the cache or the questions, not both")
     if output is None and stdout_is_terminal():
         raise LoramemError("refusing to write a binary cache to the terminal; give -o FILE or pipe it")
-    check_output_path(output or "-")
+    check_output_path(output or "-", force, "cache", inputs=[cache_file, scores_from, questions_file])
     cache = KVCache.load(cache_file)
     storage = make_storage(store_dtype, quant_axis, quant_group, cache.meta["head_dim"]) if store_dtype else None
     press = chosen_by = press.replace("-", "_").lower()

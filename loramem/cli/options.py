@@ -25,6 +25,7 @@ ModelOpt = typer.Option(
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on CUDA), float32, float16, bfloat16")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output on stdout")
+ForceCacheOpt = typer.Option(False, "--force", help="Replace an existing cache file (one that loramem wrote)")
 AnswerBatchOpt = typer.Option(
     None,
     "--batch-size",
