@@ -192,7 +192,7 @@ def check_output_path(
 
 
 def _is_adapter_folder(path: Path) -> bool:
-    """A folder that train-adapter, merge or eval wrote: the adapter's files and nothing else."""
+    """A folder that train-adapter, merge or eval wrote (the adapter's files and nothing else), or an empty one."""
     from loramem.adapters.train import TRAIN_QA
     from loramem.adapters.validate import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORAMEM_META
 
@@ -201,6 +201,8 @@ def _is_adapter_folder(path: Path) -> bool:
     entries = list(path.iterdir())
     ours = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORAMEM_META, TRAIN_QA, "README.md"}  # README.md: PEFT's model card
     names = {entry.name for entry in entries}
+    if not names:
+        return True
     return ADAPTER_CONFIG in names and names <= ours and all(e.is_file() and not e.is_symlink() for e in entries)
 
 

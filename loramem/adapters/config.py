@@ -7,6 +7,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from loramem.adapters.validate import MAX_SCALE
 from loramem.errors import LoramemError
 
 FORMATS = ("qa", "ntp", "mixed")
@@ -76,6 +77,8 @@ class TrainConfig:
             raise LoramemError(f"lr must be in (0, 1], got {self.lr}")
         if not math.isfinite(self.alpha) or self.alpha <= 0:
             raise LoramemError(f"alpha must be a finite number > 0, got {self.alpha}")
+        if self.alpha / self.rank > MAX_SCALE:  # an adapter that loramem would then refuse to load
+            raise LoramemError(f"alpha / rank must be at most {MAX_SCALE:g}, got {self.alpha / self.rank:g}")
         if not math.isfinite(self.dropout) or not 0 <= self.dropout < 1:
             raise LoramemError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.chunk_size > self.max_length:
