@@ -74,10 +74,11 @@ def open_input(path: str | Path, what: str) -> tuple[IO[bytes], str, int | None]
         raise LoramemError(f"{what} not found: {path}") from exc
     except OSError as exc:
         raise _os_error(exc, path) from exc
+    noun = what if what.endswith("file") else f"{what} file"  # "questions file", not "questions file file"
     if stat.S_ISDIR(info.st_mode):
-        raise LoramemError(f"{path} is a directory, expected a {what} file")
+        raise LoramemError(f"{path} is a directory, expected a {noun}")
     if not (stat.S_ISREG(info.st_mode) or stat.S_ISFIFO(info.st_mode)):
-        raise LoramemError(f"{path} is not a regular file or a pipe; expected a {what} file")
+        raise LoramemError(f"{path} is not a regular file or a pipe; expected a {noun}")
     try:
         return open(path, "rb"), str(path), info.st_size if stat.S_ISREG(info.st_mode) else None
     except OSError as exc:

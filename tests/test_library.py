@@ -366,3 +366,12 @@ def test_cli_library_and_route(tiny_dir, doc_files, tmp_path):
     empty.mkdir()
     assert "is empty" in one_line_error(run_cli("route", str(empty), "honey?"))
     assert "not found" in one_line_error(run_cli("route", str(tmp_path / "nowhere"), "honey?"))
+
+
+def test_adding_a_document_already_in_the_library_says_so(library, tiny, doc_files, embedder, capsys, monkeypatch):
+    monkeypatch.setenv("LORAMEM_QUIET", "1")  # the reason is a warning, shown even when the log is quiet
+    capsys.readouterr()
+    source = next(iter(doc_files.values()))
+    assert add_documents(library, tiny, [str(source)], AddOptions(train=FAST), embedder) == []
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{source} is already in the library (as {next(iter(doc_files))}); not added again" in err

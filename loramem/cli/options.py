@@ -152,4 +152,4 @@ def parse_ratio(text: str) -> float:
         raise LoramemError(f"not a ratio: {text!r}") from exc
     if not 0.0 <= value <= 1.0:
         raise LoramemError(f"ratio must be in [0, 1], got {value}")
-    return value
+    return value + 0.0  # -0.0 is 0.0

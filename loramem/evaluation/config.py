@@ -85,7 +85,7 @@ class EvalConfig:
         for ratio in self.ratios:
             if not 0.0 <= float(ratio) <= 1.0:
                 raise LoramemError(f"ratio must be in [0, 1], got {ratio}")
-        self.ratios = sorted({float(r) for r in self.ratios})
+        self.ratios = sorted({float(r) + 0.0 for r in self.ratios})  # + 0.0: -0.0 is 0.0
         self.presses = parse_presses(",".join(self.presses))
         self.modes = known(self.modes, MODES, "mode")
         self.formats = known(self.formats, FORMATS, "format")

@@ -66,7 +66,7 @@ from loramem.kv.value_groups import compress_value_groups
 from loramem.log import log, progress_bar
 from loramem.model import MAX_BATCH
 from loramem.model.generate import iter_answers
-from loramem.model.limits import check_questions
+from loramem.model.limits import check_records
 from loramem.model.loading import LoadedModel, sha256_bytes
 
 
@@ -96,10 +96,12 @@ def prepare_run(
     resume: bool = False,
     sizes: dict[int, int] | None = None,
     allow_mixed: bool = False,
+    check: Callable[[list[DocRecord]], None] | None = None,
 ) -> RunPlan:
     """Read and check the dataset, open (or resume) RUN_DIR, and list the cells still to answer.
 
-    `sizes`: the adapter bytes of each budget rank (`budget_sizes`), needed when the config has budgets.
+    `sizes`: the adapter bytes of each budget rank (`budget_sizes`), needed when the config has budgets; `check`
+    refuses documents (of this shard) before the run folder is written (`check_records`, given a model).
     """
     if str(dataset) == "-":
         raise LoramemError("eval needs a dataset file, not stdin (resuming and sharding read it again)")
@@ -139,6 +141,8 @@ def prepare_run(
             check_adapter(path, record, fmt, rank)
     if config.uses_library:
         check_library(model, documents, config)
+    if check is not None:
+        check(records)
     done = open_run(run, run_header(model, config, Path(dataset), sha256_bytes(data), grids), resume, allow_mixed)
     todo = [(record, [c for c in cells if key_of(record, c, config.groups) not in done]) for record, cells in grids]
     plan = RunPlan(run, [(record, cells) for record, cells in todo if cells], documents)
@@ -165,10 +169,15 @@ def run_eval(
     Returns the summary (see `loramem.evaluation.report.summarize`). `lm` is left without an adapter.
     """
     plan = prepare_run(
-        model_info(lm), dataset, run_dir, config, resume=resume, sizes=budget_sizes(lm, config), allow_mixed=allow_mixed
+        model_info(lm),
+        dataset,
+        run_dir,
+        config,
+        resume=resume,
+        sizes=budget_sizes(lm, config),
+        allow_mixed=allow_mixed,
+        check=lambda records: check_records(lm, records),
     )
-    for record, _ in plan.todo:  # before any model work: a question or document the context cannot hold
-        check_questions(lm, [qa.question for qa in record.qa], record.document)
     with progress_bar("evaluating", plan.n_cells) as advance:
         answers = AnswerLog(plan.run / ANSWERS, advance, lm.runtime())
         try:

@@ -31,6 +31,7 @@ import torch
 
 from loramem.errors import LoramemError
 from loramem.kv.cache import KVCache
+from loramem.kv.presses import check_recorded
 from loramem.model.loading import LoadedModel, sha256_text
 from loramem.model.prompt import Framing, question_ids
 
@@ -84,8 +85,8 @@ def check_request(cache: KVCache, press: str, groups: int, budget: float, rule: 
             f"--score-groups {rule} does not use a question; drop --query/--questions or use --score-groups query"
         )
     _check_cache(cache, groups, query)
-    if rule != "query" and press not in cache.scores:
-        raise LoramemError(f"press {press!r} was not recorded at encode time; re-encode with --score {press}")
+    if rule != "query":
+        check_recorded(press, cache.scores)
 
 
 @contextmanager

@@ -33,7 +33,7 @@ from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.fileio import atomic_write_bytes, locked_folder, read_text
 from loramem.library import TOP_K
 from loramem.library.embed import CHUNK_MAX_WORDS, CHUNK_TARGET_WORDS, Embedder, chunk_text, load_embedder
-from loramem.log import log
+from loramem.log import log, warn
 from loramem.model.loading import LoadedModel, sha256_bytes, sha256_text
 from loramem.model.prompt import check_template_record
 
@@ -226,7 +226,7 @@ def _plan(lib: Library, texts: list[tuple[str, str]], doc_id: str | None) -> lis
     for source, text in texts:
         sha = sha256_text(text)
         if sha in known:
-            log(f"{source}: already in the library as {known[sha]}; skipped")
+            warn(f"{source} is already in the library (as {known[sha]}); not added again")
             continue
         chosen = doc_id or _new_id(source, taken)
         taken.add(chosen)

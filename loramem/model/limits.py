@@ -72,6 +72,13 @@ def check_questions(lm: Any, questions: Sequence[str], document: str | None = No
     answer_budgets(lm.max_length, rows, 1)
 
 
+def check_records(lm: Any, records: Sequence[Any]) -> None:
+    """`check_questions` for each dataset record (DocRecord: its document and held-out questions), so that an eval
+    refuses them before its run folder is written."""
+    for record in records:
+        check_questions(lm, [qa.question for qa in record.qa], record.document)
+
+
 def available_memory(device: Any) -> int | None:
     """Bytes free for a new allocation on `device` (None when unknown)."""
     if str(device).startswith("cuda"):
