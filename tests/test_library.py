@@ -375,3 +375,14 @@ def test_adding_a_document_already_in_the_library_says_so(library, tiny, doc_fil
     assert add_documents(library, tiny, [str(source)], AddOptions(train=FAST), embedder) == []
     err = " ".join(capsys.readouterr().err.split())
     assert f"{source} is already in the library (as {next(iter(doc_files))}); not added again" in err
+
+
+def test_a_question_the_context_cannot_hold_is_refused_before_routing(library, tiny, embedder, monkeypatch):
+    from loramem.library import qa
+
+    def no_routing(*args, **kwargs):
+        raise AssertionError("routed a question that cannot be answered")
+
+    monkeypatch.setattr(qa, "route", no_routing)
+    with pytest.raises(LoramemError, match="does not fit the model's 1024-token context"):
+        qa.ask_library_batch(tiny, library, ["Who?", "Who keeps the bees? " * 300], embedder=embedder)
