@@ -48,8 +48,8 @@ def test_logits_and_greedy_tokens_equal_transformers(tiny, lean_tiny, cache, one
     prompts = prompts_for(tiny, cache)
     expected, got = batched_logits(tiny, cache, prompts), batched_logits(lean_tiny, cache, prompts)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    hf_rows = decode(tiny.model, prompts, cache, set(), [12] * len(prompts), 0)
-    lean_rows = decode(lean_tiny.model, prompts, cache, set(), [12] * len(prompts), 0)
+    hf_rows = decode(tiny.model, prompts, cache, set(), 12, 0)
+    lean_rows = decode(lean_tiny.model, prompts, cache, set(), 12, 0)
     assert [r.tokens for r in lean_rows] == [r.tokens for r in hf_rows]
 
 
