@@ -333,3 +333,20 @@ def test_an_eval_document_longer_than_the_context_is_refused_without_a_flag_eval
     line = assert_refused(invoke(capsys, *args), (2,))
     assert "document is" in line and "shorten it" in line and "--truncate" not in line
     assert not (tmp_path / "run").exists()  # refused before the run folder is written
+
+
+def test_ask_doc_refuses_a_question_the_context_cannot_hold_before_the_prefill(capsys, tmp_path, tiny_dir, monkeypatch):
+    from loramem.kv import encode
+
+    def no_prefill(*args, **kwargs):
+        raise AssertionError("prefilled a document whose question cannot be answered")
+
+    monkeypatch.setattr(encode, "encode", no_prefill)
+    doc, questions = tmp_path / "doc.txt", tmp_path / "q.txt"
+    doc.write_text("The keeper lit the lamp.\n")
+    questions.write_text("Who kept the light on the northern rock? " * 200 + "\n")
+    args = ["ask", "--doc", str(doc), "--questions", str(questions), "--model", str(tiny_dir)]
+    assert "does not fit the model's 1024-token context" in assert_refused(invoke(capsys, *args), (2,))
+    doc.write_text("The keeper lit the lamp. " * 400)
+    line = assert_refused(invoke(capsys, "ask", "--doc", str(doc), "--model", str(tiny_dir), "Who?"), (2,))
+    assert "shorten it or use --truncate" in line

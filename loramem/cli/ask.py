@@ -81,6 +81,7 @@ def ask(
     from loramem.kv.cache import KVCache, check_compatible
     from loramem.kv.encode import encode as encode_document
     from loramem.model.generate import answer_batch
+    from loramem.model.limits import check_questions
 
     if library is not None:
         if cache_file or doc or adapter or adapter_mode:
@@ -117,6 +118,8 @@ def ask(
         check_compatible(cache, lm.fingerprint, cache_file or "cache", lm)
     doc_seconds = 0.0
     if text is not None:
+        if not truncate:  # before the prefill (a cut document leaves the room encode keeps for the question)
+            check_questions(lm, [item["question"] for item in items], text, framing, "shorten it or use --truncate")
         cache = encode_document(lm, text, framing=framing, truncate=truncate, with_adapter=mode == "all")
         doc_seconds = cache.meta["prefill_seconds"]
     if cache is not None:

@@ -45,21 +45,24 @@ def answer_budgets(context: int, rows: Sequence[tuple[str, int, int]], max_new_t
     return budgets
 
 
-def check_questions(lm: Any, questions: Sequence[str], document: str | None = None) -> None:
-    """Refuse, before any model work, a document too long to encode (`document`, as `encode` frames it) or a
-    question that cannot follow it (None: closed-book, its whole chat prompt counted) with room for one answer
-    token; the answering itself cuts each answer budget to its room."""
+def check_questions(
+    lm: Any, questions: Sequence[str], document: str | None = None, framing: str = "", remedy: str = "shorten it"
+) -> None:
+    """Refuse, before any model work, a document too long to encode (`document`, as `encode` frames it; the
+    message ends with `remedy`) or a question that cannot follow it (None: closed-book, its whole chat prompt
+    counted) with room for one answer token, in `framing` (empty: the default); the answering itself cuts each
+    answer budget to its room."""
     from loramem.kv.encode import QUESTION_RESERVE
     from loramem.model.prompt import DEFAULT_FRAMING, closed_book_ids, document_ids, prefix_ids, question_ids
 
-    frame = lm.framing(DEFAULT_FRAMING)
+    frame = lm.framing(framing or DEFAULT_FRAMING)
     cached = 0
     if document is not None:
         cached = len(prefix_ids(lm.tokenizer, frame)) + len(document_ids(lm.tokenizer, document))
         if cached > lm.max_length - QUESTION_RESERVE:
             raise LoramemError(
                 f"document is {cached} tokens framed; the model's {lm.max_length}-token context leaves room for "
-                f"{lm.max_length - QUESTION_RESERVE} ({QUESTION_RESERVE} kept for the question): shorten it"
+                f"{lm.max_length - QUESTION_RESERVE} ({QUESTION_RESERVE} kept for the question): {remedy}"
             )
     rows = []
     for question in questions:
