@@ -147,8 +147,12 @@ def test_ratio_out_of_range(cache_file, tmp_path, ratio):
 
 
 def test_unknown_press(cache_file, tmp_path):
-    assert "not recorded" in one_line_error(
+    unknown = one_line_error(
         run_cli("compress", str(cache_file), "--press", "nosuch", "--ratio", "0.5", "-o", str(tmp_path / "o"))
+    )
+    assert "unknown press 'nosuch'; known: snapkv" in unknown and "encode" not in unknown
+    assert "not recorded" in one_line_error(
+        run_cli("compress", str(cache_file), "--press", "keydiff", "--ratio", "0.5", "-o", str(tmp_path / "o"))
     )
 
 
