@@ -22,6 +22,7 @@ from loramem.kv.cache import KVCache
 from loramem.model import MAX_BATCH, MAX_BATCH_TOKENS, MAX_NEW_TOKENS
 from loramem.model.decode import Decoded, decode
 from loramem.model.documents import one_cache
+from loramem.model.limits import answer_budgets, check_batch_memory
 from loramem.model.loading import LoadedModel, adapter_scope
 from loramem.model.prompt import DEFAULT_FRAMING, Framing, closed_book_ids, question_ids, stop_token_ids
 
@@ -123,6 +124,12 @@ def iter_answers(
         question_ids(tok, frames[id(c)], q, after_document=True) if c is not None else closed_book_ids(tok, closed, q)
         for q, c in zip(questions, caches)
     ]
+    budgets = answer_budgets(
+        lm.max_length,
+        [(q, c.n_tokens if c is not None else 0, len(p)) for q, c, p in zip(questions, caches, prompts)],
+        max_new_tokens,
+    )
+    max_new_tokens = max(budgets, default=max_new_tokens)  # what the batches are sized for
     pad_id = next((t for t in (tok.pad_token_id, tok.eos_token_id) if isinstance(t, int)), 0)
     # rows of one batch share their stop tokens; within that, alike caches and similar lengths pad less
     stop_sets = {key: frozenset(stop_token_ids(tok, f, lm.model.generation_config)) for key, f in frames.items()}
@@ -135,8 +142,10 @@ def iter_answers(
     with adapter_scope(lm, adapter_on):
         for chunk in _chunks(order, caches, prompts, stops, max_new_tokens, batch_size, max_batch_tokens):
             started = time.perf_counter()
-            rows = [caches[i] for i in chunk]
-            decoded = decode(lm.model, [prompts[i] for i in chunk], rows, set(stops[chunk[0]]), max_new_tokens, pad_id)
+            rows, limits = [caches[i] for i in chunk], [budgets[i] for i in chunk]
+            width = max(len(prompts[i]) for i in chunk)
+            check_batch_memory(lm.config, lm.dtype.itemsize, batch_tokens(rows, width, max(limits)), lm.device)
+            decoded = decode(lm.model, [prompts[i] for i in chunk], rows, set(stops[chunk[0]]), limits, pad_id)
             seconds = (time.perf_counter() - started) / len(chunk)
             for i, row in zip(chunk, decoded):
                 yield i, _decoded_answer(tok, questions[i], caches[i], row), seconds

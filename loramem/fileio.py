@@ -13,18 +13,20 @@ the ones that a killed process (`kill -9`) left behind, and never those of a pro
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
 from loramem.errors import LoramemError
+from loramem.log import log
 
 # The largest text or JSON input read whole (documents, datasets, QA files): a bound, so a device or an endless
 # pipe is refused instead of filling memory.
@@ -41,6 +43,15 @@ class StdoutClosed(LoramemError):
 def _os_error(exc: OSError, path: str | Path) -> LoramemError:
     reason = exc.strerror or str(exc)
     return LoramemError(f"cannot access {path}: {reason.lower()}")
+
+
+def check_working_directory() -> None:
+    """Refuse to start in a deleted working directory, before torch is imported: its native libraries then fail
+    to load with a message that does not name the cause."""
+    try:
+        os.getcwd()
+    except FileNotFoundError as exc:
+        raise LoramemError("the working directory no longer exists (it was deleted); cd to an existing folder") from exc
 
 
 def stdout_is_terminal() -> bool:
@@ -63,10 +74,11 @@ def open_input(path: str | Path, what: str) -> tuple[IO[bytes], str, int | None]
         raise LoramemError(f"{what} not found: {path}") from exc
     except OSError as exc:
         raise _os_error(exc, path) from exc
+    noun = what if what.endswith("file") else f"{what} file"  # "questions file", not "questions file file"
     if stat.S_ISDIR(info.st_mode):
-        raise LoramemError(f"{path} is a directory, expected a {what} file")
+        raise LoramemError(f"{path} is a directory, expected a {noun}")
     if not (stat.S_ISREG(info.st_mode) or stat.S_ISFIFO(info.st_mode)):
-        raise LoramemError(f"{path} is not a regular file or a pipe; expected a {what} file")
+        raise LoramemError(f"{path} is not a regular file or a pipe; expected a {noun}")
     try:
         return open(path, "rb"), str(path), info.st_size if stat.S_ISREG(info.st_mode) else None
     except OSError as exc:
@@ -107,6 +119,14 @@ def read_text(path: str | Path, what: str = "document") -> str:
     return text
 
 
+def text_lines(text: str) -> list[str]:
+    """`text` split at `\\n` only (a trailing `\\r` removed), the way JSONL and line files are written."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def _temp_prefix(target: Path) -> str:
     return f".{target.name}.{os.getpid()}."
 
@@ -141,9 +161,18 @@ def remove_stale_temporaries(target: Path) -> None:
             entry.unlink(missing_ok=True)
 
 
-def check_output_path(path: str | Path, force: bool = True, what: str = "output") -> None:
-    """Refuse an output path that cannot be written, before any long work starts: a missing or unwritable
-    folder, a directory in the way, or (unless `force`) an existing target."""
+def check_output_path(
+    path: str | Path,
+    force: bool = False,
+    what: str = "output",
+    *,
+    inputs: Sequence[str | Path | None] = (),
+    ours: Callable[[Path], bool] | None = None,
+) -> None:
+    """Refuse an output path that cannot be written, before any long work starts: a missing or unwritable folder,
+    a directory in the way, an output that is (or holds) one of the command's `inputs`, or an existing target
+    unless `force`, and even then one that loramem did not make (`ours` tells: `adapters.validate.is_adapter_folder`,
+    `kv.cache.is_cache_file`): --force never deletes anything else."""
     if str(path) == "-":
         return
     target = Path(path)
@@ -152,10 +181,73 @@ def check_output_path(path: str | Path, force: bool = True, what: str = "output"
         raise LoramemError(f"cannot write {path}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise LoramemError(f"cannot write {path}: folder {parent} is not writable")
+    where = target.resolve()
+    for source in inputs:
+        if source is not None and str(source) != "-" and Path(source).resolve().is_relative_to(where):
+            held = "is" if Path(source).resolve() == where else "holds"
+            raise LoramemError(f"output {path} {held} the input {source}; write the output elsewhere")
     if target.exists() and not force:
         raise LoramemError(f"{path} already exists; use --force to replace it")
-    if target.is_dir() and what != "directory":
+    if target.exists() and ours is not None and not ours(target):
+        raise LoramemError(
+            f"{path} is not {'an' if what[0] in 'aeiou' else 'a'} {what} loramem wrote; --force replaces only those "
+            "(move it away or choose another output)"
+        )
+    if target.is_dir() and what not in ("directory", "adapter"):
         raise LoramemError(f"cannot write {path}: it is a directory")
+
+
+@contextmanager
+def locked_folder(folder: Path, what: str, *, committed: str, wait: bool) -> Iterator[bool]:
+    """Create `folder` if needed and hold an exclusive lock on it, so two writers (library adds, eval runs) never
+    overwrite each other's files: `wait` for the other to finish, else refuse; yields whether this process created
+    the folder. `what` names the folder in messages ("library").
+
+    On failure the folder is removed again, under the lock, only if this process created it and no writer has
+    committed the file `committed` in it; a process that was waiting on a folder removed meanwhile starts over.
+    """
+    if not folder.parent.is_dir():
+        raise LoramemError(f"cannot create {what} {folder}: folder {folder.parent} does not exist")
+    while True:
+        created = False
+        try:
+            folder.mkdir()
+            created = True
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise LoramemError(f"cannot create {what} {folder}: {(exc.strerror or str(exc)).lower()}") from exc
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue  # removed between mkdir and open by a writer that failed: start over
+        except OSError as exc:
+            raise LoramemError(f"{what} {folder} is not a folder loramem can open") from exc
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    raise LoramemError(
+                        f"{what} {folder} is being written by another loramem process; wait for it to finish"
+                    ) from None
+                log(f"{what} {folder} is being changed by another loramem process; waiting for it to finish")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(folder))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                continue  # the folder was removed (and maybe made again) while this process waited
+            try:
+                yield created
+            except BaseException:
+                if created and not (folder / committed).exists():
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise
+            return
+        finally:
+            os.close(fd)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -181,6 +273,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def flush_stdout() -> None:
+    """Flush what was printed to stdout, so that a full disk or a closed pipe is reported as the command ends. A
+    stdout closed from the start (`>&-`) holds nothing: a command that writes there refuses it (`write_stdout`),
+    and one whose output went to a file succeeds."""
+    if sys.stdout is not None:
+        sys.stdout.flush()
 
 
 def write_stdout(data: bytes | str) -> None:
@@ -248,14 +348,14 @@ def write_output(path: str | Path | None, data: bytes, what: str = "artifact") -
 
 
 @contextmanager
-def atomic_directory(path: str | Path, force: bool = False) -> Iterator[Path]:
-    """Build a directory under a temporary name, then rename it into place as a whole."""
+def atomic_directory(
+    path: str | Path, force: bool = False, ours: Callable[[Path], bool] | None = None
+) -> Iterator[Path]:
+    """Build a directory (an adapter) under a temporary name, then rename it into place as a whole (`force`: in
+    place of a folder that `ours` says loramem wrote, never of anything else)."""
     target = Path(path)
-    if target.exists() and not force:
-        raise LoramemError(f"{path} already exists; use --force to replace it")
+    check_output_path(path, force, "adapter", ours=ours)  # the library API's callers too
     parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise LoramemError(f"cannot write {path}: folder {parent} does not exist")
     remove_stale_temporaries(target)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=parent))
@@ -272,8 +372,24 @@ def atomic_directory(path: str | Path, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+    except OSError as exc:
+        raise _os_error(exc, path) from exc
+    except Exception as exc:
+        reason = _serializing_error(exc)
+        if reason is None:
+            raise
+        raise LoramemError(f"cannot write {path}: {reason}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _serializing_error(exc: Exception) -> str | None:
+    """The reason of a failed write that safetensors reports as its own error (not an OSError): "Error while
+    serializing: I/O error: No space left on device (os error 28)" -> "no space left on device"."""
+    from safetensors import SafetensorError
+
+    match = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", str(exc))
+    return match[1].lower() if isinstance(exc, SafetensorError) and match else None
 
 
 def _umask() -> int:

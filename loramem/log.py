@@ -20,7 +20,8 @@ def log(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    """One line on stderr whatever its length (not wrapped to the terminal's width), so scripts can grep it."""
+    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
 
 def quiet_libraries() -> None:

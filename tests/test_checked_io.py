@@ -134,3 +134,62 @@ def test_adapter_folders_follow_the_umask(tmp_path):
 def test_device_as_document_is_refused(capsys, tmp_path):
     result = invoke(capsys, "encode", "/dev/zero", "-o", str(tmp_path / "x"))
     assert "not a regular file" in assert_refused(result, (2,))
+
+
+def test_a_closed_stdout_does_not_fail_a_command_that_wrote_a_file(tiny_dir, tmp_path):
+    out = tmp_path / "so.kv"
+    command = f"{sys.executable} -m loramem encode {DEMO_DOC} --model {tiny_dir} -o {out} >&-"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr.decode()
+    assert out.is_file() and b"error" not in result.stderr
+
+
+def test_a_deleted_working_directory_is_named_before_torch_loads(tmp_path):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    command = f"cd {gone} && rmdir {gone} && {sys.executable} -m loramem ask --cache x.kv hello"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, env=ENV, timeout=300)
+    assert result.returncode == 2 and "working directory no longer exists" in one_line(result.stderr)
+
+
+def test_a_full_disk_while_writing_an_adapter_is_exit_2_with_the_path(tiny_dir, tmp_path):
+    import resource
+
+    def small_files() -> None:  # writes past 20 KiB fail with EFBIG (Python ignores SIGXFSZ), as a full disk does
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 1024, 20 * 1024))
+
+    out = tmp_path / "adapter"
+    args = ["train-adapter", str(DEMO_DOC), "--format", "ntp", "--steps", "1", "--model", str(tiny_dir), "-o", str(out)]
+    result = subprocess.run(
+        [sys.executable, "-m", "loramem", *args], capture_output=True, env=ENV, timeout=300, preexec_fn=small_files
+    )
+    assert result.returncode == 2 and f"cannot write {out}: file too large" in one_line(result.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_force_replaces_only_what_loramem_made_and_never_an_input(tiny_dir, cache_file, tmp_path):
+    from conftest import run_cli
+
+    data = tmp_path / "data"
+    data.mkdir()
+    doc, notes = data / "doc.txt", data / "notes.csv"
+    doc.write_text(DEMO_DOC.read_text())
+    notes.write_text("a,b\n")
+    train = ["train-adapter", "--model", str(tiny_dir), "--steps", "1", "--format", "ntp", "--force"]
+    cases = [
+        ([*train, str(doc), "-o", str(data)], None, f"output {data} holds the input {doc}"),
+        ([*train, str(DEMO_DOC), "-o", str(data)], None, f"{data} is not an adapter loramem wrote"),
+        ([*train, str(DEMO_DOC), "-o", "."], data, ". is not an adapter loramem wrote"),
+        (["compress", str(cache_file), "--ratio", "0.5", "-o", str(cache_file), "--force"], None, "is the input"),
+        (["compress", str(cache_file), "--ratio", "0.5", "-o", str(notes), "--force"], None, "is not a cache loramem"),
+        (["encode", str(doc), "--model", str(tiny_dir), "-o", str(cache_file)], None, "already exists; use --force"),
+        (["encode", str(doc), "--model", str(tiny_dir), "-o", str(doc), "--force"], None, "is the input"),
+    ]
+    for args, cwd, message in cases:
+        result = run_cli(*args, cwd=cwd)
+        assert result.returncode == 2 and message in one_line(result.stderr), (args, result.stderr)
+    assert sorted(p.name for p in data.iterdir()) == ["doc.txt", "notes.csv"] and notes.read_text() == "a,b\n"
+    replaced = tmp_path / "again.kv"
+    for force in ([], ["--force"]):
+        result = run_cli("compress", str(cache_file), "-p", "knorm", "--ratio", "0.5", "-o", str(replaced), *force)
+        assert result.returncode == 0, result.stderr.decode()

@@ -147,8 +147,12 @@ def test_ratio_out_of_range(cache_file, tmp_path, ratio):
 
 
 def test_unknown_press(cache_file, tmp_path):
-    assert "--press: input should be 'snapkv', 'expected_attention'" in one_line_error(
+    unknown = one_line_error(
         run_cli("compress", str(cache_file), "--press", "nosuch", "--ratio", "0.5", "-o", str(tmp_path / "o"))
+    )
+    assert "--press: input should be 'snapkv', 'expected_attention'" in unknown and "encode" not in unknown
+    assert "not recorded" in one_line_error(
+        run_cli("compress", str(cache_file), "--press", "keydiff", "--ratio", "0.5", "-o", str(tmp_path / "o"))
     )
 
 
@@ -257,7 +261,7 @@ def test_value_groups_and_quantized_storage(tiny_dir, cache_file, tmp_path):
 
 def test_query_aware_value_groups(tiny_dir, cache_file, tmp_path):
     questions = tmp_path / "q.jsonl"
-    questions.write_text('{"question": "Who designed it?"}\nWhen was it built?\n')
+    questions.write_text('{"question": "Who designed it?"}\n{"question": "When was it built?"}\n')
     out = tmp_path / "query.safetensors"
     result = run_cli(
         "compress",

@@ -285,3 +285,22 @@ def test_eval_budget_bad_input(tiny_dir, dataset, tmp_path):
         )
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_folder_has_one_writer_at_a_time(tiny_dir, dataset, tmp_path):
+    from loramem.evaluation.rundir import CONFIG
+    from loramem.fileio import locked_folder
+
+    run = tmp_path / "dual"
+    with locked_folder(run, "run folder", committed=CONFIG, wait=False):  # another eval, --resume or merge
+        for result in (
+            eval_cli(tiny_dir, str(dataset), "--out", str(run), "--resume"),
+            run_cli("eval", "merge", str(run), "-o", str(run)),
+        ):
+            assert "run folder" in one_line_error(result) and "another loramem process" in one_line_error(result)
+            assert result.returncode == 2
+    assert list(run.iterdir()) == []
+    missing, broken = tmp_path / "missing", tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    assert "not valid JSON" in one_line_error(eval_cli(tiny_dir, str(broken), "--out", str(missing)))
+    assert not missing.exists()  # a run folder made for a run that failed before its config.json is removed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -102,6 +103,21 @@ def test_malformed_lines_name_file_and_line(tmp_path: Path, line: object, messag
         load_dataset(path)
     assert f"{path}:3" in str(info.value)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["../outside.txt", "{outside}", "link.txt", "sub/../../outside.txt"])
+def test_document_path_stays_inside_the_datasets_folder(tmp_path: Path, where: str) -> None:
+    folder = tmp_path / "data"
+    (folder / "sub").mkdir(parents=True)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("A secret.")
+    (folder / "link.txt").symlink_to(outside)
+    where = where.format(outside=outside)
+    path = _write_lines(folder / "data.jsonl", {**GOOD, "document": None} | {"document_path": where})
+    path.write_text(path.read_text().replace('"document": null, ', ""))
+    with pytest.raises(LoramemError, match=f"document_path '{re.escape(where)}' leads outside the dataset's folder"):
+        load_dataset(path)
+    assert load_dataset(path, allow_outside=True)[0].document == "A secret."
 
 
 def test_duplicate_ids_and_empty_files_are_refused(tmp_path: Path) -> None:

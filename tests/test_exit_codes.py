@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -273,3 +274,87 @@ def test_the_command_keeps_the_exit_code_it_ends_with(ending, code):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == code and done.stdout == "result\n"
     assert done.stderr == "atexit ran\n", done.stderr
+
+
+def test_messages_say_what_is_wrong_and_what_works(capsys, tmp_path, tiny_dir, cache_file):
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    cases = [
+        (["ask", "--model", str(tmp_path / "nonexistent"), "Who?"], "no such model directory or file"),
+        (["ask", "--model", "./nonexistent", "Who?"], "no such model directory or file: ./nonexistent"),
+        (["compress", str(cache_file), "--press", "nosuch", "--ratio", "0.5", "-o", str(tmp_path / "c.kv")], None),
+        (
+            ["data", "convert", "squad", str(folder), "-o", str(tmp_path / "d.jsonl")],
+            "is a directory, expected a JSON file",
+        ),
+    ]
+    for args, expected in cases:
+        line = assert_refused(invoke(capsys, *args), (2,))
+        if expected is None:  # the known presses, not an encode command that would refuse the name too
+            assert "--press: input should be 'snapkv', 'expected_attention'" in line and "encode" not in line
+        else:
+            assert expected in line and "file file" not in line
+
+
+def test_a_cache_of_another_precision_names_the_dtype(capsys, tmp_path, tiny_dir, doc_text):
+    from loramem import encode, load_model
+
+    half = tmp_path / "f16.kv"
+    half.write_bytes(encode(load_model(str(tiny_dir), dtype="float16"), doc_text[:400]).to_bytes())
+    line = assert_refused(
+        invoke(capsys, "ask", "--cache", str(half), "--model", str(tiny_dir), "--dtype", "float32", "Who?"), (3,)
+    )
+    assert "encoded with the model in float16, and it is loaded in float32; load it with --dtype float16" in line
+
+
+def test_a_negative_zero_ratio_is_zero(capsys, tmp_path, cache_file):
+    from loramem.specs import CompressSpec, EvalSpec
+    from loramem.specs.eval import DemoSpec
+
+    assert str(CompressSpec(ratio=-0.0).ratio) == "0.0" and str(EvalSpec(ratios=[-0.0, 0.5]).ratios) == "[0.0, 0.5]"
+    assert str(DemoSpec.parse({"ratios": "-0.0,0.5"}).ratios) == "[0.0, 0.5]"
+    out = tmp_path / "zero.kv"
+    assert invoke(capsys, "compress", str(cache_file), "--ratio", "-0.0", "-o", str(out)).code == 0
+    assert str(json.loads(invoke(capsys, "inspect", str(out), "--json").stdout)["ratio"]) == "0.0"
+
+
+def test_an_eval_document_longer_than_the_context_is_refused_without_a_flag_eval_lacks(capsys, tmp_path, tiny_dir):
+    data = tmp_path / "long.jsonl"
+    record = {
+        "id": "long",
+        "document": "The keeper lit the lamp. " * 400,
+        "qa": [{"question": "Who?", "answers": ["x"]}],
+    }
+    data.write_text(json.dumps(record) + "\n")
+    args = [
+        "eval",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--ratios",
+        "0",
+        "--mode",
+        "none",
+        "--model",
+        str(tiny_dir),
+    ]
+    line = assert_refused(invoke(capsys, *args), (2,))
+    assert "document is" in line and "shorten it" in line and "--truncate" not in line
+    assert not (tmp_path / "run").exists()  # refused before the run folder is written
+
+
+def test_ask_doc_refuses_a_question_the_context_cannot_hold_before_the_prefill(capsys, tmp_path, tiny_dir, monkeypatch):
+    from loramem.kv import encode
+
+    def no_prefill(*args, **kwargs):
+        raise AssertionError("prefilled a document whose question cannot be answered")
+
+    monkeypatch.setattr(encode, "encode", no_prefill)
+    doc, questions = tmp_path / "doc.txt", tmp_path / "q.txt"
+    doc.write_text("The keeper lit the lamp.\n")
+    questions.write_text("Who kept the light on the northern rock? " * 200 + "\n")
+    args = ["ask", "--doc", str(doc), "--questions", str(questions), "--model", str(tiny_dir)]
+    assert "does not fit the model's 1024-token context" in assert_refused(invoke(capsys, *args), (2,))
+    doc.write_text("The keeper lit the lamp. " * 400)
+    line = assert_refused(invoke(capsys, "ask", "--doc", str(doc), "--model", str(tiny_dir), "Who?"), (2,))
+    assert "shorten it or use --truncate" in line

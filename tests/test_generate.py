@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -62,3 +63,40 @@ def test_answer_stops_and_reports_timings(tiny, doc_text):
 def test_closed_book_question_needs_no_cache(tiny):
     answer = generate(tiny, QUESTION, None, max_new_tokens=4)
     assert answer.cache_tokens == 0 and answer.document_tokens == 0
+
+
+def test_a_question_the_context_cannot_hold_is_refused_before_decoding(tiny, doc_text):
+    from loramem.answer import answer_batch
+    from loramem.errors import LoramemError
+
+    cache = encode(tiny, doc_text[:400])
+    long = "Who kept the light on the northern rock? " * 200
+    with pytest.raises(LoramemError, match=r"question 'Who kept.*' is \d+ tokens after a \d+-token cache"):
+        answer_batch(tiny, ["Who?", long], cache, max_new_tokens=2)
+    with pytest.raises(LoramemError, match="does not fit the model's 1024-token context"):
+        answer_batch(tiny, [long], None, max_new_tokens=2)
+
+
+def test_max_new_tokens_is_cut_to_the_room_left_in_the_context(tiny, doc_text, capsys):
+    from loramem.answer import answer_batch
+    from loramem.model.limits import answer_budgets
+
+    assert answer_budgets(100, [("a", 40, 10), ("b", 0, 10)], 64) == [50, 64]
+    capsys.readouterr()
+    cache = encode(tiny, doc_text, truncate=True)  # as long as encode allows: little room left
+    answers = answer_batch(tiny, ["Who?", "Who kept the light?"], cache, max_new_tokens=10**9)
+    for answer in answers:
+        assert (
+            answer.stopped_at_end_of_turn or answer.document_tokens + answer.question_tokens + answer.new_tokens == 1024
+        )
+    assert "max new tokens 1000000000 cut to the room left" in capsys.readouterr().err
+
+
+def test_a_decoding_batch_larger_than_memory_is_refused(tiny, doc_text, monkeypatch):
+    from loramem.answer import answer_batch
+    from loramem.errors import LoramemError
+    from loramem.model import limits
+
+    monkeypatch.setattr(limits, "available_memory", lambda device: 10**4)
+    with pytest.raises(LoramemError, match=r"needs .* for its cache, more than the 9.77 KiB available"):
+        answer_batch(tiny, ["Who?"], encode(tiny, doc_text[:400]), max_new_tokens=8)

@@ -22,7 +22,11 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 # of a lower layer, and, in an open layer only, another unit of its layer. kv and adapters are peers: neither
 # knows the other; what both need of the model (switching an adapter off) is the model layer's.
 LAYERS: list[tuple[str, frozenset[str], bool]] = [
-    ("base", frozenset({"_version", "errors", "log", "sizes", "text", "vocab", "fileio", "tensorfile"}), True),
+    (
+        "base",
+        frozenset({"_version", "errors", "log", "sizes", "text", "questions", "vocab", "fileio", "tensorfile"}),
+        True,
+    ),
     ("specs", frozenset({"specs"}), False),
     ("model", frozenset({"model"}), False),
     ("artifacts", frozenset({"kv", "adapters"}), False),

@@ -367,3 +367,23 @@ def test_cli_library_and_route(tiny_dir, doc_files, tmp_path):
     empty.mkdir()
     assert "is empty" in one_line_error(run_cli("route", str(empty), "honey?"))
     assert "not found" in one_line_error(run_cli("route", str(tmp_path / "nowhere"), "honey?"))
+
+
+def test_adding_a_document_already_in_the_library_says_so(library, tiny, doc_files, embedder, capsys, monkeypatch):
+    monkeypatch.setenv("LORAMEM_QUIET", "1")  # the reason is a warning, shown even when the log is quiet
+    capsys.readouterr()
+    source = next(iter(doc_files.values()))
+    assert add_documents(library, tiny, [str(source)], AddOptions(train=FAST), embedder) == []
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{source} is already in the library (as {next(iter(doc_files))}); not added again" in err
+
+
+def test_a_question_the_context_cannot_hold_is_refused_before_routing(library, tiny, embedder, monkeypatch):
+    from loramem.library import qa
+
+    def no_routing(*args, **kwargs):
+        raise AssertionError("routed a question that cannot be answered")
+
+    monkeypatch.setattr(qa, "route", no_routing)
+    with pytest.raises(LoramemError, match="does not fit the model's 1024-token context"):
+        qa.ask_library_batch(tiny, library, ["Who?", "Who keeps the bees? " * 300], embedder=embedder)

@@ -88,6 +88,11 @@ DEFECTS: dict[str, Callable[[Path], None]] = {
     "loramem.json rank disagrees": lambda f: edit_json(f, LORAMEM_META, lambda m: m["hyperparameters"].update(rank=8)),
     "loramem.json is a list": lambda f: (f / LORAMEM_META).write_text("[]"),
     "lora_B missing": lambda f: edit_weights(f, lambda t: t.pop(first(t, "B"))),
+    "alpha_pattern overflows": lambda f: _third_party(f, alpha_pattern={"q_proj": 1e30}),
+    "rank_pattern not an integer": lambda f: _third_party(f, rank_pattern={"q_proj": 2.5}),
+    "use_rslora as text": lambda f: _third_party(f, use_rslora="yes"),
+    "fan_in_fan_out as a number": lambda f: _third_party(f, fan_in_fan_out=1),
+    "layers_pattern a number": lambda f: _third_party(f, layers_pattern=3),
     "int weights": lambda f: edit_weights(f, lambda t: t.update({first(t, "A"): t[first(t, "A")].to(torch.int32)})),
 }
 
@@ -100,6 +105,36 @@ def test_defective_adapter_is_refused(adapter, tmp_path, capsys, defect):
     out = tmp_path / "merged"
     assert_refused(invoke(capsys, "merge", str(bad), str(adapter), "-o", str(out)), (2,))
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"use_dora": True},
+        {"bias": "all"},
+        {"modules_to_save": ["lm_head"]},
+        {"lora_bias": True},
+        {"target_parameters": ["mlp.experts.down_proj"]},
+        {"layer_replication": [[0, 2]]},
+        {"init_lora_weights": "pissa"},
+        {"alora_invocation_tokens": [1, 2]},
+        {"a_future_peft_field": 1},
+    ],
+)
+def test_lora_config_fields_loramem_does_not_compute_are_refused_by_name(adapter, tmp_path, capsys, field):
+    bad = copy_of(adapter, tmp_path)
+    _third_party(bad, **field)
+    line = assert_refused(invoke(capsys, "inspect", str(bad)), (3,))
+    assert next(iter(field)) in line and "does not support" in line
+
+
+def test_supported_lora_config_fields_are_reported(adapter, tmp_path, capsys):
+    ok = copy_of(adapter, tmp_path)
+    _third_party(ok, use_rslora=True, alpha_pattern={"q_proj": 2.0}, fan_in_fan_out=False, init_lora_weights="gaussian")
+    result = invoke(capsys, "inspect", str(ok), "--json")
+    assert result.code == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["use_rslora"] is True and info["alpha_pattern"] == {"q_proj": 2.0} and info["rank_pattern"] == {}
 
 
 def test_defective_adapter_is_refused_by_attach(adapter, tiny, tmp_path):
@@ -130,6 +165,7 @@ def test_adapter_naming_another_base_model_is_incompatible(adapter, tiny, tmp_pa
         ["train-adapter", str(DEMO_DOC), "--lr", "nan"],
         ["train-adapter", str(DEMO_DOC), "--dropout", "nan"],
         ["train-adapter", str(DEMO_DOC), "--lr", "1e39"],
+        ["train-adapter", str(DEMO_DOC), "--alpha", "1e30"],
     ],
 )
 def test_non_finite_training_numbers_exit_2(capsys, tmp_path, args):

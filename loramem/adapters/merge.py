@@ -17,6 +17,7 @@ import torch
 
 from loramem._version import __version__
 from loramem.adapters.attach import LORAMEM_META, adapter_sha256, detach_adapter, read_adapter_meta
+from loramem.adapters.validate import is_adapter_folder
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.fileio import atomic_directory
 from loramem.model.loading import LoadedModel
@@ -105,7 +106,7 @@ def merge_adapters(
     density = config.density if config.method in DENSITY_METHODS else None
     names = [f"source{i}" for i in range(len(sources))]
     detach_adapter(lm)
-    with atomic_directory(out_dir, force=force) as tmp:
+    with atomic_directory(out_dir, force=force, ours=is_adapter_folder) as tmp:
         peft_model = None
         try:
             peft_model = PeftModel.from_pretrained(lm.model, str(sources[0].path), adapter_name=names[0])

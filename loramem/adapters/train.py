@@ -22,6 +22,7 @@ import torch
 
 from loramem._version import __version__
 from loramem.adapters.attach import LORAMEM_META, detach_adapter, read_adapter_meta
+from loramem.adapters.validate import TRAIN_QA, is_adapter_folder
 from loramem.errors import LoramemError
 from loramem.fileio import atomic_directory
 from loramem.model.loading import LoadedModel, sha256_text
@@ -29,7 +30,6 @@ from loramem.model.prompt import Framing, answer_ids, closed_book_ids, common_pr
 from loramem.specs.train import TrainSpec, layer_ranges
 from loramem.vocab import TARGET_PRESETS
 
-TRAIN_QA = "train_qa.jsonl"
 IGNORE = -100
 # A module path inside a decoder layer is classified by its parent modules' names, which covers
 # Llama/Qwen/Mistral (self_attn, mlp), Phi-3 (qkv_proj, gate_up_proj), GPT-2 (attn, mlp), Falcon
@@ -392,7 +392,7 @@ def train_adapter(
     layers = resolve_layers(config.layers, max(m.index for m in modules) + 1)
     trained_qa = qa if config.format in ("qa", "mixed") else []
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    with atomic_directory(out_dir, force=force) as tmp:
+    with atomic_directory(out_dir, force=force, ours=is_adapter_folder) as tmp:
         torch.manual_seed(config.seed)  # LoRA A matrices are drawn from torch's generator
         peft_model = get_peft_model(lm.model, _lora_config(config, targets, layers, modules[0].pattern, lm.model_id))
         try:

@@ -1,11 +1,14 @@
 """An adapter directory checked before any use: its config, its weights and loramem.json agree.
 
 adapter_config.json must be a UTF-8 JSON object with a positive integer rank, finite alpha and dropout, targets
-and layers of the right types. The weights' header is read within bounds and must describe the whole file; every
-LoRA pair must have the rank the config gives its module, sit in a targeted module and (when the config names
-layers) in one of those layers, because PEFT silently drops weights that its config does not select. Weights are
-finite floats. loramem.json, when present, must agree with the config (rank, targets, layers). When it is absent,
-the base model named in adapter_config is compared with the loaded model (`check_base_model`).
+and layers of the right types, and every LoRA scaling it implies (rank_pattern, alpha_pattern, use_rslora) in
+range. Every other LoraConfig field that changes the computation (use_dora, bias, modules_to_save, lora_bias,
+target_parameters, ...) must be unset: an adapter that uses one is refused by name (exit 3), not half-applied.
+The weights' header is read within bounds and must describe the whole file; every LoRA pair must have the rank
+the config gives its module, sit in a targeted module and (when the config names layers) in one of those layers,
+because PEFT silently drops weights that its config does not select. Weights are finite floats.
+loramem.json, when present, must agree with the config (rank, targets, layers). When it is absent, the base model
+named in adapter_config is compared with the loaded model (`check_base_model`).
 """
 
 from __future__ import annotations
@@ -18,14 +21,48 @@ from typing import Any
 
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.fileio import read_input_bytes
+from loramem.specs.train import MAX_SCALE
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 LORAMEM_META = "loramem.json"
+TRAIN_QA = "train_qa.jsonl"  # the pairs an adapter was trained on, beside it
 MAX_JSON_BYTES = 16 * 1024 * 1024
 MAX_RANK = 65536
 _LORA = re.compile(r"(?P<module>.+)\.lora_(?:embedding_)?(?P<part>[AB])(?:\.weight)?")
-_EXTRA = re.compile(r".+\.lora_magnitude_vector(?:\.weight)?")  # DoRA
+# LoraConfig fields that do not change what a loaded adapter computes: identity, training-only settings, placement.
+_INERT = {
+    "task_type",
+    "peft_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "lora_dropout",
+    "runtime_config",
+    "megatron_core",
+    "qalora_group_size",
+    "ensure_weight_tying",
+}
+# The fields loramem checks and computes with (`check_config`); any other field that is set (not null, false,
+# empty or PEFT's "none") changes the computation in a way loramem does not check (use_dora, modules_to_save,
+# bias, lora_bias, target_parameters, layer_replication, alora_invocation_tokens, ...) and is refused by name.
+_SUPPORTED = {
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "fan_in_fan_out",
+    "init_lora_weights",
+}
+# init_lora_weights values whose only effect is the random start that the stored weights replace (PiSSA, OLoRA,
+# LoftQ and the like also rewrite the base weights when the adapter loads).
+_PLAIN_INIT = (True, False, "gaussian")
 _PREFIX = "base_model.model."
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
@@ -86,15 +123,53 @@ def check_config(config: Any, path: str | Path) -> dict[str, Any]:
     listed = isinstance(layers, list) and all(type(i) is int and i >= 0 for i in layers)
     if not (layers is None or (type(layers) is int and layers >= 0) or listed):
         raise _fail(path, "layers_to_transform must be null, an integer or a list of integers")
-    for key in ("rank_pattern", "alpha_pattern"):
-        pattern = config.get(key) or {}
-        if not isinstance(pattern, dict) or not all(
-            _finite(v) and v > 0 and (key == "alpha_pattern" or type(v) is int) for v in pattern.values()
-        ):
-            raise _fail(path, f"{key} must map module names to positive numbers")
+    _check_scaling(config, path)
+    pattern = config.get("layers_pattern")
+    if not (
+        pattern is None
+        or isinstance(pattern, str)
+        or (isinstance(pattern, list) and all(isinstance(p, str) for p in pattern))
+    ):
+        raise _fail(path, "layers_pattern must be null, a name or a list of names")
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if type(config.get(key, False)) is not bool:
+            raise _fail(path, f"{key} is {config[key]!r}, expected true or false")
+    if config.get("init_lora_weights", True) not in _PLAIN_INIT or type(config.get("init_lora_weights", True)) is int:
+        raise IncompatibleArtifactError(
+            f"adapter {path} uses init_lora_weights {config['init_lora_weights']!r}, which loramem does not support"
+        )
+    unsupported = sorted(
+        k
+        for k, v in config.items()
+        if k not in _INERT | _SUPPORTED and v not in (None, False, "none") and v != {} and v != []
+    )
+    if unsupported:
+        raise IncompatibleArtifactError(
+            f"adapter {path} uses {', '.join(unsupported)}, which loramem does not support (plain LoRA only)"
+        )
     if not isinstance(config.get("base_model_name_or_path") or "", str):
         raise _fail(path, "base_model_name_or_path must be a string")
     return config
+
+
+def _check_scaling(config: dict[str, Any], path: str | Path) -> None:
+    """rank_pattern and alpha_pattern map module names to integer ranks and finite alphas; every scaling the
+    adapter applies (alpha over rank, or over its root with use_rslora) is in (0, MAX_SCALE]."""
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    for key, pattern in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
+        if not isinstance(pattern, dict) or not all(
+            _finite(v) and v > 0 and (key == "alpha_pattern" or (type(v) is int and v <= MAX_RANK))
+            for v in pattern.values()
+        ):
+            raise _fail(path, f"{key} must map module names to positive numbers")
+    rank, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    rslora = config.get("use_rslora") is True
+    pairs = [("lora_alpha", alpha, rank)] + [(f"alpha_pattern {k!r}", a, ranks.get(k, rank)) for k, a in alphas.items()]
+    pairs += [(f"rank_pattern {k!r}", alphas.get(k, alpha), r) for k, r in ranks.items()]
+    for where, a, r in pairs:
+        scale = a / math.sqrt(r) if rslora else a / r
+        if not 0 < scale <= MAX_SCALE:
+            raise _fail(path, f"{where} gives a LoRA scaling of {scale:g}, expected at most {MAX_SCALE:g}")
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -137,15 +212,12 @@ def check_weights(path: str | Path, config: dict[str, Any], values: bool = True)
         raise _fail(path, f"{ADAPTER_WEIGHTS} holds no tensors")
     targets, layers = config.get("target_modules"), config.get("layers_to_transform")
     layer_set = {layers} if type(layers) is int else set(layers) if layers is not None else None
-    lenient = bool(config.get("modules_to_save")) or config.get("bias", "none") != "none"
     pairs: dict[str, dict[str, list[int]]] = {}
     for name, entry in entries.items():
         if entry["dtype"] not in _FLOAT_DTYPES:
             raise _fail(path, f"tensor {name} is {entry['dtype']}, expected floating point")
         match = _LORA.fullmatch(name)
         if match is None:
-            if _EXTRA.fullmatch(name) or lenient:
-                continue
             raise _fail(path, f"unexpected tensor {name} in {ADAPTER_WEIGHTS}")
         module = match["module"].removeprefix(_PREFIX)
         if len(entry["shape"]) < 2:
@@ -247,3 +319,15 @@ def check_base_model(config: dict[str, Any], meta: dict[str, Any], lm: Any, path
     known = {_short(lm.model_id), _short(str(getattr(lm.model.config, "_name_or_path", "") or lm.model_id))}
     if _short(named) not in known:
         raise IncompatibleArtifactError(f"adapter {path} names another base model ({named}), not {lm.model_id}")
+
+
+def is_adapter_folder(path: Path) -> bool:
+    """A folder that train-adapter, merge or eval wrote (the adapter's files and nothing else), or an empty one."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    entries = list(path.iterdir())
+    ours = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORAMEM_META, TRAIN_QA, "README.md"}  # README.md: PEFT's model card
+    names = {entry.name for entry in entries}
+    if not names:
+        return True
+    return ADAPTER_CONFIG in names and names <= ours and all(e.is_file() and not e.is_symlink() for e in entries)

@@ -32,13 +32,14 @@ def train_adapter(
 ) -> None:
     """Train a document LoRA (QA-supervised, raw-text or mixed) as a standard PEFT adapter directory."""
     from loramem.adapters.train import train_adapter as train_document
+    from loramem.adapters.validate import is_adapter_folder
     from loramem.data.formats import load_qa_pairs
     from loramem.data.synth import check_synth_request, training_pairs
     from loramem.fileio import read_text
     from loramem.log import progress_bar
 
     text = read_text(document)
-    check_output_path(output, force, "directory")
+    check_output_path(output, force, "adapter", inputs=[document, qa], ours=is_adapter_folder)
     pairs, qa_sha = load_qa_pairs(qa) if qa else (None, None)
     given = None if pairs is None else [(p.question, p.answer) for p in pairs]
     check_synth_request(train.format, synth.model, given is not None)
@@ -78,8 +79,9 @@ def merge_cmd(
     """Combine document adapters into one PEFT LoRA adapter (PEFT's add_weighted_adapter), recording its sources;
     the base model is the one the adapters name unless --model says otherwise."""
     from loramem.adapters.merge import base_model_id, check_sources, merge_adapters
+    from loramem.adapters.validate import is_adapter_folder
 
-    check_output_path(output, force, "directory")
+    check_output_path(output, force, "adapter", inputs=adapters, ours=is_adapter_folder)
     sources = check_sources(adapters, spec)
     lm = load(ModelSpec.parse({"model": base_model_id(sources), **model}))
     summary = merge_adapters(lm, adapters, output, spec, force=force)

@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 
 from loramem.errors import LoramemError
-from loramem.fileio import EXIT_BROKEN_PIPE
+from loramem.fileio import EXIT_BROKEN_PIPE, check_working_directory, flush_stdout
 from loramem.log import console
 
 HELP_NAMES = ["-h", "--help"]
@@ -156,10 +156,11 @@ def main(args: Optional[list[str]] = None) -> NoReturn:
     _received.clear()
     _exiting.clear()
     try:
+        check_working_directory()
         # Not standalone, so that errors reach the mapping below; the return value is the exit code that
         # `typer.Exit(n)` asked for (4 for failed eval cells), or 130 for a KeyboardInterrupt typer caught.
         code = click_command()(args=args, prog_name="loramem", standalone_mode=False)
-        sys.stdout.flush()  # a full disk or closed pipe is reported here, not at interpreter exit
+        flush_stdout()  # a full disk or closed pipe is reported here, not at interpreter exit
     except LoramemError as exc:
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:

@@ -31,6 +31,7 @@ def ask(
     from loramem.fileio import read_text
     from loramem.kv.cache import KVCache, check_compatible
     from loramem.kv.encode import encode as encode_document
+    from loramem.model.limits import check_questions
 
     cache = KVCache.load(spec.cache) if spec.cache else None
     text = read_text(spec.doc) if spec.doc else None
@@ -41,6 +42,9 @@ def ask(
         check_compatible(cache, lm.fingerprint, spec.cache or "cache", lm)
     doc_seconds = 0.0
     if text is not None:
+        if not spec.truncate:  # before the prefill (a cut document leaves the room encode keeps for the question)
+            questions = [item["question"] for item in items]
+            check_questions(lm, questions, text, spec.framing, "shorten it or use --truncate")
         cache = encode_document(lm, text, framing=spec.framing, truncate=spec.truncate, with_adapter=spec.mode == "all")
         doc_seconds = cache.meta["prefill_seconds"]
     if cache is not None:

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from loramem.cli.app import app
-from loramem.cli.options import JsonOpt, load, print_json, read_questions, stdout_console
+from loramem.cli.options import ForceCacheOpt, JsonOpt, load, print_json, read_questions, stdout_console
 from loramem.cli.specopts import FROM_SPEC, Use, named_as_flags, with_specs
 from loramem.errors import LoramemError
 from loramem.log import log
@@ -22,18 +22,20 @@ def encode(
     document: str = typer.Argument(..., help="Document text file, or - for stdin"),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Output .safetensors (- or a pipe: stdout)"),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="Encode with this LoRA on (adapter-prefill modes)"),
+    force: bool = ForceCacheOpt,
     spec: EncodeSpec = FROM_SPEC,
     model: ModelSpec = FROM_SPEC,
 ) -> None:
     """Prefill a document once and store its KV cache (with press scores) as safetensors."""
     from loramem.fileio import check_output_path, read_text, stdout_is_terminal, write_output
+    from loramem.kv.cache import is_cache_file
     from loramem.kv.encode import encode as encode_document
     from loramem.log import progress_bar
 
     text = read_text(document)
     if output is None and stdout_is_terminal():
         raise LoramemError("refusing to write a binary cache to the terminal; give -o FILE or pipe it")
-    check_output_path(output or "-")
+    check_output_path(output or "-", force, "cache", inputs=[document], ours=is_cache_file)
     lm = load(model, adapter)
     with progress_bar("prefill", lm.config.num_hidden_layers) as advance:
         cache = encode_document(
@@ -69,13 +71,14 @@ def compress(
         help='value-group: as --query, from a file of lines or JSONL {"question"}; relevance averaged',
     ),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Output .safetensors (- or a pipe: stdout)"),
+    force: bool = ForceCacheOpt,
     spec: CompressSpec = FROM_SPEC,
     model: ModelSpec = FROM_SPEC,
 ) -> None:
     """Evict KV states by recorded press scores; tensor work on the file, no model is loaded
     (except for query-aware value groups: --query/--questions run the model that made the cache)."""
     from loramem.fileio import check_output_path, stdout_is_terminal, write_output
-    from loramem.kv.cache import KVCache
+    from loramem.kv.cache import KVCache, is_cache_file
     from loramem.kv.compression import compress_cache, query_scores
 
     if cache_file == "-" and questions_file == "-":
@@ -86,7 +89,9 @@ def compress(
             spec = spec.replace(query=[item["question"] for item in items])
     if output is None and stdout_is_terminal():
         raise LoramemError("refusing to write a binary cache to the terminal; give -o FILE or pipe it")
-    check_output_path(output or "-")
+    check_output_path(
+        output or "-", force, "cache", inputs=[cache_file, scores_from, questions_file], ours=is_cache_file
+    )
     cache = KVCache.load(cache_file)
     scores = None
     if spec.query:

@@ -14,7 +14,8 @@ from loramem.errors import LoramemError
 from loramem.specs import ModelSpec
 
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output on stdout")
-ForceOpt = typer.Option(False, "--force", help="Replace an existing output directory")
+ForceOpt = typer.Option(False, "--force", help="Replace an existing adapter folder (one that loramem wrote)")
+ForceCacheOpt = typer.Option(False, "--force", help="Replace an existing cache file (one that loramem wrote)")
 
 
 def load(spec: ModelSpec, adapter: str | Path | None = None, *, answer_only: bool = False) -> Any:
@@ -52,6 +53,7 @@ def stdout_console() -> Any:
 def read_questions(questions: list[str], questions_file: Optional[str], stdin_free: bool) -> list[dict[str, Any]]:
     """Questions from arguments, a file of lines or JSONL ({"question": ...}), or stdin."""
     from loramem.fileio import read_text
+    from loramem.questions import parse_questions
 
     items = [{"question": q} for q in questions]
     text = None
@@ -59,20 +61,7 @@ def read_questions(questions: list[str], questions_file: Optional[str], stdin_fr
         text = read_text(questions_file, what="questions file")
     elif not items and stdin_free and sys.stdin is not None and not sys.stdin.isatty():
         text = read_text("-", what="questions")
-    for number, line in enumerate((text or "").splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("{"):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LoramemError(f"questions line {number}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict) or not isinstance(record.get("question"), str):
-                raise LoramemError(f"questions line {number}: expected an object with a 'question' string")
-            items.append(record)
-        else:
-            items.append({"question": line})
+    items += parse_questions(text or "", "questions file" if questions_file else "stdin")
     if not items:
         raise LoramemError("no question given (argument, --questions FILE, or stdin)")
     return items

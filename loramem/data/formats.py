@@ -8,7 +8,7 @@ Format: one JSON object per line (blank lines are skipped), one document each:
      "train_qa": [{"question": "Which ...?", "answer": "..."}]}   # optional
 
 `id` is unique in the file. Exactly one of `document` (the text) and `document_path` (a UTF-8 file,
-resolved relative to the JSONL file) is given. `qa` holds the held-out questions, each with one or
+resolved relative to the JSONL file and inside its folder) is given. `qa` holds the held-out questions, each with one or
 more reference answers; `train_qa` holds question-answer pairs an adapter may be trained on, and no
 training question may repeat a held-out one. Unknown fields are refused so that a typo does not
 silently drop data.
@@ -31,7 +31,7 @@ from typing import Any
 
 from loramem.data import SEED
 from loramem.errors import LoramemError
-from loramem.fileio import read_input_bytes, read_text, write_output
+from loramem.fileio import read_input_bytes, read_text, text_lines, write_output
 from loramem.vocab import NARRATIVEQA_SPLITS
 
 PathLike = str | Path
@@ -74,7 +74,7 @@ def _jsonl_objects(data: bytes, source: str) -> Iterator[tuple[str, int, object]
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise LoramemError(f"{source} is not UTF-8 text") from exc
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text_lines(text), 1):
         if not line.strip():
             continue
         where = f"{source}:{lineno}"
@@ -84,13 +84,15 @@ def _jsonl_objects(data: bytes, source: str) -> Iterator[tuple[str, int, object]
             raise LoramemError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
 
 
-def load_dataset(path: PathLike) -> list[DocRecord]:
-    """Read and validate a dataset JSONL file ('-' for stdin); errors name the file and line."""
+def load_dataset(path: PathLike, *, allow_outside: bool = False) -> list[DocRecord]:
+    """Read and validate a dataset JSONL file ('-' for stdin); errors name the file and line. A `document_path`
+    must lead to a file inside the dataset's folder (links resolved) unless `allow_outside`: a dataset from
+    elsewhere must not read, and then hand to a model or a report, any file its user can read."""
     base = Path.cwd() if str(path) == "-" else Path(path).parent
     records: list[DocRecord] = []
     first_line: dict[str, int] = {}
     for where, lineno, obj in _jsonl_objects(*read_input_bytes(path, "dataset")):
-        record = _parse_record(obj, where, base)
+        record = _parse_record(obj, where, base, allow_outside)
         if record.id in first_line:
             raise LoramemError(f"{where}: duplicate id {record.id!r} (first on line {first_line[record.id]})")
         first_line[record.id] = lineno
@@ -126,7 +128,7 @@ def _record_json(record: DocRecord) -> dict[str, Any]:
     return obj
 
 
-def _parse_record(obj: object, where: str, base: Path) -> DocRecord:
+def _parse_record(obj: object, where: str, base: Path, allow_outside: bool = False) -> DocRecord:
     if not isinstance(obj, dict):
         raise LoramemError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     unknown = sorted(set(obj) - _FIELDS)
@@ -138,7 +140,10 @@ def _parse_record(obj: object, where: str, base: Path) -> DocRecord:
     if "document" in obj:
         document = _string(obj, "document", where)
     else:
-        document = read_text(base / _string(obj, "document_path", where), f"document_path of {where}")
+        relative = _string(obj, "document_path", where)
+        if not allow_outside and not (base / relative).resolve().is_relative_to(base.resolve()):
+            raise LoramemError(f"{where}: document_path {relative!r} leads outside the dataset's folder {base}")
+        document = read_text(base / relative, f"document_path of {where}")
     qa = [_parse_qa(item, f"{where}: qa[{i}]") for i, item in enumerate(_list(obj, "qa", where))]
     if not qa:
         raise LoramemError(f"{where}: `qa` is empty; every document needs at least one held-out question")

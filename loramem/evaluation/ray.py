@@ -25,7 +25,16 @@ from loramem.errors import LoramemError
 from loramem.evaluation.config import budget_sizes, file_name, key_of
 from loramem.evaluation.library_modes import build_library
 from loramem.evaluation.report import write_report
-from loramem.evaluation.rundir import PARTS, AnswerLog, cell_key, fold_parts, model_info, read_answers, record_failures
+from loramem.evaluation.rundir import (
+    PARTS,
+    AnswerLog,
+    cell_key,
+    fold_parts,
+    model_info,
+    read_answers,
+    record_failures,
+    writes_run,
+)
 from loramem.evaluation.runner import evaluate_document, prepare_run
 from loramem.log import progress_bar, warn
 from loramem.model.loading import LoadedModel, load_model
@@ -195,6 +204,7 @@ def _reason(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {text[0] if text else ''}".strip(": ")
 
 
+@writes_run("run_dir")
 def run_eval_ray(
     model: str | None,
     dataset: str | Path,

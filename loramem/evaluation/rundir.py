@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from loramem._version import __version__
 from loramem.answer import Answer
@@ -16,7 +18,7 @@ from loramem.data.formats import DocRecord
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.evaluation.config import ANSWER_FIELDS, Cell, resumed_spec
 from loramem.evaluation.metrics import score_answer
-from loramem.fileio import atomic_write_bytes
+from loramem.fileio import atomic_write_bytes, locked_folder
 from loramem.model.loading import LoadedModel
 from loramem.model.prompt import check_template_record
 from loramem.specs import EvalSpec, SpecError
@@ -210,6 +212,36 @@ def run_settings(
     return RunSettings(
         str(dataset or header["dataset"]["path"]), spec, model.get("id"), model.get("chat_template_kwargs")
     )
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def writes_run(argument: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a writer of a run folder (eval, its resume, a merge): the folder given as `argument` is locked
+    while it runs, so a second writer is refused at once (two resumes would both append the same cells, and both
+    train the same adapters) instead of corrupting the run; a folder it created but never wrote a config.json
+    into is removed on failure."""
+
+    def decorate(writer: Callable[P, R]) -> Callable[P, R]:
+        signature = inspect.signature(writer)
+
+        @functools.wraps(writer)
+        def locked(*args: P.args, **kwargs: P.kwargs) -> R:
+            run = Path(signature.bind(*args, **kwargs).arguments[argument])
+            if run.exists() and not run.is_dir():
+                raise LoramemError(f"{run} is a file; --out needs a directory")
+            try:
+                run.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise LoramemError(f"cannot create {run}: {(exc.strerror or str(exc)).lower()}") from exc
+            with locked_folder(run, "run folder", committed=CONFIG, wait=False):
+                return writer(*args, **kwargs)
+
+        return locked
+
+    return decorate
 
 
 def open_run(run: Path, header: dict[str, Any], resume: bool, allow_mixed: bool = False) -> set[tuple]:

@@ -54,6 +54,7 @@ from loramem.evaluation.rundir import (
     record_failures,
     run_header,
     run_settings,
+    writes_run,
 )
 from loramem.fileio import read_input_bytes
 from loramem.kv.cache import KVCache
@@ -62,6 +63,7 @@ from loramem.kv.compression import compress_cache, storage_of
 from loramem.kv.encode import encode
 from loramem.log import log, progress_bar
 from loramem.model import MAX_BATCH
+from loramem.model.limits import check_records
 from loramem.model.loading import LoadedModel, sha256_bytes
 from loramem.specs import CompressSpec, EvalSpec
 from loramem.vocab import ADAPTER_MODES, LIBRARY_MODES
@@ -93,10 +95,12 @@ def prepare_run(
     resume: bool = False,
     sizes: dict[int, int] | None = None,
     allow_mixed: bool = False,
+    check: Callable[[list[DocRecord]], None] | None = None,
 ) -> RunPlan:
     """Read and check the dataset, open (or resume) RUN_DIR, and list the cells still to answer.
 
-    `sizes`: the adapter bytes of each budget rank (`budget_sizes`), needed when the config has budgets.
+    `sizes`: the adapter bytes of each budget rank (`budget_sizes`), needed when the config has budgets; `check`
+    refuses documents (of this shard) before the run folder is written (`check_records`, given a model).
     """
     if str(dataset) == "-":
         raise LoramemError("eval needs a dataset file, not stdin (resuming and sharding read it again)")
@@ -136,6 +140,8 @@ def prepare_run(
             check_adapter(path, record, fmt, rank)
     if config.uses_library:
         check_library(model, documents, config)
+    if check is not None:
+        check(records)
     done = open_run(run, run_header(model, config, Path(dataset), sha256_bytes(data), grids), resume, allow_mixed)
     todo = [(record, [c for c in cells if key_of(record, c, config.groups) not in done]) for record, cells in grids]
     plan = RunPlan(run, [(record, cells) for record, cells in todo if cells], documents)
@@ -146,6 +152,7 @@ def prepare_run(
     return plan
 
 
+@writes_run("run_dir")
 def run_eval(
     lm: LoadedModel,
     dataset: str | Path | None,
@@ -165,7 +172,14 @@ def run_eval(
     settings = run_settings(run_dir, dataset, config, resume=resume)
     dataset, config = settings.dataset, settings.spec
     plan = prepare_run(
-        model_info(lm), dataset, run_dir, config, resume=resume, sizes=budget_sizes(lm, config), allow_mixed=allow_mixed
+        model_info(lm),
+        dataset,
+        run_dir,
+        config,
+        resume=resume,
+        sizes=budget_sizes(lm, config),
+        allow_mixed=allow_mixed,
+        check=lambda records: check_records(lm, records),
     )
     with progress_bar("evaluating", plan.n_cells) as advance:
         answers = AnswerLog(plan.run / ANSWERS, advance, lm.runtime())

@@ -10,11 +10,12 @@ from typing import Any
 
 from loramem.errors import LoramemError
 from loramem.evaluation.report import write_report
-from loramem.evaluation.rundir import ANSWERS, CONFIG, cell_key, check_same, read_answers, read_json
+from loramem.evaluation.rundir import ANSWERS, CONFIG, cell_key, check_same, read_answers, read_json, writes_run
 from loramem.fileio import atomic_write_bytes
 from loramem.log import warn
 
 
+@writes_run("out_dir")
 def merge(run_dirs: Sequence[str | Path], out_dir: str | Path, *, allow_mixed: bool = False) -> dict[str, Any]:
     """Combine shard runs of one config into a new run directory (answers deduplicated by cell) and summarize it.
     Shards answered in other precisions or on other devices are refused unless `allow_mixed`.

@@ -181,15 +181,41 @@ def _unpack_groups(keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor)
     return dense_keys, dense_values.reshape(h, n, -1)
 
 
+def _check_dtype(cache: KVCache, made: dict[str, Any], fingerprint: dict[str, Any], source: str, lm: Any) -> None:
+    """The same model loaded in another precision rounds its weights differently, so its fingerprint differs:
+    say so (and how to match it) rather than that another model made the cache."""
+    loaded = str(getattr(lm, "dtype", "")).removeprefix("torch.")
+    encoded = cache.meta.get("dtype")
+    if lm is not None and made.get("config_sha256") == fingerprint.get("config_sha256") and encoded != loaded:
+        raise IncompatibleArtifactError(
+            f"{source} was encoded with the model in {encoded}, and it is loaded in {loaded}; "
+            f"load it with --dtype {encoded} (or re-encode the cache in {loaded})"
+        )
+
+
 def check_compatible(cache: KVCache, fingerprint: dict[str, str], source: str = "cache", lm: Any = None) -> None:
     """Refuse a cache made by another model or tokenizer before anything is generated; given the loaded model
     `lm`, also one whose shape or framing does not fit it (`kv.validate.check_fits`)."""
     made = cache.meta.get("model", {})
     for key, what in (("model", "model"), ("tokenizer_sha256", "tokenizer"), ("chat_template_sha256", "chat template")):
         if made.get(key) != fingerprint.get(key):
+            _check_dtype(cache, made, fingerprint, source, lm)
             raise IncompatibleArtifactError(
                 f"{source} was made by another {what} ({made.get('id', '?')}); re-encode it with this model"
             )
     check_template_record(made, fingerprint, source)
     if lm is not None:
         check_fits(cache.meta, cache.token_ids, lm, source)
+
+
+def is_cache_file(path: Path) -> bool:
+    """A KV-cache file that loramem wrote (by its safetensors header, the tensors are not read)."""
+    from loramem.tensorfile import read_file_header
+
+    if not path.is_file() or path.is_symlink():
+        return False
+    try:
+        header, _ = read_file_header(path, "cache")
+    except LoramemError:
+        return False
+    return (header.get("__metadata__") or {}).get("format") == FORMAT

@@ -15,6 +15,7 @@ import torch
 
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.kv.cache import KVCache
+from loramem.kv.presses import check_recorded
 from loramem.kv.quantize import Storage, round_trip
 from loramem.specs import CompressSpec
 from loramem.vocab import EVICTION_PRESS
@@ -75,12 +76,7 @@ def compress(
     source = scores_from or cache
     if scores_from is not None:
         _check_same_document(cache, scores_from)
-    if press not in source.scores:
-        recorded = ", ".join(sorted(source.scores)) or "none"
-        raise LoramemError(
-            f"press {press!r} was not recorded at encode time (recorded: {recorded}); "
-            f"re-encode with: loramem encode DOC --score {','.join(sorted({*source.scores, press}))}"
-        )
+    check_recorded(press, source.scores)
     n_protected = int(cache.meta.get("n_protected", 0))
     n_doc = cache.n_tokens - n_protected
     if keep is not None:
@@ -103,7 +99,7 @@ def compress(
     meta = copy.deepcopy(cache.meta)
     step = {
         "press": press,
-        "ratio": ratio,
+        "ratio": ratio if ratio is None else float(ratio) + 0.0,  # + 0.0: -0.0 is recorded as 0.0
         "keep": keep,
         "n_doc_kept": n_doc_kept,
         "scores_from": {"adapter": scores_from.meta.get("adapter")} if scores_from else None,

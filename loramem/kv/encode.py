@@ -14,13 +14,11 @@ from loramem.kv.cache import KVCache
 from loramem.kv.presses import make_recorder, streaming_scores
 from loramem.kv.validate import FORMAT_VERSION
 from loramem.log import warn
+from loramem.model.limits import QUESTION_RESERVE
 from loramem.model.loading import LoadedModel, adapter_scope, clock, sha256_text
 from loramem.model.prompt import DEFAULT_FRAMING, document_ids, prefix_ids
 from loramem.specs import EncodeSpec
 from loramem.vocab import DEFAULT_PRESSES
-
-# Tokens left free after the document for a question and its answer.
-QUESTION_RESERVE = 256
 
 
 def _rope_config(config: Any) -> dict[str, Any]:

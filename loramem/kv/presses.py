@@ -8,9 +8,12 @@ the ratio, so it gets an equivalent ratio-free score here (sinks first, then rec
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from loramem.errors import LoramemError
+from loramem.vocab import PRESSES
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +40,19 @@ def _kvpress_factories() -> dict[str, Callable[[], Any]]:
         "random": lambda: RandomPress(seed=0),
         "keydiff": KeyDiffPress,
     }
+
+
+def check_recorded(press: str, recorded: Iterable[str]) -> None:
+    """Refuse evicting by a press whose scores the cache does not hold: an unknown name with the known ones, a
+    known one with the `encode --score` that records it."""
+    if press not in PRESSES:
+        raise LoramemError(f"unknown press {press!r}; known: {', '.join(PRESSES)}")
+    if press not in recorded:
+        have = sorted(recorded)
+        raise LoramemError(
+            f"press {press!r} was not recorded at encode time (recorded: {', '.join(have) or 'none'}); "
+            f"re-encode with: loramem encode DOC --score {','.join(sorted({*have, press}))}"
+        )
 
 
 def make_kvpress(name: str, compression_ratio: float = 0.0) -> Any:

@@ -31,6 +31,7 @@ import torch
 
 from loramem.errors import LoramemError
 from loramem.kv.cache import KVCache
+from loramem.kv.presses import check_recorded
 from loramem.model.loading import LoadedModel, sha256_text
 from loramem.model.prompt import Framing, question_ids
 from loramem.specs import CompressSpec
@@ -80,8 +81,8 @@ def check_groups(cache: KVCache, press: str, groups: int, rule: str, query: bool
     if query and rule != "query":
         refuse(f"{rule} does not use a question; drop the questions or score groups by query", "score_groups")
     _check_cache(cache, groups, query)
-    if rule != "query" and press not in cache.scores:
-        raise LoramemError(f"press {press!r} was not recorded at encode time; re-encode with --score {press}")
+    if rule != "query":
+        check_recorded(press, cache.scores)
 
 
 @contextmanager

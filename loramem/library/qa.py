@@ -35,6 +35,7 @@ from loramem.library.store import (
     route,
 )
 from loramem.model import MAX_BATCH, MAX_BATCH_TOKENS, MAX_NEW_TOKENS
+from loramem.model.limits import check_questions
 from loramem.model.loading import LoadedModel, sha256_text
 from loramem.specs import MergeSpec, RouteSpec
 from loramem.vocab import DENSITY_METHODS, EQUAL_RANK_METHODS
@@ -260,6 +261,7 @@ def ask_library_batch(
     documents' caches side by side, made once per routed set in a batch), or none."""
     lib, config = open_routed(library, top_k, merge, with_context, with_caches, weights, density)
     check_model(lib, lm.fingerprint)
+    check_questions(lm, questions)
     embedder = library_embedder(lib, embedder)
     plans = []
     groups: dict[str, list[int]] = {}

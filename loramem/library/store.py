@@ -13,14 +13,11 @@ which the next add sweeps away.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,10 +29,10 @@ from loramem._version import __version__
 from loramem.adapters.attach import adapter_sha256, attach_adapter, detach_adapter, read_adapter_meta
 from loramem.adapters.train import train_adapter
 from loramem.errors import IncompatibleArtifactError, LoramemError
-from loramem.fileio import atomic_write_bytes, read_text
+from loramem.fileio import atomic_write_bytes, locked_folder, read_text
 from loramem.library import TOP_K
 from loramem.library.embed import CHUNK_MAX_WORDS, CHUNK_TARGET_WORDS, Embedder, chunk_text, load_embedder
-from loramem.log import log
+from loramem.log import log, warn
 from loramem.model.loading import LoadedModel, sha256_bytes, sha256_text
 from loramem.model.prompt import check_template_record
 from loramem.specs import SynthSpec, TrainSpec
@@ -182,54 +179,6 @@ class _Planned:
     doc_id: str
 
 
-@contextmanager
-def _locked(folder: Path) -> Iterator[bool]:
-    """Create the library folder if needed and hold an exclusive lock on it, waiting for another add to finish, so
-    two adds never overwrite each other's manifest; yields whether this process created the folder.
-
-    On failure the folder is removed again, under the lock, only if this process created it and no add has
-    committed a manifest in it; a process that was waiting on a folder removed meanwhile starts over.
-    """
-    if not folder.parent.is_dir():
-        raise LoramemError(f"cannot create library {folder}: folder {folder.parent} does not exist")
-    while True:
-        created = False
-        try:
-            folder.mkdir()
-            created = True
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise LoramemError(f"cannot create library {folder}: {(exc.strerror or str(exc)).lower()}") from exc
-        try:
-            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        except FileNotFoundError:
-            continue  # removed between mkdir and open by an add that failed: start over
-        except OSError as exc:
-            raise LoramemError(f"library {folder} is not a folder loramem can open") from exc
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log(f"library {folder} is being changed by another loramem process; waiting for it to finish")
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(folder))
-            except FileNotFoundError:
-                same = False
-            if not same:
-                continue  # the folder was removed (and maybe made again) while this process waited
-            try:
-                yield created
-            except BaseException:
-                if created and not (folder / MANIFEST).exists():
-                    shutil.rmtree(folder, ignore_errors=True)
-                raise
-            return
-        finally:
-            os.close(fd)
-
-
 def _sweep(lib: Library) -> None:
     """Remove what a killed add left behind: staging folders, unreferenced document folders and indexes."""
     keep_docs = {d["id"] for d in lib.documents}
@@ -276,7 +225,7 @@ def _plan(lib: Library, texts: list[tuple[str, str]], doc_id: str | None) -> lis
     for source, text in texts:
         sha = sha256_text(text)
         if sha in known:
-            log(f"{source}: already in the library as {known[sha]}; skipped")
+            warn(f"{source} is already in the library (as {known[sha]}); not added again")
             continue
         chosen = doc_id or _new_id(source, taken)
         taken.add(chosen)
@@ -470,7 +419,7 @@ def add_documents(
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise LoramemError(f"{path} is a file, not a library folder")
-    with _locked(target):
+    with locked_folder(target, "library", committed=MANIFEST, wait=True):
         lib = open_library(target)
         _sweep(lib)
         check_model(lib, lm.fingerprint)

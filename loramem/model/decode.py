@@ -42,14 +42,15 @@ def decode(
     prompts: list[list[int]],
     cache: Rows,
     stops: set[int],
-    max_new_tokens: int,
+    max_new_tokens: int | list[int],
     pad_id: int,
 ) -> list[Decoded]:
     """Greedy tokens for each prompt over `cache` (one shared, or a list with one per prompt), each row stopping at
-    its own stop token."""
+    its own stop token or after `max_new_tokens` (one for every row, or each row's own)."""
     device, dtype = model.device, model.dtype
     started = clock(device)  # time to first token counts putting the stored cache on the device
     rows = len(prompts)
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * rows
     lead = shared_lead(prompts, cache)
     with torch.inference_mode():
         prefill_started = clock(device)
@@ -59,7 +60,7 @@ def decode(
             docs, starts = row_documents(model, cache, rows, device, dtype)
         own = [p[lead:] for p in prompts]
         width = max(len(p) for p in own)
-        room = width + max_new_tokens
+        room = width + max(limits)
         batch = assemble(model, docs, own, starts, room)
     ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in own], device=device)
     tokens: list[list[int]] = [[] for _ in range(rows)]
@@ -82,14 +83,14 @@ def decode(
         alive = list(range(rows))  # the prompt of each row still in the batch
         while True:
             for row, token in zip(alive, next_ids):
-                if stopped[row] or len(tokens[row]) >= max_new_tokens:
+                if stopped[row] or len(tokens[row]) >= limits[row]:
                     continue
                 if token in stops:
                     stopped[row], finished[row] = True, time.perf_counter()
                 else:
                     tokens[row].append(token)
                     finished[row] = time.perf_counter()
-            running = [i for i, row in enumerate(alive) if not stopped[row] and len(tokens[row]) < max_new_tokens]
+            running = [i for i, row in enumerate(alive) if not stopped[row] and len(tokens[row]) < limits[row]]
             if not running:
                 break
             if len(running) < len(alive) and (batch.shares_document or len(running) <= RETIRE_AT * len(alive)):

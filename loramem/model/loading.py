@@ -317,6 +317,8 @@ def _source(name: str) -> tuple[str, Path | str]:
         return "dir", path
     if path.exists():
         raise LoramemError(f"{name} is neither a model directory nor a .gguf file")
+    if name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1:  # a path, never a hub id
+        raise LoramemError(f"no such model directory or file: {name}")
     return "hub", name
 
 

@@ -15,6 +15,9 @@ _LAYER_RANGE = re.compile(r"(\d+)(?:-(\d+))?")
 _HALVES = ("first-half", "second-half")
 _LAYERS_HINT = "use e.g. 0-14, 0,3,5, first-half or second-half"
 SYNTH_PAIRS = 16  # QA pairs synthesized from a document when none are given
+# The largest LoRA scaling (alpha / r, or alpha / sqrt(r) with use_rslora) accepted: far above any trained one
+# (loramem's default is 2), far below one that overflows the activations.
+MAX_SCALE = 1024.0
 
 
 def layer_ranges(spec: str) -> list[tuple[int, int]] | str:
@@ -76,7 +79,9 @@ class TrainSpec(Spec):
         return value
 
     @model_validator(mode="after")
-    def _chunks_fit(self) -> TrainSpec:
+    def _fits(self) -> TrainSpec:
+        if self.alpha / self.rank > MAX_SCALE:  # an adapter that loramem would then refuse to load
+            refuse(f"alpha / rank must be at most {MAX_SCALE:g}, got {self.alpha / self.rank:g}", "alpha", "rank")
         if self.chunk_size > self.max_length:
             refuse(f"{self.chunk_size} exceeds the {self.max_length} of max_length", "chunk_size", "max_length")
         return self
