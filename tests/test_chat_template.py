@@ -140,11 +140,12 @@ def test_think_blocks_are_not_scored(raw, answer):
     ],
 )  # fmt: skip
 def test_templates_that_cannot_frame_are_refused(template, words):
-    """A combination that cannot work says so in one line and points to --framing raw."""
+    """A combination that cannot work says so in one line and points to the raw framing (the CLI names the flag)."""
     from loramem.model.prompt import Framing
 
     tok = family_tokenizer(FAMILIES["mistral"], template=template)
     with pytest.raises(LoramemError, match=words) as caught:
         Framing.for_tokenizer(tok)
-    assert "--framing raw" in str(caught.value) and "\n" not in str(caught.value)
+    assert str(caught.value).startswith("framing: ") and "use raw" in str(caught.value)
+    assert "\n" not in str(caught.value)
     assert Framing.for_tokenizer(tok, "raw").style == "raw"

@@ -11,6 +11,7 @@ from conftest import flat_spec
 
 from loramem.evaluation.rundir import ANSWERS, FAILURES, read_answers
 from loramem.evaluation.runner import run_eval
+from loramem.specs.eval import RaySpec
 
 ray = pytest.importorskip("ray")
 
@@ -120,7 +121,7 @@ def test_dead_worker_reported_others_kept_then_resumed(cluster, tiny, tiny_dir, 
 
     data = dataset(tmp_path, ["light", "doomed"])
     run = tmp_path / "run"
-    summary = run_eval_ray(str(tiny_dir), data, run, CONFIG, max_retries=1)
+    summary = run_eval_ray(str(tiny_dir), data, run, CONFIG, workers=RaySpec(max_retries=1))
     assert not summary["complete"] and summary["n_failed_cells"] == 8
     (failure,) = json.loads((run / FAILURES).read_text())
     assert failure["doc_id"] == "doomed" and failure["cells"] == 8 and "died" in failure["error"].lower()

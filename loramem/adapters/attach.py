@@ -22,6 +22,7 @@ from loramem.adapters.validate import (
 from loramem.errors import IncompatibleArtifactError, LoramemError
 from loramem.model.loading import LoadedModel, sha256_bytes
 from loramem.model.prompt import check_template_record
+from loramem.specs.base import refuse
 from loramem.vocab import ASK_MODES
 
 __all__ = [
@@ -142,7 +143,7 @@ def check_adapter_mode(lm: LoadedModel, mode: str, cache_adapter: dict[str, Any]
     if mode not in ASK_MODES:
         raise LoramemError(f"unknown adapter mode {mode!r}; use one of {', '.join(ASK_MODES)}")
     if mode != "none" and lm.adapter is None:
-        raise LoramemError(f"--adapter-mode {mode} needs --adapter DIR")
+        refuse(f"{mode} needs an adapter", "adapter_mode", "adapter")
     if mode in ("none", "decode") and cache_adapter is not None:
         raise IncompatibleArtifactError(
             f"this cache was encoded with adapter {cache_adapter.get('path')}; --adapter-mode {mode} needs a "

@@ -15,6 +15,7 @@ from loramem.errors import LoramemError
 from loramem.evaluation.config import read_config_file
 from loramem.specs import EvalSpec, ModelSpec
 from loramem.specs.base import flatten, merged
+from loramem.specs.eval import RaySpec
 from loramem.vocab import METRICS
 
 
@@ -47,7 +48,9 @@ AllowMixedOpt = typer.Option(
 
 @eval_app.command("run", epilog="Also: loramem eval merge RUN_DIR... -o OUT; loramem eval report RUN_DIR.")
 @with_specs(
-    settings=Use(EvalSpec, exclude=frozenset({("train", "format")}), given=True), model=Use(ModelSpec, given=True)
+    settings=Use(EvalSpec, exclude=frozenset({("train", "format")}), given=True),
+    workers=RaySpec,
+    model=Use(ModelSpec, given=True),
 )
 def eval_run(
     dataset: Optional[str] = typer.Argument(
@@ -68,17 +71,7 @@ def eval_run(
     ),
     allow_mixed: bool = AllowMixedOpt,
     settings: dict[str, Any] = FROM_SPEC,
-    ray: Optional[str] = typer.Option(
-        None,
-        "--ray",
-        help="Run documents as Ray tasks: local (start Ray here), "
-        "auto or HOST:PORT (join a cluster; RUN_DIR must be shared)",
-    ),
-    cpus_per_worker: float = typer.Option(1, "--cpus-per-worker", help="--ray: CPUs per worker slot"),
-    gpus_per_worker: float = typer.Option(0, "--gpus-per-worker", help="--ray: GPUs per worker slot"),
-    max_retries: int = typer.Option(
-        2, "--max-retries", help="--ray: retries of a document whose worker died or ran out of memory"
-    ),
+    workers: RaySpec = FROM_SPEC,
     model: dict[str, Any] = FROM_SPEC,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -88,12 +81,12 @@ def eval_run(
 
     from_file = read_config_file(config_file) if config_file else {}
     in_file = set(flatten(from_file)) - set(flatten(settings))
-    with named_as_flags(EvalSpec, in_file, config_file):
+    with named_as_flags(EvalSpec, in_file=in_file, file=config_file):
         run = run_settings(out, dataset, merged(from_file, settings), resume=resume)
     recorded = {"model": run.model, "chat_template_kwargs": run.chat_template_kwargs}
     with named_as_flags(ModelSpec):
         loading = ModelSpec.parse({**{k: v for k, v in recorded.items() if v is not None}, **model})
-    if ray is not None:
+    if workers.address is not None:
         from loramem.evaluation.ray import run_eval_ray
 
         summary = run_eval_ray(
@@ -101,15 +94,12 @@ def eval_run(
             run.dataset,
             out,
             run.spec,
-            address=ray,
+            workers=workers,
             device=loading.device,
             dtype=loading.dtype,
             resume=resume,
             allow_mixed=allow_mixed,
             chat_template_kwargs=loading.chat_template_kwargs,
-            cpus_per_worker=cpus_per_worker,
-            gpus_per_worker=gpus_per_worker,
-            max_retries=max_retries,
         )
     else:
         summary = run_eval(load(loading), run.dataset, out, run.spec, resume=resume, allow_mixed=allow_mixed)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, get_args, get_origin
@@ -140,13 +140,21 @@ def _keyword(name: str, option: Any, annotation: Any) -> inspect.Parameter:
 
 
 @contextmanager
-def named_as_flags(spec: type[Spec], in_file: Collection[str] = (), file: Any = None) -> Iterator[None]:
-    """Errors of `spec` raised inside name the flags that set its fields, not the fields' paths; settings that
-    came from a config `file` (`in_file`, dotted paths) are named as the file names them, `train.rank in FILE`."""
+def named_as_flags(
+    *specs: type[Spec], named: Mapping[str, type[Spec]] | None = None, in_file: Collection[str] = (), file: Any = None
+) -> Iterator[None]:
+    """Spec errors raised inside name the flags that set the fields of `specs`, not the fields' paths. `named`: a
+    command's specs by parameter name, so that `synth.model` is the `model` of its spec called synth; otherwise the
+    first spec that has the setting names it. Settings that came from a config `file` (`in_file`, dotted paths) are
+    named as the file names them, `train.rank in FILE`. The one place a field path becomes a flag."""
 
     def name(path: Path_) -> str:
         dotted = ".".join(path)
-        return f"{dotted} in {file}" if dotted in in_file else flag_of(spec, path)
+        if dotted in in_file:
+            return f"{dotted} in {file}"
+        by_name = [flag_of(named[path[0]], path[1:])] if named and len(path) > 1 and path[0] in named else []
+        flags = [*by_name, *(flag_of(spec, path) for spec in [*specs, *(named or {}).values()])]
+        return next((flag for flag in flags if flag.startswith("--")), dotted)
 
     try:
         yield
@@ -191,7 +199,8 @@ def with_specs(**uses: type[Spec] | Use) -> Callable[[Callable[..., Any]], Calla
                         kwargs[name] = use.spec.parse(nest(given))
             if "ctx" in own:
                 kwargs["ctx"] = ctx
-            return func(**kwargs)
+            with named_as_flags(named={name: use.spec for name, use in specs.items()}):
+                return func(**kwargs)  # a library's SpecError names fields: shown as this command's flags
 
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}

@@ -19,6 +19,7 @@ from loramem.errors import LoramemError
 from loramem.log import log
 from loramem.model import MAX_BATCH
 from loramem.model.loading import LoadedModel, load_model
+from loramem.specs.base import refuse
 from loramem.text import WORD, normalize_answer, sentences, strip_thinking
 
 QA = tuple[str, str]
@@ -220,7 +221,7 @@ def synth_writer(name: str | None, lm: LoadedModel) -> LoadedModel:
 def check_synth_request(fmt: str, synth_model: str | None, pairs_given: bool) -> None:
     """A writer model is only for pairs that get synthesized: formats qa and mixed, no pairs given."""
     if synth_model and (fmt == "ntp" or pairs_given):
-        raise LoramemError("--synth-model writes the QA pairs of formats qa and mixed when no pairs are given")
+        refuse("writes the QA pairs of formats qa and mixed when no pairs are given", "synth.model")
 
 
 def training_pairs(

@@ -27,6 +27,7 @@ from loramem.library.store import (
 )
 from loramem.model.loading import LoadedModel, sha256_text
 from loramem.specs import EvalSpec, MergeSpec
+from loramem.specs.base import refuse
 
 
 def library_path(config: EvalSpec, run: Path) -> Path:
@@ -50,7 +51,7 @@ def check_library(model: dict[str, Any], documents: list[DocRecord], config: Eva
             )
         n = len(lib.documents)
     if config.library.top_k > n:
-        raise LoramemError(f"--library-top-k {config.library.top_k} is more than the library's {n} documents")
+        refuse(f"{config.library.top_k} is more than the library's {n} documents", "library.top_k")
 
 
 def build_library(

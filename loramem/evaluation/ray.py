@@ -39,6 +39,7 @@ from loramem.evaluation.runner import evaluate_document, prepare_run
 from loramem.log import progress_bar, warn
 from loramem.model.loading import LoadedModel, load_model
 from loramem.specs import EvalSpec
+from loramem.specs.eval import RaySpec
 
 # Test hooks: a worker given LORAMEM_FAULT_DOCS=ID:N,... dies abruptly (as a killed or out-of-memory process
 # would) on its first N attempts at document ID (ID:N:oom: raises out of memory instead, as CUDA does); with
@@ -211,28 +212,26 @@ def run_eval_ray(
     run_dir: str | Path,
     config: EvalSpec,
     *,
-    address: str | None = "local",
+    workers: RaySpec | None = None,
     device: str = "auto",
     dtype: str = "auto",
     resume: bool = False,
     allow_mixed: bool = False,
     chat_template_kwargs: str | None = None,
-    cpus_per_worker: float = 1,
-    gpus_per_worker: float = 0,
-    max_retries: int = 2,
 ) -> dict[str, Any]:
     """`run_eval` with the documents answered by one Ray actor per worker slot; returns the same summary.
 
-    `address`: "local" starts a Ray instance on this machine, "auto" or "HOST:PORT" joins a cluster;
-    when Ray is already initialised in this process (a script, a test) that instance is used.
+    `workers.address`: "local" (or None) starts a Ray instance on this machine, "auto" or "HOST:PORT" joins a
+    cluster; when Ray is already initialised in this process (a script, a test) that instance is used.
     """
-    if max_retries < 0 or cpus_per_worker <= 0 or gpus_per_worker < 0:
-        raise LoramemError("--max-retries and --gpus-per-worker must be >= 0, --cpus-per-worker > 0")
+    workers = workers or RaySpec()
+    address, cpus_per_worker, gpus_per_worker = workers.address, workers.cpus_per_worker, workers.gpus_per_worker
+    max_retries = workers.max_retries
     ray = _import_ray()
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(
-            address=None if address == "local" else address,
+            address=None if address in (None, "local") else address,
             include_dashboard=False,
             log_to_driver=False,
             logging_level="ERROR",

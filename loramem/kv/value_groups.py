@@ -66,7 +66,7 @@ def pair_scores(token_scores: torch.Tensor, values: torch.Tensor, groups: int, r
 def _check_cache(cache: KVCache, groups: int, query: bool) -> None:
     head_dim = int(cache.meta["head_dim"])
     if groups <= 0 or head_dim % groups:
-        raise LoramemError(f"--groups {groups} does not divide the head dimension {head_dim}")
+        refuse(f"{groups} does not divide the head dimension {head_dim}", "groups")
     if cache.meta.get("compression") or cache.masks is not None:
         raise LoramemError("value-group eviction needs an uncompressed cache (the output of encode)")
     if query and cache.meta.get("adapter"):

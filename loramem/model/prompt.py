@@ -14,6 +14,7 @@ from datetime import date
 from typing import Any
 
 from loramem.errors import IncompatibleArtifactError, LoramemError
+from loramem.specs.base import refuse
 from loramem.vocab import FRAMINGS
 
 _DOC, _QUESTION, _ANSWER = "\x00LORAMEM_DOC\x00", "\x00LORAMEM_QUESTION\x00", "\x00LORAMEM_ANSWER\x00"
@@ -63,7 +64,7 @@ class TemplateOptions:
         template = template if isinstance(template, str) else json.dumps(template)
         kwargs = check_template_kwargs(given or {})
         if kwargs and not template:
-            raise LoramemError("--chat-template-kwargs given, but this model's tokenizer has no chat template")
+            refuse("given, but this model's tokenizer has no chat template", "chat_template_kwargs")
         unused = [k for k in kwargs if k not in template]
         if unused:
             raise LoramemError(f"the chat template does not use {', '.join(map(repr, unused))}; check the spelling")
@@ -88,16 +89,16 @@ def check_template_kwargs(kwargs: Any) -> dict[str, Any]:
         try:
             kwargs = json.loads(kwargs)
         except json.JSONDecodeError as exc:
-            raise LoramemError(f"--chat-template-kwargs is not valid JSON ({exc.msg})") from exc
+            refuse(f"not valid JSON ({exc.msg})", "chat_template_kwargs")
     if not isinstance(kwargs, dict):
-        raise LoramemError("--chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": true}'")
+        refuse("must be a JSON object, e.g. '{\"enable_thinking\": true}'", "chat_template_kwargs")
     reserved = sorted(set(kwargs) & _RESERVED_KWARGS)
     if reserved:
-        raise LoramemError(f"--chat-template-kwargs cannot set {', '.join(reserved)}: loramem sets them itself")
+        refuse(f"cannot set {', '.join(reserved)}: loramem sets them itself", "chat_template_kwargs")
     try:
         json.dumps(kwargs)
     except (TypeError, ValueError) as exc:
-        raise LoramemError(f"--chat-template-kwargs must hold JSON values: {exc}") from exc
+        refuse(f"must hold JSON values: {exc}", "chat_template_kwargs")
     return dict(kwargs)
 
 
@@ -164,19 +165,18 @@ class Framing:
             )
         except (TemplateError, TypeError, ValueError) as exc:  # the template's raise_exception raises TemplateError
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise LoramemError(
-                f"this model's chat template cannot frame a question ({reason}); use --framing raw"
-            ) from exc
+            refuse(f"this model's chat template cannot frame a question ({reason}); use raw", "framing")
         # A document and a question must pass through the template unchanged, each exactly once, so that a question
         # continues a stored prefill token for token: a template that rewrites, cuts or repeats them cannot be used.
         if asked.count(_DOC) != 1 or asked.count(_QUESTION) != 1 or answered.count(_ANSWER) != 1:
-            raise LoramemError(
+            refuse(
                 "this model's chat template rewrites or repeats the message text, so a stored document cannot be "
-                "continued by a question; use --framing raw"
+                "continued by a question; use raw",
+                "framing",
             )
         prefix, rest = asked.split(_DOC)
         if _QUESTION not in rest:
-            raise LoramemError("this model's chat template puts the question before the document; use --framing raw")
+            refuse("this model's chat template puts the question before the document; use raw", "framing")
         separator, suffix = rest.split(_QUESTION)
         end_of_turn = answered.split(_ANSWER)[1] or eos
         return cls("chat", prefix, separator, INSTRUCTION, suffix, end_of_turn)

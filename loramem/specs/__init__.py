@@ -4,7 +4,8 @@ server's request bodies are all made from these models (pydantic), and their che
 
 from loramem.specs.answer import AnswerSpec, AskSpec, ModelSpec, RouteSpec
 from loramem.specs.base import Spec, SpecError
-from loramem.specs.eval import EvalSpec, LibraryModesSpec, ProbeSpec
+from loramem.specs.data import ConvertSpec, FictionSpec
+from loramem.specs.eval import DemoSpec, EvalSpec, LibraryModesSpec, ProbeSpec, RaySpec
 from loramem.specs.kv import CompressSpec, EncodeSpec
 from loramem.specs.train import MergeSpec, SynthSpec, TrainSpec
 
@@ -12,12 +13,16 @@ __all__ = [
     "AnswerSpec",
     "AskSpec",
     "CompressSpec",
+    "ConvertSpec",
+    "DemoSpec",
     "EncodeSpec",
     "EvalSpec",
+    "FictionSpec",
     "LibraryModesSpec",
     "MergeSpec",
     "ModelSpec",
     "ProbeSpec",
+    "RaySpec",
     "RouteSpec",
     "Spec",
     "SpecError",

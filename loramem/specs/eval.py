@@ -229,6 +229,20 @@ def _excluded(spec: type[Spec]) -> dict[str, Any]:
     return exclude
 
 
+class RaySpec(Spec):
+    """Where an eval's documents run as Ray tasks: the cluster and each worker slot's resources."""
+
+    address: str | None = setting(
+        None,
+        "Run documents as Ray tasks: local (start Ray here), auto or HOST:PORT (join a cluster; RUN_DIR must be "
+        "shared)",
+        flag="--ray",
+    )
+    cpus_per_worker: float = setting(1.0, "--ray: CPUs per worker slot", gt=0)
+    gpus_per_worker: float = setting(0.0, "--ray: GPUs per worker slot", ge=0)
+    max_retries: int = setting(2, "--ray: retries of a document whose worker died or ran out of memory", ge=0)
+
+
 class DemoSpec(Spec):
     """`loramem demo`: the bundled document answered at several ratios, then with its adapter and no document."""
 
