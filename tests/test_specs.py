@@ -12,7 +12,7 @@ import pytest
 from inprocess import assert_refused, invoke
 
 import loramem.vocab as vocab
-from loramem import SpecError
+from loramem import LoramemError, SpecError
 from loramem.cli.app import click_command
 from loramem.evaluation.rundir import ANSWERS, CONFIG
 from loramem.evaluation.runner import run_eval
@@ -197,3 +197,20 @@ def test_a_run_folder_written_by_loramem_0_1_still_resumes(capsys, tiny, tiny_di
     assert _cells(_answers(run)) == _cells(complete)
     wrong = invoke(capsys, "eval", "--resume", "--out", str(run), "--rank", "8", "--model", str(tiny_dir))
     assert "--rank: disagree with the run being resumed" in assert_refused(wrong, codes=(2,))
+
+
+def test_answer_rows_are_typed_and_checked_where_a_run_is_read(tiny, dataset, tmp_path, one_thread):
+    """answers.jsonl lines are AnswerRows: a damaged one is refused with its line and the field at fault."""
+    from loramem.evaluation.rundir import read_answers
+
+    run = tmp_path / "run"
+    run_eval(tiny, dataset, run, {**GRID, "answer": {"max_new_tokens": 2}})
+    rows = read_answers(run / ANSWERS)
+    assert len(rows) == 8 and all(isinstance(r["ratio"], float) for r in rows)
+    for damage, field in (({"ratio": "half"}, "ratio"), ({"question_index": -1}, "question_index"), ({}, "answer")):
+        row = {**rows[0], **damage}
+        if not damage:
+            del row["answer"]
+        (run / ANSWERS).write_text(json.dumps(rows[1]) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(LoramemError, match=rf"answers\.jsonl:2: not a valid answer line: {field}: "):
+            read_answers(run / ANSWERS)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from loramem.errors import LoramemError
 from loramem.log import warn
 from loramem.model.loading import sha256_text
@@ -181,17 +183,24 @@ def key_of(record: DocRecord, cell: Cell, groups: int) -> tuple:
 LIBRARY_SERIES = "library"
 
 
-CELL_FIELDS = ("doc_id", "question_index", "press", "ratio", "mode", "format")
+class AnswerRow(BaseModel):
+    """One line of answers.jsonl: the cell it answers, the question and its references, the answer and its scores,
+    typed, and validated once where a run's answers are read (`rundir.read_answers`); the fields some answers add
+    (variant, routing, budgets, runtime) are kept as they are."""
 
+    model_config = ConfigDict(extra="allow")
 
-ANSWER_FIELDS = (
-    *CELL_FIELDS,
-    "question",
-    "references",
-    "answer",
-    "rouge_l",
-    "exact_match",
-    "token_f1",
-    "cache_tokens",
-    "seconds",
-)
+    doc_id: str
+    question_index: int = Field(ge=0)
+    press: str
+    ratio: float | None = Field(ge=0, le=1)
+    mode: str
+    format: str | None
+    question: str
+    references: list[str]
+    answer: str
+    rouge_l: float
+    exact_match: float
+    token_f1: float
+    cache_tokens: int = Field(ge=0)
+    seconds: float = Field(ge=0)

@@ -12,17 +12,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
+from pydantic import ValidationError
+
 from loramem._version import __version__
 from loramem.answer import Answer
 from loramem.data.formats import DocRecord
 from loramem.errors import IncompatibleArtifactError, LoramemError
-from loramem.evaluation.config import ANSWER_FIELDS, Cell, resumed_spec
+from loramem.evaluation.config import AnswerRow, Cell, resumed_spec
 from loramem.evaluation.metrics import score_answer
 from loramem.fileio import atomic_write_bytes, locked_folder
 from loramem.model.loading import LoadedModel
 from loramem.model.prompt import check_template_record
 from loramem.specs import EvalSpec, SpecError
-from loramem.specs.base import flatten
+from loramem.specs.base import flatten, spec_error
 
 ADAPTERS = "adapters"
 
@@ -103,9 +105,10 @@ def read_answers(path: str | Path, *, repair: bool = False) -> list[dict[str, An
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise LoramemError(f"{file}:{number}: not a valid answer line ({exc.msg})") from exc
-        missing = [k for k in ANSWER_FIELDS if not isinstance(row, dict) or k not in row]
-        if missing:
-            raise LoramemError(f"{file}:{number}: answer line without {', '.join(missing)}")
+        try:
+            AnswerRow.model_validate(row)
+        except ValidationError as exc:
+            raise LoramemError(f"{file}:{number}: not a valid answer line: {spec_error(exc, None)}") from None
         rows.append(row)
     if tail and repair:
         with file.open("r+b") as handle:

@@ -6,7 +6,8 @@ Layout (tensors):
   layers.{i}.positions                  [kv_heads, kept] int32, original token positions, ascending
   token_ids                             [n_tokens] int32, the whole prefill (framing prefix + document)
   scores.{press}                        [layers, kv_heads, n_tokens] float32 importance per token
-and one metadata entry, "loramem", holding JSON (see `CacheMeta`). Never pickled.
+and one metadata entry, "loramem", holding JSON (checked field by field by `kv.validate.check_meta`;
+docs/FORMAT.md lists the fields). Never pickled.
 """
 
 from __future__ import annotations

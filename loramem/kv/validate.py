@@ -140,13 +140,13 @@ def _check_storage(rules: _Rules, meta: dict[str, Any]) -> None:
     storage = rules.typed(meta, "storage", (dict,))
     if storage is None:
         return
-    from loramem.vocab import STORE_DTYPES
+    from loramem.vocab import QUANT_AXES, STORE_DTYPES
 
     head_dim = meta["head_dim"]
     dtype, axis, group = storage.get("dtype", "native"), storage.get("axis", "token"), storage.get("group", 0)
     if set(storage) - {"dtype", "axis", "group"}:
         raise rules.fail(f"metadata field storage has unknown keys {sorted(set(storage) - {'dtype', 'axis', 'group'})}")
-    if not _one_of(dtype, STORE_DTYPES) or not _one_of(axis, ("token", "channel")):
+    if not _one_of(dtype, STORE_DTYPES) or not _one_of(axis, QUANT_AXES):
         raise rules.fail(f"metadata field storage names an unknown storage ({dtype!r}, axis {axis!r})")
     if type(group) is not int or group < 0 or (group and head_dim % group):
         raise rules.fail(f"metadata field storage has group {group!r}, which does not divide head_dim {head_dim}")
