@@ -219,7 +219,7 @@ def resolve_device(device: str) -> str:
             refuse(f"{device}: torch sees {torch.cuda.device_count()} CUDA device(s)", "device")
         return device
     if device not in ("cpu", "mps"):
-        raise LoramemError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+        refuse(f"unknown {device!r}; use auto, cpu, cuda or cuda:N", "device")
     return device
 
 
