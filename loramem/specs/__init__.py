@@ -5,6 +5,7 @@ server's request bodies are all made from these models (pydantic), and their che
 from loramem.specs.answer import AnswerSpec, AskSpec, ModelSpec, RouteSpec
 from loramem.specs.base import Spec, SpecError
 from loramem.specs.eval import EvalSpec, LibraryModesSpec, ProbeSpec
+from loramem.specs.inspect import InspectSpec
 from loramem.specs.kv import CompressSpec, EncodeSpec
 from loramem.specs.train import MergeSpec, SynthSpec, TrainSpec
 
@@ -14,6 +15,7 @@ __all__ = [
     "CompressSpec",
     "EncodeSpec",
     "EvalSpec",
+    "InspectSpec",
     "LibraryModesSpec",
     "MergeSpec",
     "ModelSpec",
