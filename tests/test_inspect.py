@@ -348,3 +348,24 @@ def test_inspect_loads_no_model(files, adapters, tmp_path):
             [sys.executable, "-c", code, "inspect", *args], capture_output=True, text=True, timeout=120
         )
         assert result.stderr.strip().splitlines()[-1] == "[]", (args, result.stderr)
+
+
+@pytest.mark.real
+def test_the_default_models_cache_at_ratio_0_9_is_mapped_in_its_own_words(real, doc_text, tmp_path):
+    """The default model's tokenizer is read from its converted copy (tokenizer.json alone): the map shows the
+    document's text, and a 0.9 ratio keeps a tenth of each slot's document tokens, more in some places than others."""
+    cache = compress(encode(real, doc_text, presses=["snapkv"]), "snapkv", ratio=0.9)
+    path = tmp_path / "default.kv"
+    path.write_bytes(cache.to_bytes())
+    shown = inspect_json(str(path), "--kept")
+    protected = shown["framing_tokens"]
+    assert shown["decoded"] and shown["layers"] == 30 and shown["kv_heads"] == 3
+    assert "".join(t["text"] for t in shown["tokens"][protected:]) == doc_text
+    kept_per_slot = cache.positions[0].shape[1] - protected
+    assert shown["document_share_kept"] == pytest.approx(kept_per_slot / (cache.n_tokens - protected), abs=1e-6)
+    shares = [t["share"] for t in shown["tokens"][protected:]]
+    assert min(shares) == 0 and max(shares) == 1  # some tokens no slot keeps, some (the window) every slot
+    out = run_cli("inspect", str(path), "--kept").stdout.decode()
+    assert "Varnaby Point" in out and "[ids]" not in out
+    plot = tmp_path / "default.png"
+    assert run_cli("inspect", str(path), "--plot", str(plot)).returncode == 0 and png_size(plot)[1] > 400

@@ -98,7 +98,8 @@ def show_norms(console: Any, table: dict[str, Any]) -> None:
 
     short = [m.rsplit(".", 1)[-1] for m in table["modules"]]
     names = short if len(set(short)) == len(short) else table["modules"]
-    out = Table(title="update norms ||scale * B A||_F", title_justify="left")
+    console.print("[bold]update norms[/bold] ||scale · B A||_F per layer and module:")
+    out = Table()
     out.add_column("layer", justify="right")
     for name in names:
         out.add_column(name, justify="right")
