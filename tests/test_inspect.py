@@ -171,7 +171,7 @@ def test_a_quantized_cache_says_its_storage(files):
     assert [t["share"] for t in shown["tokens"]] == [
         t["share"] for t in inspect_json(str(files["snapkv"]), "--kept")["tokens"]
     ]
-    assert "storage int8" in run_cli("inspect", str(files["int8"]), "--kept").stdout.decode()
+    assert "stored as int8" in run_cli("inspect", str(files["int8"]), "--kept").stdout.decode()
 
 
 def test_a_cache_on_stdin(files, tmp_path):
@@ -306,7 +306,15 @@ def test_cosines_equal_those_of_the_materialized_updates(adapters):
     assert "cosine per layer" in table and "1" in table
 
 
-def test_adapters_that_do_not_compare_are_refused(adapters, files):
+def test_adapters_that_do_not_compare_are_refused(adapters, files, tmp_path):
+    fingerprinted = {}
+    for name, fingerprint in (("f1", "aaaa"), ("f2", "bbbb")):
+        fingerprinted[name] = make_adapter(tmp_path / name, 3)
+        record = {"base_model": {"id": "tiny-base", "model": fingerprint}}
+        (fingerprinted[name] / "loramem.json").write_text(json.dumps(record))
+    assert "base models" in refused(run_cli("inspect", str(fingerprinted["f1"]), str(fingerprinted["f2"])), 3)
+    # one records a fingerprint, the other only a name: the names decide
+    assert run_cli("inspect", str(fingerprinted["f1"]), str(adapters["plain"])).returncode == 0
     assert "modules or shapes" in refused(run_cli("inspect", str(adapters["plain"]), str(adapters["wide"])), 3)
     assert "base models" in refused(run_cli("inspect", str(adapters["plain"]), str(adapters["other_base"])), 3)
     assert "not both" in refused(run_cli("inspect", str(adapters["plain"]), str(files["snapkv"])), 2)

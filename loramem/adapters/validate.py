@@ -327,7 +327,8 @@ def check_adapter(path: str | Path, values: bool = True) -> tuple[dict[str, Any]
     return config, meta
 
 
-def _short(name: str) -> str:
+def short_model_name(name: str) -> str:
+    """A model's name as adapters compare it: the last path component, lower case (a hub id and a local copy agree)."""
     return Path(name.rstrip("/")).name.lower()
 
 
@@ -344,8 +345,11 @@ def check_base_model(config: dict[str, Any], meta: dict[str, Any], lm: Any, path
     named = config.get("base_model_name_or_path")
     if not named:
         return
-    known = {_short(lm.model_id), _short(str(getattr(lm.model.config, "_name_or_path", "") or lm.model_id))}
-    if _short(named) not in known:
+    known = {
+        short_model_name(lm.model_id),
+        short_model_name(str(getattr(lm.model.config, "_name_or_path", "") or lm.model_id)),
+    }
+    if short_model_name(named) not in known:
         raise IncompatibleArtifactError(f"adapter {path} names another base model ({named}), not {lm.model_id}")
 
 

@@ -43,6 +43,11 @@ def token_texts(cache: KVCache) -> list[str] | None:
     return [tokenizer.decode([i], skip_special_tokens=False) for i in cache.token_ids.tolist()]
 
 
+def token_label(texts: list[str] | None, token_ids: list[int], index: int) -> str:
+    """A token as maps show it: its text when the tokenizer was at hand, else its id in brackets."""
+    return texts[index] if texts is not None else f"[{token_ids[index]}]"
+
+
 def _check_slot(spec: InspectSpec, grid: torch.Tensor) -> None:
     layers, heads = grid.shape[:2]
     if spec.layer is not None and spec.layer >= layers:
@@ -67,7 +72,7 @@ class KeptMap:
     head: int | None
 
     def label(self, index: int) -> str:
-        return self.texts[index] if self.texts is not None else f"[{self.token_ids[index]}]"
+        return token_label(self.texts, self.token_ids, index)
 
     def slots(self) -> str:
         """Which slots the shares are over, in words."""
@@ -169,7 +174,7 @@ class Comparison:
     framing_tokens: int
 
     def label(self, index: int) -> str:
-        return self.texts[index] if self.texts is not None else f"[{self.token_ids[index]}]"
+        return token_label(self.texts, self.token_ids, index)
 
     def to_json(self) -> dict[str, Any]:
         def tokens(positions: list[int]) -> list[dict[str, Any]]:

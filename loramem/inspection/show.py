@@ -40,7 +40,7 @@ def show_kept(console: Any, kept: KeptMap, max_tokens: int) -> None:
     end = min(len(kept.token_ids), start + max_tokens)
     console.print(
         f"[bold]kept tokens[/bold] over {kept.slots()}; mean share {float(kept.share[start:].mean()):.1%}"
-        + (f"; storage {kept.storage} (quantized values, positions exact)" if kept.storage not in ("native",) else "")
+        + (f"; stored as {kept.storage} (kept positions exact)" if kept.storage != "native" else "")
     )
     if start:
         framing = float(kept.share[:start].mean())

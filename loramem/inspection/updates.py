@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from loramem.adapters.validate import check_adapter, layer_index, lora_pairs, module_scale
+from loramem.adapters.validate import check_adapter, layer_index, lora_pairs, module_scale, short_model_name
 from loramem.errors import IncompatibleArtifactError
 
 
@@ -39,7 +39,8 @@ class Updates:
 
     path: str
     factors: dict[tuple[int | None, str], Factor]
-    base_model: str | None
+    base_fingerprint: str | None  # loramem.json's record of the base model, when the adapter has one
+    base_name: str | None  # the last part of adapter_config's base_model_name_or_path
 
     @property
     def layers(self) -> list[int | None]:
@@ -70,8 +71,8 @@ def read_updates(path: str | Path) -> Updates:
         factors[(layer, _module_tail(module, layer))] = Factor(
             a.to(torch.float64), b.to(torch.float64), module_scale(config, module)
         )
-    base = (meta.get("base_model") or {}).get("model") or Path(config.get("base_model_name_or_path") or "").name
-    return Updates(str(path), factors, base or None)
+    named = short_model_name(str(config.get("base_model_name_or_path") or ""))
+    return Updates(str(path), factors, (meta.get("base_model") or {}).get("model"), named or None)
 
 
 def norm_table(updates: Updates) -> dict[str, Any]:
@@ -88,7 +89,13 @@ def check_comparable(all_updates: list[Updates]) -> None:
     """Adapters compare only when they change the same modules, of the same shapes, of one base model."""
     first = all_updates[0]
     for other in all_updates[1:]:
-        if first.base_model and other.base_model and first.base_model != other.base_model:
+        by_fingerprint = first.base_fingerprint and other.base_fingerprint
+        same = (
+            first.base_fingerprint == other.base_fingerprint
+            if by_fingerprint
+            else not (first.base_name and other.base_name) or first.base_name == other.base_name
+        )
+        if not same:
             raise IncompatibleArtifactError(
                 f"adapters {first.path} and {other.path} were made for different base models"
             )
