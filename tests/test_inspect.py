@@ -275,13 +275,16 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("name", list(ADAPTERS))
 def test_update_norms_equal_the_materialized_frobenius_norm(adapters, name):
     dense = materialized(adapters[name])
-    table = norm_table(read_updates(adapters[name]))
+    updates = read_updates(adapters[name])
+    assert set(updates.factors) == set(dense)
+    for key, factor in updates.factors.items():
+        expected = float(torch.linalg.matrix_norm(dense[key]))
+        assert abs(factor.norm() - expected) <= tolerance(dense[key], factor.a.shape[0]) * expected, key
+    table = norm_table(updates)
     assert table["layers"] == [0, 1] and table["modules"] == ["self_attn.q_proj", "self_attn.v_proj"]
-    for layer, row in zip(table["layers"], table["frobenius"]):
-        for module, value in zip(table["modules"], row):
-            update = dense[(layer, module)]
-            expected = float(torch.linalg.matrix_norm(update))
-            assert value == pytest.approx(expected, rel=max(tolerance(update, 4), 1e-8))  # the table rounds to 8 places
+    assert table["frobenius"] == [
+        [round(updates.factors[(layer, m)].norm(), 8) for m in table["modules"]] for layer in (0, 1)
+    ]
     shown = inspect_json(str(adapters[name]))
     assert shown["update_norms"] == json.loads(json.dumps(table))
 
@@ -295,7 +298,7 @@ def test_cosines_equal_those_of_the_materialized_updates(adapters):
             flat_i = torch.cat([m.flatten() for m in dense[i].values()])
             flat_j = torch.cat([m.flatten() for m in dense[j].values()])
             expected = float(flat_i @ flat_j / (flat_i.norm() * flat_j.norm()))
-            assert result["cosine"][i][j] == pytest.approx(expected, abs=1e-7)
+            assert result["cosine"][i][j] == pytest.approx(expected, abs=1e-7)  # rounded to 8 places
     first = next(p for p in result["per_layer"] if p["adapters"] == [0, 1])
     for layer, value in enumerate(first["cosine"]):
         a = torch.cat([m.flatten() for (lay, _), m in dense[0].items() if lay == layer])
@@ -377,3 +380,34 @@ def test_the_default_models_cache_at_ratio_0_9_is_mapped_in_its_own_words(real, 
     assert "Varnaby Point" in out and "[ids]" not in out
     plot = tmp_path / "default.png"
     assert run_cli("inspect", str(path), "--plot", str(plot)).returncode == 0 and png_size(plot)[1] > 400
+
+
+@pytest.mark.parametrize("scaling", [{}, {"alpha_pattern": {"v_proj": 3}, "use_rslora": True}])
+def test_a_trained_adapters_norms_equal_peft_delta_weights(tiny, tiny_dir, doc_text, tmp_path, scaling):
+    """PEFT's own ΔW (get_delta_weight) for every module, its scaling read by PEFT from the config: the names,
+    layers and scales that inspect reads are PEFT's."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    from loramem.adapters.train import train_adapter
+    from loramem.specs import TrainSpec
+
+    out = tmp_path / "doc.lora"
+    train_adapter(tiny, doc_text, [("Who designed it?", "Orla Quenby")], out, TrainSpec(rank=4, steps=2, batch_size=1))
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, **scaling}))
+    table = norm_table(read_updates(out))
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_dir)), str(out))
+    seen = 0
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            column = table["modules"].index(name.split(f".layers.{layer}.")[1])
+            delta = module.get_delta_weight("default").double()
+            assert table["frobenius"][table["layers"].index(layer)][column] == pytest.approx(
+                float(torch.linalg.matrix_norm(delta)),
+                rel=1e-5,  # PEFT forms ΔW in float32
+            )
+            seen += 1
+    assert seen == sum(v is not None for row in table["frobenius"] for v in row) > 0
