@@ -75,6 +75,45 @@ def _adapters(paths: list[str], as_json: bool, plot: Path | None) -> None:
         log(f"plot -> {plot}")
 
 
+def _two_caches(artifacts: list[str], as_json: bool, plot: Path | None) -> None:
+    from loramem.inspection import plots, show
+    from loramem.inspection.kept import compare_caches
+
+    (a, _), (b, _) = (_read_cache(x) for x in artifacts)
+    comparison = compare_caches(a, b, (_name(artifacts[0]), _name(artifacts[1])))
+    if plot is not None:
+        plots.plot_comparison(comparison, plot)
+    if as_json:
+        print_json(comparison.to_json())
+    else:
+        show.show_comparison(stdout_console(), comparison)
+
+
+def _one_cache(artifact: str, spec: InspectSpec, as_json: bool, plot: Path | None) -> None:
+    """The summary, or the kept-token map when one is asked for; a --plot draws the map either way."""
+    from loramem.inspection import plots, show
+    from loramem.inspection.kept import kept_map
+
+    cache, nbytes = _read_cache(artifact)
+    mapped = spec.mapped
+    kept = kept_map(cache, spec) if mapped or plot is not None else None
+    if kept is not None and plot is not None:
+        plots.plot_kept(kept, plot, Path(_name(artifact)).name)
+    if kept is not None and mapped:
+        if as_json:
+            print_json(kept.to_json())
+        else:
+            show.show_kept(stdout_console(), kept, spec.max_tokens)
+        return
+    from loramem.describe import describe_cache
+
+    info = describe_cache(cache, nbytes=nbytes)
+    if as_json:
+        print_json(info)
+    else:
+        _summary(info)
+
+
 @app.command()
 @with_specs(spec=InspectSpec)
 def inspect(
@@ -92,7 +131,7 @@ def inspect(
     if artifacts.count("-") > 1:
         raise LoramemError("stdin can carry one cache, not several")
     folders = [a for a in artifacts if a != "-" and Path(a).is_dir()]
-    mapped = spec.kept or spec.layer is not None or spec.head is not None
+    mapped = spec.mapped
     if folders:
         if len(folders) != len(artifacts):
             raise LoramemError("give caches or adapter directories to inspect, not both")
@@ -101,38 +140,11 @@ def inspect(
         return _adapters(folders, as_json, plot)
     if len(artifacts) > 2:
         raise LoramemError("compare two caches at a time (several adapters compare at once)")
-    from loramem.inspection import plots, show
-
-    read = [_read_cache(a) for a in artifacts]
-    if len(read) == 2:
-        if mapped:
-            raise LoramemError("--kept, --layer and --head map one cache; two caches are compared whole")
-        from loramem.inspection.kept import compare_caches
-
-        comparison = compare_caches(read[0][0], read[1][0], (_name(artifacts[0]), _name(artifacts[1])))
-        if plot is not None:
-            plots.plot_comparison(comparison, plot)
-        if as_json:
-            print_json(comparison.to_json())
-        else:
-            show.show_comparison(stdout_console(), comparison)
-    elif mapped or plot is not None:
-        from loramem.inspection.kept import kept_map
-
-        kept = kept_map(read[0][0], spec)
-        if plot is not None:
-            plots.plot_kept(kept, plot, Path(_name(artifacts[0])).name)
-        if mapped and as_json:
-            print_json(kept.to_json())
-        elif mapped:
-            show.show_kept(stdout_console(), kept, spec.max_tokens)
-    if len(read) == 1 and not mapped:
-        from loramem.describe import describe_cache
-
-        info = describe_cache(read[0][0], nbytes=read[0][1])
-        if as_json:
-            print_json(info)
-        else:
-            _summary(info)
+    if len(artifacts) == 2 and mapped:
+        raise LoramemError("--kept, --layer and --head map one cache; two caches are compared whole")
+    if len(artifacts) == 2:
+        _two_caches(artifacts, as_json, plot)
+    else:
+        _one_cache(artifacts[0], spec, as_json, plot)
     if plot is not None:
         log(f"plot -> {plot}")

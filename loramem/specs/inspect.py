@@ -16,3 +16,8 @@ class InspectSpec(Spec):
     max_tokens: int = setting(
         1000, "Document tokens the terminal map prints (a longer document is cut, with a note)", ge=1
     )
+
+    @property
+    def mapped(self) -> bool:
+        """Whether a kept-token map is asked for (any of its settings given)."""
+        return self.kept or self.layer is not None or self.head is not None
