@@ -167,12 +167,24 @@ def _check_scaling(config: dict[str, Any], path: str | Path) -> None:
     pairs = [("lora_alpha", alpha, rank)] + [(f"alpha_pattern {k!r}", a, ranks.get(k, rank)) for k, a in alphas.items()]
     pairs += [(f"rank_pattern {k!r}", alphas.get(k, alpha), r) for k, r in ranks.items()]
     for where, a, r in pairs:
-        scale = a / math.sqrt(r) if rslora else a / r
+        scale = lora_scale(a, r, rslora)
         if not 0 < scale <= MAX_SCALE:
             raise _fail(path, f"{where} gives a LoRA scaling of {scale:g}, expected at most {MAX_SCALE:g}")
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    """The factor PEFT multiplies B @ A by: alpha over the rank, or over its root with use_rslora."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def module_scale(config: dict[str, Any], module: str) -> float:
+    """The LoRA scaling of one module, its rank and alpha looked up in rank_pattern and alpha_pattern as PEFT does."""
+    rank = pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
+    alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+    return lora_scale(alpha, rank, config.get("use_rslora") is True)
+
+
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's rank_pattern lookup: the first key that matches the end of the module's name."""
     for key, value in patterns.items():
         try:
@@ -191,7 +203,7 @@ def _targeted(module: str, targets: list[str] | str | None) -> bool:
     return any(module == t or module.endswith("." + t) for t in targets)
 
 
-def _layer_index(module: str, pattern: Any) -> int | None:
+def layer_index(module: str, pattern: Any) -> int | None:
     """The decoder-layer number PEFT reads from a module name (its own default regex, or layers_pattern)."""
     patterns = [pattern] if isinstance(pattern, str) else list(pattern or [])
     for p in patterns or [None]:
@@ -225,31 +237,47 @@ def check_weights(path: str | Path, config: dict[str, Any], values: bool = True)
         pairs.setdefault(module, {})[match["part"]] = entry["shape"]
         if not _targeted(module, targets):
             raise _fail(path, f"weights for {module} are not in target_modules {targets}")
-        if layer_set is not None and _layer_index(module, config.get("layers_pattern")) not in layer_set:
+        if layer_set is not None and layer_index(module, config.get("layers_pattern")) not in layer_set:
             raise _fail(path, f"weights for {module} are outside layers_to_transform {sorted(layer_set)}")
     for module, parts in pairs.items():
         if set(parts) != {"A", "B"}:
             raise _fail(path, f"{module} has lora_{next(iter(parts))} without its other half")
-        rank = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
+        rank = pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
         a_rank, b_rank = parts["A"][0], parts["B"][1]
         if a_rank != rank or b_rank != rank:
             raise _fail(path, f"{module} has rank {a_rank}/{b_rank} in its weights, but adapter_config says {rank}")
     if values:
-        _check_finite(weights, path)
+        _check_finite(path)
     return header
 
 
-def _check_finite(weights: Path, path: str | Path) -> None:
+def read_weights(path: str | Path) -> dict[str, Any]:
+    """An adapter directory's tensors by name, read within the bounds of their checked header (never unpickled)."""
     from safetensors.torch import load
 
-    from loramem.tensorfile import all_finite, read_safetensors
+    from loramem.tensorfile import read_safetensors
 
-    data, _ = read_safetensors(weights, "adapter weights")
+    data, _ = read_safetensors(Path(path) / ADAPTER_WEIGHTS, "adapter weights")
     try:
-        tensors = load(data)
+        return dict(load(data))
     except Exception as exc:  # safetensors raises its own error type for corrupt payloads
         raise _fail(path, f"{ADAPTER_WEIGHTS} is corrupt") from exc
-    for name, tensor in tensors.items():
+
+
+def lora_pairs(path: str | Path) -> dict[str, tuple[Any, Any]]:
+    """module name (without PEFT's prefix) -> (A, B) of a checked adapter's weights."""
+    pairs: dict[str, dict[str, Any]] = {}
+    for name, tensor in read_weights(path).items():
+        match = _LORA.fullmatch(name)
+        if match is not None:
+            pairs.setdefault(match["module"].removeprefix(_PREFIX), {})[match["part"]] = tensor
+    return {module: (parts["A"], parts["B"]) for module, parts in pairs.items()}
+
+
+def _check_finite(path: str | Path) -> None:
+    from loramem.tensorfile import all_finite
+
+    for name, tensor in read_weights(path).items():
         if not all_finite(tensor):
             raise _fail(path, f"tensor {name} holds non-finite values (NaN or infinity)")
 
@@ -299,7 +327,8 @@ def check_adapter(path: str | Path, values: bool = True) -> tuple[dict[str, Any]
     return config, meta
 
 
-def _short(name: str) -> str:
+def short_model_name(name: str) -> str:
+    """A model's name as adapters compare it: the last path component, lower case (a hub id and a local copy agree)."""
     return Path(name.rstrip("/")).name.lower()
 
 
@@ -316,8 +345,11 @@ def check_base_model(config: dict[str, Any], meta: dict[str, Any], lm: Any, path
     named = config.get("base_model_name_or_path")
     if not named:
         return
-    known = {_short(lm.model_id), _short(str(getattr(lm.model.config, "_name_or_path", "") or lm.model_id))}
-    if _short(named) not in known:
+    known = {
+        short_model_name(lm.model_id),
+        short_model_name(str(getattr(lm.model.config, "_name_or_path", "") or lm.model_id)),
+    }
+    if short_model_name(named) not in known:
         raise IncompatibleArtifactError(f"adapter {path} names another base model ({named}), not {lm.model_id}")
 
 

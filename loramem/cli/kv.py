@@ -1,15 +1,14 @@
-"""encode, compress, inspect: the KV-cache artifact's commands."""
+"""encode, compress: the KV-cache artifact's commands."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from loramem.cli.app import app
-from loramem.cli.options import ForceCacheOpt, JsonOpt, load, print_json, read_questions, stdout_console
+from loramem.cli.options import ForceCacheOpt, load, read_questions
 from loramem.cli.specopts import FROM_SPEC, Use, named_as_flags, with_specs
 from loramem.errors import LoramemError
 from loramem.log import log
@@ -111,39 +110,3 @@ def compress(
     chosen_by = f"{len(spec.query)} question(s)" if spec.query else spec.press
     where = write_output(output, small.to_bytes(), "cache")
     log(f"kept {max(small.kept_per_layer)} of {cache.n_tokens} tokens per head ({chosen_by}) -> {where}")
-
-
-@app.command()
-def inspect(
-    artifact: str = typer.Argument(..., help="A cache .safetensors (- for stdin) or an adapter directory"),
-    as_json: bool = JsonOpt,
-) -> None:
-    """Show what a cache or an adapter holds: model, document, tokens kept, bytes, press, ratio."""
-    from loramem.describe import describe_adapter, describe_cache
-
-    if artifact != "-" and Path(artifact).is_dir():
-        info = describe_adapter(artifact)
-    else:
-        from loramem.kv.cache import KVCache
-        from loramem.tensorfile import read_safetensors
-
-        data, source = read_safetensors(artifact, what="cache")
-        info = describe_cache(KVCache.from_bytes(data, source), nbytes=len(data))
-    if as_json:
-        print_json(info)
-        return
-    from rich.table import Table
-
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold cyan")
-    table.add_column(overflow="fold")
-    hidden = {"kept_per_layer", "kept_per_head", "history"}
-    for key, value in info.items():
-        if key in hidden or value is None:
-            continue
-        if key.endswith("bytes") and isinstance(value, int):
-            value = f"{value:,} ({value / 2**20:.1f} MiB)"
-        elif isinstance(value, (list, dict)):
-            value = json.dumps(value) if value else "-"
-        table.add_row(key.replace("_", " "), str(value).replace("\n", " "))
-    stdout_console().print(table)

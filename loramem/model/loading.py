@@ -241,6 +241,11 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     return names[dtype]
 
 
+def vocab_sha256(vocab: dict[str, int]) -> str:
+    """The hash of a tokenizer's vocabulary (added tokens included) that artifacts record."""
+    return sha256_text(json.dumps(sorted(vocab.items()), ensure_ascii=False))
+
+
 def model_fingerprint(model: Any, tokenizer: Any) -> dict[str, str]:
     """Hashes that tell whether an artifact was made by this model and tokenizer.
 
@@ -257,8 +262,7 @@ def model_fingerprint(model: Any, tokenizer: Any) -> dict[str, str]:
     for _, p in (params[0], params[len(params) // 2], params[-1]):
         chunk = p.detach().flatten()[:4096].to(device="cpu", dtype=torch.bfloat16).float()
         sample.update(chunk.numpy().tobytes())
-    vocab = tokenizer.get_vocab()
-    vocab_sha = sha256_text(json.dumps(sorted(vocab.items()), ensure_ascii=False))
+    vocab_sha = vocab_sha256(tokenizer.get_vocab())
     template = getattr(tokenizer, "chat_template", None) or ""
     weights_sha = sample.hexdigest()
     return {
@@ -323,27 +327,35 @@ def _source(name: str) -> tuple[str, Path | str]:
     return "hub", name
 
 
-def local_config(name: str) -> dict[str, Any] | None:
-    """A model's config.json if it is already on this machine (default copy, directory, Hugging Face cache).
-
-    For `inspect`, which must stay instant and offline: never downloads, never converts the GGUF default.
-    """
+def local_file(name: str, filename: str) -> Path | None:
+    """One file of a model (config.json, tokenizer.json) if it is already on this machine: the default copy, a
+    directory, the Hugging Face cache. For `inspect`, which must stay instant and offline: never downloads, never
+    converts the GGUF default, never reads weights."""
     path: Path | None
     try:
         kind, where = _source(name)
         if kind == "default":
-            path = _default_copy(_default_gguf()) / "config.json"
+            path = _default_copy(_default_gguf()) / filename
         elif kind == "dir":
-            path = Path(where) / "config.json"
+            path = Path(where) / filename
         elif kind == "hub":
             from huggingface_hub import try_to_load_from_cache
 
-            hit = try_to_load_from_cache(str(where), "config.json")
+            hit = try_to_load_from_cache(str(where), filename)
             path = Path(hit) if isinstance(hit, str) else None
         else:  # a GGUF file keeps its config inside and adapters record only its file name
             path = None
-        return json.loads(path.read_text()) if path is not None and path.is_file() else None
+        return path if path is not None and path.is_file() else None
     except (LoramemError, OSError, ValueError):
+        return None
+
+
+def local_config(name: str) -> dict[str, Any] | None:
+    """A model's config.json if it is already on this machine (`local_file`)."""
+    path = local_file(name, "config.json")
+    try:
+        return json.loads(path.read_text()) if path is not None else None
+    except (OSError, ValueError):
         return None
 
 

@@ -6,6 +6,7 @@ from loramem.specs.answer import AnswerSpec, AskSpec, ModelSpec, RouteSpec
 from loramem.specs.base import Spec, SpecError
 from loramem.specs.data import ConvertSpec, FictionSpec
 from loramem.specs.eval import DemoSpec, EvalSpec, LibraryModesSpec, ProbeSpec, RaySpec
+from loramem.specs.inspect import InspectSpec
 from loramem.specs.kv import CompressSpec, EncodeSpec
 from loramem.specs.train import MergeSpec, SynthSpec, TrainSpec
 
@@ -18,6 +19,7 @@ __all__ = [
     "EncodeSpec",
     "EvalSpec",
     "FictionSpec",
+    "InspectSpec",
     "LibraryModesSpec",
     "MergeSpec",
     "ModelSpec",
