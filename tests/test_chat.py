@@ -29,13 +29,13 @@ def caches(tiny_dir, other_tiny_dir, tmp_path_factory) -> dict[str, Path]:
     return made
 
 
-def asked(tiny_dir, cache: Path, questions: list[str]) -> list[str]:
+def asked(tiny_dir, cache: Path, questions: list[str], *more: str) -> list[str]:
     """`ask`'s answer lines, each question decoded alone as chat decodes it."""
     result = run_cli(
-        "ask", "--cache", str(cache), *questions, "--model", str(tiny_dir), "--max-new-tokens", "8", "--batch-size", "1"
+        "ask", "-c", str(cache), *questions, "-m", str(tiny_dir), "--max-new-tokens", "8", "--batch-size", "1", *more
     )
     assert result.returncode == 0, result.stderr.decode()
-    return result.stdout.decode().splitlines()
+    return result.stdout.decode().splitlines()[0] if len(questions) == 1 else result.stdout.decode().splitlines()
 
 
 def test_chat_from_a_pipe_answers_one_line_per_question_as_ask_does(tiny_dir, caches):
@@ -95,7 +95,44 @@ def test_chat_with_a_bad_adapter_goes_on(tiny_dir, caches, tmp_path):
     err = result.stderr.decode()
     assert result.returncode == 2 and "Traceback" not in err
     assert [line.split(":")[0] for line in err.splitlines() if line.startswith("error")] == ["error"] * 3, err
-    assert result.stdout.decode().splitlines() == asked(tiny_dir, caches["full"], [QUESTIONS[0]])
+    assert result.stdout.decode().splitlines() == [asked(tiny_dir, caches["full"], [QUESTIONS[0]])]
+
+
+def test_chat_switches_adapters_and_modes_as_ask_takes_them(tiny, tiny_dir, caches, doc_text, tmp_path):
+    from loramem.adapters.train import train_adapter
+    from loramem.specs import TrainSpec
+
+    adapter = tmp_path / "doc.lora"
+    qa = [("Who designed the lighthouse?", "Orla Quenby"), ("Who was the first keeper?", "Hobart Fennick")]
+    train_adapter(tiny, doc_text, qa, adapter, TrainSpec(rank=2, alpha=4.0, steps=2, batch_size=2))
+    q = QUESTIONS
+    lines = [f"/adapter {adapter}", q[0], "/mode none", q[1], "/mode decode", "/adapter none", q[2], "/info"]
+    result = run_cli(
+        "chat", "-c", str(caches["full"]), "-m", str(tiny_dir), "--max-new-tokens", "8", input="\n".join(lines).encode()
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    full = caches["full"]
+    assert result.stdout.decode().splitlines() == [
+        asked(tiny_dir, full, [q[0]], "--adapter", str(adapter)),
+        asked(tiny_dir, full, [q[1]], "--adapter", str(adapter), "--adapter-mode", "none"),
+        asked(tiny_dir, full, [q[2]]),
+    ]
+    shown = result.stderr.decode().splitlines()
+    assert shown[0].endswith(f"adapter: {adapter}; mode: decode") and shown[-1].endswith("adapter: none; mode: none")
+
+
+@pytest.mark.real
+def test_chat_answers_as_ask_does_with_the_default_model(tmp_path):
+    """ask --cache answers with the transformers-free default model, chat with transformers' (an adapter may come):
+    the same answers, streamed or not."""
+    kv = tmp_path / "doc.kv"
+    assert run_cli("encode", str(DEMO_DOC), "-o", str(kv)).returncode == 0
+    questions = ["Who designed the lighthouse?", "When was it first lit?"]
+    plain = run_cli("ask", "-c", str(kv), *questions, "--max-new-tokens", "24", "--batch-size", "1")
+    streamed = run_cli("ask", "-c", str(kv), *questions, "--max-new-tokens", "24", "--batch-size", "1", "--stream")
+    chat = run_cli("chat", "-c", str(kv), "--max-new-tokens", "24", "--stream", input="\n".join(questions).encode())
+    assert plain.returncode == streamed.returncode == chat.returncode == 0, chat.stderr.decode()
+    assert chat.stdout == streamed.stdout == plain.stdout and len(plain.stdout.splitlines()) == 2
 
 
 class Terminal:
@@ -164,7 +201,7 @@ def test_chat_in_a_terminal_streams_stops_an_answer_and_keeps_history(tiny_dir, 
     assert "earlier questions and answers are not context" in term.until("> ")
     term.send(QUESTIONS[0] + "\r")
     shown = term.until("\n> ")
-    assert asked(tiny_dir, caches["full"], [QUESTIONS[0]])[0] in shown
+    assert asked(tiny_dir, caches["full"], [QUESTIONS[0]]) in shown
     term.send("/cache none\r")
     assert "memory: none (closed-book)" in term.until("\n> ")
     term.send("/help\r")
