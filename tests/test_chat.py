@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_DOC, REPO, run_cli
+from conftest import DEMO_DOC, REPO, interrupt_once_written, run_cli
 
 QUESTIONS = ["Who designed the lighthouse?", "When was it built?", "Who keeps the lamp?", "Where is it?", "Why?"]
 
@@ -121,6 +121,15 @@ def test_chat_switches_adapters_and_modes_as_ask_takes_them(tiny, tiny_dir, cach
     assert shown[0].endswith(f"adapter: {adapter}; mode: decode") and shown[-1].endswith("adapter: none; mode: none")
 
 
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_during_an_answer_from_a_pipe_ends_the_run(tiny_dir, tmp_path, signum, code):
+    """From a pipe there is no prompt to return to: Ctrl-C ends the run as it ends `ask` (SIGTERM too)."""
+    args = ["chat", "--model", str(tiny_dir), "--max-new-tokens", "1000", "--stream"]
+    result = interrupt_once_written(args, signum, tmp_path / "out.txt", input=b"Tell me everything.\n")
+    err = result.stderr.decode()
+    assert result.returncode == code and err.strip().splitlines()[-1] == "interrupted", err
+
+
 @pytest.mark.real
 def test_chat_answers_as_ask_does_with_the_default_model(tmp_path):
     """ask --cache answers with the transformers-free default model, chat with transformers' (an adapter may come):
@@ -170,6 +179,15 @@ class Terminal:
         before, _, self.seen = self.seen.partition(text)
         return before + text
 
+    def answer_begins(self, question: str) -> None:
+        """Ask `question` and wait for its answer's first words."""
+        self.send(question + "\r")
+        self.until(question + "\n")
+        deadline = time.monotonic() + 60
+        while not self.seen.strip() and time.monotonic() < deadline:
+            if select.select([self.fd], [], [], 0.05)[0]:
+                self.seen += os.read(self.fd, 4096).decode("utf-8", "replace")
+
     def send(self, keys: str) -> None:
         os.write(self.fd, keys.encode())
 
@@ -210,16 +228,16 @@ def test_chat_in_a_terminal_streams_stops_an_answer_and_keeps_history(tiny_dir, 
     # a long closed-book answer, stopped by Ctrl-C once it has begun: back at the prompt; Ctrl-C there ends (exit 0)
     term = Terminal([*args[:1], *args[3:-1], "1000"], env)
     term.until("> ")
-    term.send("Tell me everything you know.\r")
-    term.until("Tell me everything you know.\n")
-    term.seen = ""
-    deadline = time.monotonic() + 60
-    while not term.seen.strip() and time.monotonic() < deadline:  # the answer's first words
-        if select.select([term.fd], [], [], 0.05)[0]:
-            term.seen += os.read(term.fd, 4096).decode("utf-8", "replace")
+    term.answer_begins("Tell me everything you know.")
     term.send("\x03")
     assert "(stopped)" in term.until("\n> ", timeout=60)
     time.sleep(0.5)  # a Ctrl-C within microseconds of the prompt waits for the next key (Python's readline loop)
     term.send("\x03")
     assert term.exit_code() == 0
     assert "Tell me everything you know." in (home / "chat_history").read_text()
+    # SIGTERM is no Ctrl-C: it ends the session, in an answer too (143)
+    term = Terminal([*args[:1], *args[3:-1], "1000"], env)
+    term.until("> ")
+    term.answer_begins("And then?")
+    os.kill(term.pid, signal.SIGTERM)
+    assert term.exit_code() == 143

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import interrupt_once_written, run_cli
 
 from loramem import encode
 from loramem.answer import AnswerText, StreamedAnswers, answer_batch
@@ -117,33 +113,18 @@ def test_ask_stream_writes_what_ask_writes(tiny_dir, tmp_path, doc_text):
     assert [one_line(r["answer"]) for r in rows] == plain.stdout.decode().splitlines()
     refused = run_cli(*args, "--json", "--stream")
     assert refused.returncode == 2 and "give one" in refused.stderr.decode()
+    refused = run_cli("ask", "--library", str(tmp_path / "lib"), "Who?", "--stream")
+    assert refused.returncode == 2 and "--stream: a library's answers are written whole" in refused.stderr.decode()
 
 
-def test_sigint_during_a_streamed_answer_exits_130(tiny_dir, tmp_path, doc_text):
+def test_sigint_during_a_streamed_answer_exits_130(tiny_dir, tmp_path):
     """Ctrl-C stops the decode: exit 130, 'interrupted' on stderr, stdout holds only what was already written."""
     out = tmp_path / "out.txt"
     questions = tmp_path / "q.txt"
     questions.write_text("Tell me everything.\n" * 40)
-    env = {**os.environ, "LORAMEM_QUIET": "1", "PYTHONPATH": str(REPO)}
     args = ["ask", "-q", str(questions), "--model", str(tiny_dir), "--stream", "--batch-size", "1"]
-    with out.open("wb") as stdout:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "loramem", *args, "--max-new-tokens", "900"],
-            stdout=stdout,
-            stderr=subprocess.PIPE,
-            env=env,
-        )
-        deadline = time.monotonic() + 120
-        while out.stat().st_size == 0 and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert process.poll() is None, process.communicate()[1].decode()
-        process.send_signal(signal.SIGINT)
-        try:
-            _, err = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise AssertionError("SIGINT did not stop the decode") from None
-    assert process.returncode == 130, err.decode()
-    assert err.decode().strip().splitlines()[-1] == "interrupted" and "Traceback" not in err.decode()
+    result = interrupt_once_written([*args, "--max-new-tokens", "900"], signal.SIGINT, out)
+    err = result.stderr.decode()
+    assert result.returncode == 130 and err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
     written = out.read_text()
     assert written and len(written.splitlines()) < 40
