@@ -148,8 +148,7 @@ class Terminal:
     """`loramem ARGS` on a pseudo-terminal: what it writes, read until a text shows up (bounded in time)."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        import pty
-
+        pty = pytest.importorskip("pty")
         try:
             self.pid, self.fd = pty.fork()
         except OSError as exc:

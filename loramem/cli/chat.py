@@ -23,7 +23,7 @@ from loramem.cli.app import app, os_error_message, print_error, take_interrupt
 from loramem.cli.ask import adapter_on, open_memory, streams
 from loramem.cli.specopts import FROM_SPEC, Use, with_specs
 from loramem.errors import LoramemError
-from loramem.fileio import stdout_is_terminal, write_stdout
+from loramem.fileio import StdoutClosed, stdout_is_terminal, write_stdout
 from loramem.log import console, log
 from loramem.specs import AskSpec, ModelSpec
 from loramem.specs.base import leaves
@@ -94,6 +94,8 @@ class Session:
             if not (self.interactive and take_interrupt()):
                 raise
             self.say("(stopped)")
+        except StdoutClosed:  # nobody reads the answers any more
+            raise
         except (LoramemError, OSError) as exc:
             self.failed = True
             print_error(os_error_message(exc) if isinstance(exc, OSError) else str(exc))
@@ -230,11 +232,12 @@ def chat(spec: AskSpec = FROM_SPEC, model: ModelSpec = FROM_SPEC) -> None:
     memory = f"cache {spec.cache}" if spec.cache else f"document {spec.doc}" if spec.doc else "none (closed-book)"
     session = Session(lm, spec, cache, memory, interactive=interactive, stream=streams(spec, False))
     adapter_on(lm, session.adapter_mode, cache)
-    start = f"{session.info()}\nloramem chat: {SINGLE_TURN}. /help lists the commands."
+    start = f"{session.info()}\n{SINGLE_TURN[:1].upper()}{SINGLE_TURN[1:]}. /help lists the commands."
     if interactive:
         session.say(start)
     else:
-        log(" ".join(start.split("\n")))
+        for line in start.splitlines():
+            log(line)
     for line in _lines(interactive):
         if not session.line(line):
             break
