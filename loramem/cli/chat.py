@@ -41,7 +41,8 @@ SINGLE_TURN = "each question is answered from the document memory alone: earlier
 HELP = f"""Type a question and press Enter; {SINGLE_TURN}.
   /cache PATH           answer from this stored cache (/cache none: closed-book)
   /adapter PATH         attach this LoRA adapter (/adapter none: the base model)
-  /mode none|decode|all when the adapter is on (all: a cache encoded with the adapter)
+  /mode none|decode|all which passes use the adapter (decode: question and answer; all: also a cache encoded
+                        with it)
   /compress PRESS RATIO evict RATIO of the loaded cache's tokens by PRESS's recorded scores (0: all of it kept)
   /info                 what is loaded
   /help                 this help
