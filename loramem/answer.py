@@ -8,23 +8,28 @@ one document are answered in batches (`answer_batch`); `generate` is the one-que
 
 Stored keys are post-RoPE at their original positions, so the question continues at position
 `n_tokens` of the original prefill whatever was evicted: RoPE stays consistent after eviction.
+
+Answers can be shown as they are decoded: `on_token` hears each row's tokens from the decoder, and
+`StreamedAnswers` (one `AnswerText` per question) turns them into text in question order.
 """
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, TypedDict, Unpack
 
 from loramem.errors import LoramemError
 from loramem.kv.cache import KVCache
 from loramem.model import MAX_BATCH, MAX_BATCH_TOKENS, MAX_NEW_TOKENS
-from loramem.model.decode import Decoded, decode
+from loramem.model.decode import Decoded, TokenSink, decode
 from loramem.model.documents import one_cache
 from loramem.model.limits import answer_budgets, check_batch_memory
 from loramem.model.loading import LoadedModel, adapter_scope
 from loramem.model.prompt import DEFAULT_FRAMING, Framing, closed_book_ids, question_ids, stop_token_ids
+from loramem.text import one_line
 
 
 @dataclass
@@ -77,6 +82,7 @@ class AnswerOptions(TypedDict, total=False):
     framing: str | Framing
     batch_size: int | None
     max_batch_tokens: int
+    on_token: TokenSink | None
 
 
 def answer_batch(
@@ -105,8 +111,11 @@ def iter_answers(
     framing: str | Framing = DEFAULT_FRAMING,
     batch_size: int | None = None,
     max_batch_tokens: int = MAX_BATCH_TOKENS,
+    on_token: TokenSink | None = None,
 ) -> Iterator[tuple[int, Answer, float]]:
-    """`answer_batch` as each batch finishes: (question index, answer, the batch's seconds per answer)."""
+    """`answer_batch` as each batch finishes: (question index, answer, the batch's seconds per answer).
+    `on_token(question index, token)` hears each answer's tokens as they are decoded, then (index, None) at its
+    end (`StreamedAnswers` shows them)."""
     if batch_size is not None and batch_size < 1:
         raise LoramemError(f"batch size must be at least 1, got {batch_size}")
     if max_batch_tokens < 1:
@@ -145,7 +154,8 @@ def iter_answers(
             rows, limits = [caches[i] for i in chunk], [budgets[i] for i in chunk]
             width = max(len(prompts[i]) for i in chunk)
             check_batch_memory(lm.config, lm.dtype.itemsize, batch_tokens(rows, width, max(limits)), lm.device)
-            decoded = decode(lm.model, [prompts[i] for i in chunk], rows, set(stops[chunk[0]]), limits, pad_id)
+            sink = None if on_token is None else _indexed(on_token, chunk)
+            decoded = decode(lm.model, [prompts[i] for i in chunk], rows, set(stops[chunk[0]]), limits, pad_id, sink)
             seconds = (time.perf_counter() - started) / len(chunk)
             for i, row in zip(chunk, decoded):
                 yield i, _decoded_answer(tok, questions[i], caches[i], row), seconds
@@ -182,10 +192,21 @@ def _chunks(
         yield chunk
 
 
+def _indexed(on_token: TokenSink, chunk: list[int]) -> TokenSink:
+    """A batch's sink: its rows told to `on_token` as the questions they answer."""
+    return lambda row, token: on_token(chunk[row], token)
+
+
+def _text(tok: Any, tokens: list[int]) -> str:
+    """An answer's tokens as text, unstripped."""
+    text: str = tok.decode(tokens, skip_special_tokens=True)
+    return text
+
+
 def _decoded_answer(tok: Any, question: str, cache: KVCache | None, row: Decoded) -> Answer:
     return Answer(
         question=question,
-        answer=tok.decode(row.tokens, skip_special_tokens=True).strip(),
+        answer=_text(tok, row.tokens).strip(),
         new_tokens=len(row.tokens),
         stopped_at_end_of_turn=row.stopped,
         cache_tokens=_kept_tokens(cache),
@@ -213,3 +234,68 @@ def generate(
     return answer_batch(
         lm, [question], cache, max_new_tokens=max_new_tokens, adapter_on=adapter_on, framing=framing, batch_size=1
     )[0]
+
+
+_LAST_WORD = re.compile(r"\s\S*\Z")  # the last whitespace and what follows it
+
+
+class AnswerText:
+    """One answer's text as its tokens are decoded: `add(token)` gives what can be shown now, `end()` the rest;
+    together exactly the `Answer.answer` of those tokens (or its `text.one_line`).
+
+    The tokens so far are decoded whole and the new part of the text shown, so characters made of several tokens and
+    a tokenizer's spacing come out as the whole answer's decode has them. What may still change waits: a partial
+    UTF-8 character at the end (decoded as U+FFFD), trailing whitespace (the answer is stripped), and with a tokenizer
+    that cleans up spaces (" ." -> ".", " n't" -> "n't", as the default model's does) the last word and the space
+    before it."""
+
+    def __init__(self, tokenizer: Any, one_line: bool = False) -> None:
+        self._tokenizer, self._one_line = tokenizer, one_line
+        self._cleans_up = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        self._tokens: list[int] = []
+        self._shown = ""
+
+    def add(self, token: int) -> str:
+        self._tokens.append(token)
+        text = _text(self._tokenizer, self._tokens).rstrip("\ufffd")
+        if self._cleans_up:
+            text = _LAST_WORD.sub("", text)
+        return self._show(text.rstrip())
+
+    def end(self) -> str:
+        return self._show(_text(self._tokenizer, self._tokens).strip())
+
+    def _show(self, text: str) -> str:
+        text = one_line(text) if self._one_line else text.lstrip()
+        if not text.startswith(self._shown):  # not settled yet: wait for a decode that extends what is shown
+            return ""
+        new, self._shown = text[len(self._shown) :], text
+        return new
+
+
+class StreamedAnswers:
+    """Answers written as they are decoded, in question order (`ask --stream`, `chat`): the first unwritten
+    question's text as its tokens come, a later one's (decoded beside it in the batch, or later) once every
+    question before it is written; each ends with a newline. It is the `on_token` of `answer_batch`."""
+
+    def __init__(self, tokenizer: Any, count: int, write: Callable[[str], None], one_line: bool = False) -> None:
+        self._texts = [AnswerText(tokenizer, one_line) for _ in range(count)]
+        self._pending = [""] * count
+        self._done = [False] * count
+        self._next = 0
+        self._write = write
+        self.mid_line = False  # a line was begun and not ended: what an interrupt leaves
+
+    def __call__(self, index: int, token: int | None) -> None:
+        text = self._texts[index]
+        self._pending[index] += text.add(token) if token is not None else text.end() + "\n"
+        self._done[index] = token is None
+        while self._next < len(self._texts):
+            first = self._next
+            if self._pending[first]:
+                self._write(self._pending[first])
+                self._pending[first] = ""
+                self.mid_line = not self._done[first]
+            if not self._done[first]:
+                break
+            self._next += 1

@@ -28,6 +28,11 @@ def normalize_answer(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
+def one_line(text: str) -> str:
+    """The text on one line, each run of whitespace a single space: an answer as a line of output."""
+    return " ".join(text.split())
+
+
 def strip_thinking(text: str) -> str:
     """The answer without any <think>...</think> block (an unclosed one runs to the end): reasoning is not an
     answer, so it is removed before scoring."""

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,6 +162,38 @@ def run_process(*args: str, input: bytes | None = None, cwd: Path | None = None)
     return subprocess.run(
         [sys.executable, "-m", "loramem", *args], input=input, capture_output=True, env=env, cwd=cwd, timeout=600
     )
+
+
+def interrupt_once_written(
+    args: list[str], signum: int, out: Path, input: bytes | None = None
+) -> subprocess.CompletedProcess:
+    """Run `loramem ARGS` with stdout to the file `out`, send `signum` once something is written there (an answer
+    is being streamed), and wait for the end (bounded in time); stderr is returned."""
+    env = {**os.environ, "LORAMEM_QUIET": "1", "PYTHONPATH": str(REPO)}
+    with out.open("wb") as stdout:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "loramem", *args],
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        if input is not None:
+            assert process.stdin is not None
+            process.stdin.write(input)
+            process.stdin.flush()  # left open: the session is still reading when the signal comes
+        deadline = time.monotonic() + 120
+        while out.stat().st_size == 0 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert process.poll() is None, process.communicate()[1].decode()
+        process.send_signal(signum)
+        try:
+            _, err = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise AssertionError(f"signal {signum} did not stop the run") from None
+    return subprocess.CompletedProcess(args, process.returncode, b"", err)
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ def test_the_default_models_fingerprint_is_kept_beside_its_copy(tiny, tiny_dir, 
     [
         (["ask", "--help"], ("torch", "transformers", "kvpress", "peft", "scipy", "matplotlib")),
         (["compress", "--help"], ("torch", "transformers", "kvpress", "peft", "scipy", "matplotlib")),
+        (["chat", "--help"], ("torch", "transformers", "kvpress", "peft", "scipy", "matplotlib")),
         (["eval", "run", "--help"], ("torch", "transformers", "kvpress", "peft", "scipy", "matplotlib")),
     ],
 )

@@ -76,9 +76,30 @@ def _swallowed_interrupt(unraisable: Any) -> None:
     sys.__unraisablehook__(unraisable)
 
 
-def _fail(message: str, code: int) -> NoReturn:
+def print_error(message: str) -> None:
+    """An error as the one line on stderr that every command prints (`chat` goes on after it)."""
     console.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+
+
+def os_error_message(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    print_error(message)
     sys.exit(code)
+
+
+def take_interrupt() -> bool:
+    """For a command that handles Ctrl-C itself (`chat` stops one answer and goes on): True for a SIGINT (or a
+    KeyboardInterrupt no signal caused), which is then forgotten, so the command's own exit code stands; False for
+    SIGTERM, which must still end the command (143)."""
+    if _received and _received[0] != signal.SIGINT:
+        return False
+    _received.clear()
+    signal.setitimer(signal.ITIMER_REAL, 0)  # no re-delivery of the interrupt just handled
+    return True
 
 
 def _interrupted() -> NoReturn:
@@ -177,8 +198,7 @@ def main(args: Optional[list[str]] = None) -> NoReturn:
     except OSError as exc:
         if os.environ.get("LORAMEM_DEBUG"):
             raise
-        where = f" ({exc.filename})" if exc.filename else ""
-        _fail(f"{exc.strerror or exc}{where}", 2)
+        _fail(os_error_message(exc), 2)
     except Exception as exc:
         if os.environ.get("LORAMEM_DEBUG"):
             raise

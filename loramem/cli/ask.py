@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from loramem.cli.app import app
 from loramem.cli.options import JsonOpt, load, print_json, read_questions
 from loramem.cli.specopts import FROM_SPEC, with_specs
-from loramem.fileio import write_stdout
+from loramem.errors import LoramemError
+from loramem.fileio import stdout_is_terminal, write_stdout
 from loramem.specs import AskSpec, ModelSpec
+from loramem.text import one_line
+from loramem.vocab import AdapterMode
+
+if TYPE_CHECKING:
+    from loramem.answer import StreamedAnswers
+    from loramem.kv.cache import KVCache
+    from loramem.model.loading import LoadedModel
 
 
 @app.command()
@@ -26,41 +37,31 @@ def ask(
     if spec.library is not None:
         _ask_library(spec, model, read_questions(questions or [], questions_file, stdin_free=True), as_json)
         return
-    from loramem.adapters.attach import check_adapter_mode
-    from loramem.answer import answer_batch
+    from loramem.answer import StreamedAnswers, answer_batch
     from loramem.fileio import read_text
-    from loramem.kv.cache import KVCache, check_compatible
-    from loramem.kv.encode import encode as encode_document
-    from loramem.model.limits import check_questions
+    from loramem.kv.cache import KVCache
 
+    stream = streams(spec, as_json)
     cache = KVCache.load(spec.cache) if spec.cache else None
     text = read_text(spec.doc) if spec.doc else None
     items = read_questions(questions or [], questions_file, stdin_free="-" not in (spec.cache, spec.doc))
-    # answering alone (no adapter, nothing to encode) needs no transformers for the default model
-    lm = load(model, spec.adapter, answer_only=spec.adapter is None and text is None)
-    if cache is not None:
-        check_compatible(cache, lm.fingerprint, spec.cache or "cache", lm)
-    doc_seconds = 0.0
-    if text is not None:
-        if not spec.truncate:  # before the prefill (a cut document leaves the room encode keeps for the question)
-            questions = [item["question"] for item in items]
-            check_questions(lm, questions, text, spec.framing, "shorten it or use --truncate")
-        cache = encode_document(lm, text, framing=spec.framing, truncate=spec.truncate, with_adapter=spec.mode == "all")
-        doc_seconds = cache.meta["prefill_seconds"]
-    if cache is not None:
-        adapter_on = check_adapter_mode(lm, spec.mode, cache.meta.get("adapter"))
-    else:
-        adapter_on = check_adapter_mode(lm, "decode" if spec.mode == "all" else spec.mode, None)
-    results = answer_batch(
-        lm,
-        [item["question"] for item in items],
-        cache,
-        max_new_tokens=spec.answer.max_new_tokens,
-        adapter_on=adapter_on,
-        framing=spec.framing,
-        batch_size=spec.answer.batch_size,
-        max_batch_tokens=spec.answer.max_batch_tokens,
-    )
+    questions = [item["question"] for item in items]
+    lm, cache, doc_seconds = open_memory(spec, model, cache, text, questions, answer_only=True)
+    streamed = None
+    if stream:
+        streamed = StreamedAnswers(lm.tokenizer, len(items), write_stdout, one_line=len(items) > 1)
+    with line_ended(streamed):
+        results = answer_batch(
+            lm,
+            questions,
+            cache,
+            max_new_tokens=spec.answer.max_new_tokens,
+            adapter_on=adapter_on(lm, spec.mode, cache),
+            framing=spec.framing,
+            batch_size=spec.answer.batch_size,
+            max_batch_tokens=spec.answer.max_batch_tokens,
+            on_token=streamed,
+        )
     for item, result in zip(items, results):
         if as_json:
             data = {
@@ -72,9 +73,65 @@ def ask(
             if doc_seconds:
                 data["time_to_first_token_seconds"] = round(result.time_to_first_token_seconds + doc_seconds, 4)
             print_json(data)
-        else:
-            answer = result.answer if len(items) == 1 else " ".join(result.answer.split())
-            write_stdout(answer + "\n")
+        elif streamed is None:
+            write_stdout((result.answer if len(items) == 1 else one_line(result.answer)) + "\n")
+
+
+def streams(spec: AskSpec, as_json: bool) -> bool:
+    """Whether answers are written as they are decoded: --stream, else when stdout is a terminal; never with
+    --json (one whole object per answer)."""
+    if as_json and spec.stream:
+        raise LoramemError("--stream writes text as it is decoded, --json one object per answer: give one")
+    return not as_json and (spec.stream if spec.stream is not None else stdout_is_terminal())
+
+
+@contextmanager
+def line_ended(streamed: StreamedAnswers | None) -> Iterator[None]:
+    """An interrupt in the middle of a streamed answer leaves stdout as it is (nothing more is written there) and,
+    on a terminal, starts stderr's message on a line of its own."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if streamed is not None and streamed.mid_line and stdout_is_terminal():
+            sys.stderr.write("\n")
+        raise
+
+
+def open_memory(
+    spec: AskSpec,
+    model: ModelSpec,
+    cache: KVCache | None,
+    text: str | None,
+    questions: list[str],
+    *,
+    answer_only: bool,
+) -> tuple[LoadedModel, KVCache | None, float]:
+    """The model with `spec`'s adapter, checked against `cache`, or `text` encoded (the `questions` checked to fit
+    after it first): (model, cache, the document's prefill seconds). `answer_only`: no adapter will be attached
+    later, so the default model may load without transformers."""
+    from loramem.kv.cache import check_compatible
+    from loramem.kv.encode import encode as encode_document
+    from loramem.model.limits import check_questions
+
+    # answering alone (no adapter, nothing to encode) needs no transformers for the default model
+    lm = load(model, spec.adapter, answer_only=answer_only and spec.adapter is None and text is None)
+    if cache is not None:
+        check_compatible(cache, lm.fingerprint, spec.cache or "cache", lm)
+    if text is None:
+        return lm, cache, 0.0
+    if not spec.truncate:  # before the prefill (a cut document leaves the room encode keeps for the question)
+        check_questions(lm, questions, text, spec.framing, "shorten it or use --truncate")
+    cache = encode_document(lm, text, framing=spec.framing, truncate=spec.truncate, with_adapter=spec.mode == "all")
+    return lm, cache, float(cache.meta["prefill_seconds"])
+
+
+def adapter_on(lm: LoadedModel, mode: AdapterMode, cache: KVCache | None) -> bool:
+    """Whether decoding uses the attached adapter in `mode` over `cache` (closed-book: all is decode)."""
+    from loramem.adapters.attach import check_adapter_mode
+
+    if cache is None:
+        return check_adapter_mode(lm, "decode" if mode == "all" else mode, None)
+    return check_adapter_mode(lm, mode, cache.meta.get("adapter"))
 
 
 def _ask_library(spec: AskSpec, model: ModelSpec, items: list[dict[str, Any]], as_json: bool) -> None:
@@ -105,4 +162,4 @@ def _ask_library(spec: AskSpec, model: ModelSpec, items: list[dict[str, Any]], a
             print_json({**{k: v for k, v in item.items() if k != "question"}, **result.to_dict()})
         else:
             text = result.answer.answer
-            write_stdout((text if len(items) == 1 else " ".join(text.split())) + "\n")
+            write_stdout((text if len(items) == 1 else one_line(text)) + "\n")

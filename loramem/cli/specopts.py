@@ -107,10 +107,11 @@ def _options(name: str, use: Use) -> list[_Option]:
         kind, choices = info.annotation, _choices(info.annotation)
         base = _base(kind)
         param = "__".join((name, *path))
-        if base is bool:  # a flag; one that is on by default can be turned off (--no-...)
-            annotation: Any = bool
-            names[0] += f"/--no-{flag[2:]}" if node else ""
-            option = typer.Option(bool(node), *names, help=info.description or "", metavar="")
+        if base is bool:  # a flag; one that is on by default, or by default decided at run time (None), has --no-...
+            annotation: Any = bool if node is not None else Optional[bool]
+            names[0] += f"/--no-{flag[2:]}" if node or node is None else ""
+            shown = {"show_default": extra["shown"]} if extra.get("shown") else {}
+            option = typer.Option(node, *names, help=info.description or "", metavar="", **shown)
         else:
             text = _is_list(kind) or _is_tuple(kind) or choices or base not in (int, float)
             annotation = Optional[str] if text else Optional[base]

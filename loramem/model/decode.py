@@ -9,6 +9,7 @@ column; rows that finish leave the batch.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,10 @@ from loramem.model.presized import assemble
 # own question and answer columns), else once at most this share of it is still running (each retirement copies the
 # running rows' document copies, about what one step reads, so it is not done for every finished row).
 RETIRE_AT = 0.75
+
+# Told each token a row keeps as it is decoded, (row, token), then (row, None) once the row has finished: what a
+# caller that shows answers as they come (streaming) reads, without waiting for the whole batch.
+TokenSink = Callable[[int, "int | None"], None]
 
 
 @dataclass
@@ -44,9 +49,11 @@ def decode(
     stops: set[int],
     max_new_tokens: int | list[int],
     pad_id: int,
+    on_token: TokenSink | None = None,
 ) -> list[Decoded]:
     """Greedy tokens for each prompt over `cache` (one shared, or a list with one per prompt), each row stopping at
-    its own stop token or after `max_new_tokens` (one for every row, or each row's own)."""
+    its own stop token or after `max_new_tokens` (one for every row, each at least 1, or each row's own); `on_token`
+    is told each row's tokens as they are decoded and when the row ends."""
     device, dtype = model.device, model.dtype
     started = clock(device)  # time to first token counts putting the stored cache on the device
     rows = len(prompts)
@@ -86,10 +93,15 @@ def decode(
                 if stopped[row] or len(tokens[row]) >= limits[row]:
                     continue
                 if token in stops:
-                    stopped[row], finished[row] = True, time.perf_counter()
+                    stopped[row] = True
                 else:
                     tokens[row].append(token)
-                    finished[row] = time.perf_counter()
+                finished[row] = time.perf_counter()
+                if on_token is not None:
+                    if not stopped[row]:
+                        on_token(row, token)
+                    if stopped[row] or len(tokens[row]) >= limits[row]:
+                        on_token(row, None)
             running = [i for i, row in enumerate(alive) if not stopped[row] and len(tokens[row]) < limits[row]]
             if not running:
                 break

@@ -85,6 +85,9 @@ class AskSpec(Spec):
     )
     framing: Framing = setting("chat", "Framing for --doc and closed-book questions")
     truncate: bool = setting(False, "With --doc: cut a document longer than the context")
+    stream: bool | None = setting(
+        None, "Write each answer as it is decoded (not with --json)", shown="on when stdout is a terminal", runtime=True
+    )
     answer: AnswerSpec = setting(factory=AnswerSpec)
     route: RouteSpec = setting(factory=RouteSpec)
 
@@ -94,6 +97,8 @@ class AskSpec(Spec):
             given = [name for name in ("cache", "doc", "adapter", "adapter_mode") if getattr(self, name)]
             if given:
                 refuse("a library answers with its own adapters; leave these out", "library", *given)
+            if self.stream:
+                refuse("a library's answers are written whole, not streamed", "stream")
         elif self.route.model_fields_set:
             refuse("routing settings need a library", *(f"route.{n}" for n in sorted(self.route.model_fields_set)))
         if self.cache and self.doc:
