@@ -84,8 +84,7 @@ def eval_run(
     with named_as_flags(EvalSpec, in_file=in_file, file=config_file):
         run = run_settings(out, dataset, merged(from_file, settings), resume=resume)
     recorded = {"model": run.model, "chat_template_kwargs": run.chat_template_kwargs}
-    with named_as_flags(ModelSpec):
-        loading = ModelSpec.parse({**{k: v for k, v in recorded.items() if v is not None}, **model})
+    loading = ModelSpec.parse({**{k: v for k, v in recorded.items() if v is not None}, **model})
     if workers.address is not None:
         from loramem.evaluation.ray import run_eval_ray
 

@@ -9,7 +9,7 @@ import typer
 
 from loramem.cli.app import app
 from loramem.cli.options import ForceCacheOpt, load, read_questions
-from loramem.cli.specopts import FROM_SPEC, Use, named_as_flags, with_specs
+from loramem.cli.specopts import FROM_SPEC, Use, with_specs
 from loramem.errors import LoramemError
 from loramem.log import log
 from loramem.specs import CompressSpec, EncodeSpec, ModelSpec
@@ -84,8 +84,7 @@ def compress(
         raise LoramemError("stdin can carry the cache or the questions, not both")
     if query or questions_file:
         items = read_questions(query or [], questions_file, stdin_free=False)
-        with named_as_flags(CompressSpec):
-            spec = spec.replace(query=[item["question"] for item in items])
+        spec = spec.replace(query=[item["question"] for item in items])
     if output is None and stdout_is_terminal():
         raise LoramemError("refusing to write a binary cache to the terminal; give -o FILE or pipe it")
     check_output_path(
@@ -97,16 +96,11 @@ def compress(
         from loramem.kv.cache import check_compatible
         from loramem.kv.value_groups import check_groups
 
-        with named_as_flags(CompressSpec):
-            check_groups(cache, spec.press, spec.groups, spec.rule, query=True)  # before the model loads
+        check_groups(cache, spec.press, spec.groups, spec.rule, query=True)  # before the model loads
         lm = load(model)
         check_compatible(cache, lm.fingerprint, cache_file, lm)
-        with named_as_flags(CompressSpec):
-            scores = query_scores(lm, cache, spec)
-    with named_as_flags(CompressSpec):
-        small = compress_cache(
-            cache, spec, scores_from=KVCache.load(scores_from) if scores_from else None, scores=scores
-        )
+        scores = query_scores(lm, cache, spec)
+    small = compress_cache(cache, spec, scores_from=KVCache.load(scores_from) if scores_from else None, scores=scores)
     chosen_by = f"{len(spec.query)} question(s)" if spec.query else spec.press
     where = write_output(output, small.to_bytes(), "cache")
     log(f"kept {max(small.kept_per_layer)} of {cache.n_tokens} tokens per head ({chosen_by}) -> {where}")
