@@ -20,6 +20,7 @@ from loramem.specs.kv import PressList, PressName
 from loramem.specs.train import SynthSpec, TrainSpec
 from loramem.vocab import (
     ADAPTER_MODES,
+    EVICTION_PRESS,
     LIBRARY_MODES,
     Format,
     Granularity,
@@ -249,7 +250,7 @@ class DemoSpec(Spec):
     ratios: Annotated[list[float], CommaList] = setting(
         factory=lambda: [0.0, 0.5, 0.9, 1.0], help="Compression ratios to compare (0 and 1.0 are always included)"
     )
-    press: PressName = setting("snapkv", "Press used for every ratio")
+    press: PressName = setting(EVICTION_PRESS, "Press used for every ratio")
     adapter: bool = setting(True, "Train a QA adapter on the example's pairs and answer at ratio 1.0")
 
     _ratios = field_validator("ratios")(lambda value: ratios(value))
