@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, frozenset[str], bool]] = [
     ("specs", frozenset({"specs"}), False),
     ("model", frozenset({"model"}), False),
     ("artifacts", frozenset({"kv", "adapters"}), False),
-    ("answering", frozenset({"answer"}), False),
+    ("answering", frozenset({"answer", "memory"}), False),
     ("data", frozenset({"data"}), False),
     ("library", frozenset({"library"}), False),
     ("evaluation", frozenset({"evaluation"}), False),

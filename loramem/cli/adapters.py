@@ -8,10 +8,11 @@ from typing import Any, Optional
 import typer
 
 from loramem.cli.app import app
-from loramem.cli.options import ForceOpt, JsonOpt, load, print_json
+from loramem.cli.options import ForceOpt, JsonOpt, print_json
 from loramem.cli.specopts import FROM_SPEC, Use, with_specs
 from loramem.fileio import check_output_path
 from loramem.log import log
+from loramem.memory import load
 from loramem.specs import MergeSpec, ModelSpec, SynthSpec, TrainSpec
 
 # One release accepts the old spelling of the training batch (`--batch-size` now means a decoding batch).

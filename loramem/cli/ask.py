@@ -10,18 +10,16 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 from loramem.cli.app import app
-from loramem.cli.options import JsonOpt, load, print_json, read_questions
+from loramem.cli.options import JsonOpt, print_json, read_questions
 from loramem.cli.specopts import FROM_SPEC, with_specs
 from loramem.errors import LoramemError
 from loramem.fileio import stdout_is_terminal, write_stdout
+from loramem.memory import adapter_on, load, open_memory
 from loramem.specs import AskSpec, ModelSpec
 from loramem.text import one_line
-from loramem.vocab import AdapterMode
 
 if TYPE_CHECKING:
     from loramem.answer import StreamedAnswers
-    from loramem.kv.cache import KVCache
-    from loramem.model.loading import LoadedModel
 
 
 @app.command()
@@ -95,43 +93,6 @@ def line_ended(streamed: StreamedAnswers | None) -> Iterator[None]:
         if streamed is not None and streamed.mid_line and stdout_is_terminal():
             sys.stderr.write("\n")
         raise
-
-
-def open_memory(
-    spec: AskSpec,
-    model: ModelSpec,
-    cache: KVCache | None,
-    text: str | None,
-    questions: list[str],
-    *,
-    answer_only: bool,
-) -> tuple[LoadedModel, KVCache | None, float]:
-    """The model with `spec`'s adapter, checked against `cache`, or `text` encoded (the `questions` checked to fit
-    after it first): (model, cache, the document's prefill seconds). `answer_only`: no adapter will be attached
-    later, so the default model may load without transformers."""
-    from loramem.kv.cache import check_compatible
-    from loramem.kv.encode import encode as encode_document
-    from loramem.model.limits import check_questions
-
-    # answering alone (no adapter, nothing to encode) needs no transformers for the default model
-    lm = load(model, spec.adapter, answer_only=answer_only and spec.adapter is None and text is None)
-    if cache is not None:
-        check_compatible(cache, lm.fingerprint, spec.cache or "cache", lm)
-    if text is None:
-        return lm, cache, 0.0
-    if not spec.truncate:  # before the prefill (a cut document leaves the room encode keeps for the question)
-        check_questions(lm, questions, text, spec.framing, "shorten it or use --truncate")
-    cache = encode_document(lm, text, framing=spec.framing, truncate=spec.truncate, with_adapter=spec.mode == "all")
-    return lm, cache, float(cache.meta["prefill_seconds"])
-
-
-def adapter_on(lm: LoadedModel, mode: AdapterMode, cache: KVCache | None) -> bool:
-    """Whether decoding uses the attached adapter in `mode` over `cache` (closed-book: all is decode)."""
-    from loramem.adapters.attach import check_adapter_mode
-
-    if cache is None:
-        return check_adapter_mode(lm, "decode" if mode == "all" else mode, None)
-    return check_adapter_mode(lm, mode, cache.meta.get("adapter"))
 
 
 def _ask_library(spec: AskSpec, model: ModelSpec, items: list[dict[str, Any]], as_json: bool) -> None:

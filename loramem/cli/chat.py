@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, cast
 import typer
 
 from loramem.cli.app import app, os_error_message, print_error, take_interrupt
-from loramem.cli.ask import adapter_on, open_memory, streams
+from loramem.cli.ask import streams
 from loramem.cli.specopts import FROM_SPEC, Use, with_specs
 from loramem.errors import LoramemError
 from loramem.fileio import StdoutClosed, stdout_is_terminal, write_stdout
 from loramem.log import console, log
+from loramem.memory import adapter_on, open_memory
 from loramem.specs import AskSpec, ModelSpec
 from loramem.specs.base import leaves
 from loramem.text import one_line

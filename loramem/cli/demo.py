@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from loramem.cli.app import app
-from loramem.cli.options import JsonOpt, load, print_json
+from loramem.cli.options import JsonOpt, print_json
 from loramem.cli.specopts import FROM_SPEC, Use, with_specs
+from loramem.memory import load
 from loramem.specs import ModelSpec
 from loramem.specs.eval import DemoSpec
 

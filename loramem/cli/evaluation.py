@@ -9,10 +9,11 @@ import typer
 from typer.core import TyperGroup
 
 from loramem.cli.app import PARTIAL_EXIT, app
-from loramem.cli.options import JsonOpt, load, print_json, stdout_console
+from loramem.cli.options import JsonOpt, print_json, stdout_console
 from loramem.cli.specopts import FROM_SPEC, Use, named_as_flags, with_specs
 from loramem.errors import LoramemError
 from loramem.evaluation.config import read_config_file
+from loramem.memory import load
 from loramem.specs import EvalSpec, ModelSpec
 from loramem.specs.base import flatten, merged
 from loramem.specs.eval import RaySpec

@@ -8,10 +8,11 @@ from typing import Optional
 import typer
 
 from loramem.cli.app import app
-from loramem.cli.options import ForceCacheOpt, load, read_questions
+from loramem.cli.options import ForceCacheOpt, read_questions
 from loramem.cli.specopts import FROM_SPEC, Use, with_specs
 from loramem.errors import LoramemError
 from loramem.log import log
+from loramem.memory import load
 from loramem.specs import CompressSpec, EncodeSpec, ModelSpec
 
 

@@ -8,10 +8,11 @@ from typing import Any, Optional
 import typer
 
 from loramem.cli.app import app
-from loramem.cli.options import JsonOpt, load, print_json, stdout_console
+from loramem.cli.options import JsonOpt, print_json, stdout_console
 from loramem.cli.specopts import FROM_SPEC, Use, with_specs
 from loramem.fileio import check_output_path, write_stdout
 from loramem.log import log
+from loramem.memory import load
 from loramem.specs import EncodeSpec, ModelSpec, RouteSpec, SynthSpec, TrainSpec
 
 library_app = typer.Typer(

@@ -5,34 +5,15 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import IO, Any, Optional, cast
 
 import typer
 
 from loramem.errors import LoramemError
-from loramem.specs import ModelSpec
 
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output on stdout")
 ForceOpt = typer.Option(False, "--force", help="Replace an existing adapter folder (one that loramem wrote)")
 ForceCacheOpt = typer.Option(False, "--force", help="Replace an existing cache file (one that loramem wrote)")
-
-
-def load(spec: ModelSpec, adapter: str | Path | None = None, *, answer_only: bool = False) -> Any:
-    """The model a command's ModelSpec names (with `adapter` attached)."""
-    from loramem.adapters.attach import attach_adapter
-    from loramem.model.loading import load_model
-
-    lm = load_model(
-        spec.model,
-        device=spec.device,
-        dtype=spec.dtype,
-        chat_template_kwargs=spec.chat_template_kwargs,
-        answer_only=answer_only,
-    )
-    if adapter is not None:
-        attach_adapter(lm, adapter)
-    return lm
 
 
 def print_json(data: Any) -> None:

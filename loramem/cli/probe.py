@@ -7,8 +7,9 @@ from pathlib import Path
 import typer
 
 from loramem.cli.app import app
-from loramem.cli.options import JsonOpt, load, print_json, stdout_console
+from loramem.cli.options import JsonOpt, print_json, stdout_console
 from loramem.cli.specopts import FROM_SPEC, Use, with_specs
+from loramem.memory import load
 from loramem.specs import ModelSpec, ProbeSpec
 
 probe_app = typer.Typer(help="Probes of what adapters can hold.", no_args_is_help=True)
