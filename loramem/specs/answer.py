@@ -72,7 +72,7 @@ class RouteSpec(Spec):
 class AskSpec(Spec):
     """What `ask` answers from (a stored cache, a document, an adapter, a library, or nothing) and how."""
 
-    cache: str | None = setting(None, "Stored cache (- for stdin)", short="-c")
+    cache: str | None = setting(None, "Stored cache file (ask: - reads it from stdin)", short="-c")
     doc: str | None = setting(None, "Encode this document on the fly (nothing is written)")
     adapter: str | None = setting(None, "PEFT LoRA adapter directory", short="-a")
     adapter_mode: AdapterMode | None = setting(
@@ -86,7 +86,10 @@ class AskSpec(Spec):
     framing: Framing = setting("chat", "Framing for --doc and closed-book questions")
     truncate: bool = setting(False, "With --doc: cut a document longer than the context")
     stream: bool | None = setting(
-        None, "Write each answer as it is decoded (not with --json)", shown="on when stdout is a terminal", runtime=True
+        None,
+        "Write each answer as it is decoded (ask: not with --json)",
+        shown="on when stdout is a terminal",
+        runtime=True,
     )
     answer: AnswerSpec = setting(factory=AnswerSpec)
     route: RouteSpec = setting(factory=RouteSpec)
