@@ -347,3 +347,27 @@ def test_switching_back_to_an_adapter_does_not_load_it_again(tiny, doc_text, tmp
     # a (through from_pretrained) and b are read once; c pushes a out (least recently used), so a is read again
     assert loads == [str(paths[0]), str(paths[1]), str(paths[2]), str(paths[0])]
     assert torch.equal(_logits(tiny), base)
+
+
+@pytest.mark.real
+def test_train_batch_size_flag_on_the_default_model(tmp_path):
+    """`--train-batch-size` sets the training batch of a real adapter; the old `--batch-size` spelling still does,
+    with a deprecation warning; a bad value is one line, exit 2, before the model loads."""
+    from conftest import run_cli
+
+    doc, qa = tmp_path / "doc.txt", tmp_path / "qa.jsonl"
+    doc.write_text(HARBOUR)
+    qa.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in HARBOUR_QA))
+    for flag, folder in (("--train-batch-size", "new"), ("--batch-size", "old")):
+        done = run_cli(
+            "train-adapter", str(doc), "--qa", str(qa), "-o", str(tmp_path / folder), flag, "2", "--steps", "1"
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        assert json.loads((tmp_path / folder / LORAMEM_META).read_text())["hyperparameters"]["batch_size"] == 2
+        assert ("deprecated" in done.stderr.decode()) == (flag == "--batch-size")
+    refused = run_cli(
+        "train-adapter", str(doc), "--qa", str(qa), "-o", str(tmp_path / "bad"), "--train-batch-size", "0"
+    )
+    err = refused.stderr.decode().strip().splitlines()
+    assert refused.returncode == 2 and err == ["error: --train-batch-size: must be at least 1 (got 0)"]
+    assert not (tmp_path / "bad").exists()

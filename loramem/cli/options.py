@@ -46,7 +46,3 @@ def read_questions(questions: list[str], questions_file: Optional[str], stdin_fr
     if not items:
         raise LoramemError("no question given (argument, --questions FILE, or stdin)")
     return items
-
-
-def split_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]

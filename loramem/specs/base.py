@@ -8,9 +8,8 @@ its own way (the CLI as the flag, `--rank`) in one place.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Mapping
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
@@ -164,21 +163,6 @@ CommaList = BeforeValidator(comma_separated)
 def unique(items: list[Any]) -> list[Any]:
     """In first-seen order, each once."""
     return list(dict.fromkeys(items))
-
-
-def json_object(value: Any) -> Any:
-    """A JSON object given as text (a flag) or as a mapping (a file or request)."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"not valid JSON ({exc.msg})") from exc
-        if not isinstance(value, dict):
-            raise ValueError("must be a JSON object")
-    return value
-
-
-JsonObject = Annotated[dict[str, Any] | None, BeforeValidator(json_object)]
 
 
 def field_extra(spec: type[Spec], name: str) -> dict[str, Any]:
