@@ -29,7 +29,7 @@ from loramem.model.documents import one_cache
 from loramem.model.limits import answer_budgets, check_batch_memory
 from loramem.model.loading import LoadedModel, adapter_scope
 from loramem.model.prompt import DEFAULT_FRAMING, Framing, closed_book_ids, question_ids, stop_token_ids
-from loramem.text import one_line
+from loramem.text import InOrder, one_line
 
 
 @dataclass
@@ -280,22 +280,16 @@ class StreamedAnswers:
 
     def __init__(self, tokenizer: Any, count: int, write: Callable[[str], None], one_line: bool = False) -> None:
         self._texts = [AnswerText(tokenizer, one_line) for _ in range(count)]
-        self._pending = [""] * count
-        self._done = [False] * count
-        self._next = 0
-        self._write = write
-        self.mid_line = False  # a line was begun and not ended: what an interrupt leaves
+        self._order = InOrder(count, write)
+
+    @property
+    def mid_line(self) -> bool:
+        """A line was begun and not ended: what an interrupt leaves."""
+        return self._order.mid_line
 
     def __call__(self, index: int, token: int | None) -> None:
         text = self._texts[index]
-        self._pending[index] += text.add(token) if token is not None else text.end() + "\n"
-        self._done[index] = token is None
-        while self._next < len(self._texts):
-            first = self._next
-            if self._pending[first]:
-                self._write(self._pending[first])
-                self._pending[first] = ""
-                self.mid_line = not self._done[first]
-            if not self._done[first]:
-                break
-            self._next += 1
+        if token is None:
+            self._order.add(index, text.end() + "\n", ended=True)
+        else:
+            self._order.add(index, text.add(token))

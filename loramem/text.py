@@ -6,6 +6,7 @@ Kept at the bottom of the package (no loramem imports) so scoring (`evaluation.m
 
 import re
 import string
+from collections.abc import Callable
 
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -47,3 +48,29 @@ def sentences(document: str) -> list[str]:
         found += [s.strip() for s in _SENTENCE_END.split(text) if len(WORD.findall(s)) >= _MIN_WORDS]
     punctuated = [s for s in found if s[-1] in ".!?\"')"]
     return punctuated or found or [" ".join(document.split())]
+
+
+class InOrder:
+    """Pieces of several answers written in answer order as they come: the first unwritten answer's text at once, a
+    later one's once every answer before it has ended (streamed answers: `ask --stream`, `chat`, `ask --server`)."""
+
+    def __init__(self, count: int, write: Callable[[str], None]) -> None:
+        self._pending = [""] * count
+        self._done = [False] * count
+        self._next = 0
+        self._write = write
+        self.mid_line = False  # a line was begun and not ended: what an interrupt leaves
+
+    def add(self, index: int, text: str, *, ended: bool = False) -> None:
+        """More of answer `index` (`ended`: its last piece, which ends its line)."""
+        self._pending[index] += text
+        self._done[index] = ended
+        while self._next < len(self._pending):
+            first = self._next
+            if self._pending[first]:
+                self._write(self._pending[first])
+                self._pending[first] = ""
+                self.mid_line = not self._done[first]
+            if not self._done[first]:
+                break
+            self._next += 1

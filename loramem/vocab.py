@@ -62,3 +62,6 @@ METRICS: tuple[Metric, ...] = get_args(Metric)
 Device = str  # auto, cpu, cuda or cuda:N: checked by `model.loading.resolve_device`
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 DTYPES: tuple[Dtype, ...] = get_args(Dtype)
+
+StreamEvents = Literal["ndjson", "sse"]  # how a server streams answers: JSON lines, or server-sent events
+STREAM_EVENTS: tuple[StreamEvents, ...] = get_args(StreamEvents)

@@ -46,6 +46,7 @@ class Adapter:
     meta: dict[str, Any] = field(default_factory=dict)
     name: str = "default"  # its PEFT adapter name
     loaded: list[str] = field(default_factory=list)  # adapter names loaded on peft_model, least recently used first
+    others: dict[str, Adapter] = field(default_factory=dict)  # the loaded ones by name, to switch back without a read
 
     def identity(self) -> dict[str, str]:
         return {"path": str(self.path), "sha256": self.sha256}
@@ -116,8 +117,29 @@ def attach_adapter(lm: LoadedModel, path: str | Path) -> Adapter:
         raise IncompatibleArtifactError(f"adapter {path} does not fit this model: {str(exc).splitlines()[0]}") from exc
     peft_model.eval()
     used = [n for n in (current.loaded if current else []) if n != name and n in peft_model.peft_config] + [name]
+    others = {n: a for n, a in (current.others if current else {}).items() if n in used}
     lm.adapter = Adapter(path=Path(path), sha256=sha, peft_model=peft_model, meta=meta, name=name, loaded=used)
+    others[name] = lm.adapter
+    lm.adapter.others = others
     return lm.adapter
+
+
+def activate_loaded(lm: LoadedModel, sha256: str) -> bool:
+    """Make the adapter with these weights active again if it is still loaded beside the active one (no file is
+    read): a server switching between the adapters of its requests. False when it must be attached anew."""
+    current = lm.adapter
+    if current is None:
+        return False
+    name = f"doc_{sha256[:16]}"
+    if current.name == name:
+        return True
+    known = current.others.get(name)
+    if known is None or name not in current.peft_model.peft_config:
+        return False
+    current.peft_model.set_adapter(name)
+    used = [n for n in current.loaded if n != name] + [name]
+    lm.adapter = Adapter(known.path, known.sha256, current.peft_model, known.meta, name, used, current.others)
+    return True
 
 
 def _make_room(peft_model: Any, loaded: list[str], keep: str) -> None:

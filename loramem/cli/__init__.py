@@ -8,7 +8,7 @@ tokenizer, adapter or format), 4 an eval finished with failed cells (the rest is
 
 # isort: off
 # Commands register on import; this order is the order `loramem --help` lists them (the pipeline's).
-from loramem.cli import kv, inspection, adapters, ask, chat, library, evaluation, data, probe, demo  # noqa: F401
+from loramem.cli import kv, inspection, adapters, ask, chat, serve, library, evaluation, data, probe, demo  # noqa: F401
 
 # isort: on
 # The Typer application is `loramem.cli.app.app`: not re-exported here, where it would hide its module.

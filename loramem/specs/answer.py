@@ -69,11 +69,11 @@ class RouteSpec(Spec):
         return self
 
 
-class AskSpec(Spec):
-    """What `ask` answers from (a stored cache, a document, an adapter, a library, or nothing) and how."""
+class MemorySpec(Spec):
+    """What answers come from (a stored cache, an adapter, a library, or nothing) and how they are decoded: the
+    settings `ask`, `chat` and a server's requests share."""
 
     cache: str | None = setting(None, "Stored cache file (ask: - reads it from stdin)", short="-c")
-    doc: str | None = setting(None, "Encode this document on the fly (nothing is written)")
     adapter: str | None = setting(None, "PEFT LoRA adapter directory", short="-a")
     adapter_mode: AdapterMode | None = setting(
         None,
@@ -84,28 +84,17 @@ class AskSpec(Spec):
         None, "Answer from an adapter library: route the question, decode with the routed documents' (merged) adapter"
     )
     framing: Framing = setting("chat", "Framing for --doc and closed-book questions")
-    truncate: bool = setting(False, "With --doc: cut a document longer than the context")
-    stream: bool | None = setting(
-        None,
-        "Write each answer as it is decoded (ask: not with --json)",
-        shown="on when stdout is a terminal",
-        runtime=True,
-    )
     answer: AnswerSpec = setting(factory=AnswerSpec)
     route: RouteSpec = setting(factory=RouteSpec)
 
     @model_validator(mode="after")
-    def _one_memory(self) -> AskSpec:
+    def _one_memory(self) -> MemorySpec:
         if self.library is not None:
-            given = [name for name in ("cache", "doc", "adapter", "adapter_mode") if getattr(self, name)]
+            given = [name for name in ("cache", "adapter", "adapter_mode") if getattr(self, name)]
             if given:
                 refuse("a library answers with its own adapters; leave these out", "library", *given)
-            if self.stream:
-                refuse("a library's answers are written whole, not streamed", "stream")
         elif self.route.model_fields_set:
             refuse("routing settings need a library", *(f"route.{n}" for n in sorted(self.route.model_fields_set)))
-        if self.cache and self.doc:
-            refuse("give one, not both", "cache", "doc")
         if self.adapter_mode not in (None, "none") and self.adapter is None:
             refuse(f"{self.adapter_mode} needs an adapter", "adapter_mode")
         return self
@@ -114,3 +103,26 @@ class AskSpec(Spec):
     def mode(self) -> AdapterMode:
         """The adapter mode: as given, else decode with an adapter and none without."""
         return self.adapter_mode or ("decode" if self.adapter else "none")
+
+
+class AskSpec(MemorySpec):
+    """What `ask` answers from (a stored cache, a document, an adapter, a library, or nothing) and how."""
+
+    doc: str | None = setting(None, "Encode this document on the fly (nothing is written)")
+    truncate: bool = setting(False, "With --doc: cut a document longer than the context")
+    stream: bool | None = setting(
+        None,
+        "Write each answer as it is decoded (ask: not with --json)",
+        shown="on when stdout is a terminal",
+        runtime=True,
+    )
+
+    @model_validator(mode="after")
+    def _cache_or_doc(self) -> AskSpec:
+        if self.library is not None and self.doc:
+            refuse("a library answers with its own adapters; leave these out", "library", "doc")
+        if self.library is not None and self.stream:
+            refuse("a library's answers are written whole, not streamed", "stream")
+        if self.cache and self.doc:
+            refuse("give one, not both", "cache", "doc")
+        return self
