@@ -14,9 +14,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import DEMO_DOC, REPO, run_cli
 from test_cli import one_line_error
 
+from loramem.data.formats import QA, DocRecord, TrainQA, write_dataset
 from loramem.evaluation.html_report import PAGE_ROWS, page_data
 from loramem.evaluation.metrics import score_answer
 from loramem.evaluation.rundir import ANSWERS, CONFIG, read_answers
@@ -243,6 +244,38 @@ def test_a_large_run_is_shown_a_page_at_a_time(chromium, tmp_path):
     body = loaded(dom)
     assert len(answer_rows(dom)) == 457 - 4 * PAGE_ROWS and "page=5" in body["data-state"]
     assert dom.one("div", **{"class": "metric shown"})["data-metric"] == "contains"  # --metric is shown first
+
+
+def test_a_tiny_model_run_with_budgets_and_a_library(chromium, tiny_dir, tmp_path):
+    """A run of the real pipeline (a tiny random model): ratio cells, byte-budget points (adapter rank 0 and 2) and
+    library modes all reach the page, each with what its cell bought or where routing went."""
+    paragraphs = DEMO_DOC.read_text().split("\n\n")[1:3]
+    qa = [QA("Who designed the lighthouse?", ["Orla Quenby"])]
+    train = [TrainQA("Which engineer built the light?", "Orla Quenby")]
+    data = tmp_path / "data.jsonl"
+    write_dataset([DocRecord(f"doc-{i}", text, qa, train) for i, text in enumerate(paragraphs)], data)
+    run = tmp_path / "run"
+    grid = "--ratios 0,1 --press snapkv --mode none,decode,oracle --format qa --budget-bytes 20KB --budget-ranks 0,2"
+    fast = "--rank 2 --steps 1 --max-new-tokens 3 --library-top-k 1"
+    made = run_cli("eval", str(data), "--out", str(run), *grid.split(), *fast.split(), "--model", str(tiny_dir))
+    assert made.returncode == 0, made.stderr.decode()
+    result = run_cli("eval", "report", str(run), "--html", str(run / "report.html"))
+    assert result.returncode == 0, result.stderr.decode()
+
+    rows = read_answers(run / ANSWERS)
+    dom = browse(chromium, run / "report.html")
+    loaded(dom)
+    assert len(answer_rows(dom)) == len(rows) == 2 * (2 * 2 + 1 + 2)  # (ratios x modes) + oracle + budget ranks
+    budget = "budget 19.5 KiB · KV native"
+    assert {a["data-ratio"] for a in answer_rows(dom)} == {"0", "1", budget}
+    text = "".join(dom.text)
+    assert "within a byte budget" in text and "routed to doc-" in text and "document tokens" in text
+
+    dom = browse(chromium, run / "report.html", f"view=side&ratio={quote(budget)}")
+    loaded(dom)
+    assert len(dom.find("tr", **{"class": "group"})) == 2  # one per question: rank 0 and rank 2 side by side
+    cells = dom.find("td", **{"class": "answer-cell"})
+    assert sorted((c["data-mode"], c["data-format"]) for c in cells) == [("decode", "qa")] * 2 + [("none", "none")] * 2
 
 
 def test_the_data_cannot_break_out_of_its_script(page):

@@ -108,7 +108,7 @@ def page_data(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
     rows = list(rows)
     for r in rows:  # answers written before the metric existed
         r.setdefault("contains", contains(r["answer"], r["references"]))
-    presses = sorted(dict.fromkeys(series(r) for r in rows), key=lambda name: name == LIBRARY_SERIES)
+    presses = sorted(dict.fromkeys(_press(r) for r in rows), key=lambda name: name == LIBRARY_SERIES)
     formats = list(dict.fromkeys(r["format"] for r in rows))
     columns = sorted({_column(r) for r in rows}, key=lambda c: (_mode_rank(c[0]), formats.index(c[1]), c[2]))
     settings = sorted({_setting(r) for r in rows})
@@ -117,7 +117,7 @@ def page_data(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
         key=lambda r: (
             r["doc_id"],
             int(r["question_index"]),
-            presses.index(series(r)),
+            presses.index(_press(r)),
             settings.index(_setting(r)),
             columns.index(_column(r)),
         )
@@ -135,7 +135,7 @@ def page_data(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
                 "q": questions[key],
                 "doc": r["doc_id"],
                 "index": key[1],
-                "press": series(r),
+                "press": _press(r),
                 "ratio": _setting(r)[1],
                 "mode": r["mode"],
                 "format": r["format"] or NO_FORMAT,
@@ -164,6 +164,12 @@ def page_data(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
 
 def _mode_rank(mode: str) -> int:
     return MODES.index(mode) if mode in MODES else len(MODES)
+
+
+def _press(row: dict[str, Any]) -> str:
+    """An answer's press as the tables name it: its series (press and KV variant), a budget point's press alone
+    (its budget and rank are its ratio and column)."""
+    return row["press"] if row.get("budget_bytes") is not None else series(row)
 
 
 def _setting(row: dict[str, Any]) -> tuple[tuple[int, float, str], str]:
@@ -452,7 +458,7 @@ _SCRIPT = """
       for (const name of FILTERS) attrs["data-" + name] = a[name];
       return el("tr", attrs, cells);
     });
-    return [head.concat(data.metrics.map((m) => m[1]), ["KV tokens"]), body];
+    return [head.concat(data.metrics.map((m) => m[2]), ["KV tokens"]), body];
   }
 
   function note(a) {
