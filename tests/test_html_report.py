@@ -1,14 +1,19 @@
 """`eval report RUN --html PAGE`: one self-contained page, checked in a real headless Chromium (its DOM after the
 scripts ran): every answer row, the filters read from the URL fragment, the side-by-side view, no script error and
-no fetch; a broken script and a fetch are shown to be caught. Without chromium the browser tests skip, except under
-CI (the env var CI set), where they fail."""
+no fetch; a broken script and a fetch are shown to be caught; and, driven over the DevTools protocol, typing in the
+search box and choosing with the keyboard in a select narrow the rows and update the link. Without chromium the
+browser tests skip, except under CI (the env var CI set), where they fail."""
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import quote
@@ -119,26 +124,111 @@ class Dom(HTMLParser):
         return found
 
 
+FLAGS = [
+    "--headless",
+    "--no-sandbox",  # tests run as root in CI's container
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
 def browse(chromium: str, page: Path, fragment: str = "", tmp: Path | None = None) -> Dom:
     """The page's DOM once its scripts ran, as headless Chromium loads it from disk (the fragment given)."""
     profile = (tmp or page.parent) / "chromium-profile"
-    flags = [
-        "--headless",
-        "--no-sandbox",  # tests run as root in CI's container
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={profile}",
-        "--virtual-time-budget=10000",
-        "--dump-dom",
-    ]
+    flags = [*FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom"]
     url = page.resolve().as_uri() + (f"#{fragment}" if fragment else "")
     done = subprocess.run([chromium, *flags, url], capture_output=True, timeout=180)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     return Dom(done.stdout.decode())
+
+
+class DevTools:
+    """One page in headless Chromium driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`: JSON
+    messages ended by NUL, commands on the child's fd 3, replies on its fd 4), with nothing but the standard
+    library: keys and text reach the page as a user's input does, so its own event handlers run."""
+
+    def __init__(self, commands: int, replies: int) -> None:
+        self.commands, self.replies = commands, replies
+        self.pending, self.last_id, self.session = b"", 0, ""
+
+    def send(self, method: str, **params: object) -> dict:
+        self.last_id += 1
+        message: dict = {"id": self.last_id, "method": method, "params": params}
+        if self.session:
+            message["sessionId"] = self.session
+        os.write(self.commands, json.dumps(message).encode() + b"\0")
+        while True:
+            while b"\0" not in self.pending:
+                ready, _, _ = select.select([self.replies], [], [], 60)
+                chunk = os.read(self.replies, 1 << 16) if ready else b""
+                assert chunk, f"no reply from chromium to {method}"
+                self.pending += chunk
+            line, self.pending = self.pending.split(b"\0", 1)
+            reply = json.loads(line)
+            if reply.get("id") == self.last_id:  # events (no id) are not waited for
+                assert "error" not in reply, reply["error"]
+                return reply["result"]
+
+    def value(self, expression: str) -> object:
+        return self.send("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def open(self, url: str) -> None:
+        target = self.send("Target.createTarget", url=url)["targetId"]
+        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        deadline = time.monotonic() + 60
+        while self.value("document.body && document.body.dataset.ready") != "1":
+            assert time.monotonic() < deadline, "the page never finished its script"
+            time.sleep(0.05)
+
+    def press(self, key: str, code: int) -> None:
+        for kind in ("keyDown", "keyUp"):
+            self.send("Input.dispatchKeyEvent", type=kind, key=key, code=key, windowsVirtualKeyCode=code)
+
+    def click(self, selector: str) -> None:
+        """A mouse click at the middle of the element (scrolled into view)."""
+        box = self.value(
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)}); e.scrollIntoView(); "
+            "const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
+        assert isinstance(box, list)
+        for kind in ("mousePressed", "mouseReleased"):
+            self.send("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+
+    def rows(self) -> int:
+        count = self.value("document.querySelectorAll('tr.answer').length")
+        assert isinstance(count, int)
+        return count
+
+
+@contextmanager
+def devtools(chromium: str, profile: Path) -> Iterator[DevTools]:
+    to_child, from_us = os.pipe()
+    to_us, from_child = os.pipe()
+
+    def wire() -> None:  # in the child: its fd 3 reads our commands, its fd 4 writes the replies
+        os.dup2(to_child, 3)
+        os.dup2(from_child, 4)
+
+    process = subprocess.Popen(
+        [chromium, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"],
+        pass_fds=(3, 4),
+        preexec_fn=wire,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(to_child)
+    os.close(from_child)
+    try:
+        yield DevTools(from_us, to_us)
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+        os.close(from_us)
+        os.close(to_us)
 
 
 def loaded(dom: Dom) -> dict[str, str]:
@@ -198,6 +288,31 @@ def test_filters_from_the_fragment_narrow_the_rows(chromium, page):
     assert len(answer_rows(dom)) == len(rows) and loaded(dom)["data-state"] == ""
 
 
+def test_typing_and_choosing_in_the_controls_narrow_the_rows_and_update_the_link(chromium, page, tmp_path):
+    rows = read_answers(page.parent / ANSWERS)
+    with devtools(chromium, tmp_path / "profile") as browser:
+        browser.open(page.resolve().as_uri())
+        assert browser.rows() == len(rows) and browser.value("location.hash") == ""
+        browser.value("document.getElementById('search').focus()")
+        browser.send("Input.insertText", text="fennick")
+        hits = [r for r in rows if "fennick" in (r["answer"] + " ".join(r["references"])).lower()]
+        assert browser.rows() == len(hits) and browser.value("location.hash") == "#q=fennick"
+        browser.value("document.querySelector('select[data-filter=mode]').focus()")
+        for _ in range(2):  # from "all" past "none" to "decode", as a user's arrow keys do
+            browser.press("ArrowDown", 40)
+        decoded = [r for r in hits if r["mode"] == "decode"]
+        assert browser.rows() == len(decoded) < len(hits)
+        assert browser.value("location.hash") == "#mode=decode&q=fennick"
+        browser.click("#reset")
+        assert browser.rows() == len(rows) and browser.value("location.hash") == ""
+        browser.value("location.hash = 'mode=none&press=knorm'")  # a link edited by hand is followed
+        deadline = time.monotonic() + 30
+        while browser.rows() == len(rows) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert browser.rows() == sum(r["mode"] == "none" and r["press"] == "knorm" for r in rows)
+        assert browser.value("document.body.dataset.errors") == ""
+
+
 def test_side_by_side_puts_base_and_adapter_answers_to_one_question_together(chromium, page):
     dom = browse(chromium, page, "view=side")
     loaded(dom)
@@ -244,6 +359,12 @@ def test_a_large_run_is_shown_a_page_at_a_time(chromium, tmp_path):
     body = loaded(dom)
     assert len(answer_rows(dom)) == 457 - 4 * PAGE_ROWS and "page=5" in body["data-state"]
     assert dom.one("div", **{"class": "metric shown"})["data-metric"] == "contains"  # --metric is shown first
+    with devtools(chromium, tmp_path / "profile") as browser:
+        browser.open((run / "report.html").resolve().as_uri() + "#mode=decode&ratio=0.5")
+        for page in range(2, 6):
+            browser.click("#next")
+            assert browser.value("location.hash") == f"#ratio=0.5&mode=decode&page={page}"
+        assert browser.rows() == 457 - 4 * PAGE_ROWS and browser.value("document.getElementById('next').disabled")
 
 
 def test_a_tiny_model_run_with_budgets_and_a_library(chromium, tiny_dir, tmp_path):
