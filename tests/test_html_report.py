@@ -436,3 +436,15 @@ def test_html_to_stdout_and_bad_targets(tmp_path, page):
     nothing = run_cli("eval", "report", str(empty), "--html", str(tmp_path / "r.html"))
     assert nothing.returncode == 2 and "no answers" in one_line_error(nothing)
     assert not (tmp_path / "r.html").exists()
+
+
+def test_an_incomplete_or_failed_run_says_so(tmp_path):
+    run = make_run(tmp_path / "run")
+    rows = read_answers(run / ANSWERS)
+    (run / ANSWERS).write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    assert run_cli("eval", "report", str(run), "--html", str(run / "r.html")).returncode == 0
+    assert "The run is not complete" in (run / "r.html").read_text()
+    (run / "failures.json").write_text(json.dumps([{"doc_id": HOSTILE_DOC, "cells": 1, "error": "boom"}]))
+    assert run_cli("eval", "report", str(run), "--html", str(run / "r.html")).returncode == 0
+    page = (run / "r.html").read_text()
+    assert "1 cells failed (documents doc &lt;b&gt;&amp;amp; &quot;3&quot;)" in page

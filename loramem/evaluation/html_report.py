@@ -18,7 +18,6 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from loramem.errors import LoramemError
 from loramem.evaluation.config import LIBRARY_SERIES
 from loramem.evaluation.metrics import contains
 from loramem.evaluation.plots import METRIC_NAMES, MODE_LABELS, series_label
@@ -81,10 +80,9 @@ def render_page(run_dir: str | Path, summary: dict[str, Any], metric: str = "rou
     folder, the answers."""
     run = Path(run_dir)
     header = read_json(run / CONFIG, "start one with `loramem eval DATA --out RUN_DIR`")
-    rows = read_answers(run / ANSWERS)
-    if not rows:
-        raise LoramemError(f"{run} has no answers yet; nothing to report")
-    data = json.dumps({**page_data(rows), "metric": metric}, ensure_ascii=False, separators=(",", ":"))
+    data = json.dumps(
+        {**page_data(read_answers(run / ANSWERS)), "metric": metric}, ensure_ascii=False, separators=(",", ":")
+    )
     # `<`, `>` and `&` only occur inside JSON strings, where their \u escapes read the same to JSON.parse.
     data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     title = f"loramem eval report · {run.resolve().name}"
@@ -94,7 +92,7 @@ def render_page(run_dir: str | Path, summary: dict[str, Any], metric: str = "rou
         facts=_facts(summary, header),
         warning=_warning(summary),
         metric_options="".join(f'<option value="{m}">{escape(METRIC_NAMES[m])}</option>' for m in METRICS),
-        tables="".join(_metric_tables(summary, metric) for metric in METRICS),
+        tables="".join(_metric_tables(summary, m) for m in METRICS),
         plots=_plots(run),
         style=_STYLE,
         script=_SCRIPT,
@@ -350,7 +348,8 @@ th { background: #f3f3f3; position: sticky; top: 0; }
 caption { font-weight: 600; text-align: left; padding: .3em 0; }
 table.grid td { text-align: right; white-space: nowrap; } table.grid td:nth-child(-n+2) { text-align: left; }
 .note { color: #666; font-size: .9em; max-width: 70em; }
-.dim { color: #777; } .up { color: #1b7f2a; font-weight: 600; } .down { color: #c62828; font-weight: 600; }
+.b { font-weight: 700; } .dim { color: #777; }
+.up { color: #1b7f2a; font-weight: 600; } .down { color: #c62828; font-weight: 600; }
 .metric { display: none; } .metric.shown { display: block; }
 figure { display: inline-block; margin: .5em 1em .5em 0; }
 figure img { max-width: min(100%, 640px); border: 1px solid #eee; }
