@@ -13,6 +13,7 @@ from loramem.cli.options import JsonOpt, print_json, stdout_console
 from loramem.cli.specopts import FROM_SPEC, Use, named_as_flags, with_specs
 from loramem.errors import LoramemError
 from loramem.evaluation.config import read_config_file
+from loramem.log import log
 from loramem.memory import load
 from loramem.specs import EvalSpec, ModelSpec
 from loramem.specs.base import flatten, merged
@@ -125,14 +126,34 @@ def eval_merge(
 def eval_report(
     run: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory"),
     metric: str = typer.Option("rouge_l", "--metric", help="Table metric", metavar=f"[{'|'.join(METRICS)}]"),
+    html: Optional[Path] = typer.Option(
+        None,
+        "--html",
+        metavar="FILE",
+        help="Also write the report as one self-contained HTML page to open in a browser: the tables, the plots and "
+        "every answer, filterable, base and adapter answers side by side (- for stdout, instead of the table)",
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Recompute summary.json and the plots from answers.jsonl and print the table."""
+    """Recompute summary.json and the plots from answers.jsonl and print the table (or write a page to browse)."""
     from loramem.evaluation.report import write_report
 
     if metric not in METRICS:
         raise LoramemError(f"unknown --metric {metric!r}; use one of {', '.join(METRICS)}")
-    _show_summary(write_report(run), as_json, metric)
+    to_stdout = html is not None and str(html) == "-"
+    if to_stdout and as_json:
+        raise LoramemError("--html - writes the page to stdout; --json cannot go there too (give --html FILE)")
+    if html is not None:
+        from loramem.evaluation.html_report import check_page_path, write_page
+
+        check_page_path(html)
+    summary = write_report(run)
+    if html is not None:
+        write_page(run, summary, html, metric)
+        if not to_stdout:
+            log(f"wrote {html}")
+    if not to_stdout:
+        _show_summary(summary, as_json, metric)
 
 
 def _show_summary(summary: dict[str, Any], as_json: bool, metric: str = "rouge_l") -> None:

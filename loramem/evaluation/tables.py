@@ -1,23 +1,38 @@
-"""The run's tables on the console: the grid, byte budgets, the library caption."""
+"""The run's tables: the grid, byte budgets, the library caption; built once as `GridTable`s, then printed on the
+console (rich) here or rendered as HTML (`html_report`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from loramem.evaluation.config import LIBRARY_SERIES
 from loramem.evaluation.plots import METRIC_NAMES, budget_series, curve_points
 from loramem.sizes import format_size
 
+Span = tuple[str, str]  # (text, style): style "" (plain), "bold", "dim", "green" or "red"
+Line = list[Span]
+Cell = list[Line]  # a table cell: lines of styled text
+
+
+@dataclass
+class GridTable:
+    """A table as both front-ends draw it: plain text in styled spans, so the console and the HTML page show the
+    same figures from one construction."""
+
+    title: str
+    caption: str
+    columns: list[str]  # headers; a newline starts a second header line
+    rows: list[list[Cell]]
+
 
 def _p(p: float | None) -> str:
     return "p=n/a" if p is None else ("p<0.001" if p < 0.001 else f"p={p:.3f}")
 
 
-def print_table(summary: dict[str, Any], console: Any, metric: str = "rouge_l") -> None:
+def grid_tables(summary: dict[str, Any], metric: str = "rouge_l") -> Iterator[GridTable]:
     """One table per press: rows are modes/formats, columns ratios; mean ±CI half-width and the LoRA margin."""
-    from rich.markup import escape
-    from rich.table import Table
-
     margins = {(m["press"], m["ratio"], m["mode"], m["format"]): m for m in summary["margins"]}
     kept = {(c["press"], c["ratio"]): c["cache_tokens"] for c in summary["cells"] if c["mode"] == "none"}
     for press, lines in curve_points(summary, metric).items():
@@ -29,43 +44,27 @@ def print_table(summary: dict[str, Any], console: Any, metric: str = "rouge_l") 
         )
         if press == LIBRARY_SERIES:
             caption += _library_caption(summary)
-        table = Table(
-            title=f"{METRIC_NAMES[metric]} · {escape(press)} · {summary['n_documents']} documents, "
-            f"{summary['n_questions']} questions",
-            caption=caption,
-            show_lines=True,
-        )
-        table.add_column("mode")
-        table.add_column("format")
+        columns = ["mode", "format"]
         for ratio in ratios:
             tokens = kept.get((press, ratio))
-            table.add_column(
-                f"ratio {ratio:g}" + (f"\n({tokens:g} tokens)" if tokens is not None else ""), justify="right"
-            )
+            columns.append(f"ratio {ratio:g}" + (f"\n({tokens:g} tokens)" if tokens is not None else ""))
+        rows = []
         for (mode, fmt), points in lines.items():
             by_ratio = {p["ratio"]: p for p in points}
-            row = []
+            row = [_plain(mode), _plain(fmt or "—")]
             for ratio in ratios:
                 cell = by_ratio.get(ratio)
-                row.append(_table_cell(cell, margins.get((press, ratio, mode, fmt)), metric) if cell else "")
-            table.add_row(mode, fmt or "—", *row)
-        console.print(table)
-    if summary.get("budget"):
-        print_budget_table(summary, console, metric)
-    if summary.get("failed"):
-        docs = ", ".join(f["doc_id"] for f in summary["failed"])
-        console.print(
-            f"[red]{summary['n_failed_cells']} cells failed (documents {docs}); see failures.json, "
-            "rerun with --resume[/red]"
+                row.append(_table_cell(cell, margins.get((press, ratio, mode, fmt)), metric) if cell else [])
+            rows.append(row)
+        title = (
+            f"{METRIC_NAMES[metric]} · {press} · {summary['n_documents']} documents, {summary['n_questions']} questions"
         )
+        yield GridTable(title, caption, columns, rows)
 
 
-def print_budget_table(summary: dict[str, Any], console: Any, metric: str = "rouge_l") -> None:
+def budget_tables(summary: dict[str, Any], metric: str = "rouge_l") -> Iterator[GridTable]:
     """One table per press and storage: columns are byte budgets, rows the split (adapter rank, format); each cell
     shows the metric, what the bytes bought and the margin over spending the whole budget on KV; best in bold."""
-    from rich.markup import escape
-    from rich.table import Table
-
     for (press, store), points in budget_series(summary).items():
         budgets = sorted({p["budget_bytes"] for p in points})
         best = {
@@ -75,43 +74,77 @@ def print_budget_table(summary: dict[str, Any], console: Any, metric: str = "rou
             )
             for b in budgets
         }
-        table = Table(
-            title=f"{METRIC_NAMES[metric]} within a byte budget · {escape(press)} · KV stored {store} · "
+        by_key = {(p["budget_bytes"], p["adapter_rank"], p["format"]): p for p in points}
+        rows = [
+            [
+                _plain(str(rank) if rank else "0 (KV only)"),
+                _plain(fmt or "—"),
+                *(
+                    _budget_cell(by_key[(b, rank, fmt)], metric, best[b]) if (b, rank, fmt) in by_key else []
+                    for b in budgets
+                ),
+            ]
+            for rank, fmt in dict.fromkeys((p["adapter_rank"], p["format"]) for p in points)
+        ]
+        yield GridTable(
+            title=f"{METRIC_NAMES[metric]} within a byte budget · {press} · KV stored {store} · "
             f"{summary['n_documents']} documents, {summary['n_questions']} questions",
             caption="adapter bytes + kept document KV tokens (mean per document; framing not counted); Δ "
             "against the whole budget on KV (rank 0), paired by question, documents resampled (bootstrap p); the "
             "adapter decodes over base-model KV",
-            show_lines=True,
+            columns=["adapter rank", "format", *(f"budget {format_size(b)}" for b in budgets)],
+            rows=rows,
         )
-        table.add_column("adapter rank")
-        table.add_column("format")
-        for budget in budgets:
-            table.add_column(f"budget {format_size(budget)}", justify="right")
-        by_key = {(p["budget_bytes"], p["adapter_rank"], p["format"]): p for p in points}
-        for rank, fmt in dict.fromkeys((p["adapter_rank"], p["format"]) for p in points):
-            row = [
-                _budget_cell(by_key[(b, rank, fmt)], metric, best[b]) if (b, rank, fmt) in by_key else ""
-                for b in budgets
-            ]
-            table.add_row(str(rank) if rank else "0 (KV only)", fmt or "—", *row)
-        console.print(table)
 
 
-def _budget_cell(point: dict[str, Any], metric: str, best: float | None) -> str:
-    text = _mean_text(point[metric], bold=point[metric]["mean"] == best)
-    text += (
-        f"\n[dim]{format_size(point['adapter_bytes'])} + {point['kv_tokens_kept']:g} tok "
-        f"({format_size(point['document_kv_bytes'])}) n={point['n']}/{point['n_documents']}[/dim]"
+def print_table(summary: dict[str, Any], console: Any, metric: str = "rouge_l") -> None:
+    """The grid's tables, then the budget tables and the failed cells, on a rich console."""
+    for table in grid_tables(summary, metric):
+        console.print(_rich_table(table))
+    if summary.get("budget"):
+        for table in budget_tables(summary, metric):
+            console.print(_rich_table(table))
+    if summary.get("failed"):
+        docs = ", ".join(f["doc_id"] for f in summary["failed"])
+        console.print(
+            f"[red]{summary['n_failed_cells']} cells failed (documents {docs}); see failures.json, "
+            "rerun with --resume[/red]"
+        )
+
+
+def _rich_table(table: GridTable) -> Any:
+    """A GridTable as a rich Table: the first two columns left, the figures right-aligned."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    def markup(cell: Cell) -> str:
+        return "\n".join("".join(f"[{s}]{escape(t)}[/{s}]" if s else escape(t) for t, s in line) for line in cell)
+
+    shown = Table(title=escape(table.title), caption=escape(table.caption), show_lines=True)
+    for i, column in enumerate(table.columns):
+        shown.add_column(escape(column), justify="right" if i >= 2 else "left")
+    for row in table.rows:
+        shown.add_row(*map(markup, row))
+    return shown
+
+
+def _plain(text: str) -> Cell:
+    return [[(text, "")]]
+
+
+def _budget_cell(point: dict[str, Any], metric: str, best: float | None) -> Cell:
+    bought = (
+        f"{format_size(point['adapter_bytes'])} + {point['kv_tokens_kept']:g} tok "
+        f"({format_size(point['document_kv_bytes'])}) n={point['n']}/{point['n_documents']}"
     )
-    return text + _margin_text(point.get("versus_kv_only"), metric)
+    mean = _mean_line(point[metric], bold=point[metric]["mean"] == best)
+    return [mean, [(bought, "dim")], *_margin_lines(point.get("versus_kv_only"), metric)]
 
 
 def _library_caption(summary: dict[str, Any]) -> str:
     """Library modes: their baseline, and how often routing found the question's document."""
-    from rich.markup import escape
-
     versus = next((m["versus"] for m in summary["margins"] if "versus" in m), None)
-    text = f"; base = mode none at ratio 1 ({escape(versus)})" if versus else ""
+    text = f"; base = mode none at ratio 1 ({versus})" if versus else ""
     routing = summary.get("routing")
     if routing:
         text += (
@@ -125,27 +158,29 @@ def _half(stat: dict[str, Any]) -> str:
     return f"±{(stat['high'] - stat['low']) / 2:.3f}" if stat.get("high") is not None else ""
 
 
-def _mean_text(stat: dict[str, Any], bold: bool = False) -> str:
+def _mean_line(stat: dict[str, Any], bold: bool = False) -> Line:
     """Mean ±document-level half-width (q ±question-level half-width, when the summary has it)."""
-    mean = f"[bold]{stat['mean']:.3f}[/bold]" if bold else f"{stat['mean']:.3f}"
-    text = mean + (f" {_half(stat)}" if _half(stat) else "")
+    line: Line = [(f"{stat['mean']:.3f}", "bold" if bold else "")]
+    if _half(stat):
+        line.append((f" {_half(stat)}", ""))
     question = _half(stat.get("question") or {})
-    return text + (f" [dim](q {question})[/dim]" if question else "")
+    if question:
+        line += [(" ", ""), (f"(q {question})", "dim")]
+    return line
 
 
-def _table_cell(cell: dict[str, Any], margin: dict[str, Any] | None, metric: str) -> str:
-    text = _mean_text(cell[metric])
-    text += f"\n[dim]n={cell['n']}/{cell['n_documents']}[/dim]"
-    return text + _margin_text(margin, metric)
+def _table_cell(cell: dict[str, Any], margin: dict[str, Any] | None, metric: str) -> Cell:
+    counts = f"n={cell['n']}/{cell['n_documents']}"
+    return [_mean_line(cell[metric]), [(counts, "dim")], *_margin_lines(margin, metric)]
 
 
-def _margin_text(margin: dict[str, Any] | None, metric: str) -> str:
+def _margin_lines(margin: dict[str, Any] | None, metric: str) -> Cell:
     """A paired margin as a table line: green when significantly better, red when significantly worse."""
     if margin is None:
-        return ""
+        return []
     m = margin[metric]
     p = (m.get("documents") or m["bootstrap"])["p_value"]  # summaries from before clustering: by question
     colour = (
         "green" if p is not None and p < 0.05 and m["diff"] > 0 else ("red" if p is not None and p < 0.05 else "dim")
     )
-    return f"\n[{colour}]Δ{m['diff']:+.3f} {_p(p)}[/{colour}]"
+    return [[(f"Δ{m['diff']:+.3f} {_p(p)}", colour)]]
