@@ -40,6 +40,7 @@ _pin_threads()
 # `--no-loadscope-reorder`, hands out files in collection order: the long ones start first, and the many short
 # files fill in around them, so the workers end together instead of one finishing a long file alone.
 SLOWEST_FIRST = (
+    "test_serve.py",
     "test_real_eval.py",
     "test_demo.py",
     "test_train.py",
@@ -51,6 +52,7 @@ SLOWEST_FIRST = (
     "test_cli.py",
     "test_library.py",
     "test_chat_template.py",
+    "test_html_report.py",
 )
 
 
