@@ -42,7 +42,7 @@ class Server:
         response = connection.getresponse()
         payload = response.read()
         connection.close()
-        return response.status, dict(response.getheaders()), payload
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, payload
 
     def answers(self, body: dict) -> list[dict]:
         status, _, payload = self.request("POST", "/v1/answers", body)
