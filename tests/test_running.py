@@ -5,14 +5,20 @@ beside them (CPU fp32; up to floating-point ties, reported as in tests/test_batc
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from functools import partial
 
 import pytest
 import torch
 from conftest import REPO
 from families import FAMILIES, make_family_model
-from test_batch import assert_same_tokens, lone_gaps, prompts_for
+from test_batch import QUESTIONS, assert_same_tokens, lone_gaps, prompts_for
 
 from loramem import compress, encode
+from loramem.adapters.attach import attach_adapter, detach_adapter
+from loramem.adapters.train import train_adapter
+from loramem.answer import Answer, LiveBatch, answer_batch
+from loramem.errors import LoramemError
 from loramem.kv.value_groups import compress_value_groups
 from loramem.model.attention import attending
 from loramem.model.decode import Decoded, decode, forward, padded_ids
@@ -20,6 +26,7 @@ from loramem.model.documents import row_documents
 from loramem.model.loading import load_model
 from loramem.model.presized import aligned, assemble
 from loramem.model.running import RunningBatch
+from loramem.specs import TrainSpec
 
 # (step it joins at, prompt length, max new tokens): questions shorter and longer than the columns so far
 JOINS = [(0, 6, 12), (0, 11, 7), (1, 4, 10), (1, 25, 12), (5, 3, 9), (5, 40, 6), (8, 9, 1), (14, 7, 5)]
@@ -36,25 +43,15 @@ def random_prompts(lengths: list[int], seed: int = 0, vocab: int = 500) -> list[
     return [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
 
 
-def drive(
-    model,
-    over,
-    joins: list[tuple[int, list[int], int]],
-    stops: frozenset[int] = frozenset(),
-    cancels: dict[int, int] | None = None,
-    watch=None,
-) -> tuple[list[Decoded], list[list[int | None]]]:
-    """Run a RunningBatch until it is idle, row i joining before step joins[i][0] and cancelled before step
-    cancels[i]; each row's result and what its sink heard. `watch(batch)` is called after every step."""
-    batch = RunningBatch(model, over, set(stops), 0)
-    heard: list[list[int | None]] = [[] for _ in joins]
+def run_steps(batch, joins: list[tuple[int, Callable[[], int]]], cancels: dict[int, int], watch=None) -> list[int]:
+    """Step `batch` until it is idle, join i (a call that joins a row and returns its id) made before step
+    joins[i][0] and its row cancelled before step cancels[i]; the rows' ids. `watch(batch)` sees every step."""
     ids: list[int] = [-1] * len(joins)
-    cancels = cancels or {}
     step = 0
-    while step <= max(at for at, _, _ in joins) or batch.busy:
-        for i, (at, prompt, limit) in enumerate(joins):
+    while step <= max(at for at, _ in joins) or batch.busy:
+        for i, (at, join) in enumerate(joins):
             if at == step:
-                ids[i] = batch.join(prompt, limit, heard[i].append)
+                ids[i] = join()
         for i, at in cancels.items():
             if at == step:
                 batch.cancel(ids[i])
@@ -63,7 +60,23 @@ def drive(
             if watch is not None:
                 watch(batch)
         step += 1
-    return [batch.result(i) for i in ids], heard
+    return ids
+
+
+def drive(
+    model,
+    over,
+    joins: list[tuple[int, list[int], int]],
+    stops: frozenset[int] = frozenset(),
+    cancels: dict[int, int] | None = None,
+    watch=None,
+) -> tuple[list[Decoded], list[list[int | None]]]:
+    """A RunningBatch over `over` run with rows (step it joins at, prompt, max new tokens): each row's result and
+    what its sink heard."""
+    batch = RunningBatch(model, over, set(stops), 0)
+    heard: list[list[int | None]] = [[] for _ in joins]
+    calls = [(at, partial(batch.join, prompt, limit, sink.append)) for (at, prompt, limit), sink in zip(joins, heard)]
+    return [batch.result(i) for i in run_steps(batch, calls, cancels or {}, watch)], heard
 
 
 def assert_rows_equal_alone(model, over, joins, stops=frozenset()) -> list[Decoded]:
@@ -212,3 +225,100 @@ def test_sliding_window_rows_joining_equal_each_alone(tmp_path_factory, doc_text
     prompts = random_prompts([10, 50, 4, 30], seed=6, vocab=len(lm.tokenizer) - 20)
     joins = [(0, prompts[0], 40), (1, prompts[1], 30), (5, prompts[2], 40), (5, prompts[3], 20)]
     assert_rows_equal_alone(lm.model, over, joins)
+
+
+# --- the answering layer's LiveBatch --------------------------------------------------------------------------------
+
+TIMINGS = ("prefill_seconds", "time_to_first_token_seconds", "decode_tokens_per_second")
+
+
+def untimed(answer: Answer) -> dict:
+    return {k: v for k, v in answer.to_dict().items() if k not in TIMINGS}
+
+
+def live(
+    lm, over, questions: list[str], steps: list[int], limits: list[int], cancels=None, **options
+) -> tuple[list[list[Answer]], list[str]]:
+    """Questions joining a LiveBatch at `steps`: each one's `on_done` answers, and its streamed text."""
+    batch = LiveBatch(lm, over, **options)
+    done: list[list[Answer]] = [[] for _ in questions]
+    texts = [""] * len(questions)
+
+    def joiner(i: int) -> Callable[[], int]:
+        def on_text(piece: str) -> None:
+            texts[i] += piece
+
+        return partial(batch.join, questions[i], limits[i], on_text, done[i].append)
+
+    run_steps(batch, [(at, joiner(i)) for i, at in enumerate(steps)], cancels or {})
+    return done, texts
+
+
+@pytest.mark.parametrize("closed_book", [False, True])
+def test_live_answers_are_the_batch_answers(tiny, cache, one_thread, closed_book):
+    """Questions joining at steps 0, 1 and 3 with their own limits get `answer_batch`'s answers, cache use and
+    lengths (the timings are theirs: time to first token from the join); the streamed text is the answer."""
+    over = None if closed_book else cache
+    questions, limits = QUESTIONS, [12, 5, 12, 1, 8]
+    done, texts = live(tiny, over, questions, [0, 1, 1, 3, 3], limits, framing="chat")
+    for question, limit, answers, text in zip(questions, limits, done, texts):
+        (expected,) = answer_batch(tiny, [question], over, max_new_tokens=limit, framing="chat")
+        (answer,) = answers
+        assert untimed(answer) == untimed(expected) and text == answer.answer
+        assert answer.time_to_first_token_seconds >= answer.prefill_seconds > 0
+    assert any(a.new_tokens > 1 and a.decode_tokens_per_second > 0 for (a,) in done)
+
+
+def test_live_answers_with_the_adapter_on(tiny, cache, doc_text, tmp_path, one_thread):
+    """Steps run with the attached adapter on or off as the batch was made: answer_batch's answers for each."""
+    trained = tmp_path / "doc.lora"
+    train_adapter(tiny, doc_text, [("Who designed the lighthouse?", "Orla Quenby")], trained, TrainSpec(steps=1))
+    attach_adapter(tiny, trained)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        for name, weight in tiny.model.named_parameters():  # a trained-looking adapter that changes the answers
+            if "lora_B" in name:
+                weight.data.normal_(0.0, 0.3, generator=generator)
+        answers = {}
+        for on in (True, False):
+            done, _ = live(tiny, cache, QUESTIONS[:3], [0, 1, 2], [8, 8, 8], adapter_on=on)
+            expected = answer_batch(tiny, QUESTIONS[:3], cache, max_new_tokens=8, adapter_on=on)
+            assert [untimed(a) for (a,) in done] == [untimed(a) for a in expected]
+            answers[on] = [a.answer for (a,) in done]
+        assert answers[True] != answers[False], "the adapter changed nothing: the test would not see it"
+    finally:
+        detach_adapter(tiny)
+
+
+def test_a_cancelled_live_question_is_done_with_its_answer_so_far(tiny, cache, one_thread):
+    """A client gone: its question ends at once with the answer so far; the others are answered as ever."""
+    done, texts = live(tiny, cache, QUESTIONS[:3], [0, 0, 1], [12, 12, 12], cancels={1: 2, 2: 1})
+    (cut,) = done[1]
+    (whole,) = answer_batch(tiny, [QUESTIONS[1]], cache, max_new_tokens=12)
+    assert cut.new_tokens == 3 and not cut.stopped_at_end_of_turn and texts[1] == cut.answer
+    assert whole.answer.startswith(cut.answer)
+    assert done[2][0].new_tokens == 0 and done[2][0].answer == ""
+    assert untimed(done[0][0]) == untimed(answer_batch(tiny, [QUESTIONS[0]], cache, max_new_tokens=12)[0])
+
+
+def test_live_batch_refusals(tiny, cache):
+    """What a server answers 400 to: no adapter to turn on, a question past the context, a bad limit (exit 2)."""
+    with pytest.raises(LoramemError, match="no adapter"):
+        LiveBatch(tiny, cache, adapter_on=True)
+    batch = LiveBatch(tiny, cache)
+    with pytest.raises(LoramemError, match="does not fit"):
+        batch.join("word " * tiny.max_length)
+    with pytest.raises(LoramemError, match="at least 1"):
+        batch.join("Who?", 0)
+    assert not batch.busy and len(batch) == 0
+
+
+@pytest.mark.real
+def test_default_model_live_answers_are_the_batch_answers(real):
+    """The demo questions joining at steps 0, 1 and 5 over the demo cache: `answer_batch`'s answers."""
+    questions = [json.loads(line)["question"] for line in (REPO / "examples/demo/questions.jsonl").open()]
+    over = encode(real, (REPO / "examples/demo/lighthouse.txt").read_text())
+    done, texts = live(real, over, questions, [0, 1, 5, 5], [16] * len(questions))
+    expected = answer_batch(real, questions, over, max_new_tokens=16, batch_size=1)
+    assert [untimed(a) for (a,) in done] == [untimed(a) for a in expected]
+    assert texts == [a.answer for a in expected]

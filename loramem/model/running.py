@@ -33,7 +33,7 @@ from loramem.model.presized import PresizedCache, aligned, assemble
 RowSink = Callable[[int | None], None]
 
 
-@dataclass
+@dataclass(eq=False)  # rows are told apart by identity
 class _Row(RowState):
     """A row of a running batch: its prompt, and when it joined, got its first token, or was cancelled."""
 
@@ -57,10 +57,10 @@ class RunningBatch:
         with torch.inference_mode():  # the document, put on the device once for every row that will join
             self._docs, self._start = row_documents(model, cache, 1, model.device, model.dtype)
         self._batch: PresizedCache | None = None
-        self._running: list[int] = []  # the batch's rows (ids), in its order
+        self._running: list[_Row] = []  # the batch's rows, in its order
         self._last: list[int] = []  # each batch row's last kept token: what the next step feeds it
-        self._queued: list[int] = []
-        self._rows: dict[int, _Row] = {}
+        self._queued: list[_Row] = []
+        self._rows: dict[int, _Row] = {}  # by id, until their result is taken
         self._ids = itertools.count()
 
     def join(self, prompt: list[int], max_new_tokens: int, on_token: RowSink | None = None) -> int:
@@ -72,25 +72,25 @@ class RunningBatch:
             raise ValueError(f"max new tokens must be at least 1, got {max_new_tokens}")
         row_id = next(self._ids)
         self._rows[row_id] = _Row(max_new_tokens, on_token, prompt=list(prompt), joined=time.perf_counter())
-        self._queued.append(row_id)
+        self._queued.append(self._rows[row_id])
         return row_id
 
     def cancel(self, row_id: int) -> None:
         """End a row now (its sink hears None); a running one leaves the batch at the next step. A row that has
-        ended already is left as it is."""
-        row = self._rows[row_id]
-        if not row.running:
+        ended already (its result perhaps taken) is left as it is."""
+        row = self._rows.get(row_id)
+        if row is None or not row.running:
             return
         row.cancelled, row.finished = True, time.perf_counter()
-        if row_id in self._queued:
-            self._queued.remove(row_id)
+        if row in self._queued:
+            self._queued.remove(row)
         if row.sink is not None:
             row.sink(None)
 
     @property
     def rows(self) -> int:
         """Rows running or queued: what the next step computes."""
-        return len(self._queued) + sum(self._rows[i].running for i in self._running)
+        return len(self._queued) + sum(row.running for row in self._running)
 
     @property
     def columns(self) -> int:
@@ -117,12 +117,13 @@ class RunningBatch:
                 with attending(self._batch, self.model):
                     ids = torch.tensor(self._last, device=self.model.device)[:, None]
                     self._last = forward(self.model, self._batch, ids).argmax(-1).tolist()
-                for row_id, token in zip(self._running, self._last):
-                    self._rows[row_id].keep(token, self.stops)
+                for row, token in zip(self._running, self._last):
+                    row.keep(token, self.stops)
                 self._leave()
 
     def result(self, row_id: int) -> Decoded:
-        """The row's tokens and timings, once it has ended (`on_token` has heard None); the batch then forgets it."""
+        """The row's tokens and timings, once it has ended (from when `on_token` hears None); taken once, the batch
+        then forgets the row."""
         row = self._rows[row_id]
         if row.running:
             raise ValueError(f"row {row_id} is still decoding")
@@ -140,8 +141,7 @@ class RunningBatch:
     def _admit(self) -> None:
         """Run the queued rows' question pass and merge those still running into the batch."""
         device = self.model.device
-        joining, self._queued = self._queued, []
-        rows = [self._rows[i] for i in joining]
+        rows, self._queued = self._queued, []
         prompts = [row.prompt for row in rows]
         started = clock(device)
         part = assemble(self.model, self._docs, prompts, self._start.expand(len(rows)), max(map(len, prompts)))
@@ -158,14 +158,14 @@ class RunningBatch:
             return
         if len(live) < len(rows):
             part.retain(live)
-        self._running += [joining[i] for i in live]
+        self._running += [rows[i] for i in live]
         self._last += [tokens[i] for i in live]
-        extra = max(self._rows[i].limit - len(self._rows[i].tokens) for i in self._running)
+        extra = max(row.limit - len(row.tokens) for row in self._running)
         self._batch = aligned([part] if self._batch is None else [self._batch, part], extra)
 
     def _leave(self) -> None:
         """Rows that ended leave the batch (a copy of the rest's own columns; the document stays one copy)."""
-        keep = [i for i, row_id in enumerate(self._running) if self._rows[row_id].running]
+        keep = [i for i, row in enumerate(self._running) if row.running]
         if len(keep) == len(self._running):
             return
         self._running = [self._running[i] for i in keep]
