@@ -341,7 +341,7 @@ class LiveBatch:
     budgeted and stopped as `answer_batch` does it, and gets `answer_batch`'s tokens; its text is streamed through
     an `AnswerText` (the pieces make `Answer.answer`), and its `Answer` comes at its end, its time to first token
     counted from `join`. Call join, cancel and step from one thread; how many rows to let in is the caller's call
-    (`rows`, `columns`)."""
+    (`rows`, `columns`, `document_tokens`: what the batch holds, as `batch_tokens` counts it)."""
 
     def __init__(
         self,
@@ -363,13 +363,16 @@ class LiveBatch:
         on_text: Callable[[str], None] | None = None,
         on_done: Callable[[Answer], None] | None = None,
     ) -> int:
-        """Queue `question` (refused, exit 2, if it leaves no room for an answer); `on_text` hears its answer's text
+        """Queue `question` (refused, exit 2, if it leaves no room for an answer, or the batch with it would not fit
+        the memory available); `on_text` hears its answer's text
         as it can be shown, `on_done` its `Answer` once it has ended, or been cancelled (the answer so far).
         Returns its id."""
         _at_least_one("max new tokens", max_new_tokens)
         tok = self.lm.tokenizer
         prompt = _prompt(tok, self._frame, question, self.cache)
         (budget,) = _budgets(self.lm, [question], [self.cache], [prompt], max_new_tokens)
+        rows, width = self.rows + 1, max(self.columns, len(prompt) + budget)  # the batch once it has joined, about
+        check_batch_memory(self.lm.config, self.lm.dtype.itemsize, self.document_tokens + rows * width, self.lm.device)
         text = AnswerText(tok)
 
         def heard(token: int | None) -> None:
@@ -402,6 +405,11 @@ class LiveBatch:
     def columns(self) -> int:
         """Question and answer tokens each row holds now, beside the document (held once)."""
         return self._batch.columns
+
+    @property
+    def document_tokens(self) -> int:
+        """Tokens the document holds (its fullest layer), once for every row."""
+        return _kept_tokens(self.cache)
 
     @property
     def busy(self) -> bool:

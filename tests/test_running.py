@@ -20,6 +20,7 @@ from loramem.adapters.train import train_adapter
 from loramem.answer import Answer, LiveBatch, answer_batch
 from loramem.errors import LoramemError
 from loramem.kv.value_groups import compress_value_groups
+from loramem.model import limits
 from loramem.model.attention import attending
 from loramem.model.decode import Decoded, decode, forward, padded_ids
 from loramem.model.documents import row_documents
@@ -301,8 +302,9 @@ def test_a_cancelled_live_question_is_done_with_its_answer_so_far(tiny, cache, o
     assert untimed(done[0][0]) == untimed(answer_batch(tiny, [QUESTIONS[0]], cache, max_new_tokens=12)[0])
 
 
-def test_live_batch_refusals(tiny, cache):
-    """What a server answers 400 to: no adapter to turn on, a question past the context, a bad limit (exit 2)."""
+def test_live_batch_refusals(tiny, cache, monkeypatch):
+    """What a server answers 400 to (exit 2): no adapter to turn on, a question past the context, a bad limit, a
+    batch that would outgrow the memory."""
     with pytest.raises(LoramemError, match="no adapter"):
         LiveBatch(tiny, cache, adapter_on=True)
     batch = LiveBatch(tiny, cache)
@@ -311,6 +313,12 @@ def test_live_batch_refusals(tiny, cache):
     with pytest.raises(LoramemError, match="at least 1"):
         batch.join("Who?", 0)
     assert not batch.busy and len(batch) == 0
+    held = 2 * tiny.config.num_hidden_layers * tiny.config.num_key_value_heads * tiny.config.head_dim * 4
+    monkeypatch.setattr(limits, "available_memory", lambda device: held * (cache.n_tokens + 40))
+    batch.join("Who?", 8)  # the document and one row fit
+    with pytest.raises(LoramemError, match="more than"):
+        batch.join("Who?", 30)
+    assert len(batch) == 1 and batch.document_tokens == cache.n_tokens
 
 
 @pytest.mark.real
