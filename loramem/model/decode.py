@@ -29,6 +29,8 @@ RETIRE_AT = 0.75
 # Told each token a row keeps as it is decoded, (row, token), then (row, None) once the row has finished: what a
 # caller that shows answers as they come (streaming) reads, without waiting for the whole batch.
 TokenSink = Callable[[int, "int | None"], None]
+# One row's sink: each token it keeps, then None once it has ended (a running batch's rows also when cancelled).
+RowSink = Callable[["int | None"], None]
 
 
 @dataclass
@@ -49,7 +51,7 @@ class RowState:
     `decode` and for `loramem.model.running.RunningBatch` alike."""
 
     limit: int
-    sink: Callable[[int | None], None] | None = None
+    sink: RowSink | None = None
     tokens: list[int] = field(default_factory=list)
     stopped: bool = False
     finished: float = 0.0  # when its last token was kept

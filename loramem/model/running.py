@@ -17,20 +17,16 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from loramem.model.attention import attending
-from loramem.model.decode import Decoded, RowState, forward, padded_ids
+from loramem.model.decode import Decoded, RowSink, RowState, forward, padded_ids
 from loramem.model.documents import DocumentKV, row_documents
 from loramem.model.loading import clock
 from loramem.model.presized import PresizedCache, aligned, assemble
-
-# Told each token a row keeps, then None once the row has ended (stop token, limit, or cancelled).
-RowSink = Callable[[int | None], None]
 
 
 @dataclass(eq=False)  # rows are told apart by identity
