@@ -11,6 +11,9 @@ Stored keys are post-RoPE at their original positions, so the question continues
 
 Answers can be shown as they are decoded: `on_token` hears each row's tokens from the decoder, and
 `StreamedAnswers` (one `AnswerText` per question) turns them into text in question order.
+
+A server's questions come one by one: `LiveBatch` answers them over one memory in one running batch that each
+joins at its next step and leaves once answered (`loramem.model.running`), with the answers `answer_batch` gives.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from loramem.model.documents import one_cache
 from loramem.model.limits import answer_budgets, check_batch_memory
 from loramem.model.loading import LoadedModel, adapter_scope
 from loramem.model.prompt import DEFAULT_FRAMING, Framing, closed_book_ids, question_ids, stop_token_ids
+from loramem.model.running import RunningBatch
 from loramem.text import InOrder, one_line
 
 
@@ -116,32 +120,21 @@ def iter_answers(
     """`answer_batch` as each batch finishes: (question index, answer, the batch's seconds per answer).
     `on_token(question index, token)` hears each answer's tokens as they are decoded, then (index, None) at its
     end (`StreamedAnswers` shows them)."""
-    if batch_size is not None and batch_size < 1:
-        raise LoramemError(f"batch size must be at least 1, got {batch_size}")
-    if max_batch_tokens < 1:
-        raise LoramemError(f"max batch tokens must be at least 1, got {max_batch_tokens}")
-    if max_new_tokens < 1:
-        raise LoramemError(f"max new tokens must be at least 1, got {max_new_tokens}")
+    if batch_size is not None:
+        _at_least_one("batch size", batch_size)
+    _at_least_one("max batch tokens", max_batch_tokens)
+    _at_least_one("max new tokens", max_new_tokens)
     caches = list(cache) if isinstance(cache, list) else [cache] * len(questions)
     if len(caches) != len(questions):
         raise LoramemError(f"{len(caches)} caches for {len(questions)} questions: give one per question")
     tok = lm.tokenizer
-    if any(c is None for c in caches):  # the closed-book framing, made only when a question has no cache
-        closed = framing if isinstance(framing, Framing) else lm.framing(framing)
-    frames = {id(c): closed if c is None else Framing.from_dict(c.meta["framing"]) for c in caches}
-    prompts = [
-        question_ids(tok, frames[id(c)], q, after_document=True) if c is not None else closed_book_ids(tok, closed, q)
-        for q, c in zip(questions, caches)
-    ]
-    budgets = answer_budgets(
-        lm.max_length,
-        [(q, c.n_tokens if c is not None else 0, len(p)) for q, c, p in zip(questions, caches, prompts)],
-        max_new_tokens,
-    )
+    frames = _framings(lm, caches, framing)
+    prompts = [_prompt(tok, frames[id(c)], q, c) for q, c in zip(questions, caches)]
+    budgets = _budgets(lm, questions, caches, prompts, max_new_tokens)
     max_new_tokens = max(budgets, default=max_new_tokens)  # what the batches are sized for
-    pad_id = next((t for t in (tok.pad_token_id, tok.eos_token_id) if isinstance(t, int)), 0)
+    pad_id = _pad_id(tok)
     # rows of one batch share their stop tokens; within that, alike caches and similar lengths pad less
-    stop_sets = {key: frozenset(stop_token_ids(tok, f, lm.model.generation_config)) for key, f in frames.items()}
+    stop_sets = {key: _stops(lm, f) for key, f in frames.items()}
     stops = [stop_sets[id(c)] for c in caches]
     first_of = {id(c): i for i, c in reversed(list(enumerate(caches)))}
     order = sorted(
@@ -159,6 +152,46 @@ def iter_answers(
             seconds = (time.perf_counter() - started) / len(chunk)
             for i, row in zip(chunk, decoded):
                 yield i, _decoded_answer(tok, questions[i], caches[i], row), seconds
+
+
+def _at_least_one(what: str, value: int) -> None:
+    if value < 1:
+        raise LoramemError(f"{what} must be at least 1, got {value}")
+
+
+def _framings(lm: LoadedModel, caches: list[KVCache | None], framing: str | Framing) -> dict[int, Framing]:
+    """Each cache's framing, by id: the one it was encoded with; with no cache (closed-book), `framing`'s (a style
+    or a Framing), made only when a question has none."""
+    if any(c is None for c in caches):
+        closed = framing if isinstance(framing, Framing) else lm.framing(framing)
+    return {id(c): closed if c is None else Framing.from_dict(c.meta["framing"]) for c in caches}
+
+
+def _prompt(tok: Any, frame: Framing, question: str, cache: KVCache | None) -> list[int]:
+    """A question's tokens as its cache was framed: after the document, or the whole closed-book chat prompt."""
+    if cache is None:
+        return closed_book_ids(tok, frame, question)
+    return question_ids(tok, frame, question, after_document=True)
+
+
+def _budgets(
+    lm: LoadedModel,
+    questions: list[str],
+    caches: list[KVCache | None],
+    prompts: list[list[int]],
+    max_new_tokens: int,
+) -> list[int]:
+    """Each question's answer budget: `max_new_tokens` cut to the room its cache and prompt leave in the context."""
+    rows = [(q, c.n_tokens if c is not None else 0, len(p)) for q, c, p in zip(questions, caches, prompts)]
+    return answer_budgets(lm.max_length, rows, max_new_tokens)
+
+
+def _stops(lm: LoadedModel, frame: Framing) -> frozenset[int]:
+    return frozenset(stop_token_ids(lm.tokenizer, frame, lm.model.generation_config))
+
+
+def _pad_id(tok: Any) -> int:
+    return next((t for t in (tok.pad_token_id, tok.eos_token_id) if isinstance(t, int)), 0)
 
 
 def _chunks(
@@ -293,3 +326,88 @@ class StreamedAnswers:
             self._order.add(index, text.end() + "\n", ended=True)
         else:
             self._order.add(index, text.add(token))
+
+
+class LiveBatch:
+    """Questions over one memory (a stored cache, or none: closed-book in `framing`; the adapter on or off) answered
+    as they come, for a server: each joins the decoding batch at its next `step` and leaves it once answered
+    (`loramem.model.running.RunningBatch`), instead of waiting for the questions before it. Each question is framed,
+    budgeted and stopped as `answer_batch` does it, and gets `answer_batch`'s tokens; its text is streamed through
+    an `AnswerText` (the pieces make `Answer.answer`), and its `Answer` comes at its end, its time to first token
+    counted from `join`. Call join, cancel and step from one thread; how many rows to let in is the caller's call
+    (`rows`, `columns`, `document_tokens`: what the batch holds, as `batch_tokens` counts it)."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        cache: KVCache | None,
+        adapter_on: bool = False,
+        framing: str | Framing = DEFAULT_FRAMING,
+    ) -> None:
+        with adapter_scope(lm, adapter_on):  # refused now, not at the first step: adapter on and none attached
+            pass
+        self.lm, self.cache, self.adapter_on = lm, cache, adapter_on
+        self._frame = _framings(lm, [cache], framing)[id(cache)]
+        self._batch = RunningBatch(lm.model, cache, set(_stops(lm, self._frame)), _pad_id(lm.tokenizer))
+
+    def join(
+        self,
+        question: str,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        on_text: Callable[[str], None] | None = None,
+        on_done: Callable[[Answer], None] | None = None,
+    ) -> int:
+        """Queue `question` (refused, exit 2, if it leaves no room for an answer, or the batch with it would not fit
+        the memory available); `on_text` hears its answer's text
+        as it can be shown, `on_done` its `Answer` once it has ended, or been cancelled (the answer so far).
+        Returns its id."""
+        _at_least_one("max new tokens", max_new_tokens)
+        tok = self.lm.tokenizer
+        prompt = _prompt(tok, self._frame, question, self.cache)
+        (budget,) = _budgets(self.lm, [question], [self.cache], [prompt], max_new_tokens)
+        rows, width = self.rows + 1, max(self.columns, len(prompt) + budget)  # the batch once it has joined, about
+        check_batch_memory(self.lm.config, self.lm.dtype.itemsize, self.document_tokens + rows * width, self.lm.device)
+        text = AnswerText(tok)
+
+        def heard(token: int | None) -> None:
+            piece = text.add(token) if token is not None else text.end()
+            if piece and on_text is not None:
+                on_text(piece)
+            if token is None:
+                answer = _decoded_answer(tok, question, self.cache, self._batch.result(row))
+                if on_done is not None:
+                    on_done(answer)
+
+        row = self._batch.join(prompt, budget, heard)
+        return row
+
+    def cancel(self, row: int) -> None:
+        """End a question now (a client gone): its `on_done` hears the answer so far."""
+        self._batch.cancel(row)
+
+    def step(self) -> None:
+        """One step of the batch (`RunningBatch.step`), with the adapter on or off."""
+        with adapter_scope(self.lm, self.adapter_on):
+            self._batch.step()
+
+    @property
+    def rows(self) -> int:
+        """Questions decoding or queued."""
+        return self._batch.rows
+
+    @property
+    def columns(self) -> int:
+        """Question and answer tokens each row holds now, beside the document (held once)."""
+        return self._batch.columns
+
+    @property
+    def document_tokens(self) -> int:
+        """Tokens the document holds (its fullest layer), once for every row."""
+        return _kept_tokens(self.cache)
+
+    @property
+    def busy(self) -> bool:
+        return self._batch.busy
+
+    def __len__(self) -> int:
+        return self.rows

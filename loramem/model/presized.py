@@ -210,3 +210,46 @@ def assemble(model: Any, docs: list[Doc], prompts: list[list[int]], starts: torc
         present = None if present is None else _shared(seen, present)
         layers.append(PresizedLayer(keys, values, positions, present, len(prompts), room, window))
     return PresizedCache(layers, new_positions, new_valid)
+
+
+def aligned(parts: list[PresizedCache], extra: int) -> PresizedCache:
+    """The rows of `parts` (batches over one document copy, after a pass each) as one batch, in order: every part's
+    written columns moved to end at one column, the leading columns no row uses dropped, and room for `extra` more.
+
+    How rows join a running batch (`loramem.model.running`): a question shorter than the columns so far is padded on
+    the left, a longer one pads the running rows; and, since a row that left frees its columns, a batch that never
+    empties still spans only its rows' own questions and answers. Each row keeps its original positions (linear in
+    its columns), so its masks, rebuilt here, let it see what they did before."""
+    first = parts[0]
+    for part in parts[1:]:
+        if any(a.doc_keys is not b.doc_keys for a, b in zip(first.layers, part.layers)):
+            raise ValueError("batches over different document copies cannot be aligned")
+    end = max(part.offset for part in parts)
+    # each row's unused leading columns once every part ends at `end` (valid columns are a suffix of the written)
+    pads = torch.cat([(~part.new_valid[:, : part.offset]).sum(1) + end - part.offset for part in parts])
+    drop = int(pads.min())
+    width = end - drop
+    device = first.new_positions.device
+    column = torch.arange(width + extra, device=device)
+    shifts = [end - part.offset - drop for part in parts]  # old column + shift = new column
+    lines = torch.cat([part.new_positions[:, 0] - shift for part, shift in zip(parts, shifts)])
+    new_positions = lines[:, None] + column[None, :]
+    new_valid = column[None, :] >= (pads - drop)[:, None]
+    rows = len(lines)
+    layers = []
+    for index, layer in enumerate(first.layers):
+        merged = PresizedLayer(
+            layer.doc_keys, layer.doc_values, layer.doc_positions, layer.present, rows, width + extra, layer.window
+        )
+        row = 0
+        for part, shift in zip(parts, shifts):
+            source = part.layers[index]
+            n, begin = source.keys.shape[0], max(0, -shift)
+            for new, old in ((merged.keys, source.keys), (merged.values, source.values)):
+                new[row : row + n, :, begin + shift : part.offset + shift] = old[:, :, begin : part.offset]
+            row += n
+        merged.filled = width
+        layers.append(merged)
+    batch = PresizedCache(layers, new_positions, new_valid)
+    batch.offset = width
+    return batch

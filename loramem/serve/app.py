@@ -10,6 +10,7 @@ and its rows leave the batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import socket
@@ -209,7 +210,8 @@ async def answer(served: Served, request: Request, spec: AnswersRequest, shape: 
     events: asyncio.Queue[Event] = asyncio.Queue()
 
     def emit(event: Event) -> None:
-        loop.call_soon_threadsafe(events.put_nowait, event)
+        with contextlib.suppress(RuntimeError):  # the server's loop has closed (shutdown): no one is listening
+            loop.call_soon_threadsafe(events.put_nowait, event)
 
     job = await asyncio.to_thread(prepare, served, spec, emit)
     try:
@@ -418,6 +420,7 @@ def run_server(spec: ServeSpec, model: ModelSpec) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((spec.host, spec.port))
+        sock.listen(spec.max_queue + 32)  # before the address is printed: a client may connect at once
     except OSError as exc:
         sock.close()
         raise LoramemError(f"cannot listen on {spec.host}:{spec.port}: {exc.strerror or exc}") from None

@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from loramem.answer import Answer, batch_rows
+from loramem.answer import Answer, LiveBatch, batch_rows
 from loramem.errors import LoramemError
 from loramem.log import console
 from loramem.model.loading import LoadedModel
@@ -30,64 +30,6 @@ from loramem.specs.serve import AnswersRequest
 Event = tuple[Any, ...]
 # Cached tokens a row's question is assumed to take when sizing a memory's batch (the answer's come on top)
 QUESTION_TOKENS = 128
-
-
-class LiveBatch:
-    """Rows over one memory answered a batch at a time: the rows queued when a step starts decode together to
-    their ends (`answer.iter_answers`); rows queued meanwhile wait for the next step."""
-
-    def __init__(self, lm: LoadedModel, cache: Any, adapter_on: bool, framing: str) -> None:
-        self.lm, self.cache, self.adapter_on, self.framing = lm, cache, adapter_on, framing
-        self._queued: dict[int, tuple[str, int, Callable[[str], None] | None, Callable[[Answer], None]]] = {}
-        self._rows = 0
-
-    def __len__(self) -> int:
-        return len(self._queued)
-
-    @property
-    def busy(self) -> bool:
-        return bool(self._queued)
-
-    def join(
-        self,
-        question: str,
-        max_new_tokens: int,
-        on_text: Callable[[str], None] | None,
-        on_done: Callable[[Answer], None],
-    ) -> int:
-        self._rows += 1
-        self._queued[self._rows] = (question, max_new_tokens, on_text, on_done)
-        return self._rows
-
-    def cancel(self, row: int) -> None:
-        self._queued.pop(row, None)
-
-    def step(self) -> None:
-        from loramem.answer import AnswerText, iter_answers
-
-        rows = list(self._queued.items())
-        self._queued.clear()
-        for limit in sorted({r[1] for _, r in rows}):
-            batch = [r for _, r in rows if r[1] == limit]
-            texts = [AnswerText(self.lm.tokenizer) for _ in batch]
-
-            def on_token(index: int, token: int | None, batch: list[Any] = batch, texts: list[Any] = texts) -> None:
-                sink = batch[index][2]
-                piece = texts[index].add(token) if token is not None else texts[index].end()
-                if sink is not None and piece:
-                    sink(piece)
-
-            replies = iter_answers(
-                self.lm,
-                [r[0] for r in batch],
-                self.cache,
-                max_new_tokens=limit,
-                adapter_on=self.adapter_on,
-                framing=self.framing,
-                on_token=on_token,
-            )
-            for index, answer, _ in replies:
-                batch[index][3](answer)
 
 
 class Busy(Exception):
@@ -272,7 +214,11 @@ class Engine:
                 self._answered(job)
 
         limit = job.request.answer.max_new_tokens
-        row = group.batch.join(job.request.questions[index], limit, on_text, on_done)
+        try:
+            row = group.batch.join(job.request.questions[index], limit, on_text, on_done)
+        except LoramemError as exc:  # this question cannot be answered (too long, no memory): its request ends
+            self._finish(job, refused_artifact(exc))
+            return
         job.rows.add(row)
         group.jobs[row] = job
 
@@ -286,12 +232,13 @@ class Engine:
     def _drop(self, job: Job) -> None:
         """A cancelled job's rows leave their batches; its questions no longer count against the queue."""
         group = self._groups.get(job.key)
-        if group is not None:
-            for row in sorted(job.rows):
-                group.batch.cancel(row)
+        rows = sorted(job.rows)
+        job.rows.clear()  # first: a cancelled row's on_done must not count it again
+        for row in rows:
+            if group is not None:
                 group.jobs.pop(row, None)
-                self._answered(job)
-        job.rows.clear()
+                group.batch.cancel(row)
+            self._answered(job)
         for group in self._groups.values():
             kept = deque(item for item in group.waiting if item[0] is not job)
             for _ in range(len(group.waiting) - len(kept)):
@@ -299,12 +246,15 @@ class Engine:
             group.waiting = kept
 
     def _finish(self, job: Job, error: Refused) -> None:
-        """End a job with an error: its unanswered questions are released."""
+        """End a job with an error: its rows leave, its unanswered questions are released."""
         job.emit(("error", error))
-        with self._cv:
-            self._load -= job.left
-        job.left = 0
-        job.emit(("done",))
+        job.cancelled = True
+        self._drop(job)
+        if job.left:  # (refused before any of its questions was queued)
+            with self._cv:
+                self._load -= job.left
+            job.left = 0
+            job.emit(("done",))
 
     def _activate(self, adapter: AdapterRef | None) -> None:
         """The model's active adapter made `adapter`'s, as its sha256 was when the request named it."""
