@@ -85,7 +85,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        subprocess.run(loramem("encode", str(document(args.tokens, root)), "-o", str(root / "doc.kv")), check=True)
+        quiet = {"check": True, "stdout": subprocess.DEVNULL}
+        subprocess.run(loramem("encode", str(document(args.tokens, root)), "-o", str(root / "doc.kv")), **quiet)
         subprocess.run(
             loramem(
                 "train-adapter",
@@ -97,7 +98,7 @@ def main() -> None:
                 "--steps",
                 "4",
             ),
-            check=True,
+            **quiet,
         )
         log = root / "serve.err"
         with log.open("wb") as err:

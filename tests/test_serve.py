@@ -278,3 +278,35 @@ def test_ask_server_exit_codes(server, root):
     unreachable = run_cli("ask", "--server", "http://127.0.0.1:9", "--cache", "doc.kv", "q")
     assert unreachable.returncode == 2 and b"cannot reach the server" in unreachable.stderr
     assert len(unreachable.stderr.decode().strip().splitlines()) == 1
+
+
+def test_the_listing_and_the_schema(server):
+    status, _, payload = server.request("GET", "/v1/memories")
+    listed = {m["name"]: m for m in json.loads(payload)["memories"]}
+    assert status == 200 and listed["doc.kv"]["kind"] == "cache" and listed["doc.lora"]["kind"] == "adapter"
+    assert listed["doc.kv"]["tokens_total"] > 100 and listed["doc.lora"]["rank"] >= 1
+    status, _, payload = server.request("GET", "/v1/schema")
+    schema = json.loads(payload)
+    assert (
+        status == 200 and "questions" in schema["request"]["properties"] and "answer" in schema["answer"]["properties"]
+    )
+
+
+def test_a_cache_compressed_on_request_or_replaced_on_disk_answers_as_its_content(server, root):
+    squeezed = root / "squeezed.kv"
+    made = run_cli("compress", str(root / "doc.kv"), "--press", "snapkv", "--ratio", "0.9", "-o", str(squeezed))
+    assert made.returncode == 0, made.stderr.decode()
+    limit = {"max_new_tokens": int(TOKENS)}
+    compress = {"press": "snapkv", "ratio": 0.9}
+    (asked,) = server.answers({"cache": "doc.kv", "compress": compress, "questions": [QUESTIONS[2]], "answer": limit})
+    assert [asked["answer"]] == ask_lines("--cache", str(squeezed), QUESTIONS[2])
+    assert asked["cache_tokens"] < asked["document_tokens"]
+    swap = root / "swap.kv"
+    shutil.copy(squeezed, swap)
+    before = server.answers({"cache": "swap.kv", "questions": [QUESTIONS[2]], "answer": limit})[0]
+    shutil.copy(root / "doc.kv", root / "swap.new")
+    os.replace(root / "swap.new", swap)
+    after = server.answers({"cache": "swap.kv", "questions": [QUESTIONS[2]], "answer": limit})[0]
+    assert before["cache_tokens"] < after["cache_tokens"] == after["document_tokens"]
+    assert [after["answer"]] == ask_lines("--cache", str(root / "doc.kv"), QUESTIONS[2])
+    assert after["cache_sha256"] != before["cache_sha256"]
