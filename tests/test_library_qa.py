@@ -587,3 +587,28 @@ def test_cli_eval_library_options(dataset, tiny_dir, tmp_path):
             str(tiny_dir),
         )
     )
+
+
+def test_a_server_answers_from_a_library_as_ask_does(library, tiny_dir, tmp_path):
+    """`ask --server --library NAME` (the name relative to the server's root) prints what `ask --library` prints."""
+    from test_serve import start, stop
+
+    questions = [PARAPHRASES["railway"], PARAPHRASES[NAMES[0]]]
+    local = run_cli("ask", "--library", str(library), "--top-k", "2", *questions, "--max-new-tokens", "6", "--json")
+    assert local.returncode == 0, local.stderr.decode()
+    server = start(library.parent, "--model", str(tiny_dir), log=tmp_path / "serve.err")
+    try:
+        served = run_cli(
+            "ask", "--server", server.url, "--library", library.name, "--top-k", "2", *questions,
+            "--max-new-tokens", "6", "--json",
+        )  # fmt: skip
+        assert served.returncode == 0, served.stderr.decode()
+    finally:
+        stop(server)
+    mine, theirs = (
+        [json.loads(line) for line in served.stdout.splitlines()],
+        [json.loads(line) for line in local.stdout.splitlines()],
+    )
+    assert [m["answer"] for m in mine] == [t["answer"] for t in theirs]
+    assert [m["routed"] for m in mine] == [t["routed"] for t in theirs]
+    assert all(m["library"] == library.name and not Path(m["adapter"]).is_absolute() for m in mine)
