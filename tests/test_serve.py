@@ -107,7 +107,9 @@ def server(root, tmp_path_factory) -> Iterator[Server]:
 
 
 def ask_lines(*args: str) -> list[str]:
-    result = run_cli("ask", *args, "--max-new-tokens", TOKENS, "--no-stream")
+    result = run_cli(
+        "ask", *args, "--max-new-tokens", TOKENS, *([] if {"--json", "--stream"} & set(args) else ["--no-stream"])
+    )
     assert result.returncode == 0, result.stderr.decode()
     return result.stdout.decode().splitlines()
 
@@ -121,6 +123,14 @@ def test_ask_server_prints_what_ask_prints(server, root, adapter):
     assert served == local and len(served) == len(QUESTIONS)
     one = ask_lines("--server", server.url, "--cache", "doc.kv", QUESTIONS[0], *more, "--stream")  # streamed
     assert one == ask_lines("--cache", str(root / "doc.kv"), QUESTIONS[0], *here)
+    if not adapter:  # --json: every key ask writes, the same answers
+        served_json = [
+            json.loads(line)
+            for line in ask_lines("--server", server.url, "--cache", "doc.kv", *QUESTIONS[:2], "--json")
+        ]
+        local_json = [json.loads(line) for line in ask_lines("--cache", str(root / "doc.kv"), *QUESTIONS[:2], "--json")]
+        assert [s["answer"] for s in served_json] == [x["answer"] for x in local_json]
+        assert all(set(x) <= set(s) for s, x in zip(served_json, local_json))
 
 
 def test_every_answer_names_the_memory_it_came_from(server, root):
