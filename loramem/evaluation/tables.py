@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from loramem.evaluation.config import LIBRARY_SERIES
-from loramem.evaluation.plots import METRIC_NAMES, budget_series, curve_points
+from loramem.evaluation.plots import METRIC_NAMES, budget_series, curve_points, merge_label
 from loramem.sizes import format_size
+
+LENGTH_MATCHED = "; len-matched: ROUGE-L of the answer's best span of the reference's length"
 
 
 def _p(p: float | None) -> str:
@@ -18,14 +20,15 @@ def print_table(summary: dict[str, Any], console: Any, metric: str = "rouge_l") 
     from rich.markup import escape
     from rich.table import Table
 
-    margins = {(m["press"], m["ratio"], m["mode"], m["format"]): m for m in summary["margins"]}
+    margins = {(m["press"], m["ratio"], m["mode"], m["format"], merge_label(m)): m for m in summary["margins"]}
     kept = {(c["press"], c["ratio"]): c["cache_tokens"] for c in summary["cells"] if c["mode"] == "none"}
     for press, lines in curve_points(summary, metric).items():
         ratios = sorted({p["ratio"] for points in lines.values() for p in points})
         caption = (
             f"mean ±{summary['confidence']:.0%} CI half-width, documents resampled (q: questions as if "
             "independent); n questions / documents; Δ adapter − base, paired by question, documents resampled "
-            "(bootstrap p)"
+            "(bootstrap p); mean answer words (and references'), seconds per answer (+ merge and context "
+            "prefill)" + (LENGTH_MATCHED if metric == "rouge_l" else "")
         )
         if press == LIBRARY_SERIES:
             caption += _library_caption(summary)
@@ -42,13 +45,13 @@ def print_table(summary: dict[str, Any], console: Any, metric: str = "rouge_l") 
             table.add_column(
                 f"ratio {ratio:g}" + (f"\n({tokens:g} tokens)" if tokens is not None else ""), justify="right"
             )
-        for (mode, fmt), points in lines.items():
+        for (mode, fmt, merge), points in lines.items():
             by_ratio = {p["ratio"]: p for p in points}
             row = []
             for ratio in ratios:
                 cell = by_ratio.get(ratio)
-                row.append(_table_cell(cell, margins.get((press, ratio, mode, fmt)), metric) if cell else "")
-            table.add_row(mode, fmt or "—", *row)
+                row.append(_table_cell(cell, margins.get((press, ratio, mode, fmt, merge)), metric) if cell else "")
+            table.add_row(mode + (f"\n{escape(merge)}" if merge else ""), fmt or "—", *row)
         console.print(table)
     if summary.get("budget"):
         print_budget_table(summary, console, metric)
@@ -80,7 +83,7 @@ def print_budget_table(summary: dict[str, Any], console: Any, metric: str = "rou
             f"{summary['n_documents']} documents, {summary['n_questions']} questions",
             caption="adapter bytes + kept document KV tokens (mean per document; framing not counted); Δ "
             "against the whole budget on KV (rank 0), paired by question, documents resampled (bootstrap p); the "
-            "adapter decodes over base-model KV",
+            "adapter decodes over base-model KV; mean answer words (and references'), seconds per answer",
             show_lines=True,
         )
         table.add_column("adapter rank")
@@ -101,7 +104,7 @@ def _budget_cell(point: dict[str, Any], metric: str, best: float | None) -> str:
     text = _mean_text(point[metric], bold=point[metric]["mean"] == best)
     text += (
         f"\n[dim]{format_size(point['adapter_bytes'])} + {point['kv_tokens_kept']:g} tok "
-        f"({format_size(point['document_kv_bytes'])}) n={point['n']}/{point['n_documents']}[/dim]"
+        f"({format_size(point['document_kv_bytes'])}) n={point['n']}/{point['n_documents']}{_costs_text(point)}[/dim]"
     )
     return text + _margin_text(point.get("versus_kv_only"), metric)
 
@@ -135,8 +138,18 @@ def _mean_text(stat: dict[str, Any], bold: bool = False) -> str:
 
 def _table_cell(cell: dict[str, Any], margin: dict[str, Any] | None, metric: str) -> str:
     text = _mean_text(cell[metric])
-    text += f"\n[dim]n={cell['n']}/{cell['n_documents']}[/dim]"
+    if metric == "rouge_l" and cell.get("rouge_l_matched", {}).get("mean") is not None:
+        text += f"\n[dim]len-matched {cell['rouge_l_matched']['mean']:.3f}[/dim]"
+    text += f"\n[dim]n={cell['n']}/{cell['n_documents']}" + _costs_text(cell) + "[/dim]"
     return text + _margin_text(margin, metric)
+
+
+def _costs_text(cell: dict[str, Any]) -> str:
+    """Answer length beside the references', and seconds per answer (+ setup), where the summary has them."""
+    if "answer_words" not in cell:  # summaries written before lengths were
+        return ""
+    text = f"\n{cell['answer_words']:.1f} words (refs {cell['reference_words']:.1f}) · {cell['seconds']:.2f} s"
+    return text + (f" +{cell['setup_seconds']:.2f}" if cell.get("setup_seconds") else "")
 
 
 def _margin_text(margin: dict[str, Any] | None, metric: str) -> str:
