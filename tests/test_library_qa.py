@@ -635,6 +635,9 @@ def test_routing_recall_on_known_rows():
 
     ranks = {("d0", 0): 1, ("d0", 1): 2, ("d1", 0): None, ("d1", 1): 1}
     rows = [row(d, q, mode, rank, 0.5) for (d, q), rank in ranks.items() for mode in ("routed", "oracle")]
+    setup = {("routed", "d0", 0): 1.0, ("oracle", "d0", 0): 0.002}  # a merge made by the first answer, a cached one
+    for r in rows:
+        r["setup_seconds"] = setup.get((r["mode"], r["doc_id"], r["question_index"]), 0.0)
     assert routing_recall(rows) == {"k": 3, "n": 4, "recall_at_1": 0.5, "recall_at_k": 0.75}
     base = [{**row(d, q, "none", None, 0.25), "press": "snapkv"} for d, q in ranks]
     for r in base:
@@ -648,6 +651,11 @@ def test_routing_recall_on_known_rows():
     print_table(summary, console)
     text = " ".join(console.export_text().split())  # the caption wraps at the table's width
     assert "recall@1 0.500, recall@3 0.750 (4 questions)" in text and "base = mode none at ratio 1 (snapkv)" in text
+    # Seconds per answer: the decoding share, plus the mode's setup spread over its answers (none under 0.005 s).
+    cells = {c["mode"]: c for c in summary["cells"]}
+    assert (cells["routed"]["setup_seconds"], cells["oracle"]["setup_seconds"]) == (0.25, 0.0005)
+    assert "setup_seconds" not in cells["none"]
+    assert text.count("1.0 words (refs 1.0) · 0.10 s +0.25") == 1 and "+0.00" not in text
 
 
 def test_cli_eval_library_options(dataset, tiny_dir, tmp_path):

@@ -149,7 +149,8 @@ def _costs_text(cell: dict[str, Any]) -> str:
     if "answer_words" not in cell:  # summaries written before lengths were
         return ""
     text = f"\n{cell['answer_words']:.1f} words (refs {cell['reference_words']:.1f}) · {cell['seconds']:.2f} s"
-    return text + (f" +{cell['setup_seconds']:.2f}" if cell.get("setup_seconds") else "")
+    setup = cell.get("setup_seconds", 0.0)
+    return text + (f" +{setup:.2f}" if round(setup, 2) else "")
 
 
 def _margin_text(margin: dict[str, Any] | None, metric: str) -> str:
