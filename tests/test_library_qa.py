@@ -447,7 +447,7 @@ def merges(tiny, dataset, reference, tmp_path_factory) -> tuple[Path, dict[str, 
     return run, counts, summary
 
 
-def test_each_merge_and_weighting_is_its_own_cells(tiny, tiny_dir, merges, reference):
+def test_each_merge_and_weighting_is_its_own_cells(tiny, tiny_dir, merges, reference, tmp_path):
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -473,22 +473,34 @@ def test_each_merge_and_weighting_is_its_own_cells(tiny, tiny_dir, merges, refer
                 r["weights"]
             ) == pytest.approx(2)
             assert (r["weights"][0] > r["weights"][1]) == (scores[0] > scores[1])  # the better routed weighs more
-    # A routing-weighted merge is PEFT's add_weighted_adapter of the routed adapters, each with its own weight.
+    # A routing-weighted merge is PEFT's add_weighted_adapter of the routed adapters, each with its own weight. One
+    # per question, it is not kept in LIB/merged/ (the equal merges are); its row names it, and answers with it.
+    kept = {f"merged/{p.name}" for p in (lib.path / "merged").iterdir()}
+    assert kept == {r["adapter"] for r in merging if r["merge_weights"] == "equal"}
+    assert not kept & {r["adapter"] for r in merging if r["merge_weights"] == "routing"}
     for method in MERGES:
-        row = next(r for r in merging if r["merge"] == method and r["merge_weights"] == "routing")
+        row = next(
+            r for r in merging if (r["mode"], r["merge"], r["merge_weights"]) == ("routed-merge", method, "routing")
+        )
         ids = [d["id"] for d in row["routed"]]
         weight = dict(zip(ids, row["weights"]))
+        spec = MergeSpec(method=method, weights=row["weights"])
+        remade = qa_module.routed_adapter(tiny, lib, ids, spec, tmp_path)
+        assert f"merged/{remade.name}" == row["adapter"]
         peft_model = PeftModel.from_pretrained(
             AutoModelForCausalLM.from_pretrained(str(tiny_dir)), str(lib.adapter_dir(ids[0])), adapter_name=ids[0]
         )
         peft_model.load_adapter(str(lib.adapter_dir(ids[1])), adapter_name=ids[1])
-        _, order, _ = merged_folder(lib, ids, MergeSpec(method=method, weights=row["weights"]))
+        _, order, _ = merged_folder(lib, ids, spec)
         peft_model.add_weighted_adapter(
             order, [weight[i] for i in order], "m", combination_type=method, density=0.5 if method == "ties" else None
         )
         expected = get_peft_model_state_dict(peft_model, adapter_name="m")
-        saved = load_file(str(lib.path / row["adapter"] / ADAPTER_WEIGHTS))
+        saved = load_file(str(remade / ADAPTER_WEIGHTS))
         assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+        attach_adapter(tiny, remade)
+        assert row["answer"] == generate(tiny, row["question"], max_new_tokens=TOKENS, adapter_on=True).answer
+        detach_adapter(tiny)
 
     cells = [c for c in summary["cells"] if c["mode"] in ("routed-merge", "hybrid")]
     assert [(c["mode"], c["merge"], c["merge_weights"]) for c in cells] == [

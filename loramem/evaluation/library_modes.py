@@ -14,10 +14,11 @@ from loramem.evaluation.config import Cell, file_name
 from loramem.evaluation.doc_adapters import document_adapter
 from loramem.evaluation.rundir import LIBRARY, AnswerLog, answer_row
 from loramem.kv.cache import KVCache
-from loramem.library.embed import load_embedder
-from loramem.library.qa import ContextCaches, context_cache, routed_adapter, routing_weights, use_adapter
+from loramem.library.embed import Embedder, load_embedder
+from loramem.library.qa import MERGED, ContextCaches, context_cache, routed_adapter, routing_weights, use_adapter
 from loramem.library.store import (
     AddOptions,
+    Library,
     add_documents,
     check_model,
     library_embedder,
@@ -92,6 +93,13 @@ def build_library(
     return path
 
 
+def _named(adapter: Path | None, lib: Library, scratch: Path) -> str | None:
+    """An answer's adapter by its path in the library (a scratch merge as LIB/merged would hold it)."""
+    if adapter is None:
+        return None
+    return f"{MERGED}/{adapter.name}" if adapter.parent == scratch else str(adapter.relative_to(lib.path))
+
+
 def merge_spec(cell: Cell, scores: list[float], config: EvalSpec) -> MergeSpec:
     """How a merging cell's routed adapters merge: its method, with equal weights or its routing scores'."""
     assert cell.merge is not None  # a merging library mode's cell
@@ -111,13 +119,32 @@ def answer_library(
     """Library cells of one document: each question routed once and its adapters merged first (a merge detaches
     the model's adapter; once per merge method and weighting), then answered in batches grouped by adapter, so each
     adapter is attached once. The last stays attached (base-model rows switch it off): the document's other modes
-    may use the same weights. A row's `setup_seconds` is the time its merge and its context prefill took where this
+    may use the same weights. Routing-weighted merges are one per question, never reused: they are made in a
+    scratch folder removed with the document's cells (kept, a 100-document study would leave ~80 GB in
+    LIB/merged/), and a row names its merge as LIB/merged would (`routed_adapter` remakes it from the row's routed
+    ids and weights). A row's `setup_seconds` is the time its merge and its context prefill took where this
     row made them (0 where an earlier row had: spread over a mode's rows, the cost of the mode per answer)."""
     lib = open_library(library_path(config, run))
     gold = {d["sha256"]: d["id"] for d in lib.documents}.get(sha256_text(record.document))
     if gold is None:
         raise LoramemError(f"library {lib.path} does not hold this document")
     embedder = library_embedder(lib)
+    with tempfile.TemporaryDirectory(prefix="loramem-merges-") as scratch:
+        _answer_library(lm, record, cells, config, lib, gold, embedder, Path(scratch), answers, status)
+
+
+def _answer_library(
+    lm: LoadedModel,
+    record: DocRecord,
+    cells: list[Cell],
+    config: EvalSpec,
+    lib: Library,
+    gold: str,
+    embedder: Embedder,
+    scratch: Path,
+    answers: AnswerLog,
+    status: Callable[[str], None],
+) -> None:
     status("routing and merging")
     routing: dict[int, dict[str, Any]] = {}
     chunks: dict[int, list[Any]] = {}
@@ -146,7 +173,7 @@ def answer_library(
         elif cell.merge is not None:
             spec = merge_spec(cell, [r["score"] for r in routed_set], config)
             start = clock(lm.device)
-            adapter = routed_adapter(lm, lib, ids, spec)
+            adapter = routed_adapter(lm, lib, ids, spec, scratch if cell.merge_weights == "routing" else None)
             setup[cell] = clock(lm.device) - start
             weights[cell] = spec.weights or [1.0] * len(ids)
         else:
@@ -189,7 +216,7 @@ def answer_library(
                     **routing[q],
                     **({"weights": weights[cell]} if cell in weights else {}),
                     "setup_seconds": round(setup.get(cell, 0.0), 4),
-                    "adapter": str(adapter.relative_to(lib.path)) if adapter else None,
+                    "adapter": _named(adapter, lib, scratch),
                     "context_chunks": [[c.doc_id, c.index] for c in chunks[q]] if cache else [],
                 }
             )

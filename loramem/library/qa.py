@@ -102,11 +102,16 @@ def merged_folder(lib: Library, doc_ids: list[str], config: MergeSpec) -> tuple[
     return folder, [i for _, i, _ in ordered], [w for *_, w in ordered]
 
 
-def routed_adapter(lm: LoadedModel, lib: Library, doc_ids: list[str], config: MergeSpec) -> Path:
-    """The adapter for the routed documents: one document's own, or their merge, made once and kept in LIB/merged/."""
+def routed_adapter(
+    lm: LoadedModel, lib: Library, doc_ids: list[str], config: MergeSpec, under: Path | None = None
+) -> Path:
+    """The adapter for the routed documents: one document's own, or their merge, made once and kept in LIB/merged/
+    (or in `under`, for merges not worth keeping: named as LIB/merged would name them)."""
     if len(doc_ids) == 1:
         return lib.adapter_dir(doc_ids[0])
     folder, sources, weights = merged_folder(lib, doc_ids, config)
+    if under is not None:
+        folder = under / folder.name
     if (folder / ADAPTER_WEIGHTS).is_file():
         return folder
     ranks = {d["id"]: d["adapter"]["rank"] for d in lib.documents if d["id"] in doc_ids}
