@@ -119,10 +119,11 @@ def answer_library(
     """Library cells of one document: each question routed once and its adapters merged first (a merge detaches
     the model's adapter; once per merge method and weighting), then answered in batches grouped by adapter, so each
     adapter is attached once. The last stays attached (base-model rows switch it off): the document's other modes
-    may use the same weights. Routing-weighted merges are one per question, never reused: they are made in a
-    scratch folder removed with the document's cells (kept, a 100-document study would leave ~80 GB in
-    LIB/merged/), and a row names its merge as LIB/merged would (`routed_adapter` remakes it from the row's routed
-    ids and weights). A row's `setup_seconds` is the time its merge and its context prefill took where this
+    may use the same weights. Merges are made in a scratch folder removed with the document's cells, not kept in
+    LIB/merged/: a routing-weighted merge is one per question, and with routing that finds the document, other
+    documents' questions are routed to other sets; kept, a 100-document study of three merges would leave tens of
+    GB there. A row names its merge as LIB/merged would (`routed_adapter` remakes it from the row's routed ids and
+    weights). A row's `setup_seconds` is the time its merge and its context prefill took where this
     row made them (0 where an earlier row had: spread over a mode's rows, the cost of the mode per answer)."""
     lib = open_library(library_path(config, run))
     gold = {d["sha256"]: d["id"] for d in lib.documents}.get(sha256_text(record.document))
@@ -173,7 +174,7 @@ def _answer_library(
         elif cell.merge is not None:
             spec = merge_spec(cell, [r["score"] for r in routed_set], config)
             start = clock(lm.device)
-            adapter = routed_adapter(lm, lib, ids, spec, scratch if cell.merge_weights == "routing" else None)
+            adapter = routed_adapter(lm, lib, ids, spec, scratch)
             setup[cell] = clock(lm.device) - start
             weights[cell] = spec.weights or [1.0] * len(ids)
         else:
