@@ -37,6 +37,9 @@ MERGE_METHODS: tuple[MergeMethod, ...] = get_args(MergeMethod)
 # These combine A and B entry by entry, so ranks must agree; cat stacks them (rank = sum), svd refactors the sum.
 EQUAL_RANK_METHODS: tuple[MergeMethod, ...] = ("ties", "linear", "dare_ties")
 DENSITY_METHODS: tuple[MergeMethod, ...] = ("ties", "dare_ties")
+# What a routed set's adapters weigh in their merge: each the same, or by their routing scores (eval's library modes).
+MergeWeighting = Literal["equal", "routing"]
+MERGE_WEIGHTINGS: tuple[MergeWeighting, ...] = get_args(MergeWeighting)
 
 # The adapter at answer time: off; on for question and answer over the base model's cache; on throughout (a cache
 # encoded with the adapter). eval adds base_scores: an adapter-encoded cache evicted by the base model's scores.
@@ -48,6 +51,7 @@ ADAPTER_MODES: tuple[KVMode, ...] = ("decode", "all", "base_scores")  # the KV m
 # Over a library of the run's documents, holding no KV of the question's own document.
 LibraryMode = Literal["oracle", "routed", "routed-merge", "hybrid", "rag"]
 LIBRARY_MODES: tuple[LibraryMode, ...] = get_args(LibraryMode)
+MERGE_MODES: tuple[LibraryMode, ...] = ("routed-merge", "hybrid")  # the library modes that answer with a merge
 Mode = Literal[KVMode, LibraryMode]
 MODES: tuple[Mode, ...] = (*KV_MODES, *LIBRARY_MODES)
 
@@ -56,7 +60,8 @@ DATASET_LAYOUTS: tuple[DatasetLayout, ...] = get_args(DatasetLayout)
 NarrativeQASplit = Literal["train", "valid", "test"]
 NARRATIVEQA_SPLITS: tuple[NarrativeQASplit, ...] = get_args(NarrativeQASplit)
 
-Metric = Literal["rouge_l", "exact_match", "token_f1", "contains"]
+# rouge_l_matched: ROUGE-L of the answer cut to each reference's length (a long answer gains nothing by its length).
+Metric = Literal["rouge_l", "exact_match", "token_f1", "contains", "rouge_l_matched"]
 METRICS: tuple[Metric, ...] = get_args(Metric)
 
 Device = str  # auto, cpu, cuda or cuda:N: checked by `model.loading.resolve_device`

@@ -299,3 +299,19 @@ def flat_spec(**settings) -> EvalSpec:
     """An EvalSpec from settings named as loramem 0.1's flat config named them (rank=, answer_batch_size=, ...),
     read the way an old run's config.json is read."""
     return EvalSpec.from_record(settings)
+
+
+TIMINGS = ("seconds", "setup_seconds")
+
+
+def untimed(summary: dict) -> dict:
+    """A summary without its cells' and budget points' mean seconds, which differ from run to run."""
+
+    def strip(items: list[dict]) -> list[dict]:
+        return [{k: v for k, v in item.items() if k not in TIMINGS} for item in items]
+
+    return {
+        **summary,
+        "cells": strip(summary["cells"]),
+        **({"budget": strip(summary["budget"])} if "budget" in summary else {}),
+    }

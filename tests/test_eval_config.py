@@ -12,6 +12,7 @@ from inprocess import assert_refused, invoke
 from loramem.errors import LoramemError
 from loramem.evaluation.config import resumed_spec
 from loramem.specs import EvalSpec
+from loramem.specs.eval import RECORD_VERSION
 
 DOCS = [
     {
@@ -80,11 +81,36 @@ def test_a_flat_record_of_loramem_0_1_reads_as_the_same_spec():
         "granularities": ["token"], "store_dtypes": ["native"], "groups": 4, "max_new_tokens": 8, "limit": None,
         "shard": [0, 1], "seed": 2, "synth_pairs": 16, "adapters": None, "rank": 4, "alpha": 8.0, "dropout": 0.0,
         "targets": "all", "layers": None, "lr": 0.0015, "epochs": 8, "steps": 1, "batch_size": 2, "max_length": 512,
-        "chunk_size": 128,
+        "chunk_size": 128, "merge": "cat",
     }  # fmt: skip
     spec = EvalSpec.from_record(old)
     assert (spec.train.rank, spec.train.seed, spec.train.batch_size, spec.answer.max_new_tokens) == (4, 2, 2, 8)
-    assert spec.synth.pairs == 16 and spec.library.path is None and spec.record()["version"] == 2
+    assert spec.synth.pairs == 16 and spec.library.path is None and spec.record()["version"] == RECORD_VERSION == 3
+    assert spec.library.merge == ["cat"] and spec.library.merge_weights == ["equal"]
+
+
+def test_a_version_2_record_with_one_merge_reads_as_a_list_of_one():
+    """Version 2 recorded library.merge as one method; version 3 records a list (each merge its own cells)."""
+    record = EvalSpec.parse({"modes": ["routed-merge"]}).record()
+    assert record["version"] == 3 and record["library"]["merge"] == ["ties"]
+    old = {**record, "version": 2, "library": {**record["library"], "merge": "linear"}}
+    del old["library"]["merge_weights"], old["library"]["merge_temperature"]
+    spec = EvalSpec.from_record(old)
+    assert spec.library.merge == ["linear"] and spec.record() == {
+        **record,
+        "library": {**record["library"], "merge": ["linear"]},
+    }
+    many = EvalSpec.parse(
+        {"modes": ["hybrid"], "library": {"merge": "ties, linear,cat,ties", "merge_weights": "routing,equal"}}
+    )
+    assert many.library.merge == ["ties", "linear", "cat"] and many.library.merge_weights == ["routing", "equal"]
+    for bad, message in (
+        ({"merge": []}, "give at least one"),
+        ({"merge_weights": "softmax"}, "merge_weights"),
+        ({"merge_temperature": 0}, "> 0"),
+    ):
+        with pytest.raises(LoramemError, match=message):
+            EvalSpec.parse({"library": bad})
 
 
 def test_config_file_is_the_same_run_as_flags_and_flags_override_it(capsys, tiny_dir, dataset, tmp_path, one_thread):

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_DOC, flat_spec
+from conftest import DEMO_DOC, flat_spec, untimed
 from rich.console import Console
 
 import loramem.evaluation.doc_adapters as doc_adapters
@@ -233,10 +233,10 @@ def test_kv_variants_each_get_their_curve_and_bytes(tiny, dataset, tmp_path):
     assert (tmp_path / "run" / BYTES_PLOT).read_bytes().startswith(b"\x89PNG")
     record = load_dataset(dataset)[0]  # a value-group cell answers as generate does on that cache
     cache = compress_value_groups(encode(tiny, record.document, presses=["knorm"]), "knorm", 4, 0.5)
-    row = rows[(record.id, 0, "knorm", 0.5, "none", None, "value-group/4")]
+    row = rows[(record.id, 0, "knorm", 0.5, "none", None, "value-group/4", None, None)]
     assert row["answer"] == generate(tiny, record.qa[0].question, cache, max_new_tokens=4).answer
     assert row["kv_bytes"] == cache.nbytes_stored
-    token_row = rows[(record.id, 0, "knorm", 0.5, "none", None, "token")]
+    token_row = rows[(record.id, 0, "knorm", 0.5, "none", None, "token", None, None)]
     assert (
         token_row["kv_bytes"]
         == compress(encode(tiny, record.document, presses=["knorm"]), "knorm", ratio=0.5).nbytes_stored
@@ -251,7 +251,7 @@ def test_shards_merged_equal_the_unsharded_run(tiny, dataset, reference, tmp_pat
     summary = merge([*shards, shards[0]], tmp_path / "merged")  # a repeated shard is deduplicated
     assert answers_by_cell(tmp_path / "merged") == answers_by_cell(reference[0])
     expected = json.loads((reference[0] / SUMMARY).read_text())
-    assert summary["cells"] == expected["cells"] and summary["margins"] == expected["margins"]
+    assert untimed(summary)["cells"] == untimed(expected)["cells"] and summary["margins"] == expected["margins"]
     assert summary["complete"] and summary["n_documents"] == N_DOCS and summary["n_questions"] == N_DOCS * N_QUESTIONS
     assert json.loads((tmp_path / "merged" / CONFIG).read_text())["config"]["shard"] == [0, 1]
 
@@ -428,6 +428,35 @@ def test_summary_statistics_on_known_answers(tmp_path):
     assert (run / CURVES).read_bytes().startswith(b"\x89PNG")
     table = console.export_text()
     assert "ratio 1" in table and "Δ+0.550" in table and "2 documents, 4 questions" in table and "n=4/2" in table
+
+
+def test_cells_report_answer_lengths_seconds_and_a_length_matched_score(tmp_path):
+    """The adapter answers in sentences and slower, the base model tersely: each cell's mean answer and reference
+    words and seconds stand beside its scores, and the length-matched ROUGE-L (computed for rows written before
+    it) scores both right answers alike, so its margin is 0 where ROUGE-L's length-blind one is not."""
+    run = hand_made_run(tmp_path)
+    rows = read_answers(run / ANSWERS)
+    for r in rows:
+        verbose = r["mode"] == "decode"
+        r.update(answer="well it is r" if verbose else "r", references=["r", "r s t"], seconds=0.3 if verbose else 0.1)
+    (run / ANSWERS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = write_report(run)
+    cells = {(c["mode"], c["ratio"]): c for c in summary["cells"]}
+    assert {k: (c["answer_words"], c["reference_words"], c["seconds"]) for k, c in cells.items()} == {
+        ("none", 0.0): (1.0, 2.0, 0.1),
+        ("none", 1.0): (1.0, 2.0, 0.1),
+        ("decode", 0.0): (4.0, 2.0, 0.3),
+        ("decode", 1.0): (4.0, 2.0, 0.3),
+    }
+    assert all("setup_seconds" not in c for c in cells.values())  # only library rows have merges and contexts
+    assert all(c["rouge_l_matched"]["mean"] == 1.0 for c in cells.values())  # "r" is a 1-word span of each answer
+    margin = next(m for m in summary["margins"] if m["ratio"] == 1.0)
+    assert margin["rouge_l_matched"]["diff"] == 0.0 and margin["rouge_l"]["diff"] == pytest.approx(0.55)
+    console = Console(record=True, width=200)
+    print_table(summary, console)
+    table = console.export_text()
+    assert "4.0 words (refs 2.0) · 0.30 s" in table and "1.0 words (refs 2.0) · 0.10 s" in table
+    assert "len-matched 1.000" in table
 
 
 def test_single_question_cells_have_no_interval(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import flat_spec, run_cli
+from conftest import TIMINGS, flat_spec, run_cli
 from rich.console import Console
 from test_cli import one_line_error
 from test_library import DOCS, PARAPHRASES
@@ -362,7 +362,8 @@ def reference(tiny, dataset, tmp_path_factory) -> tuple[Path, dict[str, Count], 
 
 
 def rows_by_cell(run: Path) -> dict[tuple, dict]:
-    return {cell_key(r): {k: v for k, v in r.items() if k != "seconds"} for r in read_answers(run / ANSWERS)}
+    """A run's answers by cell, without their timings."""
+    return {cell_key(r): {k: v for k, v in r.items() if k not in TIMINGS} for r in read_answers(run / ANSWERS)}
 
 
 def test_every_library_mode_answers_every_question(tiny, dataset, reference, embedder):
@@ -380,8 +381,9 @@ def test_every_library_mode_answers_every_question(tiny, dataset, reference, emb
     lib = open_library(run / "library")
     assert [d["id"] for d in lib.documents] == list(NAMES)
     assert all(d["adapter"]["origin"] == str(run / "adapters" / f"{d['id']}-qa") for d in lib.documents)
-    merged = {r["adapter"] for r in library if r["mode"] == "routed-merge"}
-    assert counts["merge_adapters"].calls == len(merged)  # one merge per routed set
+    merged = {(r["doc_id"], r["adapter"]) for r in library if r["mode"] == "routed-merge"}
+    assert counts["merge_adapters"].calls == len(merged)  # one merge per document and routed set
+    assert not (run / "library" / "merged").exists()  # made in a scratch folder, not kept
     for r in library:
         ids = [d["id"] for d in r["routed"]]
         assert len(ids) == 2 and r["gold_rank"] == (ids.index(r["doc_id"]) + 1 if r["doc_id"] in ids else None)
@@ -423,7 +425,131 @@ def test_every_library_mode_answers_every_question(tiny, dataset, reference, emb
     margins = {m["mode"]: m for m in summary["margins"]}
     assert set(margins) == set(LIBRARY_MODES) and all(m["versus"] == "knorm" and m["n"] == 6 for m in margins.values())
     config = json.loads((run / CONFIG).read_text())["config"]
-    assert config["library"] == {"path": None, "top_k": 2, "merge": "ties", "context_chunks": 2}
+    assert config["library"] == {
+        "path": None,
+        "top_k": 2,
+        "merge": ["ties"],
+        "merge_weights": ["equal"],
+        "merge_temperature": 0.1,
+        "context_chunks": 2,
+    }
+
+
+MERGES = ["ties", "linear", "cat"]
+
+
+@pytest.fixture(scope="module")
+def merges(tiny, dataset, reference, tmp_path_factory) -> tuple[Path, dict[str, Count], dict]:
+    """The reference grid with three merges, each with equal and routing weights."""
+    run = tmp_path_factory.mktemp("runs") / "merges"
+    with pytest.MonkeyPatch.context() as mp:
+        counts = counted(mp)
+        summary = run_eval(tiny, dataset, run, eval_config(merge=MERGES, library={"merge_weights": "equal,routing"}))
+    return run, counts, summary
+
+
+def test_each_merge_and_weighting_is_its_own_cells(tiny, tiny_dir, merges, reference, tmp_path):
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    run, _, summary = merges
+    rows = read_answers(run / ANSWERS)
+    merging = [r for r in rows if r["mode"] in ("routed-merge", "hybrid")]
+    per_question = 3 + 2 * len(MERGES) * 2  # oracle, routed, rag; routed-merge and hybrid per merge and weighting
+    assert len(rows) == len({cell_key(r) for r in rows}) == len(NAMES) * N_QUESTIONS * (1 + per_question)
+    assert {(r["merge"], r["merge_weights"]) for r in merging} == {(m, w) for m in MERGES for w in ("equal", "routing")}
+    assert not any("merge" in r for r in rows if r not in merging)
+    # The reference run (ties, equal weights) is this run's ties/equal cells, answer for answer.
+    again = rows_by_cell(run)
+    assert all(again[key] == row for key, row in rows_by_cell(reference[0]).items())
+    lib = open_library(run / "library")
+    for r in merging:
+        scores = [d["score"] for d in r["routed"]]
+        if r["merge_weights"] == "equal":
+            assert r["weights"] == [1.0, 1.0]
+        else:
+            shares = torch.softmax(torch.tensor(scores, dtype=torch.float64) / 0.1, 0)
+            assert r["weights"] == pytest.approx((2 * shares).tolist(), abs=1e-6) and sum(
+                r["weights"]
+            ) == pytest.approx(2)
+            assert (r["weights"][0] > r["weights"][1]) == (scores[0] > scores[1])  # the better routed weighs more
+    # A routing-weighted merge is PEFT's add_weighted_adapter of the routed adapters, each with its own weight. Not
+    # kept in LIB/merged/, it is named there by its row, and remade from it answers as the row did.
+    assert not (lib.path / "merged").exists()
+    for method in MERGES:
+        row = next(
+            r for r in merging if (r["mode"], r["merge"], r["merge_weights"]) == ("routed-merge", method, "routing")
+        )
+        ids = [d["id"] for d in row["routed"]]
+        weight = dict(zip(ids, row["weights"]))
+        spec = MergeSpec(method=method, weights=row["weights"])
+        remade = qa_module.routed_adapter(tiny, lib, ids, spec, tmp_path)
+        assert f"merged/{remade.name}" == row["adapter"]
+        peft_model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(str(tiny_dir)), str(lib.adapter_dir(ids[0])), adapter_name=ids[0]
+        )
+        peft_model.load_adapter(str(lib.adapter_dir(ids[1])), adapter_name=ids[1])
+        _, order, _ = merged_folder(lib, ids, spec)
+        peft_model.add_weighted_adapter(
+            order, [weight[i] for i in order], "m", combination_type=method, density=0.5 if method == "ties" else None
+        )
+        expected = get_peft_model_state_dict(peft_model, adapter_name="m")
+        saved = load_file(str(remade / ADAPTER_WEIGHTS))
+        assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+        attach_adapter(tiny, remade)
+        assert row["answer"] == generate(tiny, row["question"], max_new_tokens=TOKENS, adapter_on=True).answer
+        detach_adapter(tiny)
+
+    cells = [c for c in summary["cells"] if c["mode"] in ("routed-merge", "hybrid")]
+    assert [(c["mode"], c["merge"], c["merge_weights"]) for c in cells] == [
+        (mode, m, w) for mode in ("routed-merge", "hybrid") for m in MERGES for w in ("equal", "routing")
+    ]
+    assert all(c["n"] == len(NAMES) * N_QUESTIONS for c in cells)
+    assert len([m for m in summary["margins"] if m["mode"] == "hybrid"]) == 2 * len(MERGES)
+    console = Console(record=True, width=400)
+    print_table(summary, console)
+    text = console.export_text()
+    assert all(f"{m} · routing weights" in text for m in MERGES) and "words (refs" in text
+
+
+def test_a_resume_with_other_merges_is_refused_and_with_the_same_redoes_nothing(tiny, dataset, merges):
+    from loramem.specs import SpecError
+
+    run = merges[0]
+    for other in ({"merge": ["ties", "linear"]}, {"merge": MERGES, "library": {"merge_weights": "routing"}}):
+        with pytest.raises(SpecError, match="disagree with the run being resumed"):
+            run_eval(
+                tiny,
+                dataset,
+                run,
+                eval_config(**{**{"library": {"merge_weights": "equal,routing"}}, **other}),
+                resume=True,
+            )
+    with pytest.MonkeyPatch.context() as mp:
+        counts = counted(mp)
+        run_eval(tiny, dataset, run, None, resume=True)
+    assert all(c.calls == 0 for c in counts.values())
+
+
+def test_a_run_recorded_before_merges_were_lists_resumes_as_done(tiny, dataset, reference, tmp_path):
+    """Version 2 recorded one merge method and its merging rows no merge: a resume gives them the run's, redoes
+    nothing and records version 3."""
+    run = tmp_path / "old"
+    shutil.copytree(reference[0], run)
+    header = json.loads((run / CONFIG).read_text())
+    library = {k: v for k, v in header["config"]["library"].items() if not k.startswith("merge_")}
+    header["config"] = {**header["config"], "version": 2, "library": {**library, "merge": "ties"}}
+    (run / CONFIG).write_text(json.dumps(header))
+    rows = read_answers(run / ANSWERS)
+    old = [{k: v for k, v in r.items() if k not in ("merge", "merge_weights")} for r in rows]
+    (run / ANSWERS).write_text("".join(json.dumps(r) + "\n" for r in old))
+    with pytest.MonkeyPatch.context() as mp:
+        counts = counted(mp)
+        run_eval(tiny, dataset, run, None, resume=True)
+    assert all(c.calls == 0 for c in counts.values())
+    assert rows_by_cell(run) == rows_by_cell(reference[0])
+    assert json.loads((run / CONFIG).read_text())["config"]["version"] == 3
 
 
 def test_resume_redoes_nothing(tiny, dataset, reference, tmp_path):
@@ -520,6 +646,9 @@ def test_routing_recall_on_known_rows():
 
     ranks = {("d0", 0): 1, ("d0", 1): 2, ("d1", 0): None, ("d1", 1): 1}
     rows = [row(d, q, mode, rank, 0.5) for (d, q), rank in ranks.items() for mode in ("routed", "oracle")]
+    setup = {("routed", "d0", 0): 1.0, ("oracle", "d0", 0): 0.002}  # a merge made by the first answer, a cached one
+    for r in rows:
+        r["setup_seconds"] = setup.get((r["mode"], r["doc_id"], r["question_index"]), 0.0)
     assert routing_recall(rows) == {"k": 3, "n": 4, "recall_at_1": 0.5, "recall_at_k": 0.75}
     base = [{**row(d, q, "none", None, 0.25), "press": "snapkv"} for d, q in ranks]
     for r in base:
@@ -533,6 +662,11 @@ def test_routing_recall_on_known_rows():
     print_table(summary, console)
     text = " ".join(console.export_text().split())  # the caption wraps at the table's width
     assert "recall@1 0.500, recall@3 0.750 (4 questions)" in text and "base = mode none at ratio 1 (snapkv)" in text
+    # Seconds per answer: the decoding share, plus the mode's setup spread over its answers (none under 0.005 s).
+    cells = {c["mode"]: c for c in summary["cells"]}
+    assert (cells["routed"]["setup_seconds"], cells["oracle"]["setup_seconds"]) == (0.25, 0.0005)
+    assert "setup_seconds" not in cells["none"]
+    assert text.count("1.0 words (refs 1.0) · 0.10 s +0.25") == 1 and "+0.00" not in text
 
 
 def test_cli_eval_library_options(dataset, tiny_dir, tmp_path):
@@ -547,7 +681,11 @@ def test_cli_eval_library_options(dataset, tiny_dir, tmp_path):
         "--library-top-k",
         "3",
         "--merge",
-        "cat",
+        "cat,linear",
+        "--merge-weights",
+        "routing",
+        "--merge-temperature",
+        "0.5",
         "--context-chunks",
         "1",
         "--steps",
@@ -564,15 +702,25 @@ def test_cli_eval_library_options(dataset, tiny_dir, tmp_path):
     summary = json.loads(result.stdout)
     assert summary["routing"]["k"] == 3 and summary["routing"]["recall_at_k"] == 1.0
     config = json.loads((out / CONFIG).read_text())["config"]
-    assert (config["library"]["top_k"], config["library"]["merge"], config["library"]["context_chunks"]) == (
+    library = config["library"]
+    assert (library["top_k"], library["merge"], library["merge_weights"], library["merge_temperature"]) == (
         3,
-        "cat",
-        1,
+        ["cat", "linear"],
+        ["routing"],
+        0.5,
     )
+    assert library["context_chunks"] == 1
     rows = read_answers(out / ANSWERS)
-    assert len(rows) == len(NAMES) * N_QUESTIONS * 2 and all(
+    assert len(rows) == len(NAMES) * N_QUESTIONS * 3 and all(
         len(r["context_chunks"]) == 1 for r in rows if r["mode"] == "rag"
     )
+    assert {(r["merge"], r["merge_weights"]) for r in rows if r["mode"] == "routed-merge"} == {
+        ("cat", "routing"),
+        ("linear", "routing"),
+    }
+    cells = {(c["mode"], c.get("merge")): c for c in summary["cells"]}
+    assert set(cells) == {("routed-merge", "cat"), ("routed-merge", "linear"), ("rag", None)}
+    assert all(c["answer_words"] <= 2 and c["reference_words"] > 0 and c["seconds"] > 0 for c in cells.values())
     assert "more than the library's 3" in one_line_error(
         run_cli(
             "eval",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from loramem.evaluation.metrics import exact_match, rouge_l, score_answer, token_f1
+from loramem.evaluation.metrics import exact_match, rouge_l, rouge_l_matched, score_answer, token_f1
 from loramem.text import normalize_answer
 
 
@@ -91,9 +91,33 @@ def test_answers_that_normalize_to_nothing() -> None:
 
 
 def test_score_answer_combines_all_metrics() -> None:
-    # ROUGE-L keeps "the": 6 vs 6 tokens, LCS "cat sat on" = 3, F = 1/2.
+    # ROUGE-L keeps "the": 6 vs 6 tokens, LCS "cat sat on" = 3, F = 1/2 (as long as the reference: matched alike).
     scores = score_answer("The cat sat on the mat.", ["a cat sat on a hat"])
-    assert scores == pytest.approx({"rouge_l": 0.5, "exact_match": 0.0, "token_f1": 0.75, "contains": 0.0})
+    assert scores == pytest.approx(
+        {"rouge_l": 0.5, "exact_match": 0.0, "token_f1": 0.75, "contains": 0.0, "rouge_l_matched": 0.5}
+    )
+
+
+def test_length_matched_rouge_l_scores_the_best_span_of_the_references_length() -> None:
+    # A right answer in a sentence: ROUGE-L F = 2 * 2 / (7 + 2); its 2-token span "ansel marrow" matches whole.
+    sentence = "The honey is collected by Ansel Marrow."
+    assert rouge_l(sentence, ["Ansel Marrow"]) == pytest.approx(4 / 9)
+    assert rouge_l_matched(sentence, ["Ansel Marrow"]) == 1.0
+    # The best 2-token span of "marrow x ansel" holds one reference token: P = R = F = 1/2; ROUGE-L's LCS is also 1,
+    # over 3 tokens: F = 2 * 1 / (3 + 2).
+    assert rouge_l_matched("marrow x ansel", ["Ansel Marrow"]) == pytest.approx(1 / 2)
+    assert rouge_l("marrow x ansel", ["Ansel Marrow"]) == pytest.approx(2 / 5)
+    # Shorter than the reference: scored whole, as ROUGE-L scores it; stemmed as ROUGE-L is.
+    for answer in ("Marrow", "ansel", "runs", "", "the cats running"):
+        for ref in (["Ansel Marrow"], ["running cat"], ["a cat sat on a hat", "cats run"]):
+            if len(answer.split()) <= min(len(r.split()) for r in ref):
+                assert rouge_l_matched(answer, ref) == pytest.approx(rouge_l(answer, ref))
+    # The reference's words spread over a long answer: ROUGE-L's LCS 2 over 5 tokens, F = 4 / 7; no 2-token span
+    # holds both, F = 1/2. The reference is credited as a stretch of the answer, not as scattered words.
+    assert rouge_l("ansel x x x marrow", ["Ansel Marrow"]) == pytest.approx(4 / 7)
+    assert rouge_l_matched("ansel x x x marrow", ["Ansel Marrow"]) == pytest.approx(1 / 2)
+    # Each reference with its own length: the best over references.
+    assert rouge_l_matched("it was seven tunnels in all", ["eleven", "seven tunnels"]) == 1.0
 
 
 def test_contains_credits_a_right_answer_given_at_length():

@@ -21,7 +21,7 @@ from loramem.sizes import format_size
 from loramem.specs import CompressSpec, EvalSpec
 from loramem.specs.base import flatten, merged
 from loramem.specs.eval import upgrade
-from loramem.vocab import LIBRARY_MODES
+from loramem.vocab import LIBRARY_MODES, MERGE_MODES
 
 if TYPE_CHECKING:
     from loramem.data.formats import DocRecord
@@ -80,6 +80,8 @@ class Cell:
     store: str = "native"
     budget: int | None = None  # budget points: bytes for kept KV plus the adapter of rank `rank`
     rank: int = 0
+    merge: str | None = None  # routed-merge, hybrid: the merge method and how the routed adapters weigh
+    merge_weights: str | None = None
 
     def variant(self, groups: int) -> str:
         """How the kept KV is cut and stored, as answers.jsonl names it: e.g. token, value-group/4 int8,
@@ -146,9 +148,11 @@ def budget_points(config: EvalSpec, sizes: dict[int, int]) -> list[tuple[int, in
 
 def grid(record: DocRecord, config: EvalSpec, points: list[tuple[int, int]]) -> list[Cell]:
     """Every cell of a document, grouped by press and ratio so each compressed cache is built once; library modes
-    once per question, outside the press and ratio grid; budget points (base KV, adapter on for decoding) last."""
+    once per question (the merging ones once per merge method and weighting), outside the press and ratio grid;
+    budget points (base KV, adapter on for decoding) last."""
     kv_modes = [m for m in config.modes if m not in LIBRARY_MODES]
     library_modes = [m for m in config.modes if m in LIBRARY_MODES]
+    merges = [(merge, weights) for merge in config.library.merge for weights in config.library.merge_weights]
     questions = range(len(record.qa))
     return (
         [
@@ -161,7 +165,12 @@ def grid(record: DocRecord, config: EvalSpec, points: list[tuple[int, int]]) -> 
             for fmt in ([None] if mode == "none" else config.formats)
             for q in questions
         ]
-        + [Cell(q, LIBRARY_SERIES, 1.0, mode, None) for mode in library_modes for q in questions]
+        + [
+            Cell(q, LIBRARY_SERIES, 1.0, mode, None, merge=merge, merge_weights=weights)
+            for mode in library_modes
+            for merge, weights in (merges if mode in MERGE_MODES else [(None, None)])
+            for q in questions
+        ]
         + [
             Cell(q, press, None, "decode" if rank else "none", fmt, store=store, budget=budget, rank=rank)
             for press in config.presses
@@ -175,7 +184,17 @@ def grid(record: DocRecord, config: EvalSpec, points: list[tuple[int, int]]) -> 
 
 def key_of(record: DocRecord, cell: Cell, groups: int) -> tuple:
     """The cell's key as report.cell_key reads it from an answer line."""
-    return (record.id, cell.question_index, cell.press, cell.ratio, cell.mode, cell.format, cell.variant(groups))
+    return (
+        record.id,
+        cell.question_index,
+        cell.press,
+        cell.ratio,
+        cell.mode,
+        cell.format,
+        cell.variant(groups),
+        cell.merge,
+        cell.merge_weights,
+    )
 
 
 # Library modes answer from the run's adapter library, with no KV of the question's own document: their answers

@@ -20,7 +20,7 @@ from typing import Any
 
 from loramem.evaluation.config import LIBRARY_SERIES
 from loramem.evaluation.metrics import contains
-from loramem.evaluation.plots import METRIC_NAMES, MODE_LABELS, series_label
+from loramem.evaluation.plots import METRIC_NAMES, MODE_LABELS, merge_label, series_label
 from loramem.evaluation.rundir import (
     ANSWERS,
     BUDGET_PLOT,
@@ -108,7 +108,7 @@ def page_data(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
         r.setdefault("contains", contains(r["answer"], r["references"]))
     presses = sorted(dict.fromkeys(_press(r) for r in rows), key=lambda name: name == LIBRARY_SERIES)
     formats = list(dict.fromkeys(r["format"] for r in rows))
-    columns = sorted({_column(r) for r in rows}, key=lambda c: (_mode_rank(c[0]), formats.index(c[1]), c[2]))
+    columns = sorted({_column(r) for r in rows}, key=lambda c: (_mode_rank(c[0]), formats.index(c[1]), c[2], c[3] or ""))
     settings = sorted({_setting(r) for r in rows})
     docs = sorted({r["doc_id"] for r in rows})
     rows.sort(
@@ -178,19 +178,23 @@ def _setting(row: dict[str, Any]) -> tuple[tuple[int, float, str], str]:
     return (1, budget, row["store"]), f"budget {format_size(budget)} · KV {row['store']}"
 
 
-def _column(row: dict[str, Any]) -> tuple[str, str | None, int]:
-    """Which side-by-side column an answer fills: its mode and format (and adapter rank, within a budget)."""
-    return row["mode"], row["format"], int(row.get("adapter_rank") or 0)
+Column = tuple[str, "str | None", int, "str | None"]  # mode, format, adapter rank, merge label
 
 
-def _column_key(column: tuple[str, str | None, int]) -> str:
-    mode, fmt, rank = column
-    return "·".join([mode, fmt or NO_FORMAT, *([f"r{rank}"] if rank else [])])
+def _column(row: dict[str, Any]) -> Column:
+    """Which side-by-side column an answer fills: its mode and format (and adapter rank, within a budget; and its
+    merge, for a merging library mode)."""
+    return row["mode"], row["format"], int(row.get("adapter_rank") or 0), merge_label(row)
 
 
-def _column_label(column: tuple[str, str | None, int]) -> str:
-    mode, fmt, rank = column
-    return series_label(mode, fmt) + (f" · rank {rank}" if rank else "")
+def _column_key(column: Column) -> str:
+    mode, fmt, rank, merge = column
+    return "·".join([mode, fmt or NO_FORMAT, *([f"r{rank}"] if rank else []), *([merge] if merge else [])])
+
+
+def _column_label(column: Column) -> str:
+    mode, fmt, rank, merge = column
+    return series_label(mode, fmt, merge) + (f" · rank {rank}" if rank else "")
 
 
 def _note(row: dict[str, Any]) -> str:

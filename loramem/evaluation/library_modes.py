@@ -14,10 +14,11 @@ from loramem.evaluation.config import Cell, file_name
 from loramem.evaluation.doc_adapters import document_adapter
 from loramem.evaluation.rundir import LIBRARY, AnswerLog, answer_row
 from loramem.kv.cache import KVCache
-from loramem.library.embed import load_embedder
-from loramem.library.qa import ContextCaches, context_cache, routed_adapter, use_adapter
+from loramem.library.embed import Embedder, load_embedder
+from loramem.library.qa import MERGED, ContextCaches, context_cache, routed_adapter, routing_weights, use_adapter
 from loramem.library.store import (
     AddOptions,
+    Library,
     add_documents,
     check_model,
     library_embedder,
@@ -25,7 +26,7 @@ from loramem.library.store import (
     retrieve_chunks,
     route,
 )
-from loramem.model.loading import LoadedModel, sha256_text
+from loramem.model.loading import LoadedModel, clock, sha256_text
 from loramem.specs import EvalSpec, MergeSpec
 from loramem.specs.base import refuse
 
@@ -92,6 +93,20 @@ def build_library(
     return path
 
 
+def _named(adapter: Path | None, lib: Library, scratch: Path) -> str | None:
+    """An answer's adapter by its path in the library (a scratch merge as LIB/merged would hold it)."""
+    if adapter is None:
+        return None
+    return f"{MERGED}/{adapter.name}" if adapter.parent == scratch else str(adapter.relative_to(lib.path))
+
+
+def merge_spec(cell: Cell, scores: list[float], config: EvalSpec) -> MergeSpec:
+    """How a merging cell's routed adapters merge: its method, with equal weights or its routing scores'."""
+    assert cell.merge is not None  # a merging library mode's cell
+    weights = routing_weights(scores, config.library.merge_temperature) if cell.merge_weights == "routing" else None
+    return MergeSpec.parse({"method": cell.merge, "weights": weights})
+
+
 def answer_library(
     lm: LoadedModel,
     record: DocRecord,
@@ -102,14 +117,35 @@ def answer_library(
     status: Callable[[str], None],
 ) -> None:
     """Library cells of one document: each question routed once and its adapters merged first (a merge detaches
-    the model's adapter), then answered in batches grouped by adapter, so each adapter is attached once. The last
-    stays attached (base-model rows switch it off): the document's other modes may use the same weights."""
+    the model's adapter; once per merge method and weighting), then answered in batches grouped by adapter, so each
+    adapter is attached once. The last stays attached (base-model rows switch it off): the document's other modes
+    may use the same weights. Merges are made in a scratch folder removed with the document's cells, not kept in
+    LIB/merged/: a routing-weighted merge is one per question, and with routing that finds the document, other
+    documents' questions are routed to other sets; kept, a 100-document study of three merges would leave tens of
+    GB there. A row names its merge as LIB/merged would (`routed_adapter` remakes it from the row's routed ids and
+    weights). A row's `setup_seconds` is the time its merge and its context prefill took where this
+    row made them (0 where an earlier row had: spread over a mode's rows, the cost of the mode per answer)."""
     lib = open_library(library_path(config, run))
     gold = {d["sha256"]: d["id"] for d in lib.documents}.get(sha256_text(record.document))
     if gold is None:
         raise LoramemError(f"library {lib.path} does not hold this document")
     embedder = library_embedder(lib)
-    merge = MergeSpec(method=config.library.merge)
+    with tempfile.TemporaryDirectory(prefix="loramem-merges-") as scratch:
+        _answer_library(lm, record, cells, config, lib, gold, embedder, Path(scratch), answers, status)
+
+
+def _answer_library(
+    lm: LoadedModel,
+    record: DocRecord,
+    cells: list[Cell],
+    config: EvalSpec,
+    lib: Library,
+    gold: str,
+    embedder: Embedder,
+    scratch: Path,
+    answers: AnswerLog,
+    status: Callable[[str], None],
+) -> None:
     status("routing and merging")
     routing: dict[int, dict[str, Any]] = {}
     chunks: dict[int, list[Any]] = {}
@@ -126,14 +162,21 @@ def answer_library(
         if any(c.question_index == q and c.mode in ("hybrid", "rag") for c in cells):
             chunks[q] = retrieve_chunks(lib, question, config.library.context_chunks, embedder)
     jobs = []
+    weights: dict[Cell, list[float]] = {}  # a merging cell's, one per routed document, best first
+    setup: dict[Cell, float] = {}  # seconds a cell spent making its merge and its context cache
     for cell in cells:
-        ids = [r["id"] for r in routing[cell.question_index]["routed"]]
+        routed_set = routing[cell.question_index]["routed"]
+        ids = [r["id"] for r in routed_set]
         if cell.mode == "oracle":
             adapter = lib.adapter_dir(gold)
         elif cell.mode == "routed":
             adapter = lib.adapter_dir(ids[0])
-        elif cell.mode in ("routed-merge", "hybrid"):
-            adapter = routed_adapter(lm, lib, ids, merge)
+        elif cell.merge is not None:
+            spec = merge_spec(cell, [r["score"] for r in routed_set], config)
+            start = clock(lm.device)
+            adapter = routed_adapter(lm, lib, ids, spec, scratch)
+            setup[cell] = clock(lm.device) - start
+            weights[cell] = spec.weights or [1.0] * len(ids)
         else:
             adapter = None
         jobs.append((cell, adapter))
@@ -147,8 +190,12 @@ def answer_library(
             use_adapter(lm, adapter)
         caches: list[KVCache | None] = []
         for cell in group:
-            in_context = cell.mode in ("hybrid", "rag")
-            caches.append(context_cache(lm, chunks[cell.question_index], contexts) if in_context else None)
+            if cell.mode in ("hybrid", "rag"):
+                start = clock(lm.device)
+                caches.append(context_cache(lm, chunks[cell.question_index], contexts))
+                setup[cell] = setup.get(cell, 0.0) + clock(lm.device) - start
+            else:
+                caches.append(None)
         # One adapter's questions in batches (closed-book rows and rows over their own retrieved context together),
         # as the other modes are answered: one at a time, the library modes cost more than all the others.
         replies = iter_answers(
@@ -168,7 +215,9 @@ def answer_library(
                 {
                     **row,
                     **routing[q],
-                    "adapter": str(adapter.relative_to(lib.path)) if adapter else None,
+                    **({"weights": weights[cell]} if cell in weights else {}),
+                    "setup_seconds": round(setup.get(cell, 0.0), 4),
+                    "adapter": _named(adapter, lib, scratch),
                     "context_chunks": [[c.doc_id, c.index] for c in chunks[q]] if cache else [],
                 }
             )

@@ -13,6 +13,7 @@ from loramem.text import normalize_answer, strip_thinking
 
 if TYPE_CHECKING:
     from rouge_score.rouge_scorer import RougeScorer
+    from rouge_score.tokenizers import Tokenizer
 
 
 @lru_cache(maxsize=1)
@@ -40,6 +41,52 @@ def rouge_l(prediction: str, references: str | Sequence[str]) -> float:
     scorer = _rouge_scorer()
     # float(): rouge_score returns the int 0 when either side has no tokens.
     return float(max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in _reference_list(references)))
+
+
+@lru_cache(maxsize=1)
+def _tokenizer() -> "Tokenizer":
+    """The tokens ROUGE-L compares: rouge_score's own tokenizer, Porter-stemmed as the scorer is."""
+    from rouge_score.tokenizers import DefaultTokenizer
+
+    return DefaultTokenizer(use_stemmer=True)
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence of two token lists."""
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0
+        for j, y in enumerate(b, 1):
+            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def rouge_l_matched(prediction: str, references: str | Sequence[str]) -> float:
+    """Best ROUGE-L F1 of the prediction's best span of each reference's length (in ROUGE tokens).
+
+    ROUGE-L F1 falls as an answer grows, right or wrong, so a terse mode beats one that answers in sentences by
+    style alone. Scored on its best stretch as long as the reference, an answer's extra words cost nothing
+    wherever they are ("The honey is collected by Ansel Marrow." scores 1 against "Ansel Marrow"), so a margin
+    under this metric is not one of answer length. An answer no longer than the reference is scored whole, as
+    ROUGE-L scores it; reference words scattered over a long answer score less than under ROUGE-L (the reference
+    is credited as a stretch of the answer).
+    """
+    tokens = _tokenizer().tokenize(prediction)
+    best = 0.0
+    for ref in _reference_list(references):
+        target = _tokenizer().tokenize(ref)
+        n = len(target)
+        for start in range(max(1, len(tokens) - n + 1)):
+            span = tokens[start : start + n]
+            common = _lcs(span, target)
+            if common:
+                best = max(best, 2 * common / (len(span) + n))
+    return best
+
+
+def words(text: str) -> int:
+    """An answer's or reference's length as the tables report it: whitespace-separated words."""
+    return len(strip_thinking(text).split())
 
 
 def exact_match(prediction: str, references: str | Sequence[str]) -> float:
@@ -85,4 +132,5 @@ def score_answer(prediction: str, references: str | Sequence[str]) -> dict[str, 
         "exact_match": exact_match(prediction, references),
         "token_f1": token_f1(prediction, references),
         "contains": contains(prediction, references),
+        "rouge_l_matched": rouge_l_matched(prediction, references),
     }

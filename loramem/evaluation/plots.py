@@ -11,16 +11,27 @@ from loramem.fileio import atomic_write_bytes
 from loramem.sizes import format_size
 
 
-def series_label(mode: str, fmt: str | None) -> str:
-    return MODE_LABELS.get(mode, mode) + (f" · {fmt}" if fmt else "")
+def series_label(mode: str, fmt: str | None, merge: str | None = None) -> str:
+    return MODE_LABELS.get(mode, mode) + (f" · {merge}" if merge else "") + (f" · {fmt}" if fmt else "")
 
 
-def curve_points(summary: dict[str, Any], metric: str) -> dict[str, dict[tuple[str, str | None], list[dict[str, Any]]]]:
-    """press -> (mode, format) -> cells in ratio order."""
-    curves: dict[str, dict[tuple[str, str | None], list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+def merge_label(cell: dict[str, Any]) -> str | None:
+    """A merging library mode's merge as tables and legends name it: ties, or ties · routing weights."""
+    merge = cell.get("merge")
+    if merge is None:
+        return None
+    return merge if cell.get("merge_weights") in (None, "equal") else f"{merge} · {cell['merge_weights']} weights"
+
+
+Line = tuple[str, "str | None", "str | None"]  # (mode, format, merge label): one line of a curve panel
+
+
+def curve_points(summary: dict[str, Any], metric: str) -> dict[str, dict[Line, list[dict[str, Any]]]]:
+    """press -> (mode, format, merge) -> cells in ratio order."""
+    curves: dict[str, dict[Line, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for cell in summary["cells"]:
         if cell[metric]["mean"] is not None:
-            curves[cell["press"]][(cell["mode"], cell["format"])].append(cell)
+            curves[cell["press"]][(cell["mode"], cell["format"], merge_label(cell))].append(cell)
     return curves
 
 
@@ -32,11 +43,11 @@ def plot(summary: dict[str, Any], path: str | Path, metric: str = "rouge_l") -> 
     curves = curve_points(summary, metric)
     fig, axes = _panels(len(curves))
     for ax, (press, lines) in zip(axes, curves.items()):
-        for (mode, fmt), points in lines.items():
+        for (mode, fmt, merge), points in lines.items():
             x = [p["ratio"] for p in points]
             y = [p[metric]["mean"] for p in points]
             style = {"color": "black", "linestyle": "--"} if mode == "none" else {}
-            (line,) = ax.plot(x, y, marker="o", label=series_label(mode, fmt), **style)
+            (line,) = ax.plot(x, y, marker="o", label=series_label(mode, fmt, merge), **style)
             lows, highs = [p[metric]["low"] for p in points], [p[metric]["high"] for p in points]
             if None not in lows and None not in highs:
                 ax.fill_between(x, lows, highs, color=line.get_color(), alpha=0.15, linewidth=0)
@@ -83,23 +94,23 @@ def plot_bytes(summary: dict[str, Any], path: str | Path, metric: str = "rouge_l
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    lines: dict[tuple[str, str, str | None], list[dict[str, Any]]] = defaultdict(list)
+    lines: dict[tuple[str, str, str | None, str | None], list[dict[str, Any]]] = defaultdict(list)
     for cell in summary["cells"]:
         if cell.get("kv_bytes") is not None and cell[metric]["mean"] is not None:
-            lines[(cell["press"], cell["mode"], cell["format"])].append(cell)
+            lines[(cell["press"], cell["mode"], cell["format"], merge_label(cell))].append(cell)
     if not lines:
         return False
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    for (name, mode, fmt), points in lines.items():
+    for (name, mode, fmt, merge), points in lines.items():
         points = sorted(points, key=lambda p: p["kv_bytes"])
         style: dict[str, Any] = {"linestyle": "--"} if mode == "none" else {}
         ax.plot(
             [p["kv_bytes"] / 2**20 for p in points],
             [p[metric]["mean"] for p in points],
             marker="o",
-            label=f"{name} · {series_label(mode, fmt)}",
+            label=f"{name} · {series_label(mode, fmt, merge)}",
             **style,
         )
     ax.set_xlabel("stored KV bytes per document (MiB, framing included)")
@@ -187,4 +198,5 @@ METRIC_NAMES = {
     "exact_match": "exact match",
     "token_f1": "token F1",
     "contains": "answer contains a reference",
+    "rouge_l_matched": "ROUGE-L, length-matched",
 }

@@ -25,6 +25,8 @@ from loramem.model.loading import LoadedModel
 from loramem.model.prompt import check_template_record
 from loramem.specs import EvalSpec, SpecError
 from loramem.specs.base import flatten, spec_error
+from loramem.specs.eval import RECORD_VERSION
+from loramem.vocab import MERGE_MODES
 
 ADAPTERS = "adapters"
 
@@ -66,7 +68,8 @@ FAILURES = "failures.json"
 
 
 def cell_key(row: dict[str, Any]) -> CellKey:
-    """What makes an answer unique in a run: one question under one press, ratio, mode, format and KV variant."""
+    """What makes an answer unique in a run: one question under one press, ratio, mode, format and KV variant (and a
+    merging library mode's merge and weighting)."""
     ratio = None if row["ratio"] is None else float(row["ratio"])  # budget points have no fixed ratio
     return (
         row["doc_id"],
@@ -76,6 +79,8 @@ def cell_key(row: dict[str, Any]) -> CellKey:
         row["mode"],
         row["format"],
         row.get("variant", "token"),
+        row.get("merge"),
+        row.get("merge_weights"),
     )
 
 
@@ -256,7 +261,11 @@ def open_run(run: Path, header: dict[str, Any], resume: bool, allow_mixed: bool 
             raise LoramemError(f"{run} is not empty; add --resume to continue that run, or choose another --out")
         old = read_json(run / CONFIG, "cannot resume")
         check_same(old, header, run, "resume it", ignore=("limit",), allow_mixed=allow_mixed)
-        if _settings(old["config"]).get("limit") != header["config"]["limit"]:  # a resume may widen or narrow it
+        recorded = old["config"].get("version", 1)
+        if recorded < RECORD_VERSION:
+            record_merges(run, EvalSpec.from_record(old["config"], "config.json"))
+        # A resume may widen or narrow the limit; an older record is rewritten once its answers are upgraded.
+        if _settings(old["config"]).get("limit") != header["config"]["limit"] or recorded < RECORD_VERSION:
             atomic_write_bytes(
                 run / CONFIG, (json.dumps({**header, "created": old["created"]}, indent=2) + "\n").encode()
             )
@@ -267,6 +276,18 @@ def open_run(run: Path, header: dict[str, Any], resume: bool, allow_mixed: bool 
         raise LoramemError(f"cannot create {run}: {exc.strerror}") from exc
     atomic_write_bytes(run / CONFIG, (json.dumps(header, indent=2) + "\n").encode())
     return set()
+
+
+def record_merges(run: Path, spec: EvalSpec) -> None:
+    """Answers of merging library modes from before a row recorded its merge (config versions 1 and 2: one merge
+    method a run, equal weights) get the run's, so that a resume finds their cells answered."""
+    for file in [run / ANSWERS, *sorted((run / PARTS).glob("*.jsonl"))]:
+        rows = read_answers(file, repair=True)
+        if not any(r["mode"] in MERGE_MODES and "merge" not in r for r in rows):
+            continue
+        merge = {"merge": spec.library.merge[0], "merge_weights": "equal"}
+        upgraded = [{**r, **merge} if r["mode"] in MERGE_MODES and "merge" not in r else r for r in rows]
+        atomic_write_bytes(file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in upgraded).encode())
 
 
 def done_cells(run: Path) -> set[tuple]:
@@ -338,7 +359,7 @@ def record_failures(run: Path, failures: list[dict[str, Any]]) -> None:
         (run / FAILURES).unlink(missing_ok=True)
 
 
-CellKey = tuple[str, int, str, "float | None", str, "str | None", str]
+CellKey = tuple[str, int, str, "float | None", str, "str | None", str, "str | None", "str | None"]
 
 
 def answer_row(
@@ -346,6 +367,7 @@ def answer_row(
 ) -> dict[str, Any]:
     """An answer line of answers.jsonl, scored against the question's references."""
     qa = record.qa[cell.question_index]
+    merge = {"merge": cell.merge, "merge_weights": cell.merge_weights} if cell.merge is not None else {}
     return {
         "doc_id": record.id,
         "question_index": cell.question_index,
@@ -356,6 +378,7 @@ def answer_row(
         "mode": cell.mode,
         "format": cell.format,
         "variant": cell.variant(config.groups),
+        **merge,
         "answer": answer.answer,
         **score_answer(answer.answer, qa.answers),
         "cache_tokens": answer.cache_tokens,

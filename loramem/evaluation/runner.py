@@ -13,10 +13,11 @@ adapter decoding.
 
 Library modes route each question over an adapter library of the run's documents (RUN_DIR/library, built once
 from the run's `qa` adapters, or --library): `oracle` the gold document's adapter, closed-book; `routed` the
-top-1 routed document's adapter, closed-book; `routed-merge` the top-k routed adapters merged; `hybrid` that
-merge with the best retrieved chunks in context; `rag` those chunks and no adapter. They hold no KV of the
-question's own document, so their answers carry press "library" and ratio 1.0, and their margin is against
-`none` at ratio 1.0; each also records where routing put the gold document (`routed_gold`, `gold_rank`).
+top-1 routed document's adapter, closed-book; `routed-merge` the top-k routed adapters merged (by each --merge
+method, with each --merge-weights weighting); `hybrid` that merge with the best retrieved chunks in context; `rag`
+those chunks and no adapter. They hold no KV of the question's own document, so their answers carry press
+"library" and ratio 1.0, and their margin is against `none` at ratio 1.0; each also records where routing put the
+gold document (`routed_gold`, `gold_rank`).
 
 Budget points (`budget_bytes`) spend one byte budget on both memories: an adapter of each `budget_ranks` rank
 and, in the bytes left, the press's top document tokens as stored. Their answers carry ratio null (the share

@@ -9,7 +9,7 @@ from typing import Any
 
 from loramem.errors import LoramemError
 from loramem.evaluation.config import LIBRARY_SERIES
-from loramem.evaluation.metrics import contains
+from loramem.evaluation.metrics import contains, rouge_l_matched, words
 from loramem.evaluation.rundir import series
 from loramem.evaluation.stats import (
     cluster_bootstrap_mean,
@@ -18,7 +18,8 @@ from loramem.evaluation.stats import (
     paired_cluster_bootstrap,
     paired_t_test,
 )
-from loramem.vocab import LIBRARY_MODES, METRICS, MODES
+from loramem.text import strip_thinking
+from loramem.vocab import LIBRARY_MODES, MERGE_METHODS, MERGE_WEIGHTINGS, METRICS, MODES
 
 CONFIDENCE = 0.95
 
@@ -29,9 +30,16 @@ def _finite(x: float) -> float | None:
 
 
 def _order(cond: Condition, presses: list[str], formats: list[str | None]) -> tuple:
-    """Presses and formats in the order the run made them, modes in the paper's order, ratios ascending."""
-    press, ratio, mode, fmt = cond
-    return presses.index(press), MODES.index(mode) if mode in MODES else len(MODES), formats.index(fmt), ratio
+    """Presses and formats in the order the run made them, modes in the paper's order, ratios ascending, merges in
+    their vocabulary's order."""
+    press, ratio, mode, fmt, merge, weights = cond
+    merge_order = (
+        (MERGE_METHODS.index(merge), MERGE_WEIGHTINGS.index(weights))
+        if merge in MERGE_METHODS and weights in MERGE_WEIGHTINGS
+        else (-1, -1)  # no merge, or rows written before rows recorded theirs
+    )
+    mode_order = MODES.index(mode) if mode in MODES else len(MODES)
+    return presses.index(press), mode_order, merge_order, formats.index(fmt), ratio
 
 
 def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[str, Any]:
@@ -47,8 +55,9 @@ def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[
     # Question order fixes the bootstrap's resamples: sorted, the summary is the same however the answers
     # were interleaved (one process, shards merged, Ray workers); the sort is stable, so presses keep their order.
     rows = sorted(rows, key=lambda r: (r["doc_id"], int(r["question_index"])))
-    for r in rows:  # answers written before the metric existed
+    for r in rows:  # answers written before the metrics existed
         r.setdefault("contains", contains(r["answer"], r["references"]))
+        r.setdefault("rouge_l_matched", rouge_l_matched(strip_thinking(r["answer"]), r["references"]))
     if not rows:
         raise LoramemError("no answers to summarize yet")
     budget_rows = [r for r in rows if r.get("budget_bytes") is not None]
@@ -63,7 +72,8 @@ def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[
     by_condition: dict[Condition, dict[tuple[str, int], dict[str, Any]]] = defaultdict(dict)
     for r in rows:
         question = (r["doc_id"], int(r["question_index"]))
-        by_condition[(series(r), float(r["ratio"]), r["mode"], r["format"])][question] = r
+        key = (series(r), float(r["ratio"]), r["mode"], r["format"], r.get("merge"), r.get("merge_weights"))
+        by_condition[key][question] = r
     conditions = sorted(by_condition, key=lambda c: _order(c, presses, formats))
     # Library modes have no own-document KV: their baseline is the base model with none either (ratio 1.0).
     closed_book = next((c for c in conditions if c[2] == "none" and c[1] == 1.0), None)
@@ -80,10 +90,11 @@ def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[
         )
         if all("kv_bytes" in a for a in answers):
             cell["kv_bytes"] = round(sum(a["kv_bytes"] for a in answers) / len(answers), 1)
+        cell.update(_costs(answers))
         for metric in METRICS:
             cell[metric] = _interval(answers, metric, n_resamples)
         cells.append(cell)
-        versus = closed_book if cond[2] in LIBRARY_MODES else (cond[0], cond[1], "none", None)
+        versus = closed_book if cond[2] in LIBRARY_MODES else (cond[0], cond[1], "none", None, None, None)
         base = by_condition.get(versus) if versus else None
         if cond[2] != "none" and base:
             margin = _margin(by_condition[cond], base, n_resamples)
@@ -136,6 +147,7 @@ def summarize_budget(rows: list[dict[str, Any]], n_resamples: int) -> list[dict[
             "kv_tokens_kept": mean("kv_tokens_kept"),
             "document_tokens": mean("document_tokens"),
             "adapter_share": round(mean("adapter_bytes") / budget, 4),
+            **_costs(answers),
         }
         for metric in METRICS:
             point[metric] = _interval(answers, metric, n_resamples)
@@ -165,7 +177,29 @@ def routing_recall(rows: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def _condition_fields(cond: Condition) -> dict[str, Any]:
-    return dict(zip(("press", "ratio", "mode", "format"), cond))
+    """A condition as a cell's fields; a merge and its weighting only where the mode merges."""
+    fields = dict(zip(("press", "ratio", "mode", "format", "merge", "merge_weights"), cond))
+    if fields["merge"] is None:
+        del fields["merge"], fields["merge_weights"]
+    return fields
+
+
+def _costs(answers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean seconds per answer (its share of its batch's decoding; library rows add `setup_seconds`, their merge
+    and context prefill), and mean answer and reference lengths in words (a question's references averaged), so
+    a score is read beside the length it was made at."""
+
+    def mean(values: list[float], places: int) -> float:
+        return round(sum(values) / len(values), places)
+
+    costs = {
+        "seconds": mean([a["seconds"] for a in answers], 4),
+        "answer_words": mean([words(a["answer"]) for a in answers], 2),
+        "reference_words": mean([mean([words(r) for r in a["references"]], 6) for a in answers], 2),
+    }
+    if all("setup_seconds" in a for a in answers):
+        costs["setup_seconds"] = mean([a["setup_seconds"] for a in answers], 4)
+    return costs
 
 
 def _interval(answers: list[dict[str, Any]], metric: str, n_resamples: int) -> dict[str, Any]:
@@ -207,4 +241,5 @@ def _margin(
     return result
 
 
-Condition = tuple[str, float, str, "str | None"]  # (series, ratio, mode, format): one point of a curve
+# (series, ratio, mode, format, merge, merge weighting): one point of a curve
+Condition = tuple[str, float, str, "str | None", "str | None", "str | None"]

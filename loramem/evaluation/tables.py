@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from loramem.evaluation.config import LIBRARY_SERIES
-from loramem.evaluation.plots import METRIC_NAMES, budget_series, curve_points
+from loramem.evaluation.plots import METRIC_NAMES, budget_series, curve_points, merge_label
 from loramem.sizes import format_size
+
+LENGTH_MATCHED = "; len-matched: ROUGE-L of the answer's best span of the reference's length"
 
 Span = tuple[str, str]  # (text, style): style "" (plain), "bold", "dim", "green" or "red"
 Line = list[Span]
@@ -33,14 +35,15 @@ def _p(p: float | None) -> str:
 
 def grid_tables(summary: dict[str, Any], metric: str = "rouge_l") -> Iterator[GridTable]:
     """One table per press: rows are modes/formats, columns ratios; mean ±CI half-width and the LoRA margin."""
-    margins = {(m["press"], m["ratio"], m["mode"], m["format"]): m for m in summary["margins"]}
+    margins = {(m["press"], m["ratio"], m["mode"], m["format"], merge_label(m)): m for m in summary["margins"]}
     kept = {(c["press"], c["ratio"]): c["cache_tokens"] for c in summary["cells"] if c["mode"] == "none"}
     for press, lines in curve_points(summary, metric).items():
         ratios = sorted({p["ratio"] for points in lines.values() for p in points})
         caption = (
             f"mean ±{summary['confidence']:.0%} CI half-width, documents resampled (q: questions as if "
             "independent); n questions / documents; Δ adapter − base, paired by question, documents resampled "
-            "(bootstrap p)"
+            "(bootstrap p); mean answer words (and references'), seconds per answer (+ merge and context "
+            "prefill)" + (LENGTH_MATCHED if metric == "rouge_l" else "")
         )
         if press == LIBRARY_SERIES:
             caption += _library_caption(summary)
@@ -49,12 +52,12 @@ def grid_tables(summary: dict[str, Any], metric: str = "rouge_l") -> Iterator[Gr
             tokens = kept.get((press, ratio))
             columns.append(f"ratio {ratio:g}" + (f"\n({tokens:g} tokens)" if tokens is not None else ""))
         rows = []
-        for (mode, fmt), points in lines.items():
+        for (mode, fmt, merge), points in lines.items():
             by_ratio = {p["ratio"]: p for p in points}
-            row = [_plain(mode), _plain(fmt or "—")]
+            row = [[[(mode, "")], *([[(merge, "dim")]] if merge else [])], _plain(fmt or "—")]
             for ratio in ratios:
                 cell = by_ratio.get(ratio)
-                row.append(_table_cell(cell, margins.get((press, ratio, mode, fmt)), metric) if cell else [])
+                row.append(_table_cell(cell, margins.get((press, ratio, mode, fmt, merge)), metric) if cell else [])
             rows.append(row)
         title = (
             f"{METRIC_NAMES[metric]} · {press} · {summary['n_documents']} documents, {summary['n_questions']} questions"
@@ -91,7 +94,7 @@ def budget_tables(summary: dict[str, Any], metric: str = "rouge_l") -> Iterator[
             f"{summary['n_documents']} documents, {summary['n_questions']} questions",
             caption="adapter bytes + kept document KV tokens (mean per document; framing not counted); Δ "
             "against the whole budget on KV (rank 0), paired by question, documents resampled (bootstrap p); the "
-            "adapter decodes over base-model KV",
+            "adapter decodes over base-model KV; mean answer words (and references'), seconds per answer",
             columns=["adapter rank", "format", *(f"budget {format_size(b)}" for b in budgets)],
             rows=rows,
         )
@@ -138,7 +141,7 @@ def _budget_cell(point: dict[str, Any], metric: str, best: float | None) -> Cell
         f"({format_size(point['document_kv_bytes'])}) n={point['n']}/{point['n_documents']}"
     )
     mean = _mean_line(point[metric], bold=point[metric]["mean"] == best)
-    return [mean, [(bought, "dim")], *_margin_lines(point.get("versus_kv_only"), metric)]
+    return [mean, [(bought, "dim")], *_costs_lines(point), *_margin_lines(point.get("versus_kv_only"), metric)]
 
 
 def _library_caption(summary: dict[str, Any]) -> str:
@@ -171,7 +174,19 @@ def _mean_line(stat: dict[str, Any], bold: bool = False) -> Line:
 
 def _table_cell(cell: dict[str, Any], margin: dict[str, Any] | None, metric: str) -> Cell:
     counts = f"n={cell['n']}/{cell['n_documents']}"
-    return [_mean_line(cell[metric]), [(counts, "dim")], *_margin_lines(margin, metric)]
+    matched: Cell = []
+    if metric == "rouge_l" and cell.get("rouge_l_matched", {}).get("mean") is not None:
+        matched = [[(f"len-matched {cell['rouge_l_matched']['mean']:.3f}", "dim")]]
+    return [_mean_line(cell[metric]), *matched, [(counts, "dim")], *_costs_lines(cell), *_margin_lines(margin, metric)]
+
+
+def _costs_lines(cell: dict[str, Any]) -> Cell:
+    """Answer length beside the references', and seconds per answer (+ setup), where the summary has them."""
+    if "answer_words" not in cell:  # summaries written before lengths were
+        return []
+    text = f"{cell['answer_words']:.1f} words (refs {cell['reference_words']:.1f}) · {cell['seconds']:.2f} s"
+    setup = cell.get("setup_seconds", 0.0)
+    return [[(text + (f" +{setup:.2f}" if round(setup, 2) else ""), "dim")]]
 
 
 def _margin_lines(margin: dict[str, Any] | None, metric: str) -> Cell:

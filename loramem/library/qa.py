@@ -68,6 +68,18 @@ class LibraryAnswer:
         }
 
 
+def routing_weights(scores: list[float], temperature: float) -> list[float]:
+    """Merge weights from routing scores: k x softmax(score / temperature), best first as the scores.
+
+    A softmax, not the scores normalised: cosine similarities can be negative, and their ratios (0.5 against 0.4)
+    say little; the temperature sets how far a lead in similarity moves the weight. Scaled to sum to k, as k equal
+    weights of 1 do, so the merged update keeps the equal merge's size and only the shares change (a very high
+    temperature gives the equal merge). Rounded to 6 places, so a merge is found again from its recorded weights.
+    """
+    shares = torch.softmax(torch.tensor(scores, dtype=torch.float64) / temperature, 0)
+    return [round(float(w), 6) for w in shares * len(scores)]
+
+
 def merged_folder(lib: Library, doc_ids: list[str], config: MergeSpec) -> tuple[Path, list[str], list[float]]:
     """Where the merge of these documents' adapters is kept, and its sources and weights in merge order.
 
@@ -90,11 +102,16 @@ def merged_folder(lib: Library, doc_ids: list[str], config: MergeSpec) -> tuple[
     return folder, [i for _, i, _ in ordered], [w for *_, w in ordered]
 
 
-def routed_adapter(lm: LoadedModel, lib: Library, doc_ids: list[str], config: MergeSpec) -> Path:
-    """The adapter for the routed documents: one document's own, or their merge, made once and kept in LIB/merged/."""
+def routed_adapter(
+    lm: LoadedModel, lib: Library, doc_ids: list[str], config: MergeSpec, under: Path | None = None
+) -> Path:
+    """The adapter for the routed documents: one document's own, or their merge, made once and kept in LIB/merged/
+    (or in `under`, for merges not worth keeping: named as LIB/merged would name them)."""
     if len(doc_ids) == 1:
         return lib.adapter_dir(doc_ids[0])
     folder, sources, weights = merged_folder(lib, doc_ids, config)
+    if under is not None:
+        folder = under / folder.name
     if (folder / ADAPTER_WEIGHTS).is_file():
         return folder
     ranks = {d["id"]: d["adapter"]["rank"] for d in lib.documents if d["id"] in doc_ids}

@@ -25,11 +25,12 @@ from loramem.vocab import (
     Format,
     Granularity,
     MergeMethod,
+    MergeWeighting,
     Mode,
     StoreDtype,
 )
 
-RECORD_VERSION = 2
+RECORD_VERSION = 3  # 3: library.merge a list (2 recorded one method, which reads as a list of one)
 # loramem 0.1 recorded the grid as one flat mapping: its names of the nested settings.
 _FLAT_V1 = {
     **{name: ("train", name) for name in TrainSpec.model_fields if name != "format"},
@@ -85,10 +86,32 @@ class LibraryModesSpec(Spec):
         flag="--library",
     )
     top_k: int = setting(TOP_K, "routed-merge, hybrid: documents routed and merged", flag="--library-top-k", ge=1)
-    merge: MergeMethod = setting(MERGE, "routed-merge, hybrid: how the routed adapters merge")
+    merge: Annotated[list[MergeMethod], CommaList] = setting(
+        factory=lambda: [MERGE],
+        help="routed-merge, hybrid: how the routed adapters merge; several (ties,linear,cat): each its own cells",
+    )
+    merge_weights: Annotated[list[MergeWeighting], CommaList] = setting(
+        factory=lambda: ["equal"],
+        help="routed-merge, hybrid: each routed adapter weighs 1 (equal), or by its routing score (routing: "
+        "top_k x softmax(score / --merge-temperature), summing to top_k as equal weights do); both: each its own "
+        "cells",
+    )
+    merge_temperature: float = setting(
+        0.1,
+        "--merge-weights routing: softmax temperature over the routing scores (cosine similarities; at 0.1 a lead "
+        "of 0.1 weighs e times as much)",
+        gt=0,
+    )
     context_chunks: int = setting(2, "hybrid, rag: retrieved chunks in context", ge=1)
 
     _absolute = field_validator("path")(_resolved)
+
+    @field_validator("merge", "merge_weights")
+    @classmethod
+    def _some_once_each(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("give at least one")
+        return unique(value)
 
 
 class EvalSpec(Spec):
