@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from loramem.evaluation.config import LIBRARY_SERIES
-from loramem.evaluation.metrics import contains
 from loramem.evaluation.plots import METRIC_NAMES, MODE_LABELS, merge_label, series_label
 from loramem.evaluation.rundir import (
     ANSWERS,
@@ -33,6 +32,7 @@ from loramem.evaluation.rundir import (
     read_json,
     series,
 )
+from loramem.evaluation.summary import fill_later_metrics
 from loramem.evaluation.tables import Cell, GridTable, budget_tables, grid_tables
 from loramem.fileio import atomic_write_bytes, check_output_path, write_stdout
 from loramem.sizes import format_size
@@ -103,12 +103,12 @@ def render_page(run_dir: str | Path, summary: dict[str, Any], metric: str = "rou
 def page_data(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """What the page's script filters: each question once, each answer with its cell's filter values, and the
     choices of each filter in the run's order (presses as made, library last; modes in the paper's order)."""
-    rows = list(rows)
-    for r in rows:  # answers written before the metric existed
-        r.setdefault("contains", contains(r["answer"], r["references"]))
+    rows = fill_later_metrics(list(rows))
     presses = sorted(dict.fromkeys(_press(r) for r in rows), key=lambda name: name == LIBRARY_SERIES)
     formats = list(dict.fromkeys(r["format"] for r in rows))
-    columns = sorted({_column(r) for r in rows}, key=lambda c: (_mode_rank(c[0]), formats.index(c[1]), c[2], c[3] or ""))
+    columns = sorted(
+        {_column(r) for r in rows}, key=lambda c: (_mode_rank(c[0]), formats.index(c[1]), c[2], c[3] or "")
+    )
     settings = sorted({_setting(r) for r in rows})
     docs = sorted({r["doc_id"] for r in rows})
     rows.sort(

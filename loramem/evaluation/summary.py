@@ -42,6 +42,14 @@ def _order(cond: Condition, presses: list[str], formats: list[str | None]) -> tu
     return presses.index(press), mode_order, merge_order, formats.index(fmt), ratio
 
 
+def fill_later_metrics(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Answers written before a metric existed get it, computed as it is for new answers."""
+    for r in rows:
+        r.setdefault("contains", contains(r["answer"], r["references"]))
+        r.setdefault("rouge_l_matched", rouge_l_matched(strip_thinking(r["answer"]), r["references"]))
+    return rows
+
+
 def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[str, Any]:
     """Per condition: questions and documents, and the mean with a 95% CI of every metric; per adapter condition:
     the paired LoRA margin.
@@ -55,9 +63,7 @@ def summarize(rows: Iterable[dict[str, Any]], n_resamples: int = 10000) -> dict[
     # Question order fixes the bootstrap's resamples: sorted, the summary is the same however the answers
     # were interleaved (one process, shards merged, Ray workers); the sort is stable, so presses keep their order.
     rows = sorted(rows, key=lambda r: (r["doc_id"], int(r["question_index"])))
-    for r in rows:  # answers written before the metrics existed
-        r.setdefault("contains", contains(r["answer"], r["references"]))
-        r.setdefault("rouge_l_matched", rouge_l_matched(strip_thinking(r["answer"]), r["references"]))
+    fill_later_metrics(rows)
     if not rows:
         raise LoramemError("no answers to summarize yet")
     budget_rows = [r for r in rows if r.get("budget_bytes") is not None]
