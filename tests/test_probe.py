@@ -136,6 +136,11 @@ def test_a_rerun_skips_done_points_and_refuses_other_settings(tiny, tmp_path, mo
     assert len((tmp_path / POINTS).read_text().splitlines()) == 4
     again = run_probe(tiny, config.replace(ranks=[2], threshold=0.5), tmp_path)  # nothing to train; re-read
     assert len(trained) == 4 and again["rows"] == more["rows"]
+    reported = run_probe(tiny, config.replace(ranks=[1, 2, 3], facts=[3, 4, 5]), tmp_path, train=False)
+    assert len(trained) == 4 and reported["rows"] == more["rows"]
+    with pytest.raises(LoramemError, match="not a probe study"):
+        run_probe(tiny, config, tmp_path / "none", train=False)
+    assert not (tmp_path / "none").exists()
     with pytest.raises(LoramemError, match=r"trained otherwise \(settings.train.lr: 0.0015 there, 0.003 now\)"):
         run_probe(tiny, config.replace(train=FAST.replace(lr=3e-3)), tmp_path)
     with pytest.raises(LoramemError, match=r"settings.patience: 3 there, 5 now"):

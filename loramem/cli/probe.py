@@ -29,6 +29,7 @@ def probe_capacity(
         help="Study folder (config.json, points.jsonl, capacity.json, capacity.png); a rerun continues it",
     ),
     keep_adapters: bool = typer.Option(False, "--keep-adapters", help="Keep each point's adapter in OUT/adapters"),
+    report: bool = typer.Option(False, "--report", help="Train nothing: report the points already in OUT"),
     config: ProbeSpec = FROM_SPEC,
     model: ModelSpec = FROM_SPEC,
     as_json: bool = JsonOpt,
@@ -47,6 +48,7 @@ def probe_capacity(
             out,
             on_step=lambda text: advance(0 if text else 1, status=text),
             keep_adapters=keep_adapters,
+            train=not report,
         )
     if as_json:
         print_json(result)

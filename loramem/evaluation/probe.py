@@ -91,13 +91,17 @@ def run_probe(
     on_step: Callable[[str], None] = lambda text: None,
     *,
     keep_adapters: bool = False,
+    train: bool = True,
 ) -> dict[str, Any]:
     """Train and test the points of the grid not yet in out_dir, appending each to points.jsonl and rewriting
     capacity.json and capacity.png after each; returns capacity.json's content. `keep_adapters` keeps each
-    point's adapter in out_dir/adapters (each is deleted once asked otherwise: they are large)."""
+    point's adapter in out_dir/adapters (each is deleted once asked otherwise: they are large); without `train`
+    only the points there are read and reported (a study stopped early, or shards' points.jsonl put together)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise LoramemError(f"{out} is a file; --out needs a folder")
+    if not train and not (out / CONFIG).is_file():
+        raise LoramemError(f"{out} is not a probe study (no {CONFIG}); nothing to report")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -109,7 +113,7 @@ def run_probe(
             for n in config.facts:
                 book = phonebook(n, config.train.seed)
                 for rank in config.ranks:
-                    if growing(points, rank, n, config.stop_below):
+                    if train and growing(points, rank, n, config.stop_below):
                         on_step(f"rank {rank}, {n} facts")
                         row = probe_point(lm, config, rank, book, out, keep_adapters)
                         log.write(row)
