@@ -13,6 +13,13 @@ from loramem.evaluation.probe import PLOT, POINTS, RESULTS, phonebook, run_probe
 from loramem.specs import ProbeSpec, TrainSpec
 
 
+def test_training_settings_given_keep_the_probes_other_defaults():
+    given = ProbeSpec.parse({"train": {"lr": 5e-4}}).train
+    assert (given.lr, given.epochs, given.batch_size) == (5e-4, ProbeSpec().train.epochs, ProbeSpec().train.batch_size)
+    assert ProbeSpec().train.epochs != TrainSpec().epochs  # else this test could not fail
+    assert ProbeSpec.parse({"train": {"epochs": 3}}).train.batch_size == ProbeSpec().train.batch_size
+
+
 def test_phonebook_is_seeded_and_unambiguous():
     book = phonebook(300, seed=3)
     assert book == phonebook(300, seed=3) and book != phonebook(300, seed=4)

@@ -256,6 +256,9 @@ class DemoSpec(Spec):
     _ratios = field_validator("ratios")(lambda value: ratios(value))
 
 
+PROBE_TRAIN: dict[str, Any] = {"epochs": 40, "batch_size": 8}  # the probe's training defaults unlike TrainSpec's
+
+
 class ProbeSpec(Spec):
     """`probe capacity`'s grid, how far it walks it, and how each point's adapter trains (recorded in the run
     folder); at each rank the adapter's alpha is twice the rank, and training runs until the loss stops falling
@@ -279,7 +282,14 @@ class ProbeSpec(Spec):
     )
     min_delta: float = setting(0.05, "Relative fall of the epoch loss that counts as still falling", ge=0, lt=1)
     loss_floor: float = setting(0.02, "Epoch loss at which training counts as converged", ge=0)
-    train: TrainSpec = setting(factory=lambda: TrainSpec(epochs=40, batch_size=8))
+    train: TrainSpec = setting(factory=lambda: TrainSpec.model_validate(PROBE_TRAIN))
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _probe_training(cls, value: Any) -> Any:
+        """Training settings given (`--lr`) replace the probe's own defaults one by one: built from TrainSpec's
+        alone, giving any one would also reset the epochs and batch size to train-adapter's."""
+        return {**PROBE_TRAIN, **value} if isinstance(value, Mapping) else value
 
     @field_validator("ranks", "facts")
     @classmethod
