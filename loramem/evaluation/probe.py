@@ -233,8 +233,8 @@ def saturation(rows: list[dict[str, Any]], threshold: float, stop_below: float) 
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Left: recall against the number of facts, one line per rank (log x). Right: each rank's saturation point and
-    its facts per million parameters."""
+    """Left: recall against the number of facts, one line per rank (log x). Right: each rank's saturation point
+    (hollow where the rank held every size tried: a lower bound) and its facts per million parameters."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -258,7 +258,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     if not held:
         points.text(0.5, 0.5, "no rank held any size", ha="center", transform=points.transAxes)
     else:
-        points.plot([s["rank"] for s in held], [s["saturation_facts"] for s in held], marker="o", color="C0")
+        points.plot([s["rank"] for s in held], [s["saturation_facts"] for s in held], color="C0")
+        for s in held:  # hollow: the rank held every size tried, so its saturation point is only a lower bound
+            face = "C0" if s["collapsed_at"] else "white"
+            points.plot(s["rank"], s["saturation_facts"], marker="o", color="C0", markerfacecolor=face)
         points.set_xscale("log", base=2)
         points.set_yscale("log", base=2)
         per_param = points.twinx()
