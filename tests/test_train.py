@@ -12,6 +12,7 @@ from loramem.adapters.attach import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORAMEM_MET
 from loramem.adapters.train import (
     TRAIN_QA,
     Example,
+    Plateau,
     TrainSpec,
     batch_loss,
     length_groups,
@@ -371,3 +372,48 @@ def test_train_batch_size_flag_on_the_default_model(tmp_path):
     err = refused.stderr.decode().strip().splitlines()
     assert refused.returncode == 2 and err == ["error: --train-batch-size: must be at least 1 (got 0)"]
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    "losses,reached",
+    [
+        ([1.0, 1.0, 1.0], False),  # two epochs without a fall: patience 3 not yet used up
+        ([1.0, 1.0, 1.0, 1.0], True),  # flat for three epochs
+        ([1.0, 0.9, 0.8, 0.7, 0.6, 0.5], False),  # still falling by more than 5% an epoch
+        ([1.0, 0.99, 0.98, 0.97], True),  # falling, but by less than min_delta of the best: a plateau
+        ([1.0, 0.99, 0.98, 0.94], False),  # small falls that add up to min_delta count as falling
+        ([1.0, 0.5, 0.019], True),  # under the floor
+        ([1.0, 0.5, 0.6, 0.7, 0.4], False),  # a new best resets the count
+        ([], False),
+    ],
+)
+def test_plateau_rule(losses, reached):
+    assert Plateau(patience=3, min_delta=0.05, floor=0.02).reached(losses) is reached
+
+
+def test_training_stops_when_the_loss_is_flat_and_respects_the_cap(tiny, doc_text, tmp_path):
+    """A learning rate too small to move the loss is a plateau: training stops after patience + 1 epochs; a loss
+    that never plateaus under the rule trains to the cap; without a rule the epochs are trained as before."""
+    config = TrainSpec(rank=2, alpha=4.0, epochs=10, batch_size=2, lr=1e-9)  # 3 pairs: 2 steps an epoch
+    flat = train_adapter(tiny, doc_text, QA, tmp_path / "flat", config, stop=Plateau(patience=2, min_delta=0.01))
+    assert flat["steps"] == (2 + 1) * 2 and flat["stopped_early"]
+    capped = train_adapter(
+        tiny, doc_text, QA, tmp_path / "cap", config.replace(epochs=3), stop=Plateau(patience=5, min_delta=0.01)
+    )
+    assert capped["steps"] == 3 * 2 and not capped["stopped_early"]
+    plain = train_adapter(tiny, doc_text, QA, tmp_path / "plain", config.replace(epochs=4))
+    assert plain["steps"] == 4 * 2 and not plain["stopped_early"]
+    meta = json.loads((tmp_path / "flat" / LORAMEM_META).read_text())
+    assert len(meta["loss_curve"]) == 6 and meta["stopped_early"]
+
+
+def test_training_continues_while_the_loss_falls(tiny, doc_text, tmp_path):
+    """One step an epoch (3 pairs, batch 4): the loop stops at the first epoch the rule, applied to its curve, holds."""
+    config = TrainSpec(rank=8, lr=1e-2, epochs=6)
+    falling = train_adapter(tiny, doc_text, QA, tmp_path / "a", config, stop=Plateau(patience=2, min_delta=0))
+    curve = json.loads((tmp_path / "a" / LORAMEM_META).read_text())["loss_curve"]
+    assert falling["steps"] == 6 and not falling["stopped_early"] and min(curve) < 0.95 * curve[0], curve
+    assert not any(Plateau(patience=2, min_delta=0).reached(curve[:epoch]) for epoch in range(1, 6))
+    first = next(epoch for epoch in range(1, 6) if Plateau(patience=1, min_delta=0).reached(curve[:epoch]))
+    impatient = train_adapter(tiny, doc_text, QA, tmp_path / "b", config, stop=Plateau(patience=1, min_delta=0))
+    assert impatient["steps"] == first and impatient["stopped_early"]

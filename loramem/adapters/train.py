@@ -294,13 +294,35 @@ def _row_losses(model: Any, examples: list[Example], pad_id: int, device: Any, s
     return token_loss.sum(1) / (picked != IGNORE).sum(1)
 
 
+@dataclass(frozen=True)
+class Plateau:
+    """When training has converged, judged at the end of each epoch by its mean loss: once the loss is at or under
+    `floor`, or has not fallen below (1 - `min_delta`) x the best earlier epoch's for `patience` epochs in a row.
+    A fixed epoch count cannot tell capacity from optimisation (a larger adapter may simply need longer), so the
+    capacity probe trains each point until this holds, with the epoch count as the cap."""
+
+    patience: int
+    min_delta: float
+    floor: float = 0.0
+
+    def reached(self, epoch_losses: list[float]) -> bool:
+        best, stale = math.inf, 0
+        for loss in epoch_losses:
+            if loss < best * (1 - self.min_delta):
+                best, stale = loss, 0
+            else:
+                stale += 1
+        return bool(epoch_losses) and (stale >= self.patience or epoch_losses[-1] <= self.floor)
+
+
 @dataclass
 class FitResult:
-    """Loss per step, seconds spent in the loop and tokens trained on."""
+    """Loss per step, seconds spent in the loop, tokens trained on, and whether `stop` ended it before the cap."""
 
     loss_curve: list[float]
     seconds: float
     tokens: int
+    stopped_early: bool = False
 
 
 def fit(
@@ -310,13 +332,16 @@ def fit(
     pad_id: int,
     device: Any,
     on_step: StepCallback | None = None,
+    stop: Plateau | None = None,
 ) -> FitResult:
-    """Train the model's trainable parameters with AdamW at a constant learning rate."""
+    """Train the model's trainable parameters with AdamW at a constant learning rate, for the steps `schedule`
+    gives or, with `stop`, until it says the loss has converged (checked at each epoch's end)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)  # decay would only pull toward the base
     batches = schedule(len(examples), config)
     model.train(config.dropout > 0)  # as loaded the model is in eval mode: no dropout unless asked for
-    curve, tokens, started = [], 0, time.perf_counter()
+    per_epoch = math.ceil(len(examples) / config.batch_size)
+    curve, epoch_losses, tokens, started = [], [], 0, time.perf_counter()
     for step, batch in enumerate(batches, 1):
         loss = batch_loss(model, [examples[i] for i in batch], pad_id, device)
         if not torch.isfinite(loss):  # an adapter trained on from here would hold NaN or infinite weights
@@ -330,11 +355,15 @@ def fit(
         tokens += sum(len(examples[i].ids) for i in batch)
         if on_step is not None:
             on_step(step, len(batches), curve[-1])
+        if stop is not None and step % per_epoch == 0 and step < len(batches):
+            epoch_losses.append(sum(curve[-per_epoch:]) / per_epoch)
+            if stop.reached(epoch_losses):
+                break
     if not all(bool(torch.isfinite(p).all()) for p in params):
         raise LoramemError(
             "training diverged: the adapter's weights are no longer finite; nothing was written (lower --lr)"
         )
-    return FitResult(curve, time.perf_counter() - started, tokens)
+    return FitResult(curve, time.perf_counter() - started, tokens, len(curve) < len(batches))
 
 
 def _lora_config(config: TrainSpec, targets: list[str], layers: list[int] | None, pattern: str, base_id: str) -> Any:
@@ -375,10 +404,12 @@ def train_adapter(
     qa_file_sha256: str | None = None,
     qa_written_by: list[str] | None = None,
     on_step: StepCallback | None = None,
+    stop: Plateau | None = None,
 ) -> dict[str, Any]:
     """Train a document LoRA on `lm` and write it as a PEFT adapter directory; `lm` is left as it was.
 
-    `qa_written_by` names who wrote each synthesized pair (synthesize_pairs); it is kept with the pairs."""
+    `qa_written_by` names who wrote each synthesized pair (synthesize_pairs); it is kept with the pairs. `stop`
+    ends training once the loss has converged (`Plateau`), the configured epochs or steps being the cap."""
     from peft import get_peft_model
 
     if not document.strip():
@@ -397,7 +428,7 @@ def train_adapter(
         peft_model = get_peft_model(lm.model, _lora_config(config, targets, layers, modules[0].pattern, lm.model_id))
         try:
             trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-            result = fit(peft_model, examples, config, pad_id, lm.device, on_step)
+            result = fit(peft_model, examples, config, pad_id, lm.device, on_step, stop)
             peft_model.save_pretrained(tmp)
         finally:  # also on failure or Ctrl-C: the caller's model must not keep LoRA layers or train mode
             lm.model = peft_model.unload()
@@ -406,6 +437,7 @@ def train_adapter(
             "trainable_parameters": trainable,
             "steps": len(result.loss_curve),
             "final_loss": result.loss_curve[-1],
+            "stopped_early": result.stopped_early,
             "seconds": round(result.seconds, 3),
             "tokens_per_second": round(result.tokens / result.seconds, 1) if result.seconds > 0 else 0.0,
         }

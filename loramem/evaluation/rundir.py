@@ -91,11 +91,19 @@ def series(row: dict[str, Any]) -> str:
 
 
 def read_answers(path: str | Path, *, repair: bool = False) -> list[dict[str, Any]]:
-    """The complete answer lines of an answers.jsonl; a trailing line without its newline is ignored.
+    """The complete answer lines of an answers.jsonl (`read_lines`)."""
+    return read_lines(path, "answer line", AnswerRow.model_validate, repair=repair)
 
-    Each answer is written as one line ending in a newline, so a last line without one is the
-    remainder of an interrupted write. `repair` cuts it off the file, so that appending continues
-    on a clean line; a damaged line anywhere else is refused.
+
+def read_lines(
+    path: str | Path, what: str, check: Callable[[Any], Any], *, repair: bool = False
+) -> list[dict[str, Any]]:
+    """The complete JSON lines of a file appended to line by line (answers, probe points), each passed to `check`
+    (which raises pydantic's ValidationError on a bad one); a trailing line without its newline is ignored.
+
+    Each line is written ending in a newline, so a last line without one is the remainder of an interrupted write.
+    `repair` cuts it off the file, so that appending continues on a clean line; a damaged line anywhere else is
+    refused.
     """
     file = Path(path)
     if not file.exists():
@@ -109,11 +117,11 @@ def read_answers(path: str | Path, *, repair: bool = False) -> list[dict[str, An
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise LoramemError(f"{file}:{number}: not a valid answer line ({exc.msg})") from exc
+            raise LoramemError(f"{file}:{number}: not a valid {what} ({exc.msg})") from exc
         try:
-            AnswerRow.model_validate(row)
+            check(row)
         except ValidationError as exc:
-            raise LoramemError(f"{file}:{number}: not a valid answer line: {spec_error(exc, None)}") from None
+            raise LoramemError(f"{file}:{number}: not a valid {what}: {spec_error(exc, None)}") from None
         rows.append(row)
     if tail and repair:
         with file.open("r+b") as handle:

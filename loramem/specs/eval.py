@@ -279,16 +279,40 @@ class DemoSpec(Spec):
     _ratios = field_validator("ratios")(lambda value: ratios(value))
 
 
-class ProbeSpec(Spec):
-    """`probe capacity`'s grid and its adapters' training (recorded in capacity.json); at each rank the adapter's
-    alpha is twice the rank."""
+PROBE_TRAIN: dict[str, Any] = {"epochs": 40, "batch_size": 8}  # the probe's training defaults unlike TrainSpec's
 
-    ranks: Annotated[list[int], CommaList] = setting(factory=lambda: [4, 16, 64], help="LoRA ranks")
+
+class ProbeSpec(Spec):
+    """`probe capacity`'s grid, how far it walks it, and how each point's adapter trains (recorded in the run
+    folder); at each rank the adapter's alpha is twice the rank, and training runs until the loss stops falling
+    (`patience`, `min_delta`, `loss_floor`), the epochs being the cap."""
+
+    ranks: Annotated[list[int], CommaList] = setting(factory=lambda: [1, 2, 4, 8, 16, 32, 64], help="LoRA ranks")
     facts: Annotated[list[int], CommaList] = setting(
-        factory=lambda: [50, 200, 800], help="Fact-set sizes (invented phone numbers)"
+        factory=lambda: [8, 16, 32, 64, 128, 256, 512],
+        help="Fact-set sizes (invented phone numbers), tried smallest first at each rank until one is recalled "
+        "below --stop-below",
     )
     threshold: float = setting(0.9, "Recall that counts as stored, for saturation", gt=0, le=1)
-    train: TrainSpec = setting(factory=lambda: TrainSpec(epochs=10, batch_size=8))
+    stop_below: float = setting(
+        0.5, "A rank tries no larger fact sets once one is recalled below this (0: try every size)", ge=0, le=1
+    )
+    patience: int = setting(
+        3,
+        "Training ends once the epoch's mean loss has not fallen by --min-delta for this many epochs "
+        "(or is under --loss-floor); --epochs is the cap",
+        ge=1,
+    )
+    min_delta: float = setting(0.05, "Relative fall of the epoch loss that counts as still falling", ge=0, lt=1)
+    loss_floor: float = setting(0.02, "Epoch loss at which training counts as converged", ge=0)
+    train: TrainSpec = setting(factory=lambda: TrainSpec.model_validate(PROBE_TRAIN))
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _probe_training(cls, value: Any) -> Any:
+        """Training settings given (`--lr`) replace the probe's own defaults one by one: built from TrainSpec's
+        alone, giving any one would also reset the epochs and batch size to train-adapter's."""
+        return {**PROBE_TRAIN, **value} if isinstance(value, Mapping) else value
 
     @field_validator("ranks", "facts")
     @classmethod
@@ -301,3 +325,13 @@ class ProbeSpec(Spec):
 
     def train_spec(self, rank: int) -> TrainSpec:
         return self.train.replace(format="qa", rank=rank, alpha=2.0 * rank)
+
+    def point_settings(self) -> dict[str, Any]:
+        """What decides a point's result, which a run folder's points must share: the training and when it stops
+        (not which ranks and sizes are asked, nor how recall is read)."""
+        return {
+            "train": self.train.model_dump(exclude={"format", "rank", "alpha"}),
+            "patience": self.patience,
+            "min_delta": self.min_delta,
+            "loss_floor": self.loss_floor,
+        }
