@@ -16,6 +16,7 @@ import errno
 import fcntl
 import os
 import re
+import select
 import shutil
 import stat
 import sys
@@ -85,6 +86,34 @@ def open_input(path: str | Path, what: str) -> tuple[IO[bytes], str, int | None]
         raise _os_error(exc, path) from exc
 
 
+# How long a read from a pipe waits before Python looks at signals again (`read_upto`).
+SIGNAL_CHECK_SECONDS = 0.1
+PIPE_CHUNK = 64 * 1024 * 1024
+
+
+def read_upto(stream: IO[bytes], n: int) -> bytes:
+    """Up to n bytes of a stream (fewer only at its end), in pieces, so a short pipe is not over-allocated.
+
+    A signal that another thread of the process took (torch's, a tokenizer's) does not wake a read() blocked in the
+    main thread, so Ctrl-C or SIGTERM would wait for the writer: the main thread waits in select() a moment at a
+    time instead, and Python runs the signal's handler between waits."""
+    try:
+        fd: int | None = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's BytesIO): nothing blocks
+        fd = None
+    read = getattr(stream, "read1", stream.read)  # one read of what is there, nothing left in a buffer
+    parts, left = [], n
+    while left > 0:
+        while fd is not None and not select.select([fd], [], [], SIGNAL_CHECK_SECONDS)[0]:
+            pass
+        piece = read(min(left, PIPE_CHUNK))
+        if not piece:
+            break
+        parts.append(piece)
+        left -= len(piece)
+    return b"".join(parts)
+
+
 def read_input_bytes(path: str | Path, what: str = "file", limit: int = MAX_INPUT_BYTES) -> tuple[bytes, str]:
     """All bytes of a path, or of stdin for '-', at most `limit`; returns (data, name for messages)."""
     stream, source, size = open_input(path, what)
@@ -92,7 +121,7 @@ def read_input_bytes(path: str | Path, what: str = "file", limit: int = MAX_INPU
         stream.close()
         raise LoramemError(f"{source} is {size} bytes, more than loramem reads as a {what} ({limit})")
     try:
-        data = stream.read(limit + 1)
+        data = stream.read(limit + 1) if size is not None else read_upto(stream, limit + 1)
     except OSError as exc:
         raise _os_error(exc, source) from exc
     finally:

@@ -15,25 +15,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from loramem.errors import LoramemError
-from loramem.fileio import open_input
+from loramem.fileio import open_input, read_upto
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 # The largest tensor file loramem reads: far above any cache or adapter it makes (a 128k-token cache of a 70B
 # model is ~40 GB), low enough that a bogus length is refused rather than attempted.
 MAX_FILE_BYTES = 256 * 1024**3
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-def read_exactly(stream: IO[bytes], n: int) -> bytes:
-    """Up to n bytes (fewer only at the end of the stream), in pieces so a short pipe is not over-allocated."""
-    parts, left = [], n
-    while left > 0:
-        piece = stream.read(min(left, 64 * 1024 * 1024))
-        if not piece:
-            break
-        parts.append(piece)
-        left -= len(piece)
-    return b"".join(parts)
 
 
 def parse_header(raw: bytes, source: str) -> tuple[dict[str, Any], int]:
@@ -74,13 +62,13 @@ def parse_header(raw: bytes, source: str) -> tuple[dict[str, Any], int]:
 
 def read_header_bytes(stream: IO[bytes], source: str, size: int | None) -> tuple[bytes, dict[str, Any], int]:
     """(the 8 + n header bytes, the parsed header, the data length) from the start of a stream of `size` bytes."""
-    head = read_exactly(stream, 8)
+    head = read_upto(stream, 8)
     if len(head) < 8:
         raise LoramemError(f"{source} is not a safetensors file (too short)")
     (n,) = struct.unpack("<Q", head)
     if n == 0 or n > MAX_HEADER_BYTES:
         raise LoramemError(f"{source} is not a safetensors file")
-    raw = read_exactly(stream, n)
+    raw = read_upto(stream, n)
     if len(raw) < n or (size is not None and 8 + n > size):
         if raw[:1] == b"{":
             raise LoramemError(f"{source} is truncated (header runs past the end of the file)")
@@ -104,8 +92,8 @@ def read_safetensors(path: str | Path, what: str) -> tuple[bytes, str]:
             stream.seek(0)
             whole = stream.read(len(head) + data_len)
         else:
-            whole = head + read_exactly(stream, data_len)
-            extra = stream.read(1)
+            whole = head + read_upto(stream, data_len)
+            extra = read_upto(stream, 1)
     except OSError as exc:
         raise LoramemError(f"cannot read {source}: {(exc.strerror or str(exc)).lower()}") from exc
     finally:
