@@ -106,26 +106,13 @@ def line_ended(streamed: StreamedAnswers | InOrder | None) -> Iterator[None]:
 def _ask_library(spec: AskSpec, model: ModelSpec, items: list[dict[str, Any]], as_json: bool) -> None:
     """`ask --library`: the library is checked before its base model (or --model, which must match) is loaded;
     questions routed to the same adapter are answered together."""
-    from loramem.library.qa import ask_library_batch, open_routed
-    from loramem.library.store import library_embedder
+    from loramem.library.qa import answer_routed, open_routed
 
     assert spec.library is not None  # only called for a library
     route = spec.route
     library, _ = open_routed(spec.library, route.top_k, route.merge, route.with_context, route.with_caches)
     lm = load(model if model.model else model.replace(model=library.base_model_id))
-    results = ask_library_batch(
-        lm,
-        library,
-        [item["question"] for item in items],
-        top_k=route.top_k,
-        merge=route.merge,
-        with_context=route.with_context,
-        with_caches=route.with_caches,
-        max_new_tokens=spec.answer.max_new_tokens,
-        embedder=library_embedder(library),
-        batch_size=spec.answer.batch_size,
-        max_batch_tokens=spec.answer.max_batch_tokens,
-    )
+    results = answer_routed(lm, library, [item["question"] for item in items], route, spec.answer)
     for item, result in zip(items, results):
         if as_json:
             print_json({**{k: v for k, v in item.items() if k != "question"}, **result.to_dict()})

@@ -36,7 +36,7 @@ from loramem.adapters.train import Plateau, train_adapter
 from loramem.answer import answer_batch
 from loramem.data.fiction import Names
 from loramem.errors import LoramemError
-from loramem.evaluation.rundir import AnswerLog, read_lines
+from loramem.evaluation.rundir import AnswerLog, output_folder, read_lines
 from loramem.fileio import atomic_write_bytes, locked_folder
 from loramem.model.loading import LoadedModel
 from loramem.specs import ProbeSpec
@@ -98,14 +98,9 @@ def run_probe(
     point's adapter in out_dir/adapters (each is deleted once asked otherwise: they are large); without `train`
     only the points there are read and reported (a study stopped early, or shards' points.jsonl put together)."""
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise LoramemError(f"{out} is a file; --out needs a folder")
-    if not train and not (out / CONFIG).is_file():
+    if not train and not out.is_file() and not (out / CONFIG).is_file():
         raise LoramemError(f"{out} is not a probe study (no {CONFIG}); nothing to report")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LoramemError(f"cannot create {out.parent}: {exc.strerror}") from exc
+    output_folder(out, "a folder")
     with locked_folder(out, "probe folder", committed=CONFIG, wait=False):
         points = open_study(out, _header(lm, config))
         log = AnswerLog(out / POINTS)

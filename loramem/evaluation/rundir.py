@@ -234,6 +234,16 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+def output_folder(path: Path, noun: str) -> None:
+    """An --out folder's place made ready: refused if a file is there, its parent created (one-line errors)."""
+    if path.exists() and not path.is_dir():
+        raise LoramemError(f"{path} is a file; --out needs {noun}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LoramemError(f"cannot create {path}: {(exc.strerror or str(exc)).lower()}") from exc
+
+
 def writes_run(argument: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorate a writer of a run folder (eval, its resume, a merge): the folder given as `argument` is locked
     while it runs, so a second writer is refused at once (two resumes would both append the same cells, and both
@@ -246,12 +256,7 @@ def writes_run(argument: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
         @functools.wraps(writer)
         def locked(*args: P.args, **kwargs: P.kwargs) -> R:
             run = Path(signature.bind(*args, **kwargs).arguments[argument])
-            if run.exists() and not run.is_dir():
-                raise LoramemError(f"{run} is a file; --out needs a directory")
-            try:
-                run.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise LoramemError(f"cannot create {run}: {(exc.strerror or str(exc)).lower()}") from exc
+            output_folder(run, "a directory")
             with locked_folder(run, "run folder", committed=CONFIG, wait=False):
                 return writer(*args, **kwargs)
 

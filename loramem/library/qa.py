@@ -37,7 +37,7 @@ from loramem.library.store import (
 from loramem.model import MAX_BATCH, MAX_BATCH_TOKENS, MAX_NEW_TOKENS
 from loramem.model.limits import check_questions
 from loramem.model.loading import LoadedModel, sha256_text
-from loramem.specs import MergeSpec, RouteSpec
+from loramem.specs import AnswerSpec, MergeSpec, RouteSpec
 from loramem.vocab import DENSITY_METHODS, EQUAL_RANK_METHODS
 
 MERGED = "merged"
@@ -327,3 +327,22 @@ def ask_library_batch(
                 context_prefill_seconds=cache.meta["prefill_seconds"] if cache is not None and chunks else 0.0,
             )
     return [r for r in results if r is not None]
+
+
+def answer_routed(
+    lm: LoadedModel, library: Library, questions: list[str], route: RouteSpec, answer: AnswerSpec
+) -> list[LibraryAnswer]:
+    """`ask_library_batch` with a request's routing and decoding specs (`ask --library`, a server's request)."""
+    return ask_library_batch(
+        lm,
+        library,
+        questions,
+        top_k=route.top_k,
+        merge=route.merge,
+        with_context=route.with_context,
+        with_caches=route.with_caches,
+        max_new_tokens=answer.max_new_tokens,
+        embedder=library_embedder(library),
+        batch_size=answer.batch_size,
+        max_batch_tokens=answer.max_batch_tokens,
+    )

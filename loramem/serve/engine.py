@@ -272,25 +272,13 @@ class Engine:
 
     def _answer_library(self, job: Job) -> None:
         """A library request: routed and answered whole, in this turn (its adapters are merged per question)."""
-        from loramem.library.qa import ask_library_batch
-        from loramem.library.store import library_embedder, open_library
+        from loramem.library.qa import answer_routed
+        from loramem.library.store import open_library
 
         request = job.request
-        route = request.route
         assert job.library is not None
-        library = open_library(job.library)
-        results = ask_library_batch(
-            self.lm,
-            library,
-            request.questions,
-            top_k=route.top_k,
-            merge=route.merge,
-            with_context=route.with_context,
-            with_caches=route.with_caches,
-            max_new_tokens=request.answer.max_new_tokens,
-            embedder=library_embedder(library),
-            max_batch_tokens=self.max_batch_tokens,
-        )
+        answer = request.answer.replace(max_batch_tokens=self.max_batch_tokens)
+        results = answer_routed(self.lm, open_library(job.library), request.questions, request.route, answer)
         for index, result in enumerate(results):
             if not job.cancelled:
                 job.emit(("library", index, result))
