@@ -203,6 +203,24 @@ def test_resume_with_a_wider_limit_adds_only_the_new_documents(tiny, dataset, re
     assert {key[0] for key in answers_by_cell(run)} == {"doc-a", "doc-b"}
 
 
+def test_questions_per_document_and_a_resume_that_widens_them(tiny, dataset, tmp_path):
+    """--max-questions N answers each document's first N questions only; a resume may widen it (like --limit) and then
+    answers only the added questions, exactly as an unlimited run does."""
+    small = {"modes": ["none"], "presses": ["knorm"]}
+    run = tmp_path / "run"
+    run_eval(tiny, dataset, run, config(max_questions=1, **small))
+    assert {(key[0], key[1]) for key in answers_by_cell(run)} == {(d, 0) for d in ("doc-a", "doc-b", "doc c/3")}
+    counters = counted_run(tiny, dataset, run, config(max_questions=2, **small), resume=True)
+    assert len(counters["answers"].calls) == N_DOCS * 3  # the second question at each of the three ratios
+    assert json.loads((run / CONFIG).read_text())["config"]["max_questions"] == 2
+    full = tmp_path / "full"
+    run_eval(tiny, dataset, full, config(**small))
+    assert answers_by_cell(run).keys() == answers_by_cell(full).keys()
+    assert {k: v["answer"] for k, v in answers_by_cell(run).items()} == {
+        k: v["answer"] for k, v in answers_by_cell(full).items()
+    }
+
+
 def test_kv_variants_each_get_their_curve_and_bytes(tiny, dataset, tmp_path):
     from loramem import compress, encode, generate
     from loramem.data.formats import load_dataset

@@ -122,6 +122,11 @@ def test_merge_equals_peft_add_weighted_adapter(tiny, tiny_dir, adapters, tmp_pa
     saved = load_file(str(out / ADAPTER_WEIGHTS))
     assert saved.keys() == expected.keys() and len(saved) == 2 * 7 * 2
     assert all(torch.equal(saved[k], expected[k]) for k in saved)
+    peft_model.save_pretrained(str(tmp_path / "peft"), selected_adapters=["m"])  # the config PEFT writes, too
+    configs = [json.loads((folder / "adapter_config.json").read_text()) for folder in (out, tmp_path / "peft" / "m")]
+    for config in configs:
+        config["target_modules"] = sorted(config["target_modules"])  # a set, written in any order
+    assert configs[0] == configs[1] and configs[0]["r"] == configs[0]["lora_alpha"]
 
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_dir)), str(out))
     state = get_peft_model_state_dict(loaded)
@@ -133,6 +138,31 @@ def test_merge_equals_peft_add_weighted_adapter(tiny, tiny_dir, adapters, tmp_pa
     assert [s["path"] for s in meta["merge"]["sources"]] == [str(s) for s in sources]
     assert meta["merge"]["sources"][0]["document_sha256"] == hashlib.sha256(DOCS["bees"].encode()).hexdigest()
     assert not any("lora_" in name for name, _ in tiny.model.named_modules())  # the loaded model is left clean
+
+
+def test_a_merge_leaves_the_attached_adapter_as_it_was(tiny, adapters, tmp_path):
+    """ties, linear, cat and svd merge on the files' tensors: the model's attached adapter stays attached and
+    answers exactly as before; dare_ties merges on the model (PEFT's random drop) and leaves it detached."""
+    from loramem.adapters.attach import attach_adapter, detach_adapter
+
+    ids = torch.tensor([tiny.tokenizer("The bees forage on wild thyme.")["input_ids"]])
+
+    def logits() -> torch.Tensor:
+        with torch.inference_mode():
+            return tiny.model(input_ids=ids).logits
+
+    sources = [adapters["bees"], adapters["glass"]]
+    attach_adapter(tiny, adapters["railway"])
+    try:
+        before = logits()
+        for method in ("ties", "linear", "cat", "svd"):
+            merge_adapters(tiny, sources, tmp_path / method, MergeSpec(method=method))
+            assert tiny.adapter is not None and tiny.adapter.path == adapters["railway"]
+            assert torch.equal(logits(), before)
+        merge_adapters(tiny, sources, tmp_path / "dare", MergeSpec(method="dare_ties"))
+        assert tiny.adapter is None and not any("lora_" in name for name, _ in tiny.model.named_modules())
+    finally:
+        detach_adapter(tiny)
 
 
 def test_merge_refusals(tiny, other_tiny_dir, adapters, tmp_path):

@@ -320,33 +320,39 @@ def test_document_adapter_recalls_invented_facts(real, tmp_path):
 
 
 def test_switching_back_to_an_adapter_does_not_load_it_again(tiny, doc_text, tmp_path, monkeypatch):
-    """Alternating adapters: each is read once, switching back is set_adapter, outputs are each adapter's own."""
+    """Alternating adapters: each is read once while it stays loaded, switching back is set_adapter; a new one takes
+    the least recently used one's layers (its weights copied in) where their layers agree, else is loaded anew;
+    every output is exactly each adapter's own."""
     from peft import PeftModel
 
     from loramem.adapters import attach
 
-    paths = [tmp_path / name for name in ("a", "b", "c")]
+    paths = [tmp_path / name for name in ("a", "b", "c", "d")]
     for seed, path in enumerate(paths):
-        train_adapter(tiny, doc_text, QA[seed:] + QA[:seed], path, TrainSpec(**FAST, seed=seed))
+        spec = {**FAST, "rank": 2} if path.name == "d" else FAST  # d's layers differ from the others'
+        train_adapter(tiny, doc_text, QA[seed:] + QA[:seed], path, TrainSpec(**spec, seed=seed))
     base = _logits(tiny)
     alone = []
     for path in paths:
         attach_adapter(tiny, path)
         alone.append(_logits(tiny))
         detach_adapter(tiny)
-    loads = []
-    real = PeftModel.load_adapter
-    monkeypatch.setattr(PeftModel, "load_adapter", lambda self, *a, **k: loads.append(a[0]) or real(self, *a, **k))
+    loads, copies = [], []
+    real_load, real_copy = PeftModel.load_adapter, attach._overwrite
+    monkeypatch.setattr(PeftModel, "load_adapter", lambda self, *a, **k: loads.append(a[0]) or real_load(self, *a, **k))
+    monkeypatch.setattr(attach, "_overwrite", lambda *a: copies.append(str(a[2])) or real_copy(*a))
     monkeypatch.setattr(attach, "MAX_LOADED_ADAPTERS", 2)
     try:
-        for index in (0, 1, 0, 1, 2, 1, 0):
+        for index in (0, 1, 0, 1, 2, 1, 0, 3, 2):
             adapter = attach_adapter(tiny, paths[index])
             assert torch.equal(_logits(tiny), alone[index]) and adapter.path == paths[index]
             assert len(adapter.peft_model.peft_config) <= 2
     finally:
         detach_adapter(tiny)
-    # a (through from_pretrained) and b are read once; c pushes a out (least recently used), so a is read again
-    assert loads == [str(paths[0]), str(paths[1]), str(paths[2]), str(paths[0])]
+    # a (through from_pretrained) and b are loaded once; c takes a's layers (least recently used), a takes c's
+    # back; d (another rank) replaces b's, and c takes a's
+    assert loads == [str(paths[0]), str(paths[1]), str(paths[3])]
+    assert copies == [str(paths[2]), str(paths[0]), str(paths[2])]
     assert torch.equal(_logits(tiny), base)
 
 

@@ -47,6 +47,7 @@ class Adapter:
     name: str = "default"  # its PEFT adapter name
     loaded: list[str] = field(default_factory=list)  # adapter names loaded on peft_model, least recently used first
     others: dict[str, Adapter] = field(default_factory=dict)  # the loaded ones by name, to switch back without a read
+    config: dict[str, Any] = field(default_factory=dict)  # its adapter_config.json
 
     def identity(self) -> dict[str, str]:
         return {"path": str(self.path), "sha256": self.sha256}
@@ -86,13 +87,30 @@ def adapter_sha256(path: str | Path) -> str:
 # Adapters kept loaded beside the active one, so switching back to one (routed libraries, alternating formats)
 # is a `set_adapter` instead of reading and injecting it again; the least recently used goes first.
 MAX_LOADED_ADAPTERS = 8
+# LoraConfig fields that decide the LoRA layers PEFT injects; an adapter that agrees on all of them with a loaded
+# one fits that one's layers, so its weights are copied in instead of injecting new layers.
+_LAYOUT = (
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "fan_in_fan_out",
+    "lora_dropout",
+)
 
 
 def attach_adapter(lm: LoadedModel, path: str | Path) -> Adapter:
     """Switch `lm` to a LoRA, replacing the active one; refuses another base model's.
 
-    The first adapter wraps the model (PEFT); later ones are loaded beside it (`load_adapter`) and activated
-    (`set_adapter`), and one loaded before (same weights) is activated without reading it again.
+    The first adapter wraps the model (PEFT); later ones are loaded beside it and activated (`set_adapter`), and
+    one loaded before (same weights) is activated without reading it again. When MAX_LOADED_ADAPTERS are loaded,
+    the least recently used makes room: its layers get the new weights where the two adapters' layers agree
+    (`_overwrite`: a copy, where PEFT's delete and load would build and initialise every layer anew), else it
+    is deleted and the new one loaded.
     """
     from peft import PeftModel
 
@@ -101,27 +119,34 @@ def attach_adapter(lm: LoadedModel, path: str | Path) -> Adapter:
     if meta.get("base_model"):
         check_template_record(meta["base_model"], lm.fingerprint, f"adapter {path}")
     sha = adapter_sha256(path)
-    name = f"doc_{sha[:16]}"
     current = lm.adapter
+    known = {a.sha256: a for a in current.others.values()} if current else {}
     try:
         if current is None:
+            name = _SLOT.format(0)
             peft_model = PeftModel.from_pretrained(lm.model, str(path), adapter_name=name, is_trainable=False)
         else:
             peft_model = current.peft_model
-            if name not in peft_model.peft_config:
-                _make_room(peft_model, current.loaded, keep=current.name)
-                peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            if sha in known and known[sha].name in peft_model.peft_config:
+                name = known[sha].name
+            else:
+                name = _make_room(peft_model, current, config, path)
             peft_model.set_adapter(name)
     except (ValueError, RuntimeError, KeyError) as exc:
         detach_adapter(lm)
         raise IncompatibleArtifactError(f"adapter {path} does not fit this model: {str(exc).splitlines()[0]}") from exc
     peft_model.eval()
     used = [n for n in (current.loaded if current else []) if n != name and n in peft_model.peft_config] + [name]
-    others = {n: a for n, a in (current.others if current else {}).items() if n in used}
-    lm.adapter = Adapter(path=Path(path), sha256=sha, peft_model=peft_model, meta=meta, name=name, loaded=used)
+    others = {n: a for n, a in (current.others if current else {}).items() if n in used and n != name}
+    lm.adapter = Adapter(
+        path=Path(path), sha256=sha, peft_model=peft_model, meta=meta, name=name, loaded=used, config=config
+    )
     others[name] = lm.adapter
     lm.adapter.others = others
     return lm.adapter
+
+
+_SLOT = "slot{}"  # PEFT's name for a loaded adapter: slots, since one adapter's layers may hold another's weights
 
 
 def activate_loaded(lm: LoadedModel, sha256: str) -> bool:
@@ -130,23 +155,66 @@ def activate_loaded(lm: LoadedModel, sha256: str) -> bool:
     current = lm.adapter
     if current is None:
         return False
-    name = f"doc_{sha256[:16]}"
-    if current.name == name:
+    if current.sha256 == sha256:
         return True
-    known = current.others.get(name)
-    if known is None or name not in current.peft_model.peft_config:
+    known = next((a for a in current.others.values() if a.sha256 == sha256), None)
+    if known is None or known.name not in current.peft_model.peft_config:
         return False
-    current.peft_model.set_adapter(name)
-    used = [n for n in current.loaded if n != name] + [name]
-    lm.adapter = Adapter(known.path, known.sha256, current.peft_model, known.meta, name, used, current.others)
+    current.peft_model.set_adapter(known.name)
+    used = [n for n in current.loaded if n != known.name] + [known.name]
+    lm.adapter = Adapter(
+        known.path, known.sha256, current.peft_model, known.meta, known.name, used, current.others, known.config
+    )
     return True
 
 
-def _make_room(peft_model: Any, loaded: list[str], keep: str) -> None:
-    """Delete the least recently used adapters (never the active `keep`) while MAX_LOADED_ADAPTERS are loaded."""
-    while len(peft_model.peft_config) >= MAX_LOADED_ADAPTERS:
-        oldest = next(n for n in [*loaded, *peft_model.peft_config] if n != keep and n in peft_model.peft_config)
-        peft_model.delete_adapter(oldest)
+def _make_room(peft_model: Any, current: Adapter, config: dict[str, Any], path: str | Path) -> str:
+    """The slot for a new adapter: a free one it is loaded into, or the least recently used one (never the active
+    one) given its weights, or deleted and loaded anew when the layers differ."""
+    if len(peft_model.peft_config) < MAX_LOADED_ADAPTERS:
+        name = next(
+            _SLOT.format(i) for i in range(MAX_LOADED_ADAPTERS) if _SLOT.format(i) not in peft_model.peft_config
+        )
+        peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        return name
+    slots = [*current.loaded, *peft_model.peft_config]
+    oldest = next(n for n in slots if n != current.name and n in peft_model.peft_config)
+    previous = current.others.get(oldest)
+    if previous is not None and _layout(previous.config) == _layout(config) and _overwrite(peft_model, oldest, path):
+        return oldest
+    peft_model.delete_adapter(oldest)
+    peft_model.load_adapter(str(path), adapter_name=oldest, is_trainable=False)
+    return oldest
+
+
+def _layout(config: dict[str, Any]) -> dict[str, Any]:
+    """The fields of an adapter_config.json that decide its layers, lists of targets as sets (PEFT's own)."""
+    targets = config.get("target_modules")
+    return {
+        **{key: config.get(key) for key in _LAYOUT},
+        "target_modules": sorted(targets) if isinstance(targets, list) else targets,
+    }
+
+
+def _overwrite(peft_model: Any, slot: str, path: str | Path) -> bool:
+    """The adapter's weights copied into a loaded slot's LoRA layers, as load_adapter would set them (cast to the
+    layers' dtype); False, touching nothing, unless its pairs are exactly the slot's modules with their shapes."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(path) / ADAPTER_WEIGHTS))
+    targets: dict[str, torch.Tensor] = {}
+    for module_name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and slot in module.lora_A:
+            targets[f"{module_name}.lora_A.weight"] = cast(torch.Tensor, module.lora_A[slot].weight)
+            targets[f"{module_name}.lora_B.weight"] = cast(torch.Tensor, module.lora_B[slot].weight)
+    if weights.keys() != targets.keys() or any(weights[k].shape != t.shape for k, t in targets.items()):
+        return False
+    with torch.no_grad():
+        for key, target in targets.items():
+            target.copy_(weights[key])
+    return True
 
 
 def detach_adapter(lm: LoadedModel) -> None:

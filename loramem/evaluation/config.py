@@ -20,7 +20,7 @@ from loramem.model.loading import sha256_text
 from loramem.sizes import format_size
 from loramem.specs import CompressSpec, EvalSpec
 from loramem.specs.base import flatten, merged
-from loramem.specs.eval import upgrade
+from loramem.specs.eval import RESIZABLE, upgrade
 from loramem.vocab import LIBRARY_MODES, MERGE_MODES
 
 if TYPE_CHECKING:
@@ -32,12 +32,12 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 def resumed_spec(recorded: Mapping[str, Any], given: Mapping[str, Any]) -> tuple[EvalSpec, list[str]]:
     """A run's recorded spec (config.json's "config", any version) with the settings given again, and the field
-    paths of those that disagree with the record (all but `limit`, which a resume may widen or narrow)."""
+    paths of those that disagree with the record (all but RESIZABLE, which a resume may widen or narrow)."""
     before = EvalSpec.from_record(recorded, "config.json")
     spec = EvalSpec.parse(merged(before.model_dump(), upgrade(given)))
     again, was = flatten(spec.record()), flatten(before.record())
     asked = flatten(upgrade(given))
-    return spec, [name for name in asked if name != "limit" and again.get(name) != was.get(name)]
+    return spec, [name for name in asked if name not in RESIZABLE and again.get(name) != was.get(name)]
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -153,7 +153,7 @@ def grid(record: DocRecord, config: EvalSpec, points: list[tuple[int, int]]) -> 
     kv_modes = [m for m in config.modes if m not in LIBRARY_MODES]
     library_modes = [m for m in config.modes if m in LIBRARY_MODES]
     merges = [(merge, weights) for merge in config.library.merge for weights in config.library.merge_weights]
-    questions = range(len(record.qa))
+    questions = range(min(len(record.qa), config.max_questions or len(record.qa)))
     return (
         [
             Cell(q, press, ratio, mode, fmt, granularity, store)

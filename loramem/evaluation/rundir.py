@@ -25,7 +25,7 @@ from loramem.model.loading import LoadedModel
 from loramem.model.prompt import check_template_record
 from loramem.specs import EvalSpec, SpecError
 from loramem.specs.base import flatten, spec_error
-from loramem.specs.eval import RECORD_VERSION
+from loramem.specs.eval import RECORD_VERSION, RESIZABLE
 from loramem.vocab import MERGE_MODES
 
 ADAPTERS = "adapters"
@@ -201,7 +201,7 @@ def run_settings(
     resume: bool = False,
 ) -> RunSettings:
     """A run's dataset and spec. Resuming a run folder, both come from its config.json, with the settings given
-    again (a full spec, or only some, as a mapping) checked against the record: all but `limit` must agree."""
+    again (a full spec, or only some, as a mapping) checked against the record: all but RESIZABLE must agree."""
     run = Path(run_dir)
     if not (resume and (run / CONFIG).is_file()):
         if dataset is None:
@@ -211,7 +211,7 @@ def run_settings(
     header = read_json(run / CONFIG, "cannot resume")
     if isinstance(settings, EvalSpec):
         spec, was, now = settings, _settings(header["config"]), flatten(settings.record())
-        disagree = [name for name in now if name != "limit" and was.get(name) != now[name]]
+        disagree = [name for name in now if name not in RESIZABLE and was.get(name) != now[name]]
     else:
         spec, disagree = resumed_spec(header["config"], settings or {})
     if disagree:
@@ -273,12 +273,13 @@ def open_run(run: Path, header: dict[str, Any], resume: bool, allow_mixed: bool 
         if not resume:
             raise LoramemError(f"{run} is not empty; add --resume to continue that run, or choose another --out")
         old = read_json(run / CONFIG, "cannot resume")
-        check_same(old, header, run, "resume it", ignore=("limit",), allow_mixed=allow_mixed)
+        check_same(old, header, run, "resume it", ignore=RESIZABLE, allow_mixed=allow_mixed)
         recorded = old["config"].get("version", 1)
         if recorded < RECORD_VERSION:
             record_merges(run, EvalSpec.from_record(old["config"], "config.json"))
-        # A resume may widen or narrow the limit; an older record is rewritten once its answers are upgraded.
-        if _settings(old["config"]).get("limit") != header["config"]["limit"] or recorded < RECORD_VERSION:
+        # A resume may widen or narrow the limits; an older record is rewritten once its answers are upgraded.
+        was = _settings(old["config"])
+        if any(was.get(n) != header["config"].get(n) for n in RESIZABLE) or recorded < RECORD_VERSION:
             atomic_write_bytes(
                 run / CONFIG, (json.dumps({**header, "created": old["created"]}, indent=2) + "\n").encode()
             )

@@ -31,6 +31,8 @@ from loramem.vocab import (
 )
 
 RECORD_VERSION = 3  # 3: library.merge a list (2 recorded one method, which reads as a list of one)
+# The settings a resume may widen or narrow: which documents and questions, not how each is answered.
+RESIZABLE = ("limit", "max_questions")
 # loramem 0.1 recorded the grid as one flat mapping: its names of the nested settings.
 _FLAT_V1 = {
     **{name: ("train", name) for name in TrainSpec.model_fields if name != "format"},
@@ -142,6 +144,9 @@ class EvalSpec(Spec):
     )
     groups: int = setting(4, "value-group: groups per value head vector", ge=1)
     limit: int | None = setting(None, "Only the first N documents", ge=1)
+    max_questions: int | None = setting(
+        None, "Only the first N questions of each document (a wide study at a smaller cost per document)", ge=1
+    )
     shard: Annotated[tuple[int, int], BeforeValidator(parse_shard)] = setting(
         (0, 1), "I/N: this process takes documents i with i % N == I", shown="0/1"
     )
