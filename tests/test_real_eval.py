@@ -15,12 +15,12 @@ pytestmark = pytest.mark.real
 
 @pytest.fixture(scope="module")
 def eval_run(real, tmp_path_factory):
-    """One eval run on two fiction documents: its summary, and its trained QA adapters for the library test."""
+    """One eval run on three fiction documents: its summary, and its trained QA adapters for the library tests."""
     from loramem.evaluation.runner import run_eval
 
     folder = tmp_path_factory.mktemp("eval")
-    data = folder / "two.jsonl"
-    data.write_text("".join((REPO / "examples" / "fiction.jsonl").read_text().splitlines(keepends=True)[:2]))
+    data = folder / "three.jsonl"
+    data.write_text("".join((REPO / "examples" / "fiction.jsonl").read_text().splitlines(keepends=True)[:3]))
     config = flat_spec(
         ratios=[0.0, 1.0],
         presses=["snapkv"],
@@ -28,7 +28,7 @@ def eval_run(real, tmp_path_factory):
         formats=["qa"],
         max_new_tokens=12,
         steps=6,
-        limit=2,
+        limit=3,
         library_top_k=1,
         budget_bytes=[24_000_000],
         budget_ranks=[0, 16],
@@ -39,7 +39,7 @@ def eval_run(real, tmp_path_factory):
 def test_eval_with_adapter_and_library_modes_on_default_model(real, eval_run):
     """The eval grid end to end on the default model: prefill, compression, a QA adapter, a library, routing."""
     _, summary = eval_run
-    assert summary["complete"] and summary["n_documents"] == 2 and summary["n_questions"] == 16
+    assert summary["complete"] and summary["n_documents"] == 3 and summary["n_questions"] == 24
     assert summary["routing"]["recall_at_1"] >= 0.5  # questions name the document's invented people and places
     cells = {(c["mode"], c["ratio"]): c for c in summary["cells"]}
     assert cells[("none", 0.0)]["contains"]["mean"] > cells[("none", 1.0)]["contains"]["mean"]
@@ -50,7 +50,57 @@ def test_eval_with_adapter_and_library_modes_on_default_model(real, eval_run):
     assert kv_only["kv_tokens_kept"] == kv_only["document_tokens"] and kv_only["adapter_bytes"] == 0
     assert split["adapter_bytes"] == 4_884_480 * 4
     assert split["kv_tokens_kept"] == (24_000_000 - 4_884_480 * 4) // 46_080
-    assert split["n"] == kv_only["n"] == 16 and "versus_kv_only" in split
+    assert split["n"] == kv_only["n"] == 24 and "versus_kv_only" in split
+
+
+def test_the_three_merges_each_its_own_rows_on_default_model(eval_run, tmp_path):
+    """The issue's command on the default model, the adapters of `eval_run` reused: `--merge ties,linear,cat` (and
+    both weightings) gives each merge of the top-3 documents its own rows, its own adapter and answers, with its
+    seconds and answer lengths; the report and the HTML page list every one."""
+    from loramem.evaluation.rundir import ANSWERS, read_answers
+
+    run, _ = eval_run
+    out = tmp_path / "merges"
+    done = run_cli(
+        "eval",
+        str(run.parent / "three.jsonl"),
+        "--ratios",
+        "1.0",
+        "--mode",
+        "oracle,routed,routed-merge,hybrid,rag",
+        "--merge",
+        "ties,linear,cat",
+        "--merge-weights",
+        "equal,routing",
+        "--format",
+        "qa",
+        "--adapters",
+        str(run / "adapters"),
+        "--max-questions",
+        "2",
+        "--max-new-tokens",
+        "12",
+        "--out",
+        str(out),
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    summary = json.loads(done.stdout)
+    merged = {(c["mode"], c["merge"], c["merge_weights"]): c for c in summary["cells"] if "merge" in c}
+    methods, weightings = ("ties", "linear", "cat"), ("equal", "routing")
+    expected = {(m, x, w) for m in ("routed-merge", "hybrid") for x in methods for w in weightings}
+    assert merged.keys() == expected and all(c["n"] == 6 for c in merged.values())
+    assert all(c["seconds"] > 0 and c["answer_words"] > 0 and c["reference_words"] > 0 for c in merged.values())
+    rows = [r for r in read_answers(out / ANSWERS) if r["mode"] == "routed-merge"]
+    for doc, q in {(r["doc_id"], r["question_index"]) for r in rows}:
+        same = [r for r in rows if (r["doc_id"], r["question_index"]) == (doc, q)]
+        assert len(same) == 6 and len({r["adapter"] for r in same}) == 6  # every merge and weighting its own adapter
+        assert all(len(r["weights"]) == 3 for r in same)
+        assert all(sum(r["weights"]) == pytest.approx(3, abs=1e-5) for r in same)  # k x softmax sums to k
+    report = run_cli("eval", "report", str(out))
+    assert report.returncode == 0 and all(m in report.stdout.decode() for m in methods)
+    page = run_cli("eval", "report", str(out), "--html", str(tmp_path / "report.html"))
+    assert page.returncode == 0 and all(m in (tmp_path / "report.html").read_text() for m in methods)
 
 
 def test_library_with_caches_and_merge_on_default_model(eval_run, tmp_path):
