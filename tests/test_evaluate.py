@@ -80,6 +80,7 @@ WHERE = {
     "iter_answers": ev,
     "train_adapter": doc_adapters,
     "synthesize_pairs": synth,  # called by data.synth.training_pairs, the one rule for training pairs
+    "training_views": doc_adapters,
 }
 
 
@@ -219,6 +220,26 @@ def test_questions_per_document_and_a_resume_that_widens_them(tiny, dataset, tmp
     assert {k: v["answer"] for k, v in answers_by_cell(run).items()} == {
         k: v["answer"] for k, v in answers_by_cell(full).items()
     }
+
+
+def test_mixed_adapters_train_on_views_written_once(tiny, dataset, tmp_path):
+    """An eval's mixed adapter trains on views written once per document and kept in RUN_DIR/train_views/: a
+    resume that trains the adapter again (here: it was removed) reads them instead of writing them again."""
+    from loramem.adapters.validate import TRAIN_VIEWS
+    from loramem.evaluation.rundir import VIEWS
+
+    small = {"modes": ["decode"], "presses": ["knorm"], "ratios": [1.0], "formats": ["mixed"], "limit": 1}
+    run = tmp_path / "run"
+    run_eval(tiny, dataset, run, config(**small))
+    kept = run / VIEWS / "doc-a.jsonl"
+    adapter = run / "adapters" / "doc-a-mixed"
+    assert kept.read_text() and (adapter / TRAIN_VIEWS).read_text() == kept.read_text()
+    shutil.rmtree(adapter)
+    (run / ANSWERS).write_text("")
+    with pytest.MonkeyPatch.context() as mp:
+        written = Counter(mp, "training_views")
+        run_eval(tiny, dataset, run, config(**small), resume=True)
+    assert not written.calls and (adapter / TRAIN_VIEWS).read_text() == kept.read_text()
 
 
 def test_kv_variants_each_get_their_curve_and_bytes(tiny, dataset, tmp_path):

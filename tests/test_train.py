@@ -248,6 +248,48 @@ def test_ntp_and_mixed_formats(tiny, doc_text, tmp_path, fmt):
     assert len((out / TRAIN_QA).read_text().splitlines()) == (len(QA) if fmt == "mixed" else 0)
 
 
+def test_mixed_trains_on_the_documents_views_too(tiny, doc_text, tmp_path):
+    """format mixed: QA pairs, the raw text and each view as raw text; the views are kept beside the adapter and
+    counted in loramem.json; any other format refuses views."""
+    from loramem.adapters.train import View
+    from loramem.adapters.validate import TRAIN_VIEWS
+    from loramem.data.views import read_views
+
+    views = [
+        View("summary", 0, "The lighthouse keeper Hobart Fennick kept the light for years.", "writer"),
+        View("rewrite", 0, " ".join(["Orla Quenby designed the tower on the headland."] * 12), "writer"),
+    ]
+    out = tmp_path / "mixed"
+    spec = TrainSpec(**FAST, format="mixed", steps=2, chunk_size=64)
+    train_adapter(tiny, doc_text, QA, out, spec, views=views)
+    meta = json.loads((out / LORAMEM_META).read_text())
+
+    def chunks(text: str) -> int:
+        return -(-len(tiny.tokenizer(text)["input_ids"]) // 64)
+
+    assert meta["n_train_examples"] == len(QA) + chunks(doc_text) + sum(chunks(v.text) for v in views)
+    assert chunks(views[1].text) > 1  # a long view is cut into chunks as the document is
+    assert meta["n_views"] == {"summary": 1, "rewrite": 1} and meta["views_written_by"] == ["writer"]
+    assert read_views((out / TRAIN_VIEWS).read_text()) == views
+    with pytest.raises(LoramemError, match="format qa trains on no views"):
+        train_adapter(tiny, doc_text, QA, tmp_path / "qa", TrainSpec(**FAST, steps=1), views=views)
+
+
+def test_views_are_the_writers_and_the_same_each_time(tiny, doc_text):
+    """A summary and a rewrite are asked of every passage, in passage order; what is kept is what the writer
+    wrote (stripped), at least MIN_VIEW_WORDS words, and greedy decoding writes the same views again."""
+    from loramem.data.synth import passages
+    from loramem.data.views import MIN_VIEW_WORDS, VIEW_KINDS, document_views
+
+    views = document_views(tiny, doc_text, max_new_tokens=12)
+    assert views and views == document_views(tiny, doc_text, max_new_tokens=12)
+    n = len(passages(doc_text))
+    order = [(index, kind) for index in range(n) for kind in VIEW_KINDS]
+    assert [(v.passage, v.kind) for v in views] == [k for k in order if k in {(v.passage, v.kind) for v in views}]
+    assert all(len(v.text.split()) >= MIN_VIEW_WORDS and v.text == v.text.strip() for v in views)
+    assert {v.written_by for v in views} <= {tiny.model_id}
+
+
 def test_qa_loss_decreases(tiny, doc_text, tmp_path):
     """The tiny model's small random output layer bounds its logits, so the loss cannot go near zero."""
     summary = train_adapter(tiny, doc_text, QA, tmp_path / "a", TrainSpec(rank=8, lr=1e-2, epochs=20))
@@ -354,6 +396,34 @@ def test_switching_back_to_an_adapter_does_not_load_it_again(tiny, doc_text, tmp
     assert loads == [str(paths[0]), str(paths[1]), str(paths[3])]
     assert copies == [str(paths[2]), str(paths[0]), str(paths[2])]
     assert torch.equal(_logits(tiny), base)
+
+
+@pytest.mark.real
+def test_mixed_format_writes_views_on_the_default_model(tmp_path):
+    """`train-adapter --format mixed` on the default model: it writes a summary and a rewrite of the document's
+    passages (kept in train_views.jsonl, by the model itself), each naming what its passage names, and trains on
+    them beside the QA pairs and the text."""
+    from conftest import run_cli
+
+    from loramem.adapters.validate import TRAIN_VIEWS
+    from loramem.data.synth import passages
+    from loramem.data.views import read_views
+
+    doc, qa = tmp_path / "doc.txt", tmp_path / "qa.jsonl"
+    doc.write_text(HARBOUR)
+    qa.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in HARBOUR_QA))
+    done = run_cli(
+        "train-adapter", str(doc), "--qa", str(qa), "--format", "mixed", "-o", str(tmp_path / "a"), "--steps", "1"
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    views = read_views((tmp_path / "a" / TRAIN_VIEWS).read_text())
+    meta = json.loads((tmp_path / "a" / LORAMEM_META).read_text())
+    assert {v.kind for v in views} == {"summary", "rewrite"} and meta["n_views"]["rewrite"] >= 1
+    assert meta["views_written_by"] == ["SmolLM2-135M-Instruct"]
+    chunks = passages(HARBOUR)
+    for view in views:  # measured: every view names people or places of its own passage
+        names = {w.strip(".,'") for w in view.text.split() if w[:1].isupper() and len(w) > 3}
+        assert any(name in chunks[view.passage] for name in names), view
 
 
 @pytest.mark.real

@@ -13,7 +13,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import torch
 
 from loramem._version import __version__
 from loramem.adapters.attach import LORAMEM_META, detach_adapter, read_adapter_meta
-from loramem.adapters.validate import TRAIN_QA, is_adapter_folder
+from loramem.adapters.validate import TRAIN_QA, TRAIN_VIEWS, is_adapter_folder
 from loramem.errors import LoramemError
 from loramem.fileio import atomic_directory
 from loramem.model.loading import LoadedModel, sha256_text
@@ -40,6 +40,20 @@ _MLP_WORDS = ("mlp", "feed_forward", "ffn", "moe", "expert")
 _LAYER_KEY = re.compile(r"^(?:.*?\.)?(?P<pattern>[^.]+)\.(?P<index>\d+)\.(?P<inner>.+)$")
 
 StepCallback = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class View:
+    """Another text of the document that format mixed trains on as raw text (`loramem.data.views` writes them):
+    what kind, from which passage, by whom."""
+
+    kind: str
+    passage: int
+    text: str
+    written_by: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "passage": self.passage, "text": self.text, "written_by": self.written_by}
 
 
 @dataclass(frozen=True)
@@ -185,16 +199,26 @@ def ntp_examples(tokenizer: Any, document: str, chunk_size: int) -> list[Example
 
 
 def build_examples(
-    tokenizer: Any, document: str, qa: list[tuple[str, str]], config: TrainSpec, framing: Framing | None = None
+    tokenizer: Any,
+    document: str,
+    qa: list[tuple[str, str]],
+    config: TrainSpec,
+    framing: Framing | None = None,
+    views: Sequence[str] = (),
 ) -> list[Example]:
-    """The training set that config.format asks for."""
+    """The training set that config.format asks for: QA pairs (qa), the raw text (ntp), or both and the document's
+    other views, each a raw text too (mixed; `loramem.data.views`)."""
     if config.format in ("qa", "mixed") and not qa:
         raise LoramemError(f"format {config.format} needs question-answer pairs (give a QA file or synthesize some)")
+    if views and config.format != "mixed":
+        raise LoramemError(f"format {config.format} trains on no views of the document; only mixed does")
     examples = []
     if config.format in ("qa", "mixed"):
         examples += qa_examples(tokenizer, qa, config.max_length, framing)
     if config.format in ("ntp", "mixed"):
         examples += ntp_examples(tokenizer, document, config.chunk_size)
+    for view in views:
+        examples += ntp_examples(tokenizer, view, config.chunk_size)
     if not examples:
         raise LoramemError("the document is too short to train on (fewer than 2 tokens)")
     return examples
@@ -405,11 +429,13 @@ def train_adapter(
     qa_written_by: list[str] | None = None,
     on_step: StepCallback | None = None,
     stop: Plateau | None = None,
+    views: Sequence[View] = (),
 ) -> dict[str, Any]:
     """Train a document LoRA on `lm` and write it as a PEFT adapter directory; `lm` is left as it was.
 
     `qa_written_by` names who wrote each synthesized pair (synthesize_pairs); it is kept with the pairs. `stop`
-    ends training once the loss has converged (`Plateau`), the configured epochs or steps being the cap."""
+    ends training once the loss has converged (`Plateau`), the configured epochs or steps being the cap. `views`
+    (format mixed: `loramem.data.views.document_views`) are kept beside the adapter in train_views.jsonl."""
     from peft import get_peft_model
 
     if not document.strip():
@@ -417,7 +443,7 @@ def train_adapter(
     if qa_written_by is not None and len(qa_written_by) != len(qa):
         raise LoramemError(f"{len(qa_written_by)} writers named for {len(qa)} QA pairs")
     detach_adapter(lm)
-    examples = build_examples(lm.tokenizer, document, qa, config, lm.framing())
+    examples = build_examples(lm.tokenizer, document, qa, config, lm.framing(), [v.text for v in views])
     modules = layer_modules(lm.model)
     targets = resolve_targets(lm.model, config.targets)
     layers = resolve_layers(config.layers, max(m.index for m in modules) + 1)
@@ -455,7 +481,12 @@ def train_adapter(
             "n_train_examples": len(examples),
             "n_train_qa": len(trained_qa),
             "qa_written_by": dict(Counter(qa_written_by)) if qa_written_by and trained_qa else None,
+            "n_views": dict(Counter(v.kind for v in views)) if views else None,
+            "views_written_by": sorted({v.written_by for v in views}) if views else None,
         }
         _write_metadata(tmp, meta, trained_qa, qa_written_by)
+        if views:
+            lines = [json.dumps(v.to_dict(), ensure_ascii=False) + "\n" for v in views]
+            (tmp / TRAIN_VIEWS).write_text("".join(lines))
         read_adapter_meta(tmp)  # what is written must be an adapter that loramem itself accepts
     return {**summary, "path": str(out_dir)}

@@ -27,6 +27,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 LORAMEM_META = "loramem.json"
 TRAIN_QA = "train_qa.jsonl"  # the pairs an adapter was trained on, beside it
+TRAIN_VIEWS = "train_views.jsonl"  # format mixed: the other views of the document it was trained on
 MAX_JSON_BYTES = 16 * 1024 * 1024
 MAX_RANK = 65536
 _LORA = re.compile(r"(?P<module>.+)\.lora_(?:embedding_)?(?P<part>[AB])(?:\.weight)?")

@@ -36,6 +36,7 @@ def train_adapter(
     from loramem.adapters.validate import is_adapter_folder
     from loramem.data.formats import load_qa_pairs
     from loramem.data.synth import check_synth_request, training_pairs
+    from loramem.data.views import training_views
     from loramem.fileio import read_text
     from loramem.log import progress_bar
 
@@ -46,6 +47,7 @@ def train_adapter(
     check_synth_request(train.format, synth.model, given is not None)
     lm = load(model)
     qa_pairs, written_by = training_pairs(lm, text, train.format, given, synth.pairs, train.seed, synth.model)
+    views = training_views(lm, text, train.format, synth.model)
     with progress_bar("training", None) as advance:
         summary = train_document(
             lm,
@@ -57,6 +59,7 @@ def train_adapter(
             qa_file_sha256=qa_sha,
             qa_written_by=written_by,
             on_step=lambda step, total, loss: advance(1, total=total, status=f"loss {loss:.3f}"),
+            views=views,
         )
     if as_json:
         print_json(summary)

@@ -219,9 +219,10 @@ def synth_writer(name: str | None, lm: LoadedModel) -> LoadedModel:
 
 
 def check_synth_request(fmt: str, synth_model: str | None, pairs_given: bool) -> None:
-    """A writer model is only for pairs that get synthesized: formats qa and mixed, no pairs given."""
-    if synth_model and (fmt == "ntp" or pairs_given):
-        refuse("writes the QA pairs of formats qa and mixed when no pairs are given", "synth.model")
+    """A writer model is only for what gets written: QA pairs of formats qa and mixed when no pairs are given, and
+    mixed's views of the document."""
+    if synth_model and (fmt == "ntp" or (pairs_given and fmt != "mixed")):
+        refuse("writes the QA pairs of formats qa and mixed when no pairs are given, and mixed's views", "synth.model")
 
 
 def training_pairs(

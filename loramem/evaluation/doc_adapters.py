@@ -7,12 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from loramem.adapters.attach import read_adapter_meta
-from loramem.adapters.train import train_adapter
+from loramem.adapters.train import View, train_adapter
 from loramem.data.formats import DocRecord, load_qa_pairs
 from loramem.data.synth import training_pairs
+from loramem.data.views import read_views, training_views
 from loramem.errors import IncompatibleArtifactError
 from loramem.evaluation.config import file_name
-from loramem.evaluation.rundir import ADAPTERS, SYNTH_QA
+from loramem.evaluation.rundir import ADAPTERS, SYNTH_QA, VIEWS
 from loramem.fileio import atomic_write_bytes
 from loramem.model.loading import LoadedModel, sha256_text
 from loramem.specs import EvalSpec
@@ -42,6 +43,7 @@ def document_adapter(
     what = f"{fmt} adapter" + (f" (rank {rank})" if rank is not None else "")
     if not path.exists():
         qa = run_training_pairs(lm, record, fmt, config, run, status)
+        views = run_views(lm, record, fmt, config, run, status)
         path.parent.mkdir(exist_ok=True)
         status(f"training the {what}")
         train_adapter(
@@ -51,6 +53,7 @@ def document_adapter(
             path,
             config.train_spec(fmt, rank),
             on_step=lambda step, total, loss: status(f"training the {what}, step {step}/{total}"),
+            views=views,
         )
     check_adapter(path, record, fmt, rank)
     return path
@@ -92,3 +95,20 @@ def run_training_pairs(
         )
         atomic_write_bytes(path, lines.encode("utf-8"))
     return pairs
+
+
+def run_views(
+    lm: LoadedModel, record: DocRecord, fmt: str, config: EvalSpec, run: Path, status: Callable[[str], None]
+) -> list[View]:
+    """The views of `training_views`, written once per document and kept in RUN_DIR/train_views/, so that a resume
+    and every rank's mixed adapter train on the same ones."""
+    if fmt != "mixed":
+        return []
+    path = run / VIEWS / f"{file_name(record.id)}.jsonl"
+    if path.exists():
+        return read_views(path.read_text(encoding="utf-8"))
+    status("writing a summary and a rewrite of each passage")
+    views = training_views(lm, record.document, fmt, config.synth.model)
+    path.parent.mkdir(exist_ok=True)
+    atomic_write_bytes(path, "".join(json.dumps(v.to_dict(), ensure_ascii=False) + "\n" for v in views).encode())
+    return views

@@ -35,6 +35,7 @@ PARTS = "parts"
 
 
 SYNTH_QA = "train_qa"
+VIEWS = "train_views"  # format mixed: each document's views, written once
 
 
 LIBRARY = "library"

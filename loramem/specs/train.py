@@ -46,7 +46,10 @@ def _finite(value: float) -> float:
 class TrainSpec(Spec):
     """Hyperparameters of one document adapter; recorded in the adapter's loramem.json."""
 
-    format: Format = setting("qa", "qa (closed-book QA), ntp (raw text) or mixed")
+    format: Format = setting(
+        "qa",
+        "qa (closed-book QA), ntp (raw text) or mixed (QA, the raw text, a summary and a rewrite of each passage)",
+    )
     rank: int = setting(16, "LoRA rank", ge=1)
     alpha: float = setting(32.0, "LoRA alpha (the update is scaled by alpha / rank)", gt=0)
     dropout: float = setting(0.0, "LoRA dropout", ge=0, lt=1)
@@ -88,15 +91,15 @@ class TrainSpec(Spec):
 
 
 class SynthSpec(Spec):
-    """QA pairs synthesized from a document when no pairs are given."""
+    """What a model writes from a document to train on: QA pairs when no pairs are given, and mixed's views."""
 
     pairs: int = setting(
         SYNTH_PAIRS, "Without --qa: synthesize this many pairs from the document", flag="--synth", ge=1
     )
     model: str | None = setting(
         None,
-        "Model that writes the synthesized QA pairs: any Hugging Face id or local model directory "
-        "(the paper writes its QA with a strong model)",
+        "Model that writes the synthesized QA pairs and mixed's summaries and rewrites: any Hugging Face id or "
+        "local model directory (the paper writes its QA with a strong model)",
         flag="--synth-model",
         shown="the model being trained",
     )
