@@ -366,6 +366,21 @@ def rows_by_cell(run: Path) -> dict[tuple, dict]:
     return {cell_key(r): {k: v for k, v in r.items() if k not in TIMINGS} for r in read_answers(run / ANSWERS)}
 
 
+def test_the_library_plot_shows_every_condition(reference):
+    """library.png: one row per library mode and merge, beside the base model's rows with and without context,
+    each named once."""
+    from loramem.evaluation.plots import library_conditions
+    from loramem.evaluation.rundir import LIBRARY_PLOT
+
+    run, _, summary = reference
+    assert (run / LIBRARY_PLOT).read_bytes().startswith(b"\x89PNG")
+    conditions = library_conditions(summary)
+    labels = [label for label, _ in conditions]
+    library = [c for c in summary["cells"] if c["press"] == "library"]
+    assert len(labels) == len(set(labels)) and [c for _, c in conditions if c["press"] == "library"] == library
+    assert {c["mode"] for _, c in conditions if c["press"] != "library"} <= {"none", "decode"}
+
+
 def test_every_library_mode_answers_every_question(tiny, dataset, reference, embedder):
     run, counts, summary = reference
     rows = read_answers(run / ANSWERS)

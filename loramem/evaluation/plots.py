@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from loramem.evaluation.config import LIBRARY_SERIES
 from loramem.fileio import atomic_write_bytes
 from loramem.sizes import format_size
 
@@ -124,6 +125,76 @@ def plot_bytes(summary: dict[str, Any], path: str | Path, metric: str = "rouge_l
     )
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
+    atomic_write_bytes(path, buffer.getvalue())
+    return True
+
+
+LIBRARY_METRICS = ("rouge_l", "rouge_l_matched", "token_f1", "contains")
+
+
+def library_conditions(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A library run's conditions as its plot and tables show them: the base model and the adapters over the whole
+    document and over none (the reference rows), then each library mode (and merge), in the summary's order."""
+    labels = []
+    for cell in summary["cells"]:
+        if cell["press"] == LIBRARY_SERIES:
+            labels.append((series_label(cell["mode"], None, merge_label(cell)), cell))
+        elif cell["ratio"] in (0.0, 1.0) and cell["mode"] in ("none", "decode"):
+            context = "whole document in context" if cell["ratio"] == 0.0 else "no context"
+            labels.append((f"{series_label(cell['mode'], cell['format'])}, {context}", cell))
+    return labels
+
+
+def plot_library(summary: dict[str, Any], path: str | Path) -> bool:
+    """A library run at a glance: each condition's scores with their clustered intervals, its mean answer length
+    against the references', and its seconds per answer (decoding, and the merge and context prefill it needed).
+    False (nothing drawn) when the run has no library rows."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    conditions = library_conditions(summary)
+    if not any(cell["press"] == LIBRARY_SERIES for _, cell in conditions):
+        return False
+    fig = Figure(figsize=(15, 1.2 + 0.42 * len(conditions)), layout="constrained")
+    FigureCanvasAgg(fig)
+    scores, lengths, seconds = fig.subplots(1, 3, sharey=True, width_ratios=[2.2, 1, 1])
+    rows = list(range(len(conditions)))[::-1]  # the first condition on top
+    metrics = [m for m in LIBRARY_METRICS if m in summary.get("metrics", LIBRARY_METRICS)]  # older runs lack some
+    height = 0.8 / len(metrics)
+    for offset, metric in enumerate(metrics):
+        means = [cell[metric]["mean"] or 0.0 for _, cell in conditions]
+        errors = [
+            [
+                m - (cell[metric]["low"] if cell[metric]["low"] is not None else m)
+                for m, (_, cell) in zip(means, conditions)
+            ],
+            [
+                (cell[metric]["high"] if cell[metric]["high"] is not None else m) - m
+                for m, (_, cell) in zip(means, conditions)
+            ],
+        ]
+        y = [r + 0.4 - height * (offset + 0.5) for r in rows]
+        scores.barh(y, means, height, xerr=errors, label=METRIC_NAMES[metric], capsize=2)
+    scores.set_yticks(rows, [label for label, _ in conditions], fontsize="small")
+    scores.set_xlabel(f"mean ({summary['confidence']:.0%} CI, clustered by document)")
+    scores.legend(fontsize="x-small", loc="lower right")
+    lengths.barh(rows, [cell.get("answer_words", 0.0) for _, cell in conditions], 0.6, color="tab:gray")
+    references = [cell["reference_words"] for _, cell in conditions if "reference_words" in cell]
+    if references:
+        lengths.axvline(sum(references) / len(references), color="black", linestyle="--", label="references")
+        lengths.legend(fontsize="x-small")
+    lengths.set_xlabel("mean answer length (words)")
+    decoding = [cell.get("seconds", 0.0) for _, cell in conditions]
+    setup = [cell.get("setup_seconds", 0.0) for _, cell in conditions]
+    seconds.barh(rows, decoding, 0.6, label="decoding")
+    seconds.barh(rows, setup, 0.6, left=decoding, label="merge and context prefill")
+    seconds.set_xlabel("seconds per answer")
+    seconds.legend(fontsize="x-small")
+    for ax in (scores, lengths, seconds):
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"{summary['n_documents']} documents, {summary['n_questions']} questions", fontsize="medium")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     atomic_write_bytes(path, buffer.getvalue())
     return True
 

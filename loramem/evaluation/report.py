@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from loramem.evaluation.plots import plot, plot_budget, plot_bytes
+from loramem.evaluation.plots import plot, plot_budget, plot_bytes, plot_library
 from loramem.evaluation.rundir import (
     ANSWERS,
     BUDGET_PLOT,
@@ -16,6 +16,7 @@ from loramem.evaluation.rundir import (
     CURVES,
     CURVES_CONTAINS,
     FAILURES,
+    LIBRARY_PLOT,
     SUMMARY,
     read_answers,
     read_json,
@@ -25,7 +26,8 @@ from loramem.fileio import atomic_write_bytes
 
 
 def write_report(run_dir: str | Path) -> dict[str, Any]:
-    """Summarize a run's answers into summary.json and curves.png; returns the summary."""
+    """Summarize a run's answers into summary.json and its plots (curves.png; library.png for library modes);
+    returns the summary."""
     run = Path(run_dir)
     header = read_json(run / CONFIG, "start one with `loramem eval DATA --out RUN_DIR`")
     summary = summarize(read_answers(run / ANSWERS))
@@ -43,6 +45,7 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
         plot(summary, run / CURVES_CONTAINS, metric="contains")
     if len({c["variant"] for c in summary["cells"]}) > 1:
         plot_bytes(summary, run / BYTES_PLOT)
+    plot_library(summary, run / LIBRARY_PLOT)
     if summary.get("budget"):
         plot_budget(summary, run / BUDGET_PLOT)
         plot_budget(summary, run / BUDGET_PLOT_CONTAINS, metric="contains")

@@ -65,6 +65,9 @@ BUDGET_PLOT = "budget.png"
 BUDGET_PLOT_CONTAINS = "budget-contains.png"
 
 
+LIBRARY_PLOT = "library.png"
+
+
 FAILURES = "failures.json"
 
 
