@@ -226,10 +226,10 @@ def _merge_tensors(
         merged[f"{module}.lora_A.weight"] = lora_a.contiguous()
         merged[f"{module}.lora_B.weight"] = lora_b.contiguous()
     first = configs[0]
-    targets = [c.target_modules for c in configs]
+    targets: list[Any] = [c.target_modules for c in configs]  # a set (PEFT's for a list) or a pattern
     if len({type(t) for t in targets}) > 1:
         raise ValueError("the adapters name their target modules in different ways (a list and a pattern)")
-    union = "|".join(f"({t})" for t in targets) if isinstance(targets[0], str) else set().union(*targets)
+    union: Any = "|".join(f"({t})" for t in targets) if isinstance(targets[0], str) else set().union(*targets)
     result = replace(first, r=new_rank, lora_alpha=new_rank, target_modules=union, alpha_pattern={}, rank_pattern={})
     result.inference_mode = True
     result.save_pretrained(str(out))
