@@ -246,6 +246,7 @@ def test_every_help_text_and_default_is_visible(capsys, monkeypatch):
         (["train-adapter", "DOC", "-o", "OUT", "--chunk-size", "600"], "--chunk-size, --max-length: 600 exceeds"),
         (["library", "add", "OUT", "DOC", "--epochs", "0"], "--epochs: must be at least 1"),
         (["eval", "DOC", "--out", "OUT", "--limit", "0"], "--limit: must be at least 1"),
+        (["eval", "DOC", "--out", "OUT", "--max-questions", "0"], "--max-questions: must be at least 1"),
         (["eval", "DOC", "--out", "OUT", "--chunk-size", "600"], "--chunk-size, --max-length: 600 exceeds"),
         (["eval", "DOC", "--out", "OUT", "--max-new-tokens", "0"], "--max-new-tokens: must be at least 1"),
         (["eval", "DOC", "--out", "OUT", "--mode", "decoder"], "--mode: input should be 'none', 'decode'"),

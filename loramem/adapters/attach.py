@@ -15,6 +15,7 @@ from typing import Any, cast
 from loramem.adapters.validate import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    LAYOUT_FIELDS,
     LORAMEM_META,
     check_adapter,
     check_base_model,
@@ -87,20 +88,6 @@ def adapter_sha256(path: str | Path) -> str:
 # Adapters kept loaded beside the active one, so switching back to one (routed libraries, alternating formats)
 # is a `set_adapter` instead of reading and injecting it again; the least recently used goes first.
 MAX_LOADED_ADAPTERS = 8
-# LoraConfig fields that decide the LoRA layers PEFT injects; an adapter that agrees on all of them with a loaded
-# one fits that one's layers, so its weights are copied in instead of injecting new layers.
-_LAYOUT = (
-    "r",
-    "lora_alpha",
-    "target_modules",
-    "layers_to_transform",
-    "layers_pattern",
-    "rank_pattern",
-    "alpha_pattern",
-    "use_rslora",
-    "fan_in_fan_out",
-    "lora_dropout",
-)
 
 
 def attach_adapter(lm: LoadedModel, path: str | Path) -> Adapter:
@@ -191,7 +178,7 @@ def _layout(config: dict[str, Any]) -> dict[str, Any]:
     """The fields of an adapter_config.json that decide its layers, lists of targets as sets (PEFT's own)."""
     targets = config.get("target_modules")
     return {
-        **{key: config.get(key) for key in _LAYOUT},
+        **{key: config.get(key) for key in LAYOUT_FIELDS},
         "target_modules": sorted(targets) if isinstance(targets, list) else targets,
     }
 

@@ -61,6 +61,9 @@ _SUPPORTED = {
     "fan_in_fan_out",
     "init_lora_weights",
 }
+# The fields that decide the LoRA layers PEFT injects for an adapter: two adapters that agree on them fit the
+# same layers (`attach` copies one's weights into the other's).
+LAYOUT_FIELDS = tuple(sorted((_SUPPORTED - {"init_lora_weights"}) | {"lora_dropout"}))
 # init_lora_weights values whose only effect is the random start that the stored weights replace (PiSSA, OLoRA,
 # LoftQ and the like also rewrite the base weights when the adapter loads).
 _PLAIN_INIT = (True, False, "gaussian")
