@@ -215,6 +215,18 @@ def test_eval_run_shard_merge_report_and_resume(tiny_dir, dataset, tmp_path):
     assert "2 documents, 3 questions" in shown.stdout.decode()
     assert json.loads((whole / "summary.json").read_text())["n_answers"] == 12
 
+    reused = eval_cli(tiny_dir, str(dataset), "--out", str(tmp_path / "reused"), "--adapters", str(whole / "adapters"))
+    assert reused.returncode == 0, reused.stderr.decode()
+    assert strip_time(answers(tmp_path / "reused")) == strip_time(answers(whole))
+    # adapters trained otherwise than the run says would be reported under its settings: refused before any work
+    for flags, said in (
+        (["--targets", "attn"], "targets 'all', not 'attn' (--targets)"),
+        (["--lr", "1e-3", "--layers", "first-half"], "layers None, not 'first-half' (--layers); lr 0.0015, not 0.001"),
+    ):
+        other = tmp_path / "other"
+        refused = eval_cli(tiny_dir, str(dataset), "--out", str(other), "--adapters", str(whole / "adapters"), *flags)
+        assert refused.returncode == 3 and said in one_line_error(refused) and not other.exists()
+
 
 def test_eval_bad_input(tiny_dir, dataset, tmp_path):
     assert "shard" in one_line_error(eval_cli(tiny_dir, str(dataset), "--out", str(tmp_path / "r"), "--shard", "2/2"))
@@ -253,6 +265,19 @@ def test_eval_budget_bytes_beside_ratios(tiny_dir, dataset, tmp_path):
     assert (run / "budget.png").exists() and (run / "curves.png").exists()
     shown = run_cli("eval", "report", str(run), "--metric", "contains")
     assert shown.returncode == 0 and "answer contains a reference within a byte budget" in shown.stdout.decode()
+    markdown = run_cli("eval", "report", str(run), "--markdown")
+    assert markdown.returncode == 0, markdown.stderr.decode()
+    tables = [block.splitlines() for block in markdown.stdout.decode().split("\n\n") if block.startswith("| ")]
+    grids = [t for t in tables if t[0].startswith("| mode | format | ratio 0")]
+    budgets = [t for t in tables if t[0].startswith("| adapter rank | format | budget")]
+    assert len(grids) == len({c["press"] for c in summary["cells"]}) and len(budgets) >= 1
+    assert len(grids) + len(budgets) == len(tables)
+    for table in tables:  # a header, its rule, then rows of the header's width (no stray | inside a cell)
+        assert table[1] == "| " + " | ".join(["---"] * (table[0].count(" | ") + 1)) + " |"
+        assert {row.count(" | ") for row in table} == {table[0].count(" | ")}
+    none_at_0 = next(c for c in summary["cells"] if c["mode"] == "none" and c["ratio"] == 0)
+    assert any(row.startswith(f"| none | — | {none_at_0['rouge_l']['mean']:.3f} ±") for row in grids[0])
+    assert all("**" in "".join(table[2:]) for table in budgets)  # each budget's best split is bold
 
 
 def test_eval_budget_bad_input(tiny_dir, dataset, tmp_path):

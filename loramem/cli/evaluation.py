@@ -13,6 +13,7 @@ from loramem.cli.options import JsonOpt, print_json, stdout_console
 from loramem.cli.specopts import FROM_SPEC, Use, named_as_flags, with_specs
 from loramem.errors import LoramemError
 from loramem.evaluation.config import read_config_file
+from loramem.fileio import write_stdout
 from loramem.log import log
 from loramem.memory import load
 from loramem.specs import EvalSpec, ModelSpec
@@ -133,6 +134,9 @@ def eval_report(
         help="Also write the report as one self-contained HTML page to open in a browser: the tables, the plots and "
         "every answer, filterable, base and adapter answers side by side (- for stdout, instead of the table)",
     ),
+    markdown: bool = typer.Option(
+        False, "--markdown", help="Print the tables as GitHub Markdown (for a results page) instead of the console's"
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """Recompute summary.json and the plots from answers.jsonl and print the table (or write a page to browse)."""
@@ -143,6 +147,8 @@ def eval_report(
     to_stdout = html is not None and str(html) == "-"
     if to_stdout and as_json:
         raise LoramemError("--html - writes the page to stdout; --json cannot go there too (give --html FILE)")
+    if markdown and (as_json or to_stdout):
+        raise LoramemError("--markdown prints the tables on stdout; give it without --json and --html -")
     if html is not None:
         from loramem.evaluation.html_report import check_page_path, write_page
 
@@ -152,7 +158,11 @@ def eval_report(
         write_page(run, summary, html, metric)
         if not to_stdout:
             log(f"wrote {html}")
-    if not to_stdout:
+    if markdown:
+        from loramem.evaluation.tables import markdown_tables
+
+        write_stdout(markdown_tables(summary, metric))
+    elif not to_stdout:
         _show_summary(summary, as_json, metric)
 
 

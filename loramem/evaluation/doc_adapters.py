@@ -16,7 +16,8 @@ from loramem.evaluation.config import file_name
 from loramem.evaluation.rundir import ADAPTERS, SYNTH_QA, VIEWS
 from loramem.fileio import atomic_write_bytes
 from loramem.model.loading import LoadedModel, sha256_text
-from loramem.specs import EvalSpec
+from loramem.specs import EvalSpec, TrainSpec
+from loramem.specs.base import flag_of
 
 
 def adapter_name(doc_id: str, fmt: str, rank: int | None, config: EvalSpec) -> str:
@@ -55,19 +56,29 @@ def document_adapter(
             on_step=lambda step, total, loss: status(f"training the {what}, step {step}/{total}"),
             views=views,
         )
-    check_adapter(path, record, fmt, rank)
+    check_adapter(path, record, fmt, config, rank)
     return path
 
 
-def check_adapter(path: Path, record: DocRecord, fmt: str, rank: int | None = None) -> None:
-    """An adapter made for this document, format and rank (the model is checked when it is attached)."""
-    config, meta = read_adapter_meta(path)
+def check_adapter(path: Path, record: DocRecord, fmt: str, config: EvalSpec, rank: int | None = None) -> None:
+    """An adapter made for this document, format and rank, trained with the run's settings: one trained with other
+    targets, layers or a learning rate would be reported under this run's (the model is checked when attached)."""
+    adapter_config, meta = read_adapter_meta(path)
     if meta.get("document_sha256") != sha256_text(record.document):
         raise IncompatibleArtifactError(f"adapter {path} was trained on another document than {record.id}")
     if meta.get("format") != fmt:
         raise IncompatibleArtifactError(f"adapter {path} was trained with format {meta.get('format')}, not {fmt}")
-    if rank is not None and config.get("r") != rank:
-        raise IncompatibleArtifactError(f"adapter {path} has rank {config.get('r')}, not {rank}")
+    if rank is not None and adapter_config.get("r") != rank:
+        raise IncompatibleArtifactError(f"adapter {path} has rank {adapter_config.get('r')}, not {rank}")
+    trained = meta.get("hyperparameters") or {}
+    expected = config.train_spec(fmt, rank)
+    differ = [
+        f"{name} {trained[name]!r}, not {value!r} ({flag_of(TrainSpec, (name,))})"
+        for name, value in expected.model_dump().items()
+        if name in trained and trained[name] != value
+    ]
+    if differ:
+        raise IncompatibleArtifactError(f"adapter {path} was trained with {'; '.join(differ)}")
 
 
 def run_training_pairs(

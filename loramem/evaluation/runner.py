@@ -138,7 +138,7 @@ def prepare_run(
                     + f" for document {record.id} "
                     f"(expected {path})"
                 )
-            check_adapter(path, record, fmt, rank)
+            check_adapter(path, record, fmt, config, rank)
     if config.uses_library:
         check_library(model, documents, config)
     if check is not None:

@@ -115,6 +115,27 @@ def print_table(summary: dict[str, Any], console: Any, metric: str = "rouge_l") 
         )
 
 
+def markdown_tables(summary: dict[str, Any], metric: str = "rouge_l") -> str:
+    """The tables `print_table` shows, as GitHub Markdown to paste into a results page: a cell's lines joined by
+    `<br>`, bold kept, the caption under each table."""
+    tables = [*grid_tables(summary, metric), *(budget_tables(summary, metric) if summary.get("budget") else [])]
+    return "\n".join(_markdown_table(table) for table in tables)
+
+
+def _markdown_table(table: GridTable) -> str:
+    def text(cell: Cell) -> str:
+        lines = ("".join(f"**{t}**" if s == "bold" else t for t, s in line) for line in cell)
+        return "<br>".join(lines).replace("|", "\\|")
+
+    def row(cells: list[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    header = [column.replace("\n", " ") for column in table.columns]
+    lines = [f"**{table.title}**", "", row(header), row(["---"] * len(header))]
+    lines += [row([text(cell) for cell in cells]) for cells in table.rows]
+    return "\n".join([*lines, "", table.caption, ""])
+
+
 def _rich_table(table: GridTable) -> Any:
     """A GridTable as a rich Table: the first two columns left, the figures right-aligned."""
     from rich.markup import escape
