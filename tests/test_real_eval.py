@@ -76,6 +76,8 @@ def test_the_three_merges_each_its_own_rows_on_default_model(eval_run, tmp_path)
         "qa",
         "--adapters",
         str(run / "adapters"),
+        "--steps",
+        "6",  # as `eval_run` trained them: a reused adapter's training must be the run's
         "--max-questions",
         "2",
         "--max-new-tokens",
