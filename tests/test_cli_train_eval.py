@@ -228,6 +228,29 @@ def test_eval_run_shard_merge_report_and_resume(tiny_dir, dataset, tmp_path):
         assert refused.returncode == 3 and said in one_line_error(refused) and not other.exists()
 
 
+def test_every_mode_asks_with_the_instruction(tiny_dir, dataset, tmp_path):
+    """--instruction ends every held-out question in every mode (a control for answer style), is part of the run's
+    settings (a resume with another is refused) and leaves the training pairs as they were."""
+    run = tmp_path / "short"
+    done = eval_cli(tiny_dir, str(dataset), "--out", str(run), "--instruction", " Answer in a few words. ", "--json")
+    assert done.returncode == 0, done.stderr.decode()
+    rows = answers(run)
+    assert len(rows) == 12 and {r["mode"] for r in rows} == {"none", "decode"}
+    plain = {r["question"] for r in answers_of_dataset(dataset)}
+    assert {r["question"] for r in rows} == {f"{q} Answer in a few words." for q in plain}
+    assert json.loads((run / "config.json").read_text())["config"]["instruction"] == "Answer in a few words."
+    trained = (run / "adapters" / "light-qa" / "train_qa.jsonl").read_text()
+    assert "Answer in a few words." not in trained
+    other = eval_cli(tiny_dir, str(dataset), "--out", str(run), "--resume", "--instruction", "Answer in full.")
+    assert other.returncode == 2 and "instruction" in one_line_error(other)
+    empty = eval_cli(tiny_dir, str(dataset), "--out", str(tmp_path / "e"), "--instruction", "  ")
+    assert empty.returncode == 2 and "--instruction" in one_line_error(empty)
+
+
+def answers_of_dataset(dataset: Path) -> list[dict]:
+    return [{"question": qa["question"]} for line in dataset.read_text().splitlines() for qa in json.loads(line)["qa"]]
+
+
 def test_eval_bad_input(tiny_dir, dataset, tmp_path):
     assert "shard" in one_line_error(eval_cli(tiny_dir, str(dataset), "--out", str(tmp_path / "r"), "--shard", "2/2"))
     assert "ratio" in one_line_error(run_cli("eval", str(dataset), "--out", str(tmp_path / "r"), "--ratios", "1.5"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +57,14 @@ def select_documents(records: list[DocRecord], limit: int | None, shard: tuple[i
     """The first `limit` documents, then every N-th from I (so shards split the same limited set)."""
     index, count = shard
     return [r for i, r in enumerate(records[:limit]) if i % count == index]
+
+
+def with_instruction(records: list[DocRecord], instruction: str | None) -> list[DocRecord]:
+    """The records with `instruction` after each held-out question, as every mode then asks it (and the answers
+    record it); training pairs are left as they are."""
+    if instruction is None:
+        return records
+    return [replace(r, qa=[replace(qa, question=f"{qa.question} {instruction}") for qa in r.qa]) for r in records]
 
 
 def file_name(doc_id: str) -> str:

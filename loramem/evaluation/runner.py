@@ -41,6 +41,7 @@ from loramem.evaluation.config import (
     grid,
     key_of,
     select_documents,
+    with_instruction,
 )
 from loramem.evaluation.doc_adapters import adapter_name, check_adapter, document_adapter
 from loramem.evaluation.library_modes import answer_library, build_library, check_library
@@ -106,7 +107,7 @@ def prepare_run(
     if str(dataset) == "-":
         raise LoramemError("eval needs a dataset file, not stdin (resuming and sharding read it again)")
     data, _ = read_input_bytes(dataset, "dataset")
-    documents = select_documents(load_dataset(dataset), config.limit, (0, 1))
+    documents = with_instruction(select_documents(load_dataset(dataset), config.limit, (0, 1)), config.instruction)
     records = select_documents(documents, None, config.shard)
     if not records:
         raise LoramemError(f"shard {config.shard[0]}/{config.shard[1]} of {dataset} holds no documents")

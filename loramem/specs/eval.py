@@ -147,6 +147,11 @@ class EvalSpec(Spec):
     max_questions: int | None = setting(
         None, "Only the first N questions of each document (a wide study at a smaller cost per document)", ge=1
     )
+    instruction: str | None = setting(
+        None,
+        "Appended to every question after a space, the same in every mode (e.g. 'Answer in at most five words.'): "
+        "a control for answer style and length",
+    )
     shard: Annotated[tuple[int, int], BeforeValidator(parse_shard)] = setting(
         (0, 1), "I/N: this process takes documents i with i % N == I", shown="0/1"
     )
@@ -183,6 +188,13 @@ class EvalSpec(Spec):
     @classmethod
     def _once_each(cls, value: list[str]) -> list[str]:
         return unique(value)
+
+    @field_validator("instruction")
+    @classmethod
+    def _instruction(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("is empty; give the words every question ends with, or leave it out")
+        return None if value is None else value.strip()
 
     @field_validator("budget_bytes", "budget_ranks")
     @classmethod
