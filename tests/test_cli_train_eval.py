@@ -247,6 +247,39 @@ def test_every_mode_asks_with_the_instruction(tiny_dir, dataset, tmp_path):
     assert empty.returncode == 2 and "--instruction" in one_line_error(empty)
 
 
+def test_eval_compare_sets_runs_side_by_side(tiny_dir, dataset, tmp_path):
+    """Two runs of an ablation (all layers' modules against attention only): each named by the setting in which it
+    differs, its figures its own summary's, the base rows (the same answers in both) shown once."""
+    runs = [tmp_path / "all", tmp_path / "attn"]
+    for run, targets in zip(runs, ("all", "attn")):
+        done = eval_cli(tiny_dir, str(dataset), "--out", str(run), "--targets", targets)
+        assert done.returncode == 0, done.stderr.decode()
+    plot = tmp_path / "compare.png"
+    shown = run_cli("eval", "compare", *map(str, runs), "--plot", str(plot), "--json")
+    assert shown.returncode == 0, shown.stderr.decode()
+    result = json.loads(shown.stdout)
+    assert [r["label"] for r in result["runs"]] == ["--targets all", "--targets attn"]
+    rows = [(r["run"], r["series"]) for r in result["rows"]]
+    assert rows == [
+        ("--targets all", "base (no adapter)"),
+        ("--targets all", "base KV + adapter decode · qa"),
+        ("--targets attn", "base KV + adapter decode · qa"),
+    ]
+    for run, row in zip(runs[1:], result["rows"][2:]):
+        own = json.loads((run / "summary.json").read_text())
+        cells = [c for c in own["cells"] if c["mode"] == "decode"]
+        assert [c["rouge_l"] for c in row["cells"]] == [c["rouge_l"] for c in cells]
+        assert sorted(row["margins"]) == ["0.0", "1.0"]
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    markdown = run_cli("eval", "compare", *map(str, runs), "--markdown", "--metric", "contains")
+    assert markdown.returncode == 0 and "| --targets attn | base KV + adapter decode · qa |" in markdown.stdout.decode()
+    assert "two run folders" in one_line_error(run_cli("eval", "compare", str(runs[0])))
+    text = tmp_path / "notes.txt"
+    text.write_text("mine")
+    refused = run_cli("eval", "compare", *map(str, runs), "--plot", str(text))
+    assert refused.returncode == 2 and text.read_text() == "mine"
+
+
 def answers_of_dataset(dataset: Path) -> list[dict]:
     return [{"question": qa["question"]} for line in dataset.read_text().splitlines() for qa in json.loads(line)["qa"]]
 

@@ -123,6 +123,45 @@ def eval_merge(
     _show_summary(merge(runs, out, allow_mixed=allow_mixed), as_json)
 
 
+@eval_app.command("compare")
+def eval_compare(
+    runs: list[Path] = typer.Argument(
+        ..., metavar="RUN_DIR...", help="Run directories to set side by side (an ablation: one run per setting)"
+    ),
+    press: Optional[str] = typer.Option(None, "--press", help="The press compared [default: the first run's first]"),
+    metric: str = typer.Option("rouge_l", "--metric", help="Table metric", metavar=f"[{'|'.join(METRICS)}]"),
+    plot: Optional[Path] = typer.Option(
+        None, "--plot", metavar="FILE.png", help="Also draw each row's scores and answer length per ratio"
+    ),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the table as GitHub Markdown"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Set runs side by side, each named by the settings in which it differs from the others (reads them only)."""
+    from loramem.evaluation.compare import check_plot_path, compare_runs, comparison_rows
+    from loramem.evaluation.plots import plot_compare
+    from loramem.evaluation.tables import compare_table, markdown_table, rich_table
+
+    if metric not in METRICS:
+        raise LoramemError(f"unknown --metric {metric!r}; use one of {', '.join(METRICS)}")
+    if markdown and as_json:
+        raise LoramemError("give --markdown or --json, not both")
+    if plot is not None:
+        check_plot_path(plot, runs)
+    compared = compare_runs(runs)
+    rows = comparison_rows(compared, press)
+    first = compared[0].summary
+    title = f"{first['n_documents']} documents, {first['n_questions']} questions (first run)"
+    if plot is not None:
+        plot_compare(rows, plot, title)
+        log(f"wrote {plot}")
+    if as_json:
+        print_json({"runs": [{"run": str(c.run), "label": c.label} for c in compared], "rows": [vars(r) for r in rows]})
+    elif markdown:
+        write_stdout(markdown_table(compare_table(rows, metric, title)))
+    else:
+        stdout_console().print(rich_table(compare_table(rows, metric, title)))
+
+
 @eval_app.command("report")
 def eval_report(
     run: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory"),

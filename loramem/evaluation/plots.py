@@ -160,30 +160,11 @@ def plot_library(summary: dict[str, Any], path: str | Path) -> bool:
     scores, lengths, seconds = fig.subplots(1, 3, sharey=True, width_ratios=[2.2, 1, 1])
     rows = list(range(len(conditions)))[::-1]  # the first condition on top
     metrics = [m for m in LIBRARY_METRICS if m in summary.get("metrics", LIBRARY_METRICS)]  # older runs lack some
-    height = 0.8 / len(metrics)
-    for offset, metric in enumerate(metrics):
-        means = [cell[metric]["mean"] or 0.0 for _, cell in conditions]
-        errors = [
-            [
-                m - (cell[metric]["low"] if cell[metric]["low"] is not None else m)
-                for m, (_, cell) in zip(means, conditions)
-            ],
-            [
-                (cell[metric]["high"] if cell[metric]["high"] is not None else m) - m
-                for m, (_, cell) in zip(means, conditions)
-            ],
-        ]
-        y = [r + 0.4 - height * (offset + 0.5) for r in rows]
-        scores.barh(y, means, height, xerr=errors, label=METRIC_NAMES[metric], capsize=2)
+    cells = [cell for _, cell in conditions]
+    _score_bars(scores, cells, metrics, rows)
     scores.set_yticks(rows, [label for label, _ in conditions], fontsize="small")
     scores.set_xlabel(f"mean ({summary['confidence']:.0%} CI, clustered by document)")
-    scores.legend(fontsize="x-small", loc="lower right")
-    lengths.barh(rows, [cell.get("answer_words", 0.0) for _, cell in conditions], 0.6, color="tab:gray")
-    references = [cell["reference_words"] for _, cell in conditions if "reference_words" in cell]
-    if references:
-        lengths.axvline(sum(references) / len(references), color="black", linestyle="--", label="references")
-        lengths.legend(fontsize="x-small")
-    lengths.set_xlabel("mean answer length (words)")
+    _length_bars(lengths, cells, rows)
     decoding = [cell.get("seconds", 0.0) for _, cell in conditions]
     setup = [cell.get("setup_seconds", 0.0) for _, cell in conditions]
     seconds.barh(rows, decoding, 0.6, label="decoding")
@@ -197,6 +178,58 @@ def plot_library(summary: dict[str, Any], path: str | Path) -> bool:
     fig.savefig(buffer, format="png", dpi=110)
     atomic_write_bytes(path, buffer.getvalue())
     return True
+
+
+def _score_bars(ax: Any, cells: list[dict[str, Any]], metrics: list[str], rows: list[int]) -> None:
+    """Each cell's metrics as horizontal bars with their clustered intervals, one group per row position."""
+    height = 0.8 / len(metrics)
+    for offset, metric in enumerate(metrics):
+        means = [cell[metric]["mean"] or 0.0 for cell in cells]
+        low = [m - (c[metric]["low"] if c[metric]["low"] is not None else m) for m, c in zip(means, cells)]
+        high = [(c[metric]["high"] if c[metric]["high"] is not None else m) - m for m, c in zip(means, cells)]
+        y = [r + 0.4 - height * (offset + 0.5) for r in rows]
+        ax.barh(y, means, height, xerr=[low, high], label=METRIC_NAMES[metric], capsize=2)
+    ax.legend(fontsize="x-small", loc="best")
+
+
+def _length_bars(ax: Any, cells: list[dict[str, Any]], rows: list[int]) -> None:
+    """Each cell's mean answer length, the references' mean as a dashed line."""
+    ax.barh(rows, [cell.get("answer_words", 0.0) for cell in cells], 0.6, color="tab:gray")
+    references = [cell["reference_words"] for cell in cells if "reference_words" in cell]
+    if references:
+        ax.axvline(sum(references) / len(references), color="black", linestyle="--", label="references")
+        ax.legend(fontsize="x-small")
+    ax.set_xlabel("mean answer length (words)")
+
+
+COMPARE_METRICS = ["rouge_l", "rouge_l_matched", "contains"]
+
+
+def plot_compare(rows: list[Any], path: str | Path, title: str) -> None:
+    """Runs side by side (`compare.comparison_rows`): per ratio, each row's scores with their clustered intervals
+    and its mean answer length; a row without a cell at a ratio is left empty there."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ratios = sorted({cell["ratio"] for row in rows for cell in row.cells})
+    fig = Figure(figsize=(5.5 * len(ratios) + 2.5, 1.4 + 0.5 * len(rows)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2 * len(ratios), sharey=True, width_ratios=[2.2, 0.8] * len(ratios), squeeze=False)[0]
+    positions = list(range(len(rows)))[::-1]  # the first row on top
+    for i, ratio in enumerate(ratios):
+        kept = [(p, c) for p, row in zip(positions, rows) for c in row.cells if c["ratio"] == ratio]
+        scores, lengths = axes[2 * i], axes[2 * i + 1]
+        _score_bars(scores, [c for _, c in kept], COMPARE_METRICS, [p for p, _ in kept])
+        scores.set_title(f"ratio {ratio:g}", fontsize="medium")
+        scores.set_xlabel("mean (95% CI, clustered by document)")
+        _length_bars(lengths, [c for _, c in kept], [p for p, _ in kept])
+        for ax in (scores, lengths):
+            ax.grid(alpha=0.3, axis="x")
+    axes[0].set_yticks(positions, [f"{row.run}\n{row.series}" for row in rows], fontsize="small")
+    fig.suptitle(title, fontsize="medium")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def budget_series(summary: dict[str, Any]) -> dict[tuple[str, str], list[dict[str, Any]]]:

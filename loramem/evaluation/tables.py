@@ -100,13 +100,32 @@ def budget_tables(summary: dict[str, Any], metric: str = "rouge_l") -> Iterator[
         )
 
 
+def compare_table(rows: list[Any], metric: str, title: str) -> GridTable:
+    """Runs side by side (`compare.comparison_rows`): one row per run and mode/format, columns the ratios, each cell
+    as a run's table shows it, its margin against its own run's base rows."""
+    ratios = sorted({cell["ratio"] for row in rows for cell in row.cells})
+    table_rows = []
+    for row in rows:
+        by_ratio = {cell["ratio"]: cell for cell in row.cells}
+        cells = [_table_cell(by_ratio[r], row.margins.get(r), metric) if r in by_ratio else [] for r in ratios]
+        table_rows.append([_plain(row.run), _plain(row.series), *cells])
+    caption = (
+        "each run's own figures: mean ±95% CI half-width, documents resampled (q: questions as if independent); n "
+        "questions / documents; Δ against the same run's base rows, paired by question, documents resampled "
+        "(bootstrap p); a run's base rows are shown once where runs share them; mean answer words (and "
+        "references'), seconds per answer" + (LENGTH_MATCHED if metric == "rouge_l" else "")
+    )
+    columns = ["run", "mode · format", *(f"ratio {r:g}" for r in ratios)]
+    return GridTable(f"{METRIC_NAMES[metric]} · {title}", caption, columns, table_rows)
+
+
 def print_table(summary: dict[str, Any], console: Any, metric: str = "rouge_l") -> None:
     """The grid's tables, then the budget tables and the failed cells, on a rich console."""
     for table in grid_tables(summary, metric):
-        console.print(_rich_table(table))
+        console.print(rich_table(table))
     if summary.get("budget"):
         for table in budget_tables(summary, metric):
-            console.print(_rich_table(table))
+            console.print(rich_table(table))
     if summary.get("failed"):
         docs = ", ".join(f["doc_id"] for f in summary["failed"])
         console.print(
@@ -116,13 +135,14 @@ def print_table(summary: dict[str, Any], console: Any, metric: str = "rouge_l") 
 
 
 def markdown_tables(summary: dict[str, Any], metric: str = "rouge_l") -> str:
-    """The tables `print_table` shows, as GitHub Markdown to paste into a results page: a cell's lines joined by
-    `<br>`, bold kept, the caption under each table."""
+    """The tables `print_table` shows, as GitHub Markdown to paste into a results page."""
     tables = [*grid_tables(summary, metric), *(budget_tables(summary, metric) if summary.get("budget") else [])]
-    return "\n".join(_markdown_table(table) for table in tables)
+    return "\n".join(markdown_table(table) for table in tables)
 
 
-def _markdown_table(table: GridTable) -> str:
+def markdown_table(table: GridTable) -> str:
+    """A GridTable as GitHub Markdown: a cell's lines joined by `<br>`, bold kept, the caption under the table."""
+
     def text(cell: Cell) -> str:
         lines = ("".join(f"**{t}**" if s == "bold" else t for t, s in line) for line in cell)
         return "<br>".join(lines).replace("|", "\\|")
@@ -136,7 +156,7 @@ def _markdown_table(table: GridTable) -> str:
     return "\n".join([*lines, "", table.caption, ""])
 
 
-def _rich_table(table: GridTable) -> Any:
+def rich_table(table: GridTable) -> Any:
     """A GridTable as a rich Table: the first two columns left, the figures right-aligned."""
     from rich.markup import escape
     from rich.table import Table
