@@ -128,7 +128,6 @@ def eval_compare(
     runs: list[Path] = typer.Argument(
         ..., metavar="RUN_DIR...", help="Run directories to set side by side (an ablation: one run per setting)"
     ),
-    press: Optional[str] = typer.Option(None, "--press", help="The press compared [default: the first run's first]"),
     metric: str = typer.Option("rouge_l", "--metric", help="Table metric", metavar=f"[{'|'.join(METRICS)}]"),
     plot: Optional[Path] = typer.Option(
         None, "--plot", metavar="FILE.png", help="Also draw each row's scores and answer length per ratio"
@@ -148,7 +147,7 @@ def eval_compare(
     if plot is not None:
         check_plot_path(plot, runs)
     compared = compare_runs(runs)
-    rows = comparison_rows(compared, press)
+    rows = comparison_rows(compared)
     first = compared[0].summary
     title = f"{first['n_documents']} documents, {first['n_questions']} questions (first run)"
     if plot is not None:

@@ -95,31 +95,27 @@ class Row:
     margins: dict[float, dict[str, Any]]
 
 
-def comparison_rows(compared: list[Compared], press: str | None = None) -> list[Row]:
-    """The rows of one press (the first run's first, by default); a run's base rows are left out where an earlier
-    run's have the same figures."""
-    chosen = press or compared[0].summary["cells"][0]["press"]
-    shown: list[list[tuple[Any, ...]]] = []
+def comparison_rows(compared: list[Compared]) -> list[Row]:
+    """The rows of every run, press and mode/format (the press named where the runs have several); a run's base
+    rows are left out where an earlier run's have the same figures at the same press."""
+    presses = list(dict.fromkeys(c["press"] for item in compared for c in item.summary["cells"]))
+    shown: list[tuple[Any, ...]] = []
     rows = []
     for item in compared:
         lines: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
         for cell in item.summary["cells"]:
-            if cell["press"] == chosen:
-                lines.setdefault((cell["mode"], cell["format"], merge_label(cell)), []).append(cell)
-        if not lines:
-            raise LoramemError(f"{item.run} has no cells under press {chosen}")
-        margins = {
-            (m["ratio"], m["mode"], m["format"], merge_label(m)): m
-            for m in item.summary["margins"]
-            if m["press"] == chosen
-        }
-        for (mode, fmt, merge), cells in lines.items():
+            lines.setdefault((cell["press"], cell["mode"], cell["format"], merge_label(cell)), []).append(cell)
+        margins = {(m["press"], m["ratio"], m["mode"], m["format"], merge_label(m)): m for m in item.summary["margins"]}
+        for (press, mode, fmt, merge), cells in lines.items():
             cells.sort(key=lambda c: c["ratio"])
             if mode == "none":
-                figures = [(c["ratio"], c["n"], c["rouge_l"]["mean"], c["contains"]["mean"]) for c in cells]
+                figures = (press, *((c["ratio"], c["n"], c["rouge_l"]["mean"], c["contains"]["mean"]) for c in cells))
                 if figures in shown:
                     continue
                 shown.append(figures)
-            paired = {c["ratio"]: margins[key] for c in cells if (key := (c["ratio"], mode, fmt, merge)) in margins}
-            rows.append(Row(item.label, series_label(mode, fmt, merge), cells, paired))
+            paired = {
+                c["ratio"]: margins[key] for c in cells if (key := (press, c["ratio"], mode, fmt, merge)) in margins
+            }
+            series = series_label(mode, fmt, merge)
+            rows.append(Row(item.label, f"{press} · {series}" if len(presses) > 1 else series, cells, paired))
     return rows
