@@ -73,7 +73,12 @@ def compare_runs(runs: list[Path]) -> list[Compared]:
         raise LoramemError("give two run folders or more to compare")
     if len(set(map(Path.resolve, runs))) < len(runs):
         raise LoramemError("a run folder is given twice")
-    configs = [read_json(run / CONFIG, "start one with `loramem eval DATA --out RUN_DIR`")["config"] for run in runs]
+    configs = [  # as today's record, so that a run of an older record version or defaults compares setting by setting
+        EvalSpec.from_record(
+            read_json(run / CONFIG, "start one with `loramem eval DATA --out RUN_DIR`")["config"]
+        ).record()
+        for run in runs
+    ]
     names = differing_settings(configs)
     compared = []
     for run, config in zip(runs, configs):
